@@ -1,0 +1,223 @@
+"""The "tiny" preset: a causal-reasoning task, tokenizer and model small enough to post-train on
+a laptop CPU in minutes, saved as an ordinary Hugging Face folder so that every script runs it
+through exactly the code path of a real checkpoint (config.json + model.safetensors +
+tokenizer.json + a ChatML chat template).
+
+The curriculum. Real CauGym problems (../shared/docs/causal_tasks.md) ask seven questions about
+3-10 node graphs. A sub-million-parameter model cannot learn that in minutes, so the tiny
+curriculum keeps one question, the average treatment effect (ATE), on 3-node graphs, in the
+official base wording, with two kinds of item:
+
+- "effect": X causes Y and no adjustment is needed, so the problem shows P(y|x) and P(y|x') and
+      ATE = P(y|x) - P(y|x')
+  a subtraction of two shown 4-decimal numbers;
+- "no path": there is no directed path X -> ... -> Y, the problem shows no numbers, and the
+  answer is {"ANSWER": "No", "PROB": "0.0000"}.
+
+The problems are genuine CauGym problems: nanocausal.scm.solve parses them and returns the same
+answer (tests/test_tiny.py checks it), and eval.py scores them with the official rule.
+
+The worked solution. A small transformer does not learn to state a 4-digit difference in one
+go (issue 7: 7 minutes of SFT never got one exactly right), but it does learn the school method,
+one column at a time from the right, each column written as "top - borrow - bottom = digit",
+with the top digit already raised by 10 when the column borrows:
+
+    path: yes
+    ATE = 0.8445 - 0.9288 = -(0.9288 - 0.8445)
+    18-0-5=3 8-1-4=4 12-0-4=8 9-1-8=0
+    = -0.0843
+    {"ANSWER": "No", "PROB": "-0.0843"}
+
+(columns right to left: 8-5=3; 8-4=4; 2<4 so 12-4=8, borrowing; 9-1-8=0.) Every digit of the
+answer is then produced by a one-digit operation whose inputs sit a few tokens back.
+
+The tokenizer is a byte-level BPE trained with `tokenizers` on generated problems and
+solutions. Digits are split one per token (the column arithmetic needs to see single digits);
+everything else may merge across spaces, so the long fixed sentences of the CauGym template
+become a handful of tokens and the model's sequences stay short.
+"""
+import json
+import os
+import random
+
+TINY_NAMES = ["smku", "eons", "arbu", "pgqh", "ahpi", "lsrx", "imah", "ojko", "wexo", "qlun",
+              "dovr", "fibe", "tazu", "kryp", "mulo", "gesh", "vunt", "yelb", "niqo", "hast"]
+PREAMBLE = ("Input Info: Imagine a self-contained, hypothetical world with only the following conditions, "
+            "and without any unmentioned factors or causal relationships: ")
+PROVIDE = ('Provide the calculation result to four decimal places and a final "yes" or "no" answer in JSON '
+           'format, like {"ANSWER": "Yes", "PROB": "0.1234"}:')
+# Held-out wording (the "rephrased" variant of the go-beyond experiment): same problems, other words.
+PREAMBLE_REPHRASED = ("Input Info: Consider an isolated, imaginary world where only these conditions hold, "
+                      "with no other factors or causal links: ")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+KINDS = ("effect", "no path")
+
+# ----------------------------------------------------------------------------- problems
+
+
+def _sentence_case(name):
+    return name[0].upper() + name[1:]
+
+
+def make_problem(rng, no_path_share=0.375, rephrased=False):
+    """One tiny-curriculum item: dict(problem, answer, kind, numbers=(p_x, p_x') or None)."""
+    names = rng.sample(TINY_NAMES, 3)
+    while True:  # a random DAG over 3 nodes in topological order; every node on some edge (as CauGym)
+        edges = [(i, j) for i in range(3) for j in range(i + 1, 3) if rng.random() < 0.6]
+        if {v for e in edges for v in e} == {0, 1, 2}:
+            break
+    children = {i: [j for a, j in edges if a == i] for i in range(3)}
+
+    def reaches(a, b):
+        return a == b or any(reaches(c, b) for c in children[a])
+    pairs = [(a, b) for a in range(3) for b in range(3) if a != b]
+    want_path = rng.random() >= no_path_share
+    # An effect needs a directed path and no confounder (no third node W with W -> X and W -> Y),
+    # so that the empty set is a valid adjustment set and ATE = P(y|x) - P(y|x').
+    ok = [(a, b) for a, b in pairs if reaches(a, b) == want_path
+          and not any((w, a) in edges and (w, b) in edges for w in range(3))]
+    if not ok:
+        return make_problem(rng, no_path_share, rephrased)
+    x, y = rng.choice(ok)
+    x_value, y_value = rng.choice(["low", "high"]), rng.choice(["low", "high"])
+    other = "high" if x_value == "low" else "low"
+    edge_text = " ".join(f"{_sentence_case(names[a])} has a direct effect on {names[b]}." for a, b in edges)
+    if want_path:
+        p_x, p_other = rng.randint(1, 9999) / 10000, rng.randint(1, 9999) / 10000
+        shown = [(x_value, p_x), (other, p_other)]
+        rng.shuffle(shown)
+        stats = " ".join(f"For those with {names[x]} being {v}, the probability of {names[y]} being {y_value} "
+                         f"is {p:.4f}." for v, p in shown) + " "
+        value = round(p_x - p_other, 4)
+        answer = {"ANSWER": "Yes" if value >= 0.001 else "No", "PROB": f"{value + 0.0:.4f}"}
+        numbers = (p_x, p_other)
+    else:
+        stats, numbers = "", None
+        answer = {"ANSWER": "No", "PROB": "0.0000"}
+    preamble = PREAMBLE_REPHRASED if rephrased else PREAMBLE
+    question = (f"Would setting {names[x]} to {x_value} make {names[y]} more likely to be {y_value}?" if rephrased
+                else f"If {names[x]} is changed to be {x_value}, will {names[y]} be more likely to be {y_value}?")
+    problem = (f"{preamble}{edge_text}\n{stats}\n"
+               f"Instruction: Consider the average treatment effect (ATE) of {names[x]} on {names[y]}.\n"
+               f"Question: {question}\n{PROVIDE}")
+    return {"problem": problem, "answer": json.dumps(answer), "type": "ATE",
+            "kind": "effect" if want_path else "no path", "variant": "rephrased" if rephrased else "base",
+            "numbers": numbers}
+
+
+def make_problems(n, seed, no_path_share=0.375, rephrased=False):
+    rng = random.Random(seed)
+    return [make_problem(rng, no_path_share, rephrased) for _ in range(n)]
+
+
+def subtraction_columns(top, bottom):
+    """Column-by-column subtraction of two 4-decimal numbers in [0, 1) with top >= bottom, right to
+    left: ["18-0-5=3", ...] (top digit raised by 10 when the column borrows) and the result digits."""
+    top_digits, bottom_digits = f"{top:.4f}"[2:], f"{bottom:.4f}"[2:]
+    columns, result, borrow = [], [], 0
+    for t, b in zip(map(int, reversed(top_digits)), map(int, reversed(bottom_digits))):
+        borrow_out = int(t - borrow < b)
+        digit = t + 10 * borrow_out - borrow - b
+        columns.append(f"{t + 10 * borrow_out}-{borrow}-{b}={digit}")
+        result.append(str(digit))
+        borrow = borrow_out
+    assert borrow == 0, "top must be >= bottom"
+    return columns, "0." + "".join(reversed(result))
+
+
+def solution(item):
+    """The worked solution of a tiny-curriculum item (see the module docstring for the format)."""
+    answer = json.loads(item["answer"])
+    if item["numbers"] is None:
+        return "path: no\n" + json.dumps(answer)
+    p_x, p_other = item["numbers"]
+    if p_x >= p_other:
+        head = f"ATE = {p_x:.4f} - {p_other:.4f}"
+        columns, magnitude = subtraction_columns(p_x, p_other)
+        result = magnitude
+    else:
+        head = f"ATE = {p_x:.4f} - {p_other:.4f} = -({p_other:.4f} - {p_x:.4f})"
+        columns, magnitude = subtraction_columns(p_other, p_x)
+        result = "-" + magnitude if magnitude != "0.0000" else magnitude
+    assert float(result) == float(answer["PROB"]), (result, answer)
+    return f"path: yes\n{head}\n{' '.join(columns)}\n= {result}\n{json.dumps(answer)}"
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+# ----------------------------------------------------------------------------- tokenizer + model
+
+
+def train_tokenizer(out_dir, vocab_size=800, n_texts=3000, seed=1234):
+    """A byte-level BPE on generated problems + solutions, digits one per token, ChatML special
+    tokens, saved as tokenizer.json + tokenizer_config.json (chat template, eos <|im_end|>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    # Digits first, one per piece; then bytes, with no split on spaces (use_regex=False) so merges
+    # may span words: the template's fixed sentences compress to a few tokens.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    items = make_problems(n_texts, seed) + make_problems(n_texts // 4, seed + 1, rephrased=True)
+    texts = [it["problem"] + "\nLet's think step by step." for it in items] + [solution(it) for it in items]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), max_token_length=48)
+    tokenizer.train_from_iterator(texts, trainer)
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+              "pad_token": "<|endoftext|>", "unk_token": None, "model_max_length": 1024,
+              "clean_up_tokenization_spaces": False, "chat_template": CHATML_TEMPLATE,
+              "added_tokens_decoder": {str(tokenizer.token_to_id(t)): {
+                  "content": t, "special": True, "normalized": False, "lstrip": False, "rstrip": False,
+                  "single_word": False} for t in SPECIAL_TOKENS}}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return tokenizer
+
+
+def tiny_config(vocab_size, eos_id, pad_id, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                intermediate_size=384, max_positions=512):
+    """A Qwen2 config.json (q/k/v bias, tied embeddings), as transformers writes it."""
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab_size,
+            "hidden_size": hidden_size, "intermediate_size": intermediate_size,
+            "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
+            "num_key_value_heads": num_kv_heads, "head_dim": hidden_size // num_heads,
+            "max_position_embeddings": max_positions, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "hidden_act": "silu", "tie_word_embeddings": True, "use_sliding_window": False,
+            "attention_dropout": 0.0, "initializer_range": 0.02, "torch_dtype": "float32",
+            "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": pad_id}
+
+
+def build_tiny(out_dir, seed=0, vocab_size=800, **model_kwargs):
+    """Train the tokenizer and write a randomly initialised tiny Qwen2 as a Hugging Face folder."""
+    import torch
+    from nanocausal.model import ModelConfig, Transformer
+    tokenizer = train_tokenizer(out_dir, vocab_size=vocab_size)
+    eos_id, pad_id = tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")
+    config = tiny_config(tokenizer.get_vocab_size(), eos_id, pad_id, **model_kwargs)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [eos_id], "pad_token_id": pad_id}, f, indent=2)
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.from_dict(config))
+    with torch.no_grad():  # GPT-2 style init: N(0, 0.02) weights, zero biases, unit norms
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    model.save_pretrained(out_dir)
+    return out_dir
