@@ -1,0 +1,318 @@
+"""
+Batched generation with a static KV cache: the rollouts of RL post-training, with the log-prob of
+every sampled token.
+
+How a batch is generated (R = B * num_samples rows, P = longest prompt, N = max_new_tokens):
+
+    cache slot:   0 ........ P-1 | P ........ P+N-2
+    row 0:        pad pad p p p p | t0 t1 t2 ...       prompts are left-padded to P, so every row
+    row 1:        p p p p p p p p | t0 t1 t2 ...       writes its t-th new token at slot P + t
+
+1. Prefill. The B prompts go through the model once, left-padded, filling a (B, K, P, D) cache
+   per layer; only the last position goes through the output head (a 150k-token head over every
+   prompt position would cost more than the whole decode). With num_samples > 1 each prompt's
+   cache is then copied into its num_samples rows (the GRPO group): the prompt is read once.
+2. Decode. One token per row per step. Every shape is fixed in advance: the cache is
+   (R, K, P + N, D), and the inputs of a step (the token, its position, its cache slot) live in
+   preallocated tensors that the step itself advances in place. The step never asks the host
+   anything, so on CUDA it is captured once as a CUDA graph and replayed N - 1 times (no Python,
+   no kernel-launch overhead); on CPU the same function runs eagerly. Whether every row has
+   finished is checked (a host sync) only every `check_every` steps.
+
+Rows stop independently: a row that emitted an EOS keeps computing (shapes never change) but what
+it produces afterwards is replaced by pad_token_id and masked out.
+
+Sampling. With z the logits (float32) of the ids below `vocab_size`:
+    temperature > 0:  z' = filter_logits(z / temperature, top_k, top_p)   (-inf outside the support)
+                      p  = softmax(z'),  token ~ p  by inverse CDF: the first id whose
+                      cumulative probability exceeds u * sum(p), u ~ Uniform(0, 1) per row.
+    temperature = 0:  token = argmax z (greedy).
+Inverse-CDF sampling needs one random number per row (torch.multinomial and the
+"argmax of p / Exponential(1)" trick draw one per vocabulary entry, which dominates a CPU step
+at 150k ids) and, like the trick, no host synchronisation, so it can be captured in a graph.
+
+Conventions of the returned log-probs (what the RL losses rely on):
+- logprobs[r, t] = log p(token | prefix) under the distribution actually sampled from: after the
+  temperature, top-k and top-p filtering (renormalised over the kept ids) and the vocab_size mask.
+  With top_k = 0 and top_p = 1 this is log_softmax(z / temperature), which is exactly what
+  training.token_logprobs(..., temperature=temperature) recomputes from the same tokens (up to
+  the mass of ids >= vocab_size, which is zero when vocab_size is the model's).
+- Greedy (temperature 0): the log-prob under the temperature-1 distribution, log_softmax(z).
+- 0 wherever completion_mask is 0.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Generation:
+    """The completions of a batch: R = len(prompts) * num_samples rows, N columns.
+
+    Row r continues prompt prompt_index[r] = r // num_samples (the samples of a prompt are
+    contiguous: a GRPO group). N is the longest completion (<= max_new_tokens).
+    """
+    tokens: torch.Tensor  # (R, N) long: completion ids; pad_token_id after the completion
+    logprobs: torch.Tensor  # (R, N) float32: log-prob of each token (see the module docstring); 0 off the mask
+    completion_mask: torch.Tensor  # (R, N) long: 1 up to and including the first EOS, 0 after
+    lengths: torch.Tensor  # (R,) long: completion_mask.sum(1), EOS included
+    stop_reason: list  # R strings: "eos" (emitted an EOS) or "length" (hit max_new_tokens)
+    prompt_index: torch.Tensor  # (R,) long: which prompt each row continues
+
+    def completions(self) -> list[list[int]]:
+        """The completion ids of each row as plain lists (EOS included when there is one)."""
+        return [row[:n].tolist() for row, n in zip(self.tokens.cpu(), self.lengths.tolist())]
+
+
+# -----------------------------------------------------------------------------
+# Sampling one token per row
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Set to -inf every logit outside the top-k / top-p support; (R, V) float in, same out.
+
+    top_k > 0 keeps the k largest logits of each row (ids tied with the k-th are kept too).
+    top_p < 1 then keeps the smallest set of most likely ids whose probability (under the
+    softmax of the top-k-filtered logits) reaches top_p: id i is kept when the probability of
+    the ids strictly more likely than it is < top_p, so the most likely id is always kept.
+    Order (temperature, then top-k, then top-p) and rule are those of transformers' warpers.
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability of the ids ranked above
+        drop_sorted = mass_before >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(logits, temperature, top_k, top_p, generator):
+    """One token per row from (R, V) float32 logits, and its log-prob (see the module docstring).
+
+    No host synchronisation: safe inside a CUDA graph.
+    """
+    if temperature == 0:
+        token = logits.argmax(-1)
+        logprob = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+        return token, logprob
+    if temperature != 1.0:
+        logits = logits / temperature
+    logits = filter_logits(logits, top_k, top_p)
+    logprobs = torch.log_softmax(logits, -1)
+    cdf = logprobs.exp().cumsum(-1)
+    # u * total rather than u alone: float32 rounding can leave the total a hair below 1.
+    u = torch.rand(logits.shape[0], 1, device=logits.device, generator=generator) * cdf[:, -1:]
+    token = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)  # first id with cdf > u
+    return token.squeeze(-1), logprobs.gather(-1, token).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# The decoder: static buffers and the one-token step
+
+
+class Decoder:
+    """Everything a decode step reads and writes, allocated once for R rows and S cache slots.
+
+    step() feeds `input_ids` at cache slot `cache_position` (position `position_ids`), samples
+    the next token of every row, records it in column `column` of the outputs, and advances all
+    three counters in place: calling it again continues the generation. It touches no Python
+    state, which is what lets a CUDA graph replay it.
+    """
+
+    def __init__(self, model, attention_mask, prompt_lengths, max_new_tokens, sampling, eos_ids, pad_token_id, vocab_size):
+        R, S = attention_mask.shape
+        config, device = model.config, attention_mask.device
+        dtype = model.embed_tokens.weight.dtype
+        self.model, self.sampling, self.vocab_size, self.pad_token_id = model, sampling, vocab_size, pad_token_id
+        self.kv_cache = [(torch.zeros(R, config.num_key_value_heads, S, config.head_dim, device=device, dtype=dtype),
+                          torch.zeros(R, config.num_key_value_heads, S, config.head_dim, device=device, dtype=dtype))
+                         for _ in range(config.num_hidden_layers)]
+        self.attention_mask = attention_mask  # (R, S): 0 on left padding, 1 on prompts and new tokens
+        self.prompt_slots = S - max_new_tokens  # P
+        self.input_ids = torch.zeros(R, 1, dtype=torch.long, device=device)
+        self.position_ids = prompt_lengths[:, None].clone()  # the first new token sits at position len(prompt)
+        self.cache_position = torch.tensor([self.prompt_slots], device=device)
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.eos_ids = eos_ids  # (E,) long
+        self.finished = torch.zeros(R, dtype=torch.bool, device=device)
+        self.tokens = torch.full((R, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=device)
+        self.completion_mask = torch.zeros(R, max_new_tokens, dtype=torch.long, device=device)
+
+    def sample_and_record(self, logits):
+        """Sample from (R, V) logits, write column `column` of the outputs, advance `column`."""
+        logits = logits.float()
+        if self.vocab_size < logits.shape[-1]:
+            logits[:, self.vocab_size:] = float("-inf")  # padded embedding rows: never sampled
+        token, logprob = sample_tokens(logits, *self.sampling)
+        alive = ~self.finished
+        token = torch.where(alive, token, self.pad_token_id)
+        self.tokens.index_copy_(1, self.column, token[:, None])
+        self.logprobs.index_copy_(1, self.column, torch.where(alive, logprob, 0.0)[:, None])
+        self.completion_mask.index_copy_(1, self.column, alive.long()[:, None])  # the EOS itself is in
+        self.finished |= (token[:, None] == self.eos_ids).any(-1)
+        self.input_ids.copy_(token[:, None])
+        self.column += 1
+
+    def step(self, attend_slots=None):
+        """One decode step. attend_slots < S attends over the first slots of the cache only
+        (what eager CPU decoding does: slots beyond the current one are masked anyway);
+        a CUDA graph needs the fixed default, S."""
+        L = attend_slots or self.attention_mask.shape[1]
+        kv_cache = [(k[:, :, :L], v[:, :, :L]) for k, v in self.kv_cache]  # views: writes land in the cache
+        hidden = self.model.hidden_states(self.input_ids, self.attention_mask[:, :L], self.position_ids,
+                                          kv_cache, self.cache_position)
+        self.sample_and_record(self.model.lm_head(hidden[:, -1]))
+        self.position_ids += 1
+        self.cache_position += 1
+
+    def done(self) -> bool:
+        return bool(self.finished.all())  # host sync: called every few steps only
+
+
+def decode(decoder: Decoder, steps, check_every, use_cuda_graph, generator):
+    """Run `steps` decode steps, stopping early once every row is finished; returns steps run."""
+    first_cache_slot = decoder.prompt_slots
+    if not use_cuda_graph:
+        for i in range(steps):
+            decoder.step(attend_slots=first_cache_slot + i + 1)
+            if (i + 1) % check_every == 0 and decoder.done():
+                return i + 1
+        return steps
+    # CUDA: one real step eagerly on a side stream (warms up cuBLAS / allocator as capture requires),
+    # then capture the next step. Capture records kernels without running them, so the captured
+    # step is then executed by the first replay: every replay is one real step.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        decoder.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    if generator is not None:
+        graph.register_generator_state(generator)  # each replay advances the generator's offset
+    with torch.cuda.graph(graph):
+        decoder.step()
+    for i in range(1, steps):
+        graph.replay()
+        if (i + 1) % check_every == 0 and decoder.done():
+            return i + 1
+    return steps
+
+
+# -----------------------------------------------------------------------------
+# generate
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=1,
+             eos_token_ids=None, seed=None, vocab_size=None, pad_token_id=None, check_every=8,
+             use_cuda_graph=None) -> Generation:
+    """Continue each prompt (a list of token ids) with up to max_new_tokens sampled tokens.
+
+    temperature: 0 is greedy; top_k: 0 keeps all ids; top_p: 1 keeps all ids.
+    num_samples: completions per prompt; rows r // num_samples == i continue prompts[i].
+    eos_token_ids: an id or ids that end a completion (included in it); None: none.
+    seed: seeds this call's own torch.Generator (the global RNG is untouched); None: random.
+    vocab_size: ids >= vocab_size are never sampled (the tokenizer's vocabulary when the
+        checkpoint pads its embedding, as Qwen's do); default: the model's.
+    pad_token_id: fills tokens after a completion; default: the first EOS id, else 0.
+    check_every: decode steps between checks that every row has finished (each is a host sync).
+    use_cuda_graph: capture the decode step as a CUDA graph; default: when the model is on CUDA.
+    """
+    config = model.config
+    device = model.embed_tokens.weight.device
+    vocab_size = config.vocab_size if vocab_size is None else vocab_size
+    eos_token_ids = [] if eos_token_ids is None else [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+    pad_token_id = pad_token_id if pad_token_id is not None else (eos_token_ids[0] if eos_token_ids else 0)
+    check_generate_arguments(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples, vocab_size)
+    use_cuda_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+    if use_cuda_graph and device.type != "cuda":
+        raise ValueError(f"use_cuda_graph=True needs the model on CUDA, not {device}")
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    sampling = (temperature, top_k, top_p, generator)
+
+    # Left-pad the prompts to P slots. A row's positions count its real tokens only.
+    B, n, N = len(prompts), num_samples, max_new_tokens
+    P = max(len(p) for p in prompts)
+    prompt_ids = torch.zeros(B, P, dtype=torch.long)
+    prompt_mask = torch.zeros(B, P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        prompt_mask[i, P - len(p):] = 1
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    prompt_lengths = prompt_mask.sum(1)
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+
+    # The decode rows: prompt i's samples are rows i*n ... i*n + n-1.
+    attention_mask = torch.ones(B * n, P + N, dtype=torch.long, device=device)
+    attention_mask[:, :P] = prompt_mask.repeat_interleave(n, dim=0)
+    eos_ids = torch.tensor(eos_token_ids or [-1], dtype=torch.long, device=device)  # -1 matches nothing
+    decoder = Decoder(model, attention_mask, prompt_lengths.repeat_interleave(n), N, sampling, eos_ids,
+                      pad_token_id, vocab_size)
+
+    # 1. Prefill each prompt once into a P-slot cache, then copy it into its n rows of the big one.
+    K, D = config.num_key_value_heads, config.head_dim
+    dtype = model.embed_tokens.weight.dtype
+    prefill_cache = [(torch.empty(B, K, P, D, device=device, dtype=dtype), torch.empty(B, K, P, D, device=device, dtype=dtype))
+                     for _ in range(config.num_hidden_layers)]
+    hidden = model.hidden_states(prompt_ids, prompt_mask, positions, prefill_cache, torch.arange(P, device=device))
+    for (k, v), (prefill_k, prefill_v) in zip(decoder.kv_cache, prefill_cache):
+        k.view(B, n, K, P + N, D)[:, :, :, :P].copy_(prefill_k[:, None])
+        v.view(B, n, K, P + N, D)[:, :, :, :P].copy_(prefill_v[:, None])
+    del prefill_cache
+    last_logits = model.lm_head(hidden[:, -1])  # (B, V): left padding puts every prompt's last token at P-1
+    decoder.sample_and_record(last_logits.repeat_interleave(n, dim=0))  # each sample draws its own first token
+
+    # 2. Decode the other N - 1 tokens.
+    steps = decode(decoder, N - 1, check_every, use_cuda_graph, generator)
+
+    completion_mask = decoder.completion_mask[:, :steps + 1]
+    lengths = completion_mask.sum(1)
+    width = int(lengths.max())
+    ended_with_eos = decoder.finished.tolist()
+    return Generation(
+        tokens=decoder.tokens[:, :width].clone(),
+        logprobs=decoder.logprobs[:, :width].clone(),
+        completion_mask=completion_mask[:, :width].clone(),
+        lengths=lengths,
+        stop_reason=["eos" if eos else "length" for eos in ended_with_eos],
+        prompt_index=torch.arange(B, device=device).repeat_interleave(n),
+    )
+
+
+def check_generate_arguments(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples, vocab_size):
+    """One clear ValueError per kind of bad input, before any work."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {top_k}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not 0 < vocab_size <= config.vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} must be in 1..{config.vocab_size} (the model's output size)")
+    context = config.max_position_embeddings
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
+        if len(prompt) + max_new_tokens > context:
+            raise ValueError(f"prompts[{i}] has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that is "
+                             f"{len(prompt) + max_new_tokens} positions, beyond the model's context of {context} "
+                             f"(max_position_embeddings)")
+        if min(prompt) < 0 or max(prompt) >= config.vocab_size:
+            raise ValueError(f"prompts[{i}] holds an id outside 0..{config.vocab_size - 1}")
