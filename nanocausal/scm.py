@@ -368,6 +368,10 @@ class Statements:
         self.groups[group].append((tuple(targets), tuple(cond), p))
         return group
 
+    def insert(self, position, targets, cond, p):
+        self.table[(frozenset(targets), frozenset(cond))] = p
+        self.groups.insert(position, [(tuple(targets), tuple(cond), p)])
+
     def lookup(self, targets, cond):
         key = (frozenset(targets), frozenset(cond))
         if key in self.table:
@@ -649,3 +653,426 @@ def solve(problem):
         return first_answer(q, g, store)[0]
     except ZeroDivisionError:
         raise ValueError("a probability the formula divides by is 0") from None
+
+# ----------------------------------------------------------------------------- worked solution
+def _sym(leaf):
+    """P-node -> "P(B=1|A=0,C=1)" (letters in topological order, 0/1 value codes)."""
+    show_pairs = lambda pairs: ",".join(f"{chr(65 + v)}={val}" for v, val in pairs)
+    return f"P({show_pairs(leaf[1])}" + (f"|{show_pairs(leaf[2])})" if leaf[2] else ")")
+
+
+def _structure(p):
+    """The graph step: why the quantity is (not) zero, and which sets identify it."""
+    g, q, L = p.scm.graph, p.q, lambda v: chr(65 + v)
+    X, Y = L(q.x_var), L(q.y_var)
+    arrow = lambda path: "->".join(L(v) for v in path)
+    if q.task in ("CDE", "NDE"):
+        found = q.y_var in g.children[q.x_var]
+        text = f"The edge {X}->{Y} exists." if found else f"There is no edge {X}->{Y}, so {q.task} = 0."
+    elif q.task == "NIE":
+        found = g.has_indirect_path(q.x_var, q.y_var)
+        path = next((g.example_path(c, q.y_var) for c in g.children[q.x_var] if q.y_var in g.desc[c]), None)
+        text = f"There is a directed path through a mediator ({X}->{arrow(path)})." if found else \
+            f"No directed path from {X} to {Y} passes through a third node, so NIE = 0."
+    else:
+        found = g.has_path(q.x_var, q.y_var)
+        text = f"There is a directed path {arrow(g.example_path(q.x_var, q.y_var))}, so {X} can affect {Y}." if found \
+            else f"There is no directed path from {X} to {Y}, so changing {X} cannot change {Y}: {q.task} = 0."
+    steps = [text]
+    if not found:
+        return steps
+    if q.task in ("NDE", "NIE"):
+        steps.append(f"Mediator set: {{{L(p.m[0])}}}, on every directed path from {X} to {Y} except {X}->{Y}." if p.m
+                     else f"Mediator set: empty, {X}->{Y} is the only directed path.")
+    if q.task == "CDE":
+        steps.append("Intervene on the conditioning set {" + ",".join(L(v) for v, _ in q.w) + "} as well.")
+    z = p.z
+    steps.append(f"Backdoor adjustment set: {{{L(z[0])}}}; it is not a descendant of {X} and blocks every "
+                 f"backdoor path into {X}." if z else f"Backdoor adjustment set: empty, no backdoor path into {X} "
+                 f"is open.")
+    return steps
+
+
+def _arithmetic(tree, look):
+    """Numbers substituted, then each top-level operand reduced, then the result."""
+    num = lambda leaf: f"{look(leaf[1], leaf[2]):.4f}"
+    lines = [show(tree, num)]
+    body, wrap = (tree[1], tree[0]) if tree[0] in ("min1", "max0") else (tree, None)
+    if body[0] != "P" and any(c[0] != "P" for c in body[1:]):
+        sep = {"+": " + ", "-": " - ", "*": " * ", "/": " / "}[body[0]]
+        fmt = lambda c, v: (f"{v:.4f}" if c[0] == "P" else f"{v:.6f}") if v >= 0 else f"({v:.6f})"
+        parts = sep.join(fmt(c, evaluate(c, look)) for c in body[1:])
+        lines.append({"min1": "min{1, %s}", "max0": "max{0, %s}", None: "%s"}[wrap] % parts)
+    if wrap:
+        lines.append({"min1": "min{1, %.4f}", "max0": "max{0, %.4f}"}[wrap] % evaluate(body, look))
+    return lines
+
+
+def solution(p, tree=None, look=None, value=None, missing=None):
+    """The worked answer (SFT target): variables, graph, sets, formula, numbers, arithmetic,
+    conclusion, answer JSON. Arguments override the correct reasoning (for the rejected answers
+    of DPO): another tree, other numbers (look), another final value, or a claim that the
+    statements miss `missing` (leaves) and the answer is LACK_CONDITION."""
+    scm, q, L = p.scm, p.q, lambda v: chr(65 + v)
+    tree = tree or formula(q, p.z, p.m)
+    look = look or p.store.lookup
+    used = dict.fromkeys([q.x_var, q.y_var, *(v for v, _ in q.w), *p.m, *p.z])
+    steps = ["Variables: " + "; ".join(f"{L(v)} = {scm.names[v]} ({L(v)}=0: {scm.values[v][0]}, {L(v)}=1: "
+                                       f"{scm.values[v][1]})" for v in used) + "."]
+    x, y = q.x, q.y
+    role = (f"Treatment {L(q.x_var)}, outcome {L(q.y_var)}; the question sets {L(q.x_var)}={x} and asks about "
+            f"{L(q.y_var)}={y}") + (f", given the factual {L(q.x_var)}={q.xf}" if q.xf is not None else "") + \
+        (f" and {L(q.y_var)}={q.yf}" if q.yf is not None else "") + \
+        (f", with {' and '.join(f'{L(v)}={b}' for v, b in q.w)}" if q.w else "") + \
+        (f"; it asks for the {q.bound} bound" if q.bound else "") + "."
+    steps.append(role)
+    steps += _structure(p)
+    if is_zero(q, scm.graph) and missing is None:
+        steps.append(f"So {q.task} = 0.0000, and the answer is No.")
+        return _number(steps) + "\n" + answer_json(q.task, 0.0)
+    steps.append(f"{q.task} = {show(tree, _sym)}")
+    if missing is not None:
+        gaps = ", ".join(_sym(leaf) for leaf in missing)
+        steps.append(f"The statements give no value for {gaps} (nor its complement), and no other valid "
+                     f"adjustment or mediator set is covered by them, so {q.task} cannot be computed from the given "
+                     f"conditions.")
+        return _number(steps) + "\n" + LACK
+    values = []
+    for leaf in dict.fromkeys(leaves(tree)):
+        v, cond = look(leaf[1], leaf[2]), frozenset(leaf[2])
+        shown_as_complement = (frozenset(leaf[1]), cond) not in p.store.table and len(leaf[1]) == 1 and \
+            (frozenset({(leaf[1][0][0], 1 - leaf[1][0][1])}), cond) in p.store.table
+        values.append(f"{_sym(leaf)} = 1 - {1 - v:.4f} = {v:.4f}" if shown_as_complement else f"{_sym(leaf)} = {v:.4f}")
+    steps.append("From the statements: " + "; ".join(values) + ".")
+    result = clean(evaluate(tree, look)) if value is None else value
+    steps.append(f"{q.task} = " + " = ".join(_arithmetic(tree, look)) + f" = {result:.4f}")
+    if q.task in ("PN", "PS"):
+        steps.append(f"The {q.bound} bound of {q.task} is {result:.4f}.")
+    elif q.task == "ETT":
+        yes = result <= -0.001
+        steps.append(f"ETT = E[{L(q.y_var)}_(xf) - {L(q.y_var)}_(x) | {L(q.x_var)}={q.xf}] = {result:.4f} "
+                     f"{'<=' if yes else '>'} -0.001, so {L(q.y_var)}={y} would {'' if yes else 'not '}have been "
+                     f"more likely: the answer is {'Yes' if yes else 'No'}.")
+    else:
+        yes = result >= 0.001
+        steps.append(f"{q.task} = {result:.4f} {'>=' if yes else '<'} 0.001, so the answer is {'Yes' if yes else 'No'}.")
+    return _number(steps) + "\n" + answer_json(q.task, result)
+
+
+def _number(steps):
+    return "\n".join(f"Step {i}: {s}" for i, s in enumerate(steps, 1))
+
+# ----------------------------------------------------------------------------- generator
+BASE_STYLE = ("base", "omitted", "rephrased")
+
+
+@dataclass
+class Problem:
+    """One generated item with everything needed to re-derive it (public view: record())."""
+    scm: SCM
+    q: Query
+    z: tuple
+    m: tuple
+    store: Statements
+    variant: str
+    style: str
+    problem: str = ""
+    answer: str = ""
+    missing: list = None    # insufficient: the leaves whose statements were removed
+
+    def record(self):
+        return {"problem": self.problem, "answer": self.answer, "solution": solution(self, missing=self.missing),
+                "type": self.q.task, "variant": self.variant}
+
+
+def _pick_query(rng, scm, task, zero, deconfounding):
+    """A random (X, Y) question of `task` whose answer is zero or not, and the (z, m) sets the
+    data would use; None when this model has no such question."""
+    g = scm.graph
+    pairs = [(a, b) for a in range(g.n) for b in range(g.n) if a != b]
+    rng.shuffle(pairs)
+    for X, Y in pairs:
+        if task in ("PN", "PS"):   # the official data: PN xf=yf=1, x=y=0; PS the reverse
+            f = 1 if task == "PN" else 0
+            q = Query(task, X, Y, 1 - f, 1 - f, f, f, bound=rng.choice(("upper", "lower")))
+        else:
+            x = rng.randint(0, 1)
+            q = Query(task, X, Y, x, rng.randint(0, 1), 1 - x if task == "ETT" else None)
+        if task == "CDE":
+            w = sorted(g.desc[X] & set(g.parents[Y]))
+            if not w or rng.random() < 0.2:
+                w = sorted(g.desc[X] & g.anc[Y])          # all intermediate nodes
+            if not w and zero:
+                w = rng.sample([v for v in range(g.n) if v not in (X, Y)], 1)
+            if not w:
+                continue
+            q.w = tuple((v, rng.randint(0, 1)) for v in w)
+        if is_zero(q, g) != zero:
+            continue
+        if zero:
+            return q, (), ()
+        found = candidates(q, g, strict=True)
+        if deconfounding and task not in ("PN", "PS") and any(not z for z, _ in found):
+            continue
+        if found:
+            return (q, *found[0])
+    return None
+
+
+def _show_facts(scm, q, z, m, style):
+    """Statements for every probability the formula reads, in formula order; the generated
+    style also shows the complement of an adjustment variable's distribution (as the data does)."""
+    store = Statements()
+    for _, targets, cond in leaves(formula(q, z, m)):
+        try:
+            store.lookup(targets, cond)
+            continue
+        except KeyError:
+            pass
+        p = round(scm.prob(targets, cond), 4)
+        group = store.add(targets, cond, p)
+        if style == "generated" and z and len(targets) == 1 and targets[0][0] == z[0]:
+            store.add([(z[0], 1 - targets[0][1])], cond, round(1 - p, 4), group)
+    return store
+
+
+def make_problem(rng, scm, task, variant, style, zero):
+    """One item on this model, or None if the model cannot host it."""
+    found = _pick_query(rng, scm, task, zero, variant == "deconfounding")
+    if found is None:
+        return None
+    q, z, m = found
+    store = Statements() if zero else _show_facts(scm, q, z, m, style)
+    missing = None
+    if variant == "redundant":       # two true statements no formula of this question reads
+        busy = {q.y_var, *z, *m, *(v for v, _ in q.w)}
+        pool = [v for v in range(scm.graph.n) if v not in busy]
+        for _ in range(40):
+            if len(store.table) >= len(store.facts()) + 2 or not pool:
+                break
+            v = rng.choice(pool)
+            pa = scm.graph.parents[v]
+            cond = tuple((u, rng.randint(0, 1)) for u in pa) if pa and rng.random() < 0.6 else ()
+            target = ((v, rng.randint(0, 1)),)
+            if (frozenset(target), frozenset(cond)) in store.table or \
+                    (frozenset({(v, 1 - target[0][1])}), frozenset(cond)) in store.table:
+                continue
+            store.insert(rng.randint(0, len(store.groups)), target, cond, round(scm.prob(target, cond), 4))
+    elif variant == "insufficient":  # two needed facts removed (a value and its complement are one)
+        if len(store.groups) < 2:
+            return None
+        store = store.without(set(rng.sample(range(len(store.groups)), 2)))
+        missing = []
+        for leaf in leaves(formula(q, z, m)):
+            try:
+                store.lookup(leaf[1], leaf[2])
+            except KeyError:
+                missing.append(leaf)
+        missing = list(dict.fromkeys(missing))
+    answer, _ = first_answer(q, scm.graph, store)
+    if (answer == LACK) != (variant == "insufficient"):
+        return None
+    p = Problem(scm, q, z, m, store, variant, style, answer=answer, missing=missing)
+    p.problem = render(scm, q, store, style, instruction=variant != "omitted",
+                       rng=rng if variant == "rephrased" else None)
+    return p
+
+
+def _as_list(value, allowed, what):
+    items = [value] if isinstance(value, str) else list(value)
+    items = [s.strip() for v in items for s in v.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        raise ValueError(f"unknown {what} {bad or items!r}; expected some of {', '.join(allowed)}")
+    return items
+
+
+def _node_range(nodes, variant):
+    if nodes is None:
+        return (3, 5) if variant in BASE_STYLE else (8, 8)
+    if isinstance(nodes, str):
+        lo, _, hi = nodes.partition("-")
+        nodes = (int(lo), int(hi or lo))
+    lo, hi = (nodes, nodes) if isinstance(nodes, int) else tuple(nodes)
+    if not 2 <= lo <= hi <= 16:
+        raise ValueError(f"nodes must lie in 2..16, got {nodes!r}")
+    return lo, hi
+
+
+def problems(n, tasks=TASKS, variant="base", nodes=None, seed=0, split="train", style=None,
+             questions_per_model=20, zero_share=None):
+    """n Problem objects (see generate). Item i asks task i % len(tasks), variant cycling over
+    the variants; every `questions_per_model` items share one causal model, drawn from the seed
+    string f"{split}/{seed}/{k}", so different splits (or seeds) never share a model."""
+    tasks, variants = _as_list(tasks, TASKS, "task"), _as_list(variant, VARIANTS, "variant")
+    sizes = {v: _node_range(nodes, v) for v in variants}
+    out, scm = [], None
+    for i in range(n):
+        task, var = tasks[i % len(tasks)], variants[(i // len(tasks)) % len(variants)]
+        k = i // questions_per_model
+        if i % questions_per_model == 0:
+            rng, models = random.Random(f"{split}/{seed}/{k}"), {}
+        st = style or ("base" if var in BASE_STYLE else "generated")
+        share = zero_share if zero_share is not None else (1 / 3 if var in BASE_STYLE else 0.1)
+        zero = task not in ("PN", "PS") and var not in ("insufficient", "deconfounding") and rng.random() < share
+        for attempt in range(100):
+            key = (sizes[var], attempt)
+            if key not in models:   # a model per size; a spare model when one cannot host the item
+                mrng = random.Random(f"{split}/{seed}/{k}/{sizes[var]}/{attempt}")
+                size = mrng.randint(*sizes[var])
+                kind = mrng.choice(("story", "real", "nonsense") if size <= 12 else ("real", "nonsense"))
+                models[key] = sample_scm(mrng, size, min(0.6, 3.2 / size), kind)
+            item = make_problem(rng, models[key], task, var, st, zero)
+            if item is not None:
+                out.append(item)
+                break
+        else:
+            raise ValueError(f"cannot make a {task} {var} item on {sizes[var]} nodes")
+    return out
+
+
+def generate(n, tasks=TASKS, variant="base", nodes=None, seed=0, split="train", style=None,
+             questions_per_model=20, zero_share=None):
+    """n dicts {problem, answer, solution, type, variant}, deterministic in all arguments.
+    tasks / variant: a name, a comma list or a list; nodes: int, (lo, hi) or "lo-hi" (default
+    3-5 for base/omitted/rephrased, else 8); style: 'base' or 'generated' (default by variant);
+    zero_share: share of ATE-NIE items whose answer is 0 (default 1/3 base style, else 0.1)."""
+    return [p.record() for p in problems(n, tasks, variant, nodes, seed, split, style, questions_per_model, zero_share)]
+
+# ----------------------------------------------------------------------------- wrong answers
+def _first_terms(expr):
+    """Forget the baseline: every a - b becomes a (a wrong-formula mistake)."""
+    if expr[0] == "P":
+        return expr
+    if expr[0] == "-":
+        return _first_terms(expr[1])
+    return (expr[0], *[_first_terms(e) for e in expr[1:]])
+
+
+def _one_stratum(expr, zvar):
+    """Condition on z=0 instead of adjusting: keep the z=0 terms of each sum, drop P(z)."""
+    if expr[0] == "P":
+        return expr
+    if expr[0] == "+":
+        keep = [e for e in expr[1:] if e[0] == "*" and e[-1][0] == "P" and e[-1][1] == ((zvar, 0),)]
+        if keep:
+            kept = [("*", *e[1:-1]) if len(e) > 3 else e[1] for e in keep]
+            return _one_stratum(kept[0] if len(kept) == 1 else ("+", *kept), zvar)
+    return (expr[0], *[_one_stratum(e, zvar) for e in expr[1:]])
+
+
+def rejected_solution(p, rng):
+    """A plausible but wrong worked answer for DPO / KTO: a sign or complement error, a wrong
+    formula, a missing adjustment, an arithmetic slip, a wrong LACK_CONDITION (or, for an
+    insufficient item, a number computed from a guessed 0.5). Never scored correct."""
+    from nanocausal.rewards import is_correct
+    q, tree = p.q, formula(p.q, p.z, p.m)
+    zero = p.answer != LACK and is_zero(q, p.scm.graph)
+    if p.answer == LACK:
+        guess = lambda t, c: p.store.lookup(t, c) if (frozenset(t), frozenset(c)) in p.store.table or len(t) == 1 \
+            and (frozenset({(t[0][0], 1 - t[0][1])}), frozenset(c)) in p.store.table else 0.5
+        kinds = {"guess": lambda: solution(p, tree, look=guess)}
+    elif zero:
+        steps = solution(p).split("\n")[:2]   # variables and roles, then a wrong reading of "no numbers"
+        kinds = {"lack": lambda: "\n".join(steps) + f"\nStep 3: The statements give no probabilities for "
+                 f"{chr(65 + q.x_var)} and {chr(65 + q.y_var)}, so {q.task} cannot be computed from the given "
+                 f"conditions.\n{LACK}"}
+    else:
+        def arithmetic():
+            v = clean(evaluate(tree, p.store.lookup))
+            for delta in rng.sample([0.01, -0.01, 0.1, -0.1, 0.002, -0.002, 0.05, -0.05], 8):
+                if (0 <= v + delta <= 1) if q.task in ("PN", "PS") else -1 <= v + delta <= 1:
+                    return solution(p, value=clean(v + delta))
+        swap = {"NDE": "NIE", "NIE": "NDE"}
+        kinds = {
+            "sign": lambda: None if q.task in ("PN", "PS") else solution(p, (tree[0], tree[2], tree[1])) if
+            q.task == "ETT" else solution(p, formula(Query(**{**q.__dict__, "x": 1 - q.x}), p.z, p.m)),
+            "formula": lambda: solution(p, _first_terms(tree)),
+            "swap": lambda: solution(p, formula(Query(**{**q.__dict__, "task": swap[q.task]}), p.z, p.m))
+            if q.task in swap else None,
+            "bound": lambda: solution(p, formula(Query(**{**q.__dict__, "bound": "upper" if q.bound == "lower"
+                                                          else "lower"}), p.z, p.m)) if q.bound else None,
+            "adjust": lambda: solution(p, _one_stratum(tree, p.z[0])) if p.z else None,
+            "arithmetic": arithmetic,
+            "lack": lambda: solution(p, tree, missing=[rng.choice(leaves(tree))]),
+        }
+    names = list(kinds)
+    rng.shuffle(names)
+    for name in names:
+        try:
+            text = kinds[name]()
+        except (KeyError, ZeroDivisionError):
+            continue
+        if text and not is_correct(text, p.answer):
+            return text
+    raise ValueError(f"no wrong answer found for {p.problem[:80]!r}")
+
+# ----------------------------------------------------------------------------- CLI
+def _rows(items, fmt, seed, lack_hint):
+    rng = random.Random(f"rejected/{seed}")
+    for i, p in enumerate(items):
+        prompt = official_prompt(p.problem, p.variant, lack_hint)
+        if fmt == "rl":
+            yield {"prompt": prompt, "answer": p.answer, "type": p.q.task, "variant": p.variant}
+        elif fmt == "sft":
+            yield {"prompt": prompt, "completion": solution(p, missing=p.missing)}
+        elif fmt == "dpo":
+            yield {"prompt": prompt, "chosen": solution(p, missing=p.missing), "rejected": rejected_solution(p, rng)}
+        else:   # kto: desirable and undesirable alternate, 1:1
+            good = i % 2 == 0
+            yield {"prompt": prompt, "completion": solution(p, missing=p.missing) if good else
+                   rejected_solution(p, rng), "label": good}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m nanocausal.scm", description=(
+        "Write CauGym-style causal problems as JSONL (sft: prompt/completion, dpo: prompt/chosen/rejected, "
+        "kto: prompt/completion/label, rl: prompt/answer/type/variant), or solve problems from a file."))
+    ap.add_argument("--format", choices=("sft", "dpo", "kto", "rl"), default="sft", help="dataset layout")
+    ap.add_argument("--n", type=int, default=1000, help="number of items")
+    ap.add_argument("--out", default="-", help="output JSONL path ('-' = stdout)")
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma list of tasks, e.g. ATE,PN")
+    ap.add_argument("--variant", default="base", help=f"comma list of variants: {', '.join(VARIANTS)}")
+    ap.add_argument("--nodes", default=None, help="graph size: N or LO-HI (default 3-5 base style, else 8)")
+    ap.add_argument("--style", choices=("base", "generated"), default=None, help="text format (default by variant)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed")
+    ap.add_argument("--split", default="train", help="split name; different splits never share a causal model")
+    ap.add_argument("--questions-per-model", type=int, default=20, help="questions asked of each causal model")
+    ap.add_argument("--zero-share", type=float, default=None, help="share of ATE-NIE items with answer 0")
+    ap.add_argument("--lack-hint-all", action="store_true", help="add the LACK_CONDITION hint to every prompt")
+    ap.add_argument("--solve", metavar="PATH", help="solve the problems in a .json/.jsonl file (key problem or "
+                    "prompt) and print one answer per line")
+    args = ap.parse_args(argv)
+    if args.solve:
+        try:
+            text = open(args.solve).read()
+        except OSError as e:
+            ap.error(f"cannot read {args.solve}: {e.strerror}")
+        try:
+            data = json.loads(text) if text.lstrip().startswith("[") else [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+        except json.JSONDecodeError as e:
+            ap.error(f"{args.solve}: not JSON or JSONL ({e.msg}, line {e.lineno})")
+        for i, row in enumerate(data):
+            try:
+                print(solve(row.get("problem", row.get("prompt")) if isinstance(row, dict) else row))
+            except ValueError as e:
+                ap.error(f"{args.solve}: item {i}: {e}")
+        return
+    try:
+        items = problems(args.n, args.tasks, args.variant, args.nodes, args.seed, args.split, args.style,
+                         args.questions_per_model, args.zero_share)
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        out = sys.stdout if args.out == "-" else open(args.out, "w")
+    except OSError as e:
+        ap.error(f"cannot write {args.out}: {e.strerror}")
+    for row in _rows(items, args.format, args.seed, True if args.lack_hint_all else None):
+        out.write(json.dumps(row) + "\n")
+    if out is not sys.stdout:
+        out.close()
+        print(f"wrote {len(items)} {args.format} rows to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
