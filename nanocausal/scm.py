@@ -22,6 +22,7 @@ is evaluated, printed symbolically and printed with numbers by the same code, so
 the solver and the worked solution can never disagree.
 """
 import argparse
+import functools
 import json
 import random
 import re
@@ -100,6 +101,7 @@ class Graph:
         self.children = [tuple(c for c in range(self.n) if v in self.parents[c]) for v in range(self.n)]
         self.desc = [self._reach(v, self.children) for v in range(self.n)]   # strict descendants
         self.anc = [self._reach(v, self.parents) for v in range(self.n)]     # strict ancestors
+        self._memo = {}
 
     @staticmethod
     def _reach(v, nbrs, skip=()):
@@ -154,12 +156,18 @@ class Graph:
 
     def adjustment_sets(self, treatments, y):
         """Candidate backdoor sets in the order the official data prefers: {} then single nodes."""
-        return [z for z in [()] + [(v,) for v in range(self.n)] if self.backdoor(treatments, y, z)]
+        key = ("adj", treatments, y)
+        if key not in self._memo:
+            self._memo[key] = [z for z in [()] + [(v,) for v in range(self.n)] if self.backdoor(treatments, y, z)]
+        return self._memo[key]
 
     def mediator_sets(self, x, y):
         if not self.has_indirect_path(x, y):
             return [()]
-        return [(m,) for m in sorted(self.desc[x] & self.anc[y]) if self.mediates(m, x, y)]
+        key = ("med", x, y)
+        if key not in self._memo:
+            self._memo[key] = [(m,) for m in sorted(self.desc[x] & self.anc[y]) if self.mediates(m, x, y)]
+        return self._memo[key]
 
     def example_path(self, x, y):
         path = [x]
@@ -177,6 +185,7 @@ class SCM:
     names: list          # lower-case variable names
     values: list         # (value0, value1) names
     _joint: np.ndarray = field(default=None, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)
 
     def joint(self):
         if self._joint is None:
@@ -193,6 +202,9 @@ class SCM:
 
     def prob(self, targets, cond=()):
         """P(targets | cond) from the joint distribution; both are ((var, value), ...)."""
+        key = (targets, cond)
+        if key in self._memo:
+            return self._memo[key]
         joint = self.joint()
         mask = np.ones(len(joint), bool)
         for v, val in cond:
@@ -200,7 +212,8 @@ class SCM:
         below = joint[mask].sum()
         for v, val in targets:
             mask &= self._bits[v] == bool(val)
-        return float(joint[mask].sum() / below)
+        self._memo[key] = float(joint[mask].sum() / below)
+        return self._memo[key]
 
 
 def sample_scm(rng, n, edge_prob, name_kind):
@@ -471,7 +484,6 @@ def _pattern(template, slots):
     return re.compile(out)
 
 
-_Q_RE = [(task, _pattern(t, {"bound": "upper|lower"})) for task, ts in QUESTIONS.items() if task != "PS" for t in ts]
 _NAME = "(?:(?!" + "|".join(re.escape(t[4:-5]) for t in EDGES) + ").)+"   # no verb phrase inside a name
 _EDGE_RE = [_pattern(t, {"a": _NAME, "b": _NAME}) for t in EDGES]
 _STMT_RE = [_pattern(t.rstrip("."), {"p": r"[01](?:\.\d+)?"}) for t in CONDS + MARGS]
@@ -562,6 +574,17 @@ def _edge_sentences(text):
     return min(options, key=lambda opt: len({_key(m[k]) for m in opt for k in "ab"}))
 
 
+@functools.lru_cache(maxsize=256)
+def _name_patterns(names):
+    """Regexes that only accept this problem's variable names: the pair-list splitter and the
+    question templates (a name may contain " to " or " on ", so a free match could misread)."""
+    alt = "|".join("(?:, | and )".join(map(re.escape, re.split(", | and ", n)))
+                   for n in sorted(names, key=len, reverse=True))
+    questions = [(task, _pattern(t, {"bound": "upper|lower", "X": alt, "Y": alt}))
+                 for task, ts in QUESTIONS.items() if task != "PS" for t in ts]
+    return re.compile(rf"(?:^|, | and )({alt}) being "), questions
+
+
 def parse(problem):
     """Problem text (either format, any variant, with or without the protocol suffix) ->
     (Graph, Query, Statements, names). Raises ValueError naming what it could not read."""
@@ -579,9 +602,7 @@ def parse(problem):
                 index[_key(nm)] = len(names)
                 names.append(nm)
         edges.append((index[_key(m["a"])], index[_key(m["b"])]))
-    alt = "|".join("(?:, | and )".join(map(re.escape, re.split(", | and ", n)))
-                   for n in sorted(names, key=len, reverse=True))
-    pair_re = re.compile(rf"(?:^|, | and )({alt}) being ")
+    pair_re, question_res = _name_patterns(tuple(names))
     question = next((ln[len("question:"):].strip() for ln in lines if ln.startswith("question:")), None)
     if question is None:
         raise ValueError("no 'Question:' line")
@@ -596,7 +617,7 @@ def parse(problem):
         raw.append((_split_pairs(s["t"], pair_re), cond, float(s["p"])))
     if re.sub(r"\s*(.+? is ([01](?:\.\d+)?))\.?(?=\s|$)", "", body).strip():
         raise ValueError(f"cannot read the probability statements {body!r}")
-    task, qm = next(((t, m) for t, r in _Q_RE if (m := r.fullmatch(question))), (None, None))
+    task, qm = next(((t, m) for t, r in question_res if (m := r.fullmatch(question))), (None, None))
     if qm is None:
         raise ValueError(f"cannot read the question {question!r}")
     slots = qm.groupdict()
@@ -785,19 +806,25 @@ class Problem:
                 "type": self.q.task, "variant": self.variant}
 
 
+def _coin(rng):
+    return int(rng.random() < 0.5)
+
+
 def _pick_query(rng, scm, task, zero, deconfounding):
     """A random (X, Y) question of `task` whose answer is zero or not, and the (z, m) sets the
     data would use; None when this model has no such question."""
     g = scm.graph
-    pairs = [(a, b) for a in range(g.n) for b in range(g.n) if a != b]
-    rng.shuffle(pairs)
-    for X, Y in pairs:
+    if "pairs" not in scm._memo:   # one shuffled order per model, entered at a random point
+        scm._memo["pairs"] = [(a, b) for a in range(g.n) for b in range(g.n) if a != b]
+        rng.shuffle(scm._memo["pairs"])
+    pairs, start = scm._memo["pairs"], rng.randrange(g.n * (g.n - 1))
+    for X, Y in pairs[start:] + pairs[:start]:
         if task in ("PN", "PS"):   # the official data: PN xf=yf=1, x=y=0; PS the reverse
             f = 1 if task == "PN" else 0
             q = Query(task, X, Y, 1 - f, 1 - f, f, f, bound=rng.choice(("upper", "lower")))
         else:
-            x = rng.randint(0, 1)
-            q = Query(task, X, Y, x, rng.randint(0, 1), 1 - x if task == "ETT" else None)
+            x = _coin(rng)
+            q = Query(task, X, Y, x, _coin(rng), 1 - x if task == "ETT" else None)
         if task == "CDE":
             w = sorted(g.desc[X] & set(g.parents[Y]))
             if not w or rng.random() < 0.2:
@@ -806,7 +833,7 @@ def _pick_query(rng, scm, task, zero, deconfounding):
                 w = rng.sample([v for v in range(g.n) if v not in (X, Y)], 1)
             if not w:
                 continue
-            q.w = tuple((v, rng.randint(0, 1)) for v in w)
+            q.w = tuple((v, _coin(rng)) for v in w)
         if is_zero(q, g) != zero:
             continue
         if zero:
@@ -852,8 +879,8 @@ def make_problem(rng, scm, task, variant, style, zero):
                 break
             v = rng.choice(pool)
             pa = scm.graph.parents[v]
-            cond = tuple((u, rng.randint(0, 1)) for u in pa) if pa and rng.random() < 0.6 else ()
-            target = ((v, rng.randint(0, 1)),)
+            cond = tuple((u, _coin(rng)) for u in pa) if pa and rng.random() < 0.6 else ()
+            target = ((v, _coin(rng)),)
             if (frozenset(target), frozenset(cond)) in store.table or \
                     (frozenset({(v, 1 - target[0][1])}), frozenset(cond)) in store.table:
                 continue
