@@ -114,7 +114,8 @@ def answer(model, tokenizer, items, num_samples, temperature, top_p, top_k, max_
     from nanocausal.sampling import generate
     prompts = [tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True) for item in items]
     generation = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          top_k=top_k, num_samples=num_samples, eos_token_ids=tokenizer.eos_token_ids, seed=seed)
+                          top_k=top_k, num_samples=num_samples, eos_token_ids=tokenizer.eos_token_ids, seed=seed,
+                          vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id)
     texts = [tokenizer.decode(_completion_ids(generation, row), skip_special_tokens=True)
              for row in range(len(items) * num_samples)]
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(items))]
@@ -191,12 +192,31 @@ def format_table(columns, rows=scm.TASKS + ("overall",)):
     return "\n".join(lines)
 
 
+def rescore(path):
+    """Re-score saved responses with the official rule; prints and returns the table's columns."""
+    records = read_responses(path)
+    if not records:
+        raise ValueError(f"{path}: no responses")
+    for line, r in enumerate(records, start=1):
+        for field in ("response", "answer"):
+            if not isinstance(r.get(field), str):
+                raise ValueError(f"{path}:{line}: field '{field}' must be a string")
+        r["correct"] = is_correct(r["response"], r["answer"])
+    columns = {name: accuracy([r for r in records if r.get("dataset", "data") == name])
+               for name in dict.fromkeys(r.get("dataset", "data") for r in records)}
+    print(format_table(columns))
+    return records, columns
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to evaluate
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--model", default=None,
                         help="a Hugging Face folder, a hub id, or 'oracle' (answers with nanocausal.scm.solve)")
-    parser.add_argument("--data", nargs="+", required=True,
+    parser.add_argument("--rescore", default=None,
+                        help="instead of sampling, score the responses of a responses.jsonl file (fields response, "
+                             "answer, type, dataset; e.g. written by another engine) with the official rule")
+    parser.add_argument("--data", nargs="+", default=None,
                         help="CauGym-format .json/.jsonl files (e.g. ../shared/data/caugym/base.json), or generated "
                              "sets: gen:VARIANT:N (nanocausal.scm.generate), tiny:N, tiny-rephrased:N (tiny curriculum)")
     parser.add_argument("--per-task", type=int, default=None, help="keep only the first N problems of each task per data set")
@@ -220,6 +240,10 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
     parser.add_argument("--out", default="runs/eval", help="folder for responses.jsonl and summary.json")
     args = parser.parse_args(argv)
+    if args.rescore:
+        return rescore(args.rescore)
+    if args.model is None or args.data is None:
+        parser.error("--model and --data are required (unless --rescore)")
 
     datasets = []
     for spec in args.data:

@@ -198,11 +198,11 @@ def tiny_config(vocab_size, eos_id, pad_id, hidden_size=128, num_layers=4, num_h
             "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": pad_id}
 
 
-def build_tiny(out_dir, seed=0, vocab_size=800, **model_kwargs):
+def build_tiny(out_dir, seed=0, vocab_size=800, n_texts=3000, **model_kwargs):
     """Train the tokenizer and write a randomly initialised tiny Qwen2 as a Hugging Face folder."""
     import torch
     from nanocausal.model import ModelConfig, Transformer
-    tokenizer = train_tokenizer(out_dir, vocab_size=vocab_size)
+    tokenizer = train_tokenizer(out_dir, vocab_size=vocab_size, n_texts=n_texts)
     eos_id, pad_id = tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")
     config = tiny_config(tokenizer.get_vocab_size(), eos_id, pad_id, **model_kwargs)
     with open(os.path.join(out_dir, "config.json"), "w") as f:

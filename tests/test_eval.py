@@ -1,0 +1,98 @@
+"""eval.py: the oracle scores 100 % under the official protocol, scoring follows the official rule
+item by item, and an interrupted run resumes without answering anything twice."""
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import eval as evaluation  # noqa: E402  (the script at the repository root)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CAUGYM = SHARED / "data" / "caugym"
+
+
+def caugym(name):
+    if not (CAUGYM / name).is_file():
+        pytest.skip(f"{CAUGYM / name} (the team's read-only shared folder) is not present")
+    return str(CAUGYM / name)
+
+
+def official_rule(response, answer):
+    """sample_evaluate.py's rule, written out independently of nanocausal.rewards."""
+    if answer.strip() == "LACK_CONDITION":
+        return "LACK_CONDITION" in response
+    gold = float(json.loads(answer)["PROB"])
+    for span in re.findall(r'\{"(?:ANSWER|PROB)":[^}]*\}', "".join(response.split())):
+        try:
+            prob = float(json.loads(span.lower())["prob"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if abs(prob - gold) <= 0.0005 + 1e-12:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("name,tasks", [("base.json", evaluation.scm.TASKS),
+                                        ("deconfounding.json", ("ATE", "CDE", "ETT", "NDE", "NIE")),
+                                        ("insufficient.json", evaluation.scm.TASKS)])
+def test_oracle_scores_100_percent(name, tasks):
+    dataset, items = evaluation.load_dataset(caugym(name))
+    items = [it for it in evaluation.per_task_slice(items, 8) if it["type"] in tasks]
+    records = evaluation.evaluate("oracle", None, items, dataset=dataset, num_samples=1, progress=False)
+    table = evaluation.accuracy(records)
+    assert set(table) == set(tasks) | {"overall"}
+    assert table["overall"] == 1.0, [r for r in records if not r["correct"]][:2]
+    if name == "insufficient.json":  # the official prompt carries the LACK_CONDITION hint
+        assert all("LACK_CONDITION" in it["prompt"][-1]["content"] for it in items)
+
+
+def test_scoring_matches_official_rule_on_saved_responses(tmp_path):
+    _, items = evaluation.load_dataset(caugym("base.json"))
+    items = evaluation.per_task_slice(items, 3)
+    lines = []
+    for i, item in enumerate(items):
+        answer = item["answer"]
+        gold = json.loads(answer)
+        prob = float(gold["PROB"])
+        keys = '"ANSWER": "Yes", ' if "ANSWER" in gold else ""
+        responses = [
+            f"So {{{keys}\"PROB\": \"{prob:.4f}\"}}",  # right
+            f"{{{keys}\"PROB\": \"{prob + 0.0004:.4f}\"}}",  # within tolerance
+            f"{{{keys}\"PROB\": \"{prob + 0.0007:.4f}\"}}",  # outside
+            f"first {{\"PROB\": \"0.9999\"}} then {{ \"PROB\" : \" {prob} \" }}",  # any span counts, spaces ignored
+            f"{{\"prob\": \"{prob:.4f}\"}}",  # lower-case keys are not an answer span
+            f"{{\"PROB\": {prob:.4f}",  # never closed
+            f"{{\"ANSWER\": \"No\", \"PROB\": \"abc\"}} {{\"PROB\": \"{prob:.4f}\"}}",
+            "LACK_CONDITION",
+        ]
+        lines += [{"dataset": "base", "key": f"base/{i}", "index": i, "sample": s, "type": item["type"],
+                   "answer": answer, "response": r} for s, r in enumerate(responses)]
+    path = tmp_path / "responses.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records, columns = evaluation.rescore(str(path))
+    assert [r["correct"] for r in records] == [official_rule(r["response"], r["answer"]) for r in lines]
+    assert 0 < columns["base"]["overall"] < 1  # both outcomes occur
+
+
+def test_resume_skips_answered_items(tmp_path, monkeypatch):
+    data = caugym("base.json")
+    out = tmp_path / "run"
+    argv = ["--model", "oracle", "--data", data, "--per-task", "2", "--num-samples", "2", "--out", str(out)]
+    first = evaluation.main(argv)
+    assert first["accuracy"]["base"]["overall"] == 1.0
+    responses = (out / "responses.jsonl").read_text().splitlines()
+    assert len(responses) == 14 * 2
+    # Interrupted: 5 problems finished, the 6th half-answered (one sample), a torn last line.
+    (out / "responses.jsonl").write_text("\n".join(responses[:11]) + "\n" + responses[11][:20])
+    answered = []
+    real = evaluation.oracle_response
+    monkeypatch.setattr(evaluation, "oracle_response", lambda item: answered.append(item) or real(item))
+    second = evaluation.main(argv)
+    assert len(answered) == 14 - 5  # the half-answered problem is redone whole
+    assert second["accuracy"]["base"]["_samples"] == 28 and second["accuracy"]["base"]["overall"] == 1.0
+    final = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert sorted((r["key"], r["sample"]) for r in final) == sorted({(r["key"], r["sample"]) for r in final})
+    assert len(final) == 28
