@@ -538,7 +538,10 @@ def render(scm, q, store, style="base", instruction=True, rng=None):
 def _key(name):
     """Names are compared without their list separators: the official data writes one name
     both as "(e.g. wind, humidity)" and "(e.g. wind and humidity)"."""
-    return re.sub(r", | and ", " ", name)
+    return _SEPARATOR.sub(" ", name)
+
+
+_SEPARATOR = re.compile(r", | and ")
 
 
 def _split_pairs(text, pair_re):
@@ -558,6 +561,11 @@ def _split_pairs(text, pair_re):
 def _edge_sentences(text):
     """Split the edge list into template matches. A name may hold a full stop ("e.g."), so
     every split that reads is considered and the one naming the fewest variables wins."""
+    read = lambda sent: next((m for r in _EDGE_RE if (m := r.fullmatch(sent))), None)
+    fast = [read(sent) for sent in re.split(r"(?<=\.)\s*(?=[A-Z])", text)]
+    if text and all(fast):   # the common case: each capitalised sentence reads on its own
+        return [(m["a"].lower(), m["b"].lower()) for m in fast]
+    text = text.lower()
     pieces = re.split(r"(?<=\.)(\s*)(?=\S)", text)   # sentence, space, sentence, ...
 
     def reads(i):
@@ -573,7 +581,8 @@ def _edge_sentences(text):
     options = [opt for _, opt in zip(range(64), reads(0))] if text else [[]]
     if not options:
         raise ValueError(f"cannot read the causal statements {text[:200]!r}")
-    return min(options, key=lambda opt: len({_key(m[k]) for m in opt for k in "ab"}))
+    best = min(options, key=lambda opt: len({_key(m[k]) for m in opt for k in "ab"}))
+    return [(m["a"], m["b"]) for m in best]
 
 
 @functools.lru_cache(maxsize=256)
@@ -598,12 +607,12 @@ def parse(problem):
     if ":" not in head:
         raise ValueError("cannot find the end of the 'Input Info:' preamble")
     names, edges, index = [], [], {}
-    for m in _edge_sentences(head[head.index(":") + 1:].strip().lower()):
-        for nm in (m["a"], m["b"]):
+    for m in _edge_sentences(head[head.index(":") + 1:].strip()):
+        for nm in m:
             if _key(nm) not in index:
                 index[_key(nm)] = len(names)
                 names.append(nm)
-        edges.append((index[_key(m["a"])], index[_key(m["b"])]))
+        edges.append((index[_key(m[0])], index[_key(m[1])]))
     pair_re, question_res = _name_patterns(tuple(names))
     question = next((ln[len("question:"):].strip() for ln in lines if ln.startswith("question:")), None)
     if question is None:
@@ -876,8 +885,9 @@ def make_problem(rng, scm, task, variant, style, zero):
     if variant == "redundant":       # two true statements no formula of this question reads
         busy = {q.y_var, *z, *m, *(v for v, _ in q.w)}
         pool = [v for v in range(scm.graph.n) if v not in busy]
+        added = 0
         for _ in range(40):
-            if len(store.table) >= len(store.facts()) + 2 or not pool:
+            if added == 2 or not pool:
                 break
             v = rng.choice(pool)
             pa = scm.graph.parents[v]
@@ -887,6 +897,7 @@ def make_problem(rng, scm, task, variant, style, zero):
                     (frozenset({(v, 1 - target[0][1])}), frozenset(cond)) in store.table:
                 continue
             store.insert(rng.randint(0, len(store.groups)), target, cond, round(scm.prob(target, cond), 4))
+            added += 1
     elif variant == "insufficient":  # two needed facts removed (a value and its complement are one)
         if len(store.groups) < 2:
             return None
