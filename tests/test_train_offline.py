@@ -1,0 +1,204 @@
+"""train_sft.py and train_pref.py (DPO, KTO), run in-process on a tiny chat model: the real step
+functions, the real main(argv)."""
+import json
+import random
+import shutil
+import signal
+
+import pytest
+import torch
+
+import train_pref
+import train_sft
+from nanocausal import data
+from nanocausal.losses import sft_loss
+from nanocausal.model import Transformer
+from nanocausal.tokenizer import Tokenizer
+from nanocausal.training import token_logprobs
+from test_data import make_tiny_chat_model, tiny_examples, write_jsonl
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from threads, and on a shared 2-core machine extra threads only wait.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat") / "model", max_positions=2048)
+
+
+def dpo_records(n, seed=0):
+    chosen, wrong = tiny_examples(n, seed), tiny_examples(n, seed + 100)
+    return [{"prompt": c["prompt"], "chosen": c["completion"], "rejected": w["completion"]} for c, w in zip(chosen, wrong)]
+
+
+def kto_records(n, seed=0):
+    good, wrong = tiny_examples(n, seed), tiny_examples(n, seed + 100)
+    return [{"prompt": g["prompt"], "completion": g["completion"] if i % 2 == 0 else w["completion"], "label": i % 2 == 0}
+            for i, (g, w) in enumerate(zip(good, wrong))]
+
+
+def run(script, model, data_file, out_dir, *flags):
+    argv = ["--model", str(model), "--data", str(data_file), "--out-dir", str(out_dir), "--device", "cpu",
+            "--eval-every", "0", "--log-every", "1000", *map(str, flags)]
+    script.main(argv)
+    return [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+
+
+def weights(folder):
+    return dict(Transformer.from_pretrained(folder).named_parameters())
+
+
+# -----------------------------------------------------------------------------
+# Gradient accumulation: one batch of 8 == 8 micro-batches of 1, through the scripts' step functions
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "kto"])
+def test_gradient_accumulation_invariance(tiny_chat_model, tmp_path, kind):
+    records = {"sft": tiny_examples(8), "dpo": dpo_records(8), "kto": kto_records(8)}[kind]
+    path = write_jsonl(tmp_path / f"{kind}.jsonl", records)
+    tokenizer = Tokenizer.from_pretrained(tiny_chat_model)
+    rows = data.tokenize(data.load_examples(path, kind), tokenizer, kind, progress=False)
+    model = Transformer.from_pretrained(tiny_chat_model)
+    args = train_pref.build_parser().parse_args(["--algo", kind if kind != "sft" else "dpo", "--device", "cpu", "--beta", "0.5"])
+    reference = train_pref.Reference(Transformer.from_pretrained(tiny_chat_model), "cpu")
+    with torch.no_grad():  # policy != reference, so the DPO/KTO log-ratios are not all zero
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+
+    def gradients(batch_size):
+        model.zero_grad()
+        batches = train_sft.micro_batches(rows, list(range(8)), data.COLLATE[kind], tokenizer.pad_token_id, batch_size, "cpu")
+        if kind == "sft":
+            metrics = train_sft.sft_step(model, batches, "cpu")
+        else:
+            metrics = (train_pref.dpo_step if kind == "dpo" else train_pref.kto_step)(model, reference, batches, args)
+        return [p.grad.clone() for p in model.parameters()], metrics
+
+    one_batch, metrics_one = gradients(8)
+    accumulated, metrics_acc = gradients(1)
+    assert max((a - b).abs().max().item() for a, b in zip(one_batch, accumulated)) <= 1e-5
+    assert sum(g.abs().sum() for g in one_batch) > 0
+    for key in metrics_one:
+        assert torch.as_tensor(metrics_one[key]).float().sub(torch.as_tensor(metrics_acc[key]).float()).abs() <= 1e-5
+
+
+# -----------------------------------------------------------------------------
+# Learning
+
+
+def test_sft_memorises_16_examples(tiny_chat_model, tmp_path):
+    path = write_jsonl(tmp_path / "sft.jsonl", tiny_examples(16))
+    log = run(train_sft, tiny_chat_model, path, tmp_path / "out", "--steps", 80, "--batch-size", 8, "--grad-accum", 2,
+              "--lr", 1e-2, "--warmup-steps", 5)
+    assert log[0]["loss"] > 3 and log[-1]["loss"] < 0.05
+    # The checkpoint is the trained model: its own loss on the data is that low too.
+    model, tokenizer = Transformer.from_pretrained(tmp_path / "out" / "checkpoint"), Tokenizer.from_pretrained(tmp_path / "out" / "checkpoint")
+    rows = data.tokenize(data.load_examples(path, "sft"), tokenizer, "sft", progress=False)
+    batch = data.collate_sft(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logprobs = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    assert sft_loss(logprobs, batch["completion_mask"])[0] < 0.05
+
+
+def test_dpo_reaches_full_preference_accuracy(tiny_chat_model, tmp_path):
+    path = write_jsonl(tmp_path / "dpo.jsonl", dpo_records(16))
+    log = run(train_pref, tiny_chat_model, path, tmp_path / "out", "--algo", "dpo", "--steps", 30, "--batch-size", 8,
+              "--lr", 3e-3, "--warmup-steps", 2, "--beta", 0.1)
+    assert log[0]["reward_margin"] == 0.0 and log[0]["loss"] == pytest.approx(0.6931, abs=1e-4)  # policy == reference
+    assert log[-1]["reward_accuracy"] == 1.0
+    assert log[-1]["reward_margin"] > 1.0 and log[-1]["loss"] < 0.4
+    assert log[-1]["chosen_reward"] > 0 > log[-1]["rejected_reward"]
+
+
+def test_kto_moves_desirable_up_and_undesirable_down(tiny_chat_model, tmp_path):
+    path = write_jsonl(tmp_path / "kto.jsonl", kto_records(16))
+    log = run(train_pref, tiny_chat_model, path, tmp_path / "out", "--algo", "kto", "--steps", 30, "--batch-size", 8,
+              "--lr", 3e-3, "--warmup-steps", 2, "--precompute-ref")
+    # Step 1: policy == reference (precomputed in other batches: equal up to float rounding).
+    assert log[0]["desirable_reward"] == pytest.approx(0, abs=1e-5) and log[0]["undesirable_reward"] == pytest.approx(0, abs=1e-5)
+    assert log[0]["z0"] == pytest.approx(0, abs=1e-5)
+    assert log[-1]["desirable_reward"] > 0.5 and log[-1]["undesirable_reward"] < -0.5
+    assert all(row["z0"] >= 0 for row in log)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_chat_model, tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "dpo.jsonl", dpo_records(12))
+    flags = ["--algo", "dpo", "--steps", 6, "--batch-size", 2, "--grad-accum", 2, "--lr", 1e-3, "--warmup-steps", 2,
+             "--save-every", 100]
+    full = run(train_pref, tiny_chat_model, path, tmp_path / "full", *flags)
+
+    cosine_lr = train_sft.cosine_lr
+
+    def lr_then_ctrl_c(step, *args):
+        if step == 3:  # Ctrl-C arrives during the 4th step: it finishes, is saved, and the run stops
+            signal.raise_signal(signal.SIGINT)
+        return cosine_lr(step, *args)
+
+    monkeypatch.setattr(train_sft, "cosine_lr", lr_then_ctrl_c)
+    interrupted = run(train_pref, tiny_chat_model, path, tmp_path / "split", *flags)
+    assert [row["step"] for row in interrupted] == [1, 2, 3, 4]
+    assert torch.load(tmp_path / "split" / "checkpoint" / "trainer_state.pt", weights_only=False)["trainer_state"]["step"] == 4
+    monkeypatch.setattr(train_sft, "cosine_lr", cosine_lr)
+    resumed = run(train_pref, tiny_chat_model, path, tmp_path / "split", *flags, "--resume")
+
+    assert [row["step"] for row in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [row["loss"] for row in resumed] == [row["loss"] for row in full]
+    final, split = weights(tmp_path / "full" / "checkpoint"), weights(tmp_path / "split" / "checkpoint")
+    for name in final:
+        assert torch.equal(final[name], split[name]), name
+
+
+def test_checkpoint_loads_in_transformers_with_the_same_logits(tiny_chat_model, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    path = write_jsonl(tmp_path / "kto.jsonl", kto_records(4))
+    run(train_pref, tiny_chat_model, path, tmp_path / "out", "--algo", "kto", "--steps", 2, "--batch-size", 4, "--lr", 1e-2)
+    folder = tmp_path / "out" / "checkpoint"
+    ours = Transformer.from_pretrained(folder)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert not torch.equal(ours.embed_tokens.weight, Transformer.from_pretrained(tiny_chat_model).embed_tokens.weight)
+    prompt = [{"role": "user", "content": "Is the ATE positive?"}]
+    ids = torch.tensor([Tokenizer.from_pretrained(folder).encode_chat_completion(prompt, '{"PROB": "0.1234"}')[0]])
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max() <= 1e-4
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+def test_on_the_fly_data_and_evaluation_through_the_sampler(tiny_chat_model, tmp_path):
+    # No --data: scm generates the problems; evaluation samples held-out problems and scores them officially.
+    train_sft.main(["--model", str(tiny_chat_model), "--num-train", "4", "--tasks", "ATE", "--steps", "2",
+                    "--batch-size", "2", "--lr", "1e-3", "--eval-every", "2", "--eval-problems", "2",
+                    "--eval-max-new-tokens", "4", "--device", "cpu", "--out-dir", str(tmp_path / "out")])
+    log = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert [row["step"] for row in log] == [1, 2, 2] and log[-1]["eval_acc"] == 0.0  # 4 tokens cannot hold an answer
+    assert "eval_acc_ATE" in log[-1]
+
+
+def test_bad_data_file_error_names_file_and_line(tiny_chat_model, tmp_path):
+    path = tmp_path / "dpo.jsonl"
+    path.write_text(json.dumps(dpo_records(1)[0]) + "\n" + json.dumps({"prompt": "p", "chosen": "c"}) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: missing field 'rejected'"):
+        run(train_pref, tiny_chat_model, path, tmp_path / "out", "--algo", "dpo", "--steps", 1)
+    long = write_jsonl(tmp_path / "long.jsonl", tiny_examples(2) + [{"prompt": "p", "completion": "x y z " * 100}])
+    with pytest.raises(ValueError, match=rf"{long}:3: prompt \+ completion is \d+ tokens, longer than the context of 128"):
+        run(train_sft, tiny_chat_model, long, tmp_path / "out", "--steps", 1, "--max-length", 128)
+
+
+@pytest.mark.parametrize("script", [train_sft, train_pref])
+def test_every_flag_has_help(script):
+    parser = script.build_parser()
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
+    assert "One GPU" in parser.description and "Laptop" in parser.description
