@@ -78,12 +78,14 @@ def _last_answer(response):
 def format_ok(response, answer=None):
     """1.0 when the response ends with a well-formed final answer: nothing but whitespace after
     it, an answer JSON whose "prob" is a number (with an "answer" of yes/no when present), or
-    LACK_CONDITION; else 0.0. With `answer` given, the JSON must have the gold's keys."""
+    LACK_CONDITION; else 0.0. With the gold `answer` given, the final answer must have its form
+    (the same JSON keys, or LACK_CONDITION)."""
     kind, parsed = _last_answer(response)
     tail = re.sub(r"\s+", "", response)
     if kind == "lack":
         return float(tail.endswith(LACK) or tail.endswith(LACK + '"') or tail.endswith(LACK + '"}'))
-    if kind != "json" or not tail.endswith("}") or _prob(parsed) is None:
+    if kind != "json" or not tail.endswith("}") or _prob(parsed) is None or \
+            answer is not None and answer.strip() == LACK:
         return 0.0
     if "answer" in parsed and str(parsed["answer"]) not in ("yes", "no"):
         return 0.0
