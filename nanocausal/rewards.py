@@ -83,6 +83,8 @@ def format_ok(response, answer=None):
     kind, parsed = _last_answer(response)
     tail = re.sub(r"\s+", "", response)
     if kind == "lack":
+        if answer is not None and answer.strip() != LACK:
+            return 0.0
         return float(tail.endswith(LACK) or tail.endswith(LACK + '"') or tail.endswith(LACK + '"}'))
     if kind != "json" or not tail.endswith("}") or _prob(parsed) is None or \
             answer is not None and answer.strip() == LACK:
