@@ -1,0 +1,73 @@
+"""The tiny preset: genuine CauGym problems, exact worked solutions, and a Hugging Face folder that
+nanocausal and transformers read the same way (weights, tokens, chat template)."""
+import json
+import random
+
+import pytest
+import torch
+
+from nanocausal import scm, tiny
+from nanocausal.model import Transformer
+from nanocausal.rewards import is_correct
+from nanocausal.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny"
+    tiny.build_tiny(str(path), vocab_size=400, n_texts=400, hidden_size=64, num_layers=2, intermediate_size=128)
+    return path
+
+
+def test_problems_are_solved_alike_by_the_official_solver():
+    items = tiny.make_problems(150, seed=3) + tiny.make_problems(50, seed=4, rephrased=True)
+    assert {it["kind"] for it in items} == set(tiny.KINDS)
+    for item in items:
+        assert json.loads(scm.solve(item["problem"])) == json.loads(item["answer"]), item["problem"]
+
+
+def test_worked_solution_ends_with_the_right_answer():
+    for item in tiny.make_problems(200, seed=5):
+        text = tiny.solution(item)
+        assert is_correct(text, item["answer"])
+        assert text.endswith(item["answer"])
+
+
+def test_column_subtraction_is_exact():
+    rng = random.Random(0)
+    pairs = [(0.9288, 0.8445), (0.1000, 0.0001), (0.5, 0.5)] + [
+        tuple(sorted((rng.randint(0, 9999) / 1e4, rng.randint(0, 9999) / 1e4), reverse=True)) for _ in range(500)]
+    for top, bottom in pairs:
+        columns, result = tiny.subtraction_columns(top, bottom)
+        assert abs(float(result) - (top - bottom)) < 1e-9
+        assert len(columns) == 4
+    assert tiny.subtraction_columns(0.9288, 0.8445) == (["8-0-5=3", "8-0-4=4", "12-0-4=8", "9-1-8=0"], "0.0843")
+
+
+def test_tokenizer_splits_digits_and_matches_transformers_chat_template(tiny_folder):
+    transformers = pytest.importorskip("transformers")
+    ours = Tokenizer.from_pretrained(str(tiny_folder))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tiny_folder))
+    text = "P = 0.1234 - 0.5678 = -0.4444, 1905"
+    pieces = [ours.decode([i]) for i in ours.encode(text)]
+    digits = [p for p in pieces if any(c.isdigit() for c in p)]
+    assert digits and all(len(p) == 1 for p in digits), pieces
+    assert ours.decode(ours.encode(text)) == text
+    messages = [{"role": "user", "content": scm.official_prompt(tiny.make_problems(1, seed=6)[0]["problem"])}]
+    for generation_prompt in (True, False):
+        want = theirs.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+        want = want["input_ids"] if hasattr(want, "keys") else want
+        assert ours.apply_chat_template(messages, add_generation_prompt=generation_prompt) == list(want)
+    assert ours.eos_token_ids[0] == ours.token_to_id("<|im_end|>")
+    assert ours.decode(ours.apply_chat_template(messages)).endswith("<|im_start|>assistant\n")
+
+
+def test_folder_loads_in_nanocausal_and_transformers_with_the_same_logits(tiny_folder):
+    transformers = pytest.importorskip("transformers")
+    ours = Transformer.from_pretrained(str(tiny_folder))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_folder), dtype=torch.float32).eval()
+    assert ours.config.model_type == "qwen2" and ours.config.num_key_value_heads < ours.config.num_attention_heads
+    tokenizer = Tokenizer.from_pretrained(str(tiny_folder))
+    ids = torch.tensor([tokenizer.encode(tiny.make_problems(1, seed=7)[0]["problem"])[:64]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=1e-4)
