@@ -23,10 +23,12 @@ from nanocausal.model import Transformer, resolve_checkpoint
 # Log-probs
 
 
-def _chunk_logprobs(hidden, weight, targets, temperature):
+def _chunk_logprobs(hidden, weight, targets, temperature, with_entropy=True):
     logits = F.linear(hidden, weight).float() / temperature  # (N, V): one chunk only
     logprobs = torch.log_softmax(logits, dim=-1)
     token_logprobs = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    if not with_entropy:  # the entropy costs three more passes over (N, V), in forward and in the recompute
+        return token_logprobs, None
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     return token_logprobs, entropy
 
@@ -55,18 +57,21 @@ def token_logprobs(model: Transformer, input_ids, attention_mask, completion_mas
     weight = model.lm_head.weight
     logprob_chunks, entropy_chunks = [], []
     for start in range(0, targets.numel(), chunk_size):
-        args = (selected_hidden[start:start + chunk_size], weight, targets[start:start + chunk_size], temperature)
+        args = (selected_hidden[start:start + chunk_size], weight, targets[start:start + chunk_size], temperature,
+                return_entropy)
         if torch.is_grad_enabled():
             lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:
             lp, ent = _chunk_logprobs(*args)
         logprob_chunks.append(lp)
-        entropy_chunks.append(ent.detach())
+        if return_entropy:
+            entropy_chunks.append(ent.detach())
     out = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
     entropy = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
     if targets.numel():
         out[:, 1:] = out[:, 1:].masked_scatter(targets_mask, torch.cat(logprob_chunks))
-        entropy[:, 1:] = entropy[:, 1:].masked_scatter(targets_mask, torch.cat(entropy_chunks))
+        if return_entropy:
+            entropy[:, 1:] = entropy[:, 1:].masked_scatter(targets_mask, torch.cat(entropy_chunks))
     return (out, entropy) if return_entropy else out
 
 
