@@ -121,11 +121,14 @@ def build_parser(algo="grpo"):
         g.add_argument("--clip-range", type=float, default=0.2, help="the policy ratio is clipped to 1 +- this")
         g.add_argument("--clip-range-value", type=float, default=0.2, help="the value moves at most this far from its rollout value")
         g.add_argument("--value-coef", type=float, default=0.1, help="weight of the value loss")
+        g.add_argument("--value-lr", type=float, default=1e-4, help="learning rate of the value head (a fresh layer: it must move faster than the policy)")
         g.add_argument("--gamma", type=float, default=1.0, help="discount of GAE")
         g.add_argument("--lam", type=float, default=0.95, help="lambda of GAE (0: one-step TD, 1: Monte Carlo)")
     g = parser.add_argument_group("hardware")
     g.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when available)")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward to save memory")
+    g.add_argument("--logits-chunk-size", type=int, default=256,
+                   help="completion tokens whose float32 logits exist at once (memory: this x vocabulary x 4 bytes, a few times)")
     g = parser.add_argument_group("evaluation (official CauGym scoring on held-out generated problems)")
     g.add_argument("--eval-every", type=int, default=50, help="evaluate every this many steps, and before the first (0: never)")
     g.add_argument("--eval-data", default=None, help="CauGym/rl file to evaluate on; default: problems of the generator's held-out split")
@@ -269,7 +272,8 @@ def score_tokens(model, batch, args, value_head=None):
     for index, mb in micro_batches(batch, range(len(batch["input_ids"])), args.micro_batch_size):
         with autocast(args.device):
             if value_head is None:
-                scores = token_logprobs(model, mb["input_ids"], None, mb["completion_mask"], args.temperature)
+                scores = token_logprobs(model, mb["input_ids"], None, mb["completion_mask"], args.temperature,
+                                        args.logits_chunk_size)
             else:
                 scores = values_of(value_head, model.hidden_states(mb["input_ids"]))
         out[index, :scores.shape[1]] = scores.float()
@@ -312,8 +316,8 @@ def micro_batch_loss(model, value_head, mb, args, num_tokens, num_sequences):
     """The loss of one micro-batch, normalised by the token (sequence) count of its whole optimiser step."""
     mask = mb["completion_mask"]
     hidden = model.hidden_states(mb["input_ids"])
-    logprobs, entropy = token_logprobs(model, mb["input_ids"], None, mask, args.temperature, hidden=hidden,
-                                       return_entropy=True)
+    logprobs, entropy = token_logprobs(model, mb["input_ids"], None, mask, args.temperature, args.logits_chunk_size,
+                                       hidden=hidden, return_entropy=True)
     if args.algo == "grpo":
         loss, metrics = grpo_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask, mb.get("ref_logprobs"),
                                   args.beta, args.eps_low, args.eps_high, args.aggregation,
@@ -416,8 +420,11 @@ def main(argv=None, reward_fn=None, examples=None):
         if args.resume:
             from safetensors.torch import load_file
             value_head.load_state_dict(load_file(os.path.join(checkpoint_dir, "value_head.safetensors"), device=device))
-    optimizer = make_optimizer(nn.ModuleList([model] + ([value_head] if value_head else [])), lr=args.lr,
-                               weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+    if value_head is not None:
+        optimizer.add_param_group({"params": list(value_head.parameters()), "lr": args.value_lr, "weight_decay": 0.0})
+    for group in optimizer.param_groups:
+        group["peak_lr"] = group["lr"]  # the schedule scales each group's own peak
 
     # -- prompts, resume, log, evaluation problems
     stream = prompt_stream(args, tokenizer, model.config.max_position_embeddings, examples)
@@ -450,9 +457,9 @@ def main(argv=None, reward_fn=None, examples=None):
         progress.write("step 0 eval " + " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     with CheckpointOnInterrupt() as interrupt:
         while step < args.steps:
-            lr = cosine_lr(step, args.steps, args.lr, args.warmup_steps, args.min_lr_ratio)
+            lr_scale = cosine_lr(step, args.steps, 1.0, args.warmup_steps, args.min_lr_ratio)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group["peak_lr"] * lr_scale
             # -- 1-3. prompts, rollouts (the sampler's own RNG, seeded by the step), rewards
             started = time.time()
             step_examples = stream.next(args.prompts_per_step)
@@ -460,9 +467,11 @@ def main(argv=None, reward_fn=None, examples=None):
                 batch = rollout(model, [ex["prompt_ids"] for ex in step_examples], args, args.seed * 100_003 + step,
                                 eos_token_ids, pad_token_id)
             row_examples = [ex for ex in step_examples for _ in range(args.group_size)]
-            scores = {k: v.to(device) for k, v in score(row_examples, batch["completions"], tokenizer, args, reward_fn).items()}
             sync()
             generation_time = time.time() - started
+            started = time.time()
+            scores = {k: v.to(device) for k, v in score(row_examples, batch["completions"], tokenizer, args, reward_fn).items()}
+            reward_time = time.time() - started
             # -- 4-5. advantages, then the update
             started = time.time()
             rewards = scores["reward"]
@@ -479,13 +488,13 @@ def main(argv=None, reward_fn=None, examples=None):
             lengths = torch.tensor([len(c) for c in batch["completions"]], dtype=torch.float32)
             grouped = rewards.view(-1, args.group_size)
             row = log.log(
-                step=step, lr=lr, reward=rewards.mean(), reward_std=rewards.std() if len(rewards) > 1 else 0.0,
+                step=step, lr=args.lr * lr_scale, reward=rewards.mean(), reward_std=rewards.std() if len(rewards) > 1 else 0.0,
                 **{name: scores[key].mean() for name, key in (("accuracy", "correct"), ("format_rate", "format_ok"))
                    if key in scores},
-                equal_reward_groups=(grouped == grouped[:, :1]).all(1).float().mean(),
+                **({"equal_reward_groups": (grouped == grouped[:, :1]).all(1).float().mean()} if args.group_size > 1 else {}),
                 completion_len=lengths.mean(), completion_len_max=lengths.max(),
                 truncated=float(np.mean(batch["truncated"])), **rollout_metrics, **metrics,
-                generation_s=round(generation_time, 3), training_s=round(training_time, 3),
+                generation_s=round(generation_time, 3), reward_s=round(reward_time, 3), training_s=round(training_time, 3),
                 generation_tokens_per_s=round(float(lengths.sum()) / generation_time, 1),
                 training_tokens_per_s=round(train_tokens / training_time, 1))
             progress.set_postfix({k: f"{row[k]:.3g}" for k in ("reward", "accuracy", "completion_len", "kl",
