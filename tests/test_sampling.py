@@ -36,12 +36,14 @@ def greedy_by_recompute(model, prompt, new_tokens):
     return ids[len(prompt):]
 
 
-def hf_greedy(hf_model, prompt, new_tokens):
-    ids = torch.tensor([prompt])
+def hf_greedy(hf_model, prompts, new_tokens):
+    """transformers' greedy generate on a left-padded batch: (len(prompts), new_tokens) ids."""
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
     hf_model.generation_config.eos_token_id = None
-    out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                            pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[:, T:]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -53,7 +55,7 @@ def test_greedy_matches_recompute_and_transformers(tmp_path, name):
         expected = greedy_by_recompute(model, prompt, 24)
         assert len(set(expected)) > 3  # a continuation that exercises the cache, not one repeated id
         assert out.tokens[i].tolist() == expected
-        assert out.tokens[i].tolist() == hf_greedy(hf_model, prompt, 24)
+        assert out.tokens[i].tolist() == hf_greedy(hf_model, [prompt], 24)[0].tolist()  # unpadded reference
 
 
 def test_greedy_smollm2_matches_transformers(smollm2_path):
@@ -66,8 +68,7 @@ def test_greedy_smollm2_matches_transformers(smollm2_path):
              "If it rains, the grass gets wet. The grass is wet, so"]
     prompts = [tokenizer.encode(text).ids for text in texts]
     out = generate(model, prompts, 64, temperature=0)
-    for i, prompt in enumerate(prompts):
-        assert out.tokens[i].tolist() == hf_greedy(hf_model, prompt, 64)
+    assert torch.equal(out.tokens, hf_greedy(hf_model, prompts, 64))
 
 
 def test_group_samples_share_the_prompt(tmp_path):
