@@ -11,9 +11,9 @@ One GPU (bf16 autocast; pairs generated on the fly: worked solutions vs plausibl
 
 Laptop (CPU, a 135M model; reference log-probs computed once, then the reference is freed):
 
-    python train_pref.py --algo dpo --model HuggingFaceTB/SmolLM2-135M-Instruct --num-train 256 \\
-        --batch-size 2 --grad-accum 4 --steps 30 --lr 1e-6 --precompute-ref --eval-every 15 \\
-        --eval-problems 8 --out-dir out/dpo-laptop
+    python train_pref.py --algo dpo --model HuggingFaceTB/SmolLM2-135M-Instruct --num-train 128 \\
+        --batch-size 2 --grad-accum 2 --steps 20 --lr 1e-6 --precompute-ref --eval-every 10 \\
+        --eval-problems 8 --eval-max-new-tokens 256 --out-dir out/dpo-laptop
 
 Usually one starts from an SFT checkpoint: --model out/sft/checkpoint. From files: --data dpo.jsonl
 (prompt, chosen, rejected) or kto.jsonl (prompt, completion, label), e.g. written by

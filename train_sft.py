@@ -7,10 +7,11 @@ One GPU (bf16 autocast, problems generated on the fly by nanocausal.scm):
     python train_sft.py --model Qwen/Qwen2.5-1.5B-Instruct --num-train 20000 --batch-size 8 \\
         --grad-accum 4 --steps 2000 --lr 1e-5 --activation-checkpointing --out-dir out/sft
 
-Laptop (CPU, a 135M model, a few minutes):
+Laptop (CPU, a 135M model; each micro-batch of 2 examples, about 900 tokens, takes seconds):
 
     python train_sft.py --model HuggingFaceTB/SmolLM2-135M-Instruct --num-train 512 --batch-size 2 \\
-        --grad-accum 4 --steps 40 --lr 5e-5 --eval-every 20 --eval-problems 8 --out-dir out/sft-laptop
+        --grad-accum 2 --steps 20 --lr 5e-5 --eval-every 10 --eval-problems 8 --eval-max-new-tokens 256 \\
+        --out-dir out/sft-laptop
 
 From a file instead: --data data/sft.jsonl (fields prompt, completion; or a CauGym file).
 Interrupt with Ctrl-C: the script writes a checkpoint first; rerun the same command with --resume
