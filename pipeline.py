@@ -48,19 +48,19 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=os.path.join(ROOT, "data", "tiny-base"), help="the pretrained tiny base folder")
     p.add_argument("--out", default="runs/pipeline", help="output folder (data, checkpoints, results)")
-    p.add_argument("--sft-examples", type=int, default=2000, help="worked solutions for SFT")
-    p.add_argument("--sft-steps", type=int, default=120, help="SFT optimiser steps (batch --batch-size)")
+    p.add_argument("--sft-examples", type=int, default=800, help="worked solutions for SFT (a few hundred, reused each epoch)")
+    p.add_argument("--sft-steps", type=int, default=200, help="SFT optimiser steps (batch --batch-size)")
     p.add_argument("--batch-size", type=int, default=16, help="SFT examples per step")
     p.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate")
-    p.add_argument("--grpo-steps", type=int, default=30, help="GRPO steps")
+    p.add_argument("--grpo-steps", type=int, default=24, help="GRPO steps")
     p.add_argument("--prompts-per-step", type=int, default=8, help="GRPO prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="GRPO completions per prompt")
-    p.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate (constant, no KL)")
+    p.add_argument("--grpo-lr", type=float, default=2e-4, help="GRPO learning rate (constant, no KL)")
     p.add_argument("--rollout-temperature", type=float, default=0.6,
                    help="GRPO sampling temperature (0.6: the evaluation's, so RL optimises what is measured)")
-    p.add_argument("--test-problems", type=int, default=200, help="held-out problems per test set")
+    p.add_argument("--test-problems", type=int, default=200, help="held-out problems of the base test set")
+    p.add_argument("--rephrased-problems", type=int, default=100, help="held-out problems in held-out wording (0: none)")
     p.add_argument("--eval-samples", type=int, default=2, help="samples per problem for sampled accuracy")
-    p.add_argument("--no-rephrased", action="store_true", help="skip the held-out-wording test set")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, training and sampling")
     return p.parse_args(argv)
@@ -75,8 +75,8 @@ def make_data(args, folder):
     """Disjoint SFT, RL and test problems (different seeds; any repeated problem text is dropped)."""
     n = args.test_problems
     tests = {"base": tiny.make_problems(n, seed=args.seed + 100)}
-    if not args.no_rephrased:
-        tests["rephrased"] = tiny.make_problems(n, seed=args.seed + 101, rephrased=True)
+    if args.rephrased_problems:
+        tests["rephrased"] = tiny.make_problems(args.rephrased_problems, seed=args.seed + 101, rephrased=True)
     seen = {it["problem"] for items in tests.values() for it in items}
     fresh = lambda items: [it for it in items if it["problem"] not in seen]
     sft = fresh(tiny.make_problems(args.sft_examples, seed=args.seed + 1))
@@ -100,10 +100,11 @@ def timed(fn, *a):
     return time.time() - started
 
 
-def step_seconds(out_dir):
-    """The per-step wall times a trainer logged to out_dir/metrics.jsonl (loading and tokenising excluded)."""
+def training_seconds(out_dir):
+    """Wall time of a trainer's steps: the last "time" (seconds since the loop's log opened) in
+    out_dir/metrics.jsonl, so loading the model and tokenising the data do not count."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [float(row["time"]) for row in map(json.loads, f) if "time" in row]
+        return max(float(row["time"]) for row in map(json.loads, f) if "time" in row)
 
 
 def evaluate(path, tests, args):
@@ -175,8 +176,8 @@ def main(argv=None):
         "--save-every", str(args.grpo_steps), "--out-dir", grpo_dir])
 
     # Same compute: as many SFT steps as take the time GRPO's steps took (per-step times as logged).
-    sft_step = sum(step_seconds(sft_dir)) / args.sft_steps
-    grpo_train_seconds = sum(step_seconds(grpo_dir))
+    sft_step = training_seconds(sft_dir) / args.sft_steps
+    grpo_train_seconds = training_seconds(grpo_dir)
     control_steps = max(1, round(grpo_train_seconds / sft_step))
     print(f"[3/4] control: {control_steps} more SFT steps (GRPO steps took {grpo_train_seconds:.0f}s, "
           f"SFT {sft_step:.2f}s/step)")
