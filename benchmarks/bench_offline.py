@@ -18,7 +18,7 @@ that peak minus the resident memory before the first step (the training itself, 
 and weights). Each side runs --repeats times, alternating, and the best time is kept (the machine
 may be shared: the best run is the least disturbed one).
 
-Laptop / CPU (about 10 minutes on 2 shared cores):
+Laptop / CPU (10-35 minutes on 2 cores, depending on how busy they are):
     python benchmarks/bench_offline.py
 One GPU:
     python benchmarks/bench_offline.py --device cuda --steps 10
@@ -177,10 +177,9 @@ def worker_trl_dpo(folder, pairs, device, warmup, steps, gradient_checkpointing)
         peak = {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
     else:
         peak = {"peak_mib": rss_mib("VmHWM"), "peak_above_start_mib": rss_mib("VmHWM") - memory["before"]}
-    columns = trainer.train_dataset.column_names
-    lengths = [len(r) for key in ("chosen_input_ids", "rejected_input_ids", "input_ids") if key in columns
-               for r in trainer.train_dataset[key]]
-    return {"s_per_step": sum(times) / len(times), **peak, "tokens_per_step_approx": sum(lengths) or None}
+    rows = trainer.train_dataset  # TRL's tokenised pairs: prompt_ids, chosen_ids, rejected_ids
+    tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+    return {"s_per_step": sum(times) / len(times), **peak, "tokens_per_step": tokens}
 
 
 def worker_hf_sft(folder, pairs, device, warmup, steps):
