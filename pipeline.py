@@ -56,6 +56,8 @@ def parse_args(argv):
     p.add_argument("--prompts-per-step", type=int, default=8, help="GRPO prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="GRPO completions per prompt")
     p.add_argument("--grpo-lr", type=float, default=2e-4, help="GRPO learning rate (constant, no KL)")
+    p.add_argument("--grpo-warmup", type=int, default=5,
+                   help="GRPO warmup steps (Adam's first updates move every weight by ~lr: unwarmed, they can wreck the SFT model)")
     p.add_argument("--rollout-temperature", type=float, default=0.6,
                    help="GRPO sampling temperature (0.6: the evaluation's, so RL optimises what is measured)")
     p.add_argument("--test-problems", type=int, default=200, help="held-out problems of the base test set")
@@ -172,7 +174,7 @@ def main(argv=None):
         "--steps", str(args.grpo_steps), "--prompts-per-step", str(args.prompts_per_step),
         "--group-size", str(args.group_size), "--max-new-tokens", "120",
         "--temperature", str(args.rollout_temperature), "--micro-batch-size", "64",
-        "--lr", str(args.grpo_lr), "--warmup-steps", "0", "--eval-every", "0", "--seed", str(args.seed),
+        "--lr", str(args.grpo_lr), "--warmup-steps", str(args.grpo_warmup), "--eval-every", "0", "--seed", str(args.seed),
         "--save-every", str(args.grpo_steps), "--out-dir", grpo_dir])
 
     # Same compute: as many SFT steps as take the time GRPO's steps took (per-step times as logged).

@@ -8,7 +8,8 @@ The curriculum. Real CauGym problems (../shared/docs/causal_tasks.md) ask seven 
 curriculum keeps one question, the average treatment effect (ATE), on 3-node graphs, in the
 official base wording, with two kinds of item:
 
-- "effect": X causes Y and no adjustment is needed, so the problem shows P(y|x) and P(y|x') and
+- "effect": X causes Y and no adjustment is needed, so the problem shows P(y|x) and P(y|x') (in
+  that order: easy_order; official problems use either order) and
       ATE = P(y|x) - P(y|x')
   a subtraction of two shown 4-decimal numbers;
 - "no path": there is no directed path X -> ... -> Y, the problem shows no numbers, and the
@@ -68,7 +69,7 @@ def _sentence_case(name):
     return name[0].upper() + name[1:]
 
 
-def make_problem(rng, no_path_share=0.375, rephrased=False):
+def make_problem(rng, no_path_share=0.375, rephrased=False, easy_order=True):
     """One tiny-curriculum item: dict(problem, answer, kind, numbers=(p_x, p_x') or None)."""
     names = rng.sample(TINY_NAMES, 3)
     while True:  # a random DAG over 3 nodes in topological order; every node on some edge (as CauGym)
@@ -86,15 +87,18 @@ def make_problem(rng, no_path_share=0.375, rephrased=False):
     ok = [(a, b) for a, b in pairs if reaches(a, b) == want_path
           and not any((w, a) in edges and (w, b) in edges for w in range(3))]
     if not ok:
-        return make_problem(rng, no_path_share, rephrased)
+        return make_problem(rng, no_path_share, rephrased, easy_order)
     x, y = rng.choice(ok)
     x_value, y_value = rng.choice(["low", "high"]), rng.choice(["low", "high"])
     other = "high" if x_value == "low" else "low"
     edge_text = " ".join(f"{_sentence_case(names[a])} has a direct effect on {names[b]}." for a, b in edges)
     if want_path:
         p_x, p_other = rng.randint(1, 9999) / 10000, rng.randint(1, 9999) / 10000
+        # Easy curriculum: the statement for the value X is changed to comes first, so the ATE is
+        # "first number - second number" (official problems list them in either order).
         shown = [(x_value, p_x), (other, p_other)]
-        rng.shuffle(shown)
+        if not easy_order:
+            rng.shuffle(shown)
         stats = " ".join(f"For those with {names[x]} being {v}, the probability of {names[y]} being {y_value} "
                          f"is {p:.4f}." for v, p in shown) + " "
         value = round(p_x - p_other, 4)
@@ -114,9 +118,9 @@ def make_problem(rng, no_path_share=0.375, rephrased=False):
             "numbers": numbers}
 
 
-def make_problems(n, seed, no_path_share=0.375, rephrased=False):
+def make_problems(n, seed, no_path_share=0.375, rephrased=False, easy_order=True):
     rng = random.Random(seed)
-    return [make_problem(rng, no_path_share, rephrased) for _ in range(n)]
+    return [make_problem(rng, no_path_share, rephrased, easy_order) for _ in range(n)]
 
 
 def subtraction_columns(top, bottom):
@@ -255,7 +259,7 @@ def pretraining_text(rng):
         head = f"{a:.4f} - {b:.4f}" + ("" if a >= b else f" = -({top:.4f} - {bottom:.4f})")
         result = magnitude if a >= b or magnitude == "0.0000" else "-" + magnitude
         return f"{head}\n{' '.join(columns)}\n= {result}"
-    item = make_problem(rng, no_path_share=0.2, rephrased=rng.random() < 0.2)
+    item = make_problem(rng, no_path_share=0.2, rephrased=rng.random() < 0.2, easy_order=False)
     if kind < 0.7 or item["numbers"] is None:
         return item["problem"]
     shown = [float(t) for t in item["problem"].split("is ")[1:] if t[:1].isdigit() for t in [t[:6]]]
