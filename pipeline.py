@@ -7,7 +7,7 @@ a model's causal reasoning?
 
 It starts from data/tiny-base, a 0.45M-parameter Qwen2-architecture model with a 1000-token
 byte-level BPE (digits one per token) pretrained only on generic skills (reading CauGym problem
-texts, copying their numbers, column subtraction; `python -m nanocausal.tiny` rebuilds it in 22
+texts, copying their numbers, column subtraction; `python -m nanocausal.tiny` rebuilds it in ~34
 minutes), and runs the real scripts of this repository on the tiny curriculum of
 nanocausal/tiny.py (3-node ATE questions, with and without a causal path):
 
@@ -56,7 +56,7 @@ def parse_args(argv):
     p.add_argument("--prompts-per-step", type=int, default=8, help="GRPO prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="GRPO completions per prompt")
     p.add_argument("--grpo-lr", type=float, default=2e-4, help="GRPO learning rate (constant, no KL)")
-    p.add_argument("--grpo-warmup", type=int, default=5,
+    p.add_argument("--grpo-warmup", type=int, default=0,
                    help="GRPO warmup steps (Adam's first updates move every weight by ~lr: unwarmed, they can wreck the SFT model)")
     p.add_argument("--rollout-temperature", type=float, default=0.6,
                    help="GRPO sampling temperature (0.6: the evaluation's, so RL optimises what is measured)")
