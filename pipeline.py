@@ -2,7 +2,8 @@
 The whole paper at toy scale, on a laptop CPU, in about 15 minutes: what do SFT and RL each do to
 a model's causal reasoning?
 
-    python pipeline.py                      # laptop / CPU, no GPU, no internet (about 12-15 min)
+    python pipeline.py                      # laptop / CPU, no GPU, no internet (measured: 16 min on a
+                                            # shared 2-core machine at load ~7; about 8 alone)
     python pipeline.py --sft-steps 60 --grpo-steps 10 --test-problems 50   # a 4-minute smoke run
 
 It starts from data/tiny-base, a 0.45M-parameter Qwen2-architecture model with a 1000-token
@@ -22,7 +23,9 @@ nanocausal/tiny.py (3-node ATE questions, with and without a causal path):
 
 It prints the table (accuracy per question kind beside the constant-answer baseline, which always
 says "no path, 0.0000") and the GRPO reward curve, and writes them with every number to
-<out>/results.json and <out>/results.md. On one GPU the same command runs in about a minute
+<out>/results.json and <out>/results.md. What it showed so far is in docs/tiny_results.md (in
+short: SFT works; GRPO at these settings did not beat SFT, and the same compute spent on more SFT
+did better). On one GPU the same command runs in about a minute
 (--device cuda is picked automatically); the real-model recipe is in the README.
 """
 import argparse
