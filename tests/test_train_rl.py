@@ -45,22 +45,25 @@ def run(model, out_dir, *flags, reward_fn=ends_with_target, algo="grpo"):
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_first_update_is_on_policy(tiny_model, tmp_path, monkeypatch, algo):
-    """Ratio exp(logp - sampler logp) = 1 and nothing clipped; GRPO runs no forward pass without gradient."""
-    no_grad_calls = []
-    real = train_rl.token_logprobs
+    """Ratio exp(logp - sampler logp) = 1 and nothing clipped; GRPO runs the model without gradient
+    only in the sampler (the old log-probs are the sampler's, not those of an extra forward pass)."""
+    no_grad_forwards = []
+    real = Transformer.hidden_states
 
-    def counting(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            no_grad_calls.append(1)
-        return real(*args, **kwargs)
+    def counting(self, *args, **kwargs):
+        if not torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            no_grad_forwards.append(1)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(train_rl, "token_logprobs", counting)
+    monkeypatch.setattr(Transformer, "hidden_states", counting)
     flags = ["--steps", "1", "--group-size", "8", "--lr", "1e-2"] + (["--kl-coef", "0"] if algo == "ppo" else [])
     _, rows = run(tiny_model, tmp_path, *flags, algo=algo)
     assert abs(rows[0]["ratio_mean"] - 1) < 1e-5
     assert rows[0]["clip_fraction"] == 0
     if algo == "grpo":
-        assert no_grad_calls == []  # the old log-probs are the sampler's
+        assert no_grad_forwards == []
+    else:
+        assert len(no_grad_forwards) == 8 * 8 // 16  # PPO's old values: one pass per micro-batch of the rollout
 
 
 def test_grpo_learns_a_trivial_reward(tiny_model, tmp_path):
