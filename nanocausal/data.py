@@ -147,7 +147,7 @@ def generated_examples(kind, n, seed, tasks=scm.TASKS, variant="base", nodes=Non
     its files: sft completions are worked solutions, dpo/kto rejected ones plausible wrong answers."""
     items = scm.problems(n, tasks=tasks, variant=variant, nodes=nodes, seed=seed, split=split)
     return [normalise({**row, "_where": f"scm.problems(split={split!r}, seed={seed}) item {i}"}, kind, variant)
-            for i, row in enumerate(scm._rows(items, kind, seed, None))]
+            for i, row in enumerate(scm.dataset_rows(items, kind, seed))]
 
 
 # -----------------------------------------------------------------------------

@@ -1047,8 +1047,9 @@ def rejected_solution(p, rng):
             return text
     raise ValueError(f"no wrong answer found for {p.problem[:80]!r}")
 
-# ----------------------------------------------------------------------------- CLI
-def _rows(items, fmt, seed, lack_hint):
+# ----------------------------------------------------------------------------- datasets and CLI
+def dataset_rows(items, fmt, seed=0, lack_hint=None):
+    """Problems -> JSONL rows with the TRL field names of `fmt` (sft, dpo, kto or rl)."""
     rng = random.Random(f"rejected/{seed}")
     for i, p in enumerate(items):
         prompt = official_prompt(p.problem, p.variant, lack_hint)
@@ -1107,7 +1108,7 @@ def main(argv=None):
         out = sys.stdout if args.out == "-" else open(args.out, "w")
     except OSError as e:
         ap.error(f"cannot write {args.out}: {e.strerror}")
-    for row in _rows(items, args.format, args.seed, True if args.lack_hint_all else None):
+    for row in dataset_rows(items, args.format, args.seed, True if args.lack_hint_all else None):
         out.write(json.dumps(row) + "\n")
     if out is not sys.stdout:
         out.close()

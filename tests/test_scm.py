@@ -282,11 +282,11 @@ def test_base_statistics_match_official():
 
 def test_rejected_answers_are_wrong_and_chosen_right():
     items = problems(84, variant=list(scm.VARIANTS), seed=4, split="dpo")
-    rows = list(scm._rows(items, "dpo", 0, None))
+    rows = list(scm.dataset_rows(items, "dpo", 0))
     for p, row in zip(items, rows):
         assert row["prompt"] == scm.official_prompt(p.problem, p.variant)
         assert is_correct(row["chosen"], p.answer) and not is_correct(row["rejected"], p.answer)
-    kto = list(scm._rows(items, "kto", 0, None))
+    kto = list(scm.dataset_rows(items, "kto", 0))
     assert sum(r["label"] for r in kto) == len(kto) // 2
     assert all(is_correct(r["completion"], p.answer) == r["label"] for p, r in zip(items, kto))
 
