@@ -37,10 +37,12 @@ Conventions of the returned log-probs (what the RL losses rely on):
   With top_k = 0 and top_p = 1 this is log_softmax(z / temperature), which is exactly what
   training.token_logprobs(..., temperature=temperature) recomputes from the same tokens (up to
   the mass of ids >= vocab_size, which is zero when vocab_size is the model's).
-- Greedy (temperature 0): the log-prob under the temperature-1 distribution, log_softmax(z).
+- Greedy (temperature 0): the log-prob under the temperature-1 distribution, log_softmax(z)
+  (over the ids below vocab_size, like the sampled case).
 - 0 wherever completion_mask is 0.
 """
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -98,7 +100,7 @@ def sample_tokens(logits, temperature, top_k, top_p, generator):
     No host synchronisation: safe inside a CUDA graph.
     """
     if temperature == 0:
-        token = logits.argmax(-1)
+        token = logits.max(-1).indices  # the first maximal id, like argmax (which is slower on CPU)
         logprob = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
         return token, logprob
     if temperature != 1.0:
@@ -114,17 +116,17 @@ def sample_tokens(logits, temperature, top_k, top_p, generator):
 class OutputHead:
     """The output head as the sampler computes it: (R, C) hidden states -> (R, V) float32 logits.
 
-    On CPU it multiplies by a (C, V) copy of the head's weight, made once per generate call:
-    with few rows in h, MKL splits h @ W^T (what nn.Linear computes with the (V, C) weight)
-    poorly across threads, and h @ W_t is up to 2x faster on Qwen's 151,936-row head (the bulk
-    of a small model's decode step). The copy costs one transpose and V * C floats of memory
-    per call. On GPU, nn.Linear's GEMM is already the fast one: no copy.
+    On CPU with several rows it multiplies by a (C, V) copy of the head's weight, made once per
+    generate call: with few rows in h, MKL splits nn.Linear's h @ W^T (W stored (V, C)) poorly
+    across threads, and h @ W_t ran 2x faster on Qwen's 151,936-row head at batch 16 with 2
+    threads (the bulk of a small model's decode step). The copy costs one transpose (~0.4 s for
+    that head) and V * C floats per call. With one row, h @ W^T is a matrix-vector product that
+    already streams W at memory speed, and on GPU nn.Linear's GEMM is the fast one: no copy.
     """
 
-    def __init__(self, model, device):
-        weight = model.lm_head.weight
-        self.weight_t = weight.t().contiguous() if device.type == "cpu" else None
-        self.weight = weight
+    def __init__(self, model, rows, device):
+        self.weight = model.lm_head.weight
+        self.weight_t = self.weight.t().contiguous() if device.type == "cpu" and rows > 1 else None
 
     def __call__(self, hidden):
         if self.weight_t is not None:
@@ -150,7 +152,7 @@ class Decoder:
         config, device = model.config, attention_mask.device
         dtype = model.embed_tokens.weight.dtype
         self.model, self.sampling, self.vocab_size, self.pad_token_id = model, sampling, vocab_size, pad_token_id
-        self.output_head = OutputHead(model, device)
+        self.output_head = OutputHead(model, R, device)
         self.kv_cache = [(torch.zeros(R, config.num_key_value_heads, S, config.head_dim, device=device, dtype=dtype),
                           torch.zeros(R, config.num_key_value_heads, S, config.head_dim, device=device, dtype=dtype))
                          for _ in range(config.num_hidden_layers)]
@@ -199,7 +201,7 @@ class Decoder:
 def decode(decoder: Decoder, steps, check_every, use_cuda_graph, generator):
     """Run `steps` decode steps, stopping early once every row is finished; returns steps run."""
     first_cache_slot = decoder.prompt_slots
-    if not use_cuda_graph:
+    if not use_cuda_graph or steps < 2:  # a graph pays off from the second step on
         for i in range(steps):
             decoder.step(attend_slots=first_cache_slot + i + 1)
             if (i + 1) % check_every == 0 and decoder.done():
@@ -214,8 +216,7 @@ def decode(decoder: Decoder, steps, check_every, use_cuda_graph, generator):
         decoder.step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    if generator is not None:
-        graph.register_generator_state(generator)  # each replay advances the generator's offset
+    graph.register_generator_state(generator)  # our own generator: each replay advances its offset
     with torch.cuda.graph(graph):
         decoder.step()
     for i in range(1, steps):
@@ -229,7 +230,6 @@ def decode(decoder: Decoder, steps, check_every, use_cuda_graph, generator):
 # generate
 
 
-@torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=1,
              eos_token_ids=None, seed=None, vocab_size=None, pad_token_id=None, check_every=8,
              use_cuda_graph=None) -> Generation:
@@ -248,7 +248,12 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     config = model.config
     device = model.embed_tokens.weight.device
     vocab_size = config.vocab_size if vocab_size is None else vocab_size
-    eos_token_ids = [] if eos_token_ids is None else [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+    if eos_token_ids is None:
+        eos_token_ids = []
+    elif isinstance(eos_token_ids, numbers.Integral):
+        eos_token_ids = [int(eos_token_ids)]
+    else:
+        eos_token_ids = [int(i) for i in eos_token_ids]
     pad_token_id = pad_token_id if pad_token_id is not None else (eos_token_ids[0] if eos_token_ids else 0)
     check_generate_arguments(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples, vocab_size)
     use_cuda_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
@@ -260,6 +265,32 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     else:
         generator.seed()
     sampling = (temperature, top_k, top_p, generator)
+
+    with torch.inference_mode():
+        decoder, steps = prefill_and_decode(model, prompts, max_new_tokens, num_samples, sampling, eos_token_ids,
+                                            pad_token_id, vocab_size, check_every, use_cuda_graph)
+
+    # Tensors made under inference_mode can never enter autograd (a training forward that saves one
+    # for backward raises); clones made out here are ordinary tensors.
+    completion_mask = decoder.completion_mask[:, :steps + 1].clone()
+    lengths = completion_mask.sum(1)
+    width = int(lengths.max())
+    ended_with_eos = decoder.finished.tolist()
+    return Generation(
+        tokens=decoder.tokens[:, :width].clone(),
+        logprobs=decoder.logprobs[:, :width].clone(),
+        completion_mask=completion_mask[:, :width],
+        lengths=lengths,
+        stop_reason=["eos" if eos else "length" for eos in ended_with_eos],
+        prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(num_samples),
+    )
+
+
+def prefill_and_decode(model, prompts, max_new_tokens, num_samples, sampling, eos_token_ids, pad_token_id, vocab_size,
+                       check_every, use_cuda_graph):
+    """The work of generate (arguments already checked): returns the Decoder holding the outputs
+    and the number of decode steps run."""
+    config, device = model.config, model.embed_tokens.weight.device
 
     # Left-pad the prompts to P slots. A row's positions count its real tokens only.
     B, n, N = len(prompts), num_samples, max_new_tokens
@@ -294,20 +325,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     decoder.sample_and_record(last_logits.repeat_interleave(n, dim=0))  # each sample draws its own first token
 
     # 2. Decode the other N - 1 tokens.
-    steps = decode(decoder, N - 1, check_every, use_cuda_graph, generator)
-
-    completion_mask = decoder.completion_mask[:, :steps + 1]
-    lengths = completion_mask.sum(1)
-    width = int(lengths.max())
-    ended_with_eos = decoder.finished.tolist()
-    return Generation(
-        tokens=decoder.tokens[:, :width].clone(),
-        logprobs=decoder.logprobs[:, :width].clone(),
-        completion_mask=completion_mask[:, :width].clone(),
-        lengths=lengths,
-        stop_reason=["eos" if eos else "length" for eos in ended_with_eos],
-        prompt_index=torch.arange(B, device=device).repeat_interleave(n),
-    )
+    steps = decode(decoder, N - 1, check_every, use_cuda_graph, sampling[-1])
+    return decoder, steps
 
 
 def check_generate_arguments(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples, vocab_size):
