@@ -2,9 +2,9 @@
 New tokens per second of nanocausal's sampler against transformers' generate, measured in the
 same run on the same weights (a benchmark, not a test: the numbers depend on the machine).
 
-Laptop / CPU (about 5 minutes on 2 cores):
+Laptop / CPU (10 minutes on 2 idle cores; 20+ when other jobs share them):
     python benchmarks/bench_sampling.py
-    python benchmarks/bench_sampling.py --smollm2 ~/.cache/nanocausal/smollm2-135m-instruct
+    python benchmarks/bench_sampling.py --threads 1   # steadier on a shared machine, see below
         (a) a tiny Qwen2 with the real Qwen vocabulary (hidden 256, 4 layers, 4 heads / 2 KV heads,
             FFN 688, vocab 151,936, float32): 200-token prompts, 128 new tokens, batch 1 and 16,
             greedy and sampling (temperature 1, top_p 1);
@@ -17,6 +17,9 @@ One GPU (under 5 minutes; transformers not needed):
 
 Each configuration runs `--repeats` times, alternating the two implementations, and reports
 the best run of each (the machine may be shared: the best run is the least disturbed one).
+Both implementations always run with the same torch thread count. On a machine with more
+runnable threads than cores, every OpenMP barrier waits for a descheduled thread, which made
+2-thread timings swing by 5-10x between runs here; --threads 1 avoids that.
 """
 
 import argparse
