@@ -31,7 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanocausal.model import ModelConfig, Transformer  # noqa: E402
+from nanocausal.model import ModelConfig, Transformer, rope_inverse_frequencies  # noqa: E402
 from nanocausal.sampling import generate  # noqa: E402
 
 TINY_QWEN2 = dict(model_type="qwen2", vocab_size=151936, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -109,6 +109,7 @@ def run_gpu(args):
         model = Transformer(config).to(torch.bfloat16).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
+    model.inv_freq = rope_inverse_frequencies(config).to(device)  # .to(bfloat16) rounded the float32 buffer
     new_tokens = args.gpu_new_tokens
     for batch in (1, 16, 64):
         prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
