@@ -12,11 +12,15 @@ One GPU (bf16 autocast over float32 weights; problems generated on the fly by na
         --max-new-tokens 1024 --micro-batch-size 16 --lr 1e-6 --kl-coef 0.05 --steps 500 \\
         --activation-checkpointing --out-dir out/ppo
 
-Laptop (CPU, a 135M model, short answers; about a minute per step):
+Laptop (CPU, a 135M model, short answers; a minute or two per step on 2 cores):
 
-    python train_rl.py --algo grpo --model HuggingFaceTB/SmolLM2-135M-Instruct --prompts-per-step 2 \\
+    python train_rl.py --algo grpo --model out/sft-laptop/checkpoint --prompts-per-step 2 \\
         --group-size 4 --max-new-tokens 128 --steps 20 --tasks ATE --variant base --eval-every 10 \\
         --eval-problems 8 --eval-max-new-tokens 128 --out-dir out/grpo-laptop
+
+out/sft-laptop/checkpoint is what train_sft.py's laptop command writes. --model
+HuggingFaceTB/SmolLM2-135M-Instruct runs too, but it almost never answers right: every group's
+rewards are then all 0 and there is nothing to learn from (equal_reward_groups = 1 in the log).
 
 Usually one starts from an SFT checkpoint (--model out/sft/checkpoint). The official training
 prompts instead of generated ones: --data ../shared/data/caugym/train_online_rl.jsonl (prompt,
