@@ -76,7 +76,7 @@ from nanocausal.sampling import generate
 from nanocausal.tokenizer import Tokenizer
 from nanocausal.training import (MetricsLog, autocast, cosine_lr, default_device, load_trainer_state,
                                  make_optimizer, pad_batch, save_checkpoint, token_logprobs)
-from train_sft import CheckpointOnInterrupt, HelpFormatter, keep_metrics_until
+from train_sft import CheckpointOnInterrupt, HelpFormatter, add_eval_args, keep_metrics_until
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -136,15 +136,7 @@ def build_parser(algo="grpo"):
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward to save memory")
     g.add_argument("--logits-chunk-size", type=int, default=256,
                    help="completion tokens whose float32 logits exist at once (memory: this x vocabulary x 4 bytes, a few times)")
-    g = parser.add_argument_group("evaluation (official CauGym scoring on held-out generated problems)")
-    g.add_argument("--eval-every", type=int, default=50, help="evaluate every this many steps, and before the first (0: never)")
-    g.add_argument("--eval-data", default=None, help="CauGym/rl file to evaluate on; default: problems of the generator's held-out split")
-    g.add_argument("--eval-problems", type=int, default=64, help="number of evaluation problems")
-    g.add_argument("--eval-samples", type=int, default=1, help="samples per problem (official: 5)")
-    g.add_argument("--eval-temperature", type=float, default=0.0, help="0: greedy (low variance); official: 0.6")
-    g.add_argument("--eval-top-p", type=float, default=1.0, help="nucleus sampling threshold (official: 0.95)")
-    g.add_argument("--eval-max-new-tokens", type=int, default=1024, help="generation budget per evaluation answer")
-    g.add_argument("--eval-batch-size", type=int, default=32, help="problems answered together")
+    g = add_eval_args(parser, every=50, temperature=0.0, top_p=1.0)  # greedy: a low-variance learning curve
     g.add_argument("--show-completions", type=int, default=2, help="evaluation completions printed each time")
     g = parser.add_argument_group("output")
     g.add_argument("--out-dir", default=f"out/{algo}", help="writes checkpoint/ (a Hugging Face folder) and metrics.jsonl here")

@@ -52,6 +52,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """--help prints the docstring as written and each flag's default."""
 
 
+def add_eval_args(parser, every, temperature, top_p):
+    """The periodic-evaluation flags, shared by train_sft.py, train_pref.py and train_rl.py."""
+    g = parser.add_argument_group("evaluation (official CauGym scoring on held-out problems, through the sampler)")
+    g.add_argument("--eval-every", type=int, default=every, help="evaluate every this many steps (0: never)")
+    g.add_argument("--eval-data", default=None, help="CauGym/rl file to evaluate on; default: held-out generated problems")
+    g.add_argument("--eval-problems", type=int, default=64, help="number of held-out problems")
+    g.add_argument("--eval-samples", type=int, default=1, help="samples per problem (official: 5)")
+    g.add_argument("--eval-batch-size", type=int, default=32, help="problems sampled together")
+    g.add_argument("--eval-max-new-tokens", type=int, default=1024, help="generation budget per sample")
+    g.add_argument("--eval-temperature", type=float, default=temperature, help="sampling temperature, 0 = greedy (official: 0.6)")
+    g.add_argument("--eval-top-p", type=float, default=top_p, help="nucleus sampling threshold (official: 0.95)")
+    return g
+
+
 def add_training_arguments(parser, out_dir):
     """The flags every offline trainer shares (train_pref.py adds its own)."""
     g = parser.add_argument_group("model and data")
@@ -77,15 +91,7 @@ def add_training_arguments(parser, out_dir):
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weight dtype; float32 weights + bf16 autocast on CUDA is the standard mixed precision")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward to save memory")
-    g = parser.add_argument_group("evaluation (official CauGym scoring, through the sampler)")
-    g.add_argument("--eval-every", type=int, default=200, help="evaluate every this many steps (0: never)")
-    g.add_argument("--eval-data", default=None, help="CauGym/rl file to evaluate on; default: held-out generated problems")
-    g.add_argument("--eval-problems", type=int, default=64, help="number of held-out problems")
-    g.add_argument("--eval-samples", type=int, default=1, help="samples per problem (official: 5)")
-    g.add_argument("--eval-batch-size", type=int, default=32, help="problems sampled together")
-    g.add_argument("--eval-max-new-tokens", type=int, default=1024, help="generation budget per sample")
-    g.add_argument("--eval-temperature", type=float, default=0.6, help="sampling temperature (official: 0.6)")
-    g.add_argument("--eval-top-p", type=float, default=0.95, help="nucleus sampling threshold (official: 0.95)")
+    add_eval_args(parser, every=200, temperature=0.6, top_p=0.95)
     g = parser.add_argument_group("output")
     g.add_argument("--out-dir", default=out_dir, help="writes checkpoint/ (a Hugging Face folder) and metrics.jsonl here")
     g.add_argument("--save-every", type=int, default=500, help="write a checkpoint every this many steps (and at the end)")
