@@ -244,3 +244,36 @@ def test_cuda_graph_equals_eager(tmp_path):
     assert torch.equal(a.tokens, b.tokens)
     for r, expected in enumerate(training_logprobs(model, PROMPTS, a, 0.8)):
         assert (a.logprobs[r, :int(a.lengths[r])] - expected).abs().max() <= 1e-4
+
+
+def test_block_search_samples_the_softmax_and_greedy_takes_the_first_max():
+    # V = 384 = 3 blocks of 128: the token is found block by block (sample_tokens).
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(384, generator=g) * 2
+    logits[130:256] = float("-inf")  # the middle block is nearly all masked, the last ids too
+    logits[-40:] = float("-inf")
+    rows = logits[None].expand(60000, 384).contiguous()
+    token, logprob = sample_tokens(rows, 1.0, 0, 1.0, g)
+    probs = logits.softmax(-1)
+    assert probs[token].min() > 0  # never a masked id
+    frequencies = torch.bincount(token, minlength=384) / len(token)
+    assert (frequencies - probs).abs().max() < 0.01
+    assert torch.allclose(logprob, torch.log_softmax(logits, -1)[token], atol=1e-5)
+    tied = torch.zeros(2, 384)
+    tied[0, [200, 300]] = 5.0  # two maxima: the first wins, as with argmax
+    tied[1, 383] = 1.0
+    token, logprob = sample_tokens(tied, 0.0, 0, 1.0, g)
+    assert token.tolist() == [200, 383]
+    assert torch.allclose(logprob, torch.log_softmax(tied, -1)[[0, 1], [200, 383]])
+
+
+def test_weight_updates_reach_the_cached_cpu_head(tmp_path, one_thread):
+    # The CPU sampler keeps a transposed copy of the output head between calls; an in-place update
+    # of the weights (what an optimiser step does) must not leave it stale.
+    model, _ = tiny_model(tmp_path, "llama")  # untied head
+    before = generate(model, PROMPTS[:1], 12, temperature=0).tokens[0].tolist()
+    with torch.no_grad():
+        model.lm_head.weight[before[0]] -= 100.0  # the first greedy token can no longer win
+    after = generate(model, PROMPTS[:1], 12, temperature=0).tokens[0].tolist()
+    assert after == greedy_by_recompute(model, PROMPTS[0], 12)
+    assert after[0] != before[0]
