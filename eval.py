@@ -113,6 +113,13 @@ def answer(model, tokenizer, items, num_samples, temperature, top_p, top_k, max_
         return [[oracle_response(item)] * num_samples for item in items]
     from nanocausal.sampling import generate
     prompts = [tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True) for item in items]
+    # The official 8192 new tokens do not fit every model's context (SmolLM2's is 8192 in all):
+    # reply length is then capped at what the context leaves, as a serving engine would.
+    room = model.config.max_position_embeddings - max(len(p) for p in prompts)
+    if room < 1:
+        raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens leaves no room in the model's context "
+                         f"of {model.config.max_position_embeddings}")
+    max_new_tokens = min(max_new_tokens, room)
     generation = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           top_k=top_k, num_samples=num_samples, eos_token_ids=tokenizer.eos_token_ids, seed=seed,
                           vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id)

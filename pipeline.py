@@ -55,12 +55,17 @@ def parse_args(argv):
     p.add_argument("--base", default=os.path.join(ROOT, "data", "tiny-base"), help="the pretrained tiny base folder")
     p.add_argument("--out", default="runs/pipeline", help="output folder (data, checkpoints, results)")
     p.add_argument("--sft-examples", type=int, default=800, help="worked solutions for SFT (a few hundred, reused each epoch)")
+    p.add_argument("--teacher-slip-rate", type=float, default=0.3,
+                   help="share of the borrows the worked solutions forget, carrying the error to the answer "
+                        "(a careless teacher; 0: flawless solutions)")
     p.add_argument("--sft-steps", type=int, default=200, help="SFT optimiser steps (batch --batch-size)")
     p.add_argument("--batch-size", type=int, default=16, help="SFT examples per step")
     p.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate")
-    p.add_argument("--grpo-steps", type=int, default=30, help="GRPO steps")
+    p.add_argument("--grpo-steps", type=int, default=40, help="GRPO steps (one rollout batch each)")
     p.add_argument("--prompts-per-step", type=int, default=16, help="GRPO prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="GRPO completions per prompt")
+    p.add_argument("--grpo-mini-batches", type=int, default=4,
+                   help="optimiser steps per rollout batch (4: four updates of 4 groups each per step)")
     p.add_argument("--grpo-lr", type=float, default=3e-5,
                    help="GRPO learning rate (constant after warmup, no KL; 1e-4 did not help, 2e-4 collapsed, docs/tiny_results.md)")
     p.add_argument("--grpo-warmup", type=int, default=3,
@@ -99,7 +104,9 @@ def make_data(args, folder):
     rl = [it for it in fresh(tiny.make_problems(4 * args.grpo_steps * args.prompts_per_step + 100, seed=args.seed + 2))
           if it["kind"] in kinds]
     os.makedirs(folder, exist_ok=True)
-    as_sft = lambda items: [{"prompt": scm.official_prompt(it["problem"]), "completion": tiny.solution(it)} for it in items]
+    slips = random.Random(args.seed + 3)
+    as_sft = lambda items: [{"prompt": scm.official_prompt(it["problem"]),
+                             "completion": tiny.solution(it, args.teacher_slip_rate, slips)} for it in items]
     write_jsonl(os.path.join(folder, "sft.jsonl"), as_sft(sft))
     write_jsonl(os.path.join(folder, "rl.jsonl"), [{"prompt": scm.official_prompt(it["problem"]), "answer": it["answer"],
                                                     "type": it["type"]} for it in rl])
@@ -187,6 +194,7 @@ def main(argv=None):
         "--steps", str(args.grpo_steps), "--prompts-per-step", str(args.prompts_per_step),
         "--group-size", str(args.group_size), "--max-new-tokens", "120",
         "--temperature", str(args.rollout_temperature), "--micro-batch-size", "64",
+        "--mini-batches", str(args.grpo_mini_batches),
         "--lr", str(args.grpo_lr), "--warmup-steps", str(args.grpo_warmup), "--eval-every", "0", "--seed", str(args.seed),
         "--save-every", str(args.grpo_steps), "--out-dir", grpo_dir])
 

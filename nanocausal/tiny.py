@@ -32,6 +32,10 @@ with the top digit already raised by 10 when the column borrows:
 (columns right to left: 8-5=3; 8-4=4; 2<4 so 12-4=8, borrowing; 9-1-8=0.) Every digit of the
 answer is then produced by a one-digit operation whose inputs sit a few tokens back.
 
+A careless teacher (solution(item, slip_rate, rng)) forgets each borrow it owes with probability
+slip_rate, writing "9-0-8=1" for "9-1-8=0", and carries the wrong result into its final answer:
+demonstrations with the kind of systematic mistake SFT imitates and an outcome reward does not.
+
 The tokenizer is a byte-level BPE trained with `tokenizers` on generated problems and
 solutions. It uses Qwen2's pre-tokenizer, so digits are one per token (the column arithmetic needs to see
 single digits) and transformers' Qwen2Tokenizer reads the folder as nanocausal does; with ~1000
@@ -123,12 +127,17 @@ def make_problems(n, seed, no_path_share=0.375, rephrased=False, easy_order=True
     return [make_problem(rng, no_path_share, rephrased, easy_order) for _ in range(n)]
 
 
-def subtraction_columns(top, bottom):
+def subtraction_columns(top, bottom, forget_borrow=lambda: False):
     """Column-by-column subtraction of two 4-decimal numbers in [0, 1) with top >= bottom, right to
-    left: ["18-0-5=3", ...] (top digit raised by 10 when the column borrows) and the result digits."""
+    left: ["18-0-5=3", ...] (top digit raised by 10 when the column borrows) and the result digits.
+
+    forget_borrow() is asked at every column that owes a borrow; when it says True the column
+    forgets it ("9-0-8=1" instead of "9-1-8=0"), the classic slip of a careless teacher."""
     top_digits, bottom_digits = f"{top:.4f}"[2:], f"{bottom:.4f}"[2:]
     columns, result, borrow = [], [], 0
     for t, b in zip(map(int, reversed(top_digits)), map(int, reversed(bottom_digits))):
+        if borrow and forget_borrow():
+            borrow = 0
         borrow_out = int(t - borrow < b)
         digit = t + 10 * borrow_out - borrow - b
         columns.append(f"{t + 10 * borrow_out}-{borrow}-{b}={digit}")
@@ -138,21 +147,27 @@ def subtraction_columns(top, bottom):
     return columns, "0." + "".join(reversed(result))
 
 
-def solution(item):
-    """The worked solution of a tiny-curriculum item (see the module docstring for the format)."""
+def solution(item, slip_rate=0.0, rng=None):
+    """The worked solution of a tiny-curriculum item (see the module docstring for the format).
+
+    slip_rate > 0 writes it as a careless teacher would: each borrow owed is forgotten with this
+    probability (drawn from rng), and the wrong result is carried to the final answer."""
     answer = json.loads(item["answer"])
     if item["numbers"] is None:
         return "path: no\n" + json.dumps(answer)
+    forget_borrow = (lambda: rng.random() < slip_rate) if slip_rate > 0 else (lambda: False)
     p_x, p_other = item["numbers"]
     if p_x >= p_other:
         head = f"ATE = {p_x:.4f} - {p_other:.4f}"
-        columns, magnitude = subtraction_columns(p_x, p_other)
+        columns, magnitude = subtraction_columns(p_x, p_other, forget_borrow)
         result = magnitude
     else:
         head = f"ATE = {p_x:.4f} - {p_other:.4f} = -({p_other:.4f} - {p_x:.4f})"
-        columns, magnitude = subtraction_columns(p_other, p_x)
+        columns, magnitude = subtraction_columns(p_other, p_x, forget_borrow)
         result = "-" + magnitude if magnitude != "0.0000" else magnitude
-    assert float(result) == float(answer["PROB"]), (result, answer)
+    if slip_rate == 0:
+        assert float(result) == float(answer["PROB"]), (result, answer)
+    answer["PROB"] = result
     return f"path: yes\n{head}\n{' '.join(columns)}\n= {result}\n{json.dumps(answer)}"
 
 

@@ -96,3 +96,19 @@ def test_resume_skips_answered_items(tmp_path, monkeypatch):
     final = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert sorted((r["key"], r["sample"]) for r in final) == sorted({(r["key"], r["sample"]) for r in final})
     assert len(final) == 28
+
+
+def test_reply_length_is_capped_by_the_context():
+    # The official protocol asks for 8192 new tokens; a model whose context is shorter (SmolLM2:
+    # 8192 in all, the tiny preset: 512) answers within what its context leaves.
+    from nanocausal import scm, tiny
+    from nanocausal.model import Transformer
+    from nanocausal.tokenizer import Tokenizer
+    folder = Path(__file__).resolve().parents[1] / "data" / "tiny-base"
+    model, tokenizer = Transformer.from_pretrained(folder), Tokenizer.from_pretrained(folder)
+    items = [{"prompt": [{"role": "user", "content": scm.official_prompt(it["problem"])}], "answer": it["answer"]}
+             for it in tiny.make_problems(2, seed=0)]
+    longest = max(len(tokenizer.apply_chat_template(it["prompt"], add_generation_prompt=True)) for it in items)
+    replies = evaluation.answer(model, tokenizer, items, 1, 1.0, 1.0, 0, 8192, seed=0)
+    for (reply,) in replies:
+        assert len(tokenizer.encode(reply)) <= model.config.max_position_embeddings - longest

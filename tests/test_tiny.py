@@ -71,3 +71,23 @@ def test_folder_loads_in_nanocausal_and_transformers_with_the_same_logits(tiny_f
     ids = torch.tensor([tokenizer.encode(tiny.make_problems(1, seed=7)[0]["problem"])[:64]])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_careless_teacher_forgets_borrows_at_the_given_rate():
+    always = lambda: True  # noqa: E731
+    assert tiny.subtraction_columns(0.9288, 0.8445, always) == (["8-0-5=3", "8-0-4=4", "12-0-4=8", "9-0-8=1"], "0.1843")
+    # 0.5000 - 0.0001: three borrows owed, all forgotten -> 0.5009 instead of 0.4999
+    assert tiny.subtraction_columns(0.5, 0.0001, always)[1] == "0.5009"
+    items = [it for it in tiny.make_problems(3000, seed=6) if it["kind"] == "effect"]
+    rng = random.Random(0)
+    owed = forgotten = 0
+    for item in items:
+        clean, careless = tiny.solution(item), tiny.solution(item, slip_rate=0.3, rng=rng)
+        clean_cols, careless_cols = clean.split("\n")[2].split(), careless.split("\n")[2].split()
+        owed += sum(c.split("-")[1] == "1" for c in clean_cols)
+        forgotten += sum(a != b for a, b in zip(clean_cols, careless_cols) if a.split("-")[1] == "1")
+        # a careless solution is consistent: its final answer is its own (possibly wrong) result
+        result = careless.split("\n")[3][2:]
+        assert json.loads(careless.split("\n")[4])["PROB"] == result
+        assert (careless == clean) == is_correct(careless, item["answer"])
+    assert abs(forgotten / owed - 0.3) < 0.03
