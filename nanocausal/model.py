@@ -98,6 +98,22 @@ class ModelConfig:
 # Building blocks
 
 
+class Linear(nn.Linear):
+    """nn.Linear that can multiply by an (in, out) copy of its weight instead of the (out, in)
+    weight itself. For the few rows of a decode step on CPU, MKL runs x @ W_t 1.5x (1 thread) to
+    4.5x (2 threads) faster than F.linear's x @ W^T (measured on SmolLM2's shapes), so
+    sampling.generate sets `weight_t` on every Linear for the length of a CPU call. Checkpoints,
+    training and GPU runs never see it."""
+
+    weight_t = None
+
+    def forward(self, x):
+        if self.weight_t is None:
+            return F.linear(x, self.weight, self.bias)
+        y = x @ self.weight_t
+        return y if self.bias is None else y + self.bias
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as HF does) then cast back."""
 
@@ -148,10 +164,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         C, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(C, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=config.output_bias)
+        self.q_proj = Linear(C, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(C, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(C, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, C, bias=config.output_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -184,9 +200,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         C, F_, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(C, F_, bias=bias)
-        self.up_proj = nn.Linear(C, F_, bias=bias)
-        self.down_proj = nn.Linear(F_, C, bias=bias)
+        self.gate_proj = Linear(C, F_, bias=bias)
+        self.up_proj = Linear(C, F_, bias=bias)
+        self.down_proj = Linear(F_, C, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -216,7 +232,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)

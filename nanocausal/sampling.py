@@ -19,6 +19,10 @@ How a batch is generated (R = B * num_samples rows, P = longest prompt, N = max_
    no kernel-launch overhead); on CPU the same function runs eagerly. Whether every row has
    finished is checked (a host sync) only every `check_every` steps.
 
+On CPU, for the length of a call, every linear layer multiplies by a transposed copy of its
+weight (cpu_weight_layout, model.Linear): MKL handles the few rows of a decode step several times
+faster in that layout.
+
 Rows stop independently: a row that emitted an EOS keeps computing (shapes never change) but what
 it produces afterwards is replaced by pad_token_id and masked out.
 
@@ -45,10 +49,12 @@ Conventions of the returned log-probs (what the RL losses rely on):
 
 import math
 import numbers
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from nanocausal.model import Linear
 
 
 @dataclass
@@ -137,33 +143,22 @@ def sample_tokens(logits, temperature, top_k, top_p, generator):
     return token.squeeze(-1), logprob.squeeze(-1)
 
 
-class OutputHead:
-    """The output head as the sampler computes it: (R, C) hidden states -> (R, V) float32 logits.
-
-    On CPU it multiplies by a (C, V) copy of the head's weight: MKL runs h @ W_t faster than
-    nn.Linear's h @ W^T (W stored (V, C)) on Qwen's 151,936-row head, 1.4x at batch 1 and 2.3x at
-    batch 16 with 2 threads on the development machine (benchmarks/bench_sampling.py). The copy
-    (~0.16 s and V * C floats for that head) is kept on the model and remade only when the
-    weight changes (its version counter moves on every in-place update, e.g. an optimiser step),
-    so evaluation pays for it once and RL once per rollout. On GPU nn.Linear's GEMM is the fast
-    one: no copy.
-    """
-
-    def __init__(self, model, device):
-        self.weight = model.lm_head.weight
-        self.weight_t = None
-        if device.type == "cpu":
-            key = (self.weight.data_ptr(), self.weight._version)
-            cached = getattr(model, "_sampler_head_t", None)
-            if cached is None or cached[0] != key:
-                cached = (key, self.weight.detach().t().contiguous())
-                model._sampler_head_t = cached
-            self.weight_t = cached[1]
-
-    def __call__(self, hidden):
-        if self.weight_t is not None:
-            return (hidden @ self.weight_t).float()
-        return F.linear(hidden, self.weight).float()
+@contextmanager
+def cpu_weight_layout(model):
+    """On CPU, give every Linear of the model an (in, out) copy of its weight for the length of a
+    generate call (see model.Linear: decode steps multiply few rows, which MKL does several times
+    faster in that layout). The copies cost one pass over the weights per call and double the
+    weights' memory until the call ends. On other devices: nothing."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    if model.embed_tokens.weight.device.type != "cpu":
+        linears = []
+    for m in linears:
+        m.weight_t = m.weight.detach().t().contiguous()
+    try:
+        yield
+    finally:
+        for m in linears:
+            m.weight_t = None
 
 
 # -----------------------------------------------------------------------------
@@ -184,7 +179,6 @@ class Decoder:
         config, device = model.config, attention_mask.device
         dtype = model.embed_tokens.weight.dtype
         self.model, self.sampling, self.vocab_size, self.pad_token_id = model, sampling, vocab_size, pad_token_id
-        self.output_head = OutputHead(model, device)
         self.kv_cache = [(torch.zeros(R, config.num_key_value_heads, S, config.head_dim, device=device, dtype=dtype),
                           torch.zeros(R, config.num_key_value_heads, S, config.head_dim, device=device, dtype=dtype))
                          for _ in range(config.num_hidden_layers)]
@@ -222,7 +216,7 @@ class Decoder:
         kv_cache = [(k[:, :, :L], v[:, :, :L]) for k, v in self.kv_cache]  # views: writes land in the cache
         hidden = self.model.hidden_states(self.input_ids, self.attention_mask[:, :L], self.position_ids,
                                           kv_cache, self.cache_position)
-        self.sample_and_record(self.output_head(hidden[:, -1]))
+        self.sample_and_record(self.model.lm_head(hidden[:, -1]).float())
         self.position_ids += 1
         self.cache_position += 1
 
@@ -298,7 +292,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         generator.seed()
     sampling = (temperature, top_k, top_p, generator)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), cpu_weight_layout(model):
         decoder, steps = prefill_and_decode(model, prompts, max_new_tokens, num_samples, sampling, eos_token_ids,
                                             pad_token_id, vocab_size, check_every, use_cuda_graph)
 
@@ -353,7 +347,7 @@ def prefill_and_decode(model, prompts, max_new_tokens, num_samples, sampling, eo
         k.view(B, n, K, P + N, D)[:, :, :, :P].copy_(prefill_k[:, None])
         v.view(B, n, K, P + N, D)[:, :, :, :P].copy_(prefill_v[:, None])
     del prefill_cache
-    last_logits = decoder.output_head(hidden[:, -1])  # (B, V): left padding puts every prompt's last token at P-1
+    last_logits = model.lm_head(hidden[:, -1]).float()  # (B, V): left padding puts every prompt's last token at P-1
     decoder.sample_and_record(last_logits.repeat_interleave(n, dim=0))  # each sample draws its own first token
 
     # 2. Decode the other N - 1 tokens.
