@@ -21,9 +21,10 @@ One GPU (the paper's protocol, full test sets):
     python eval.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B \\
         --data ../shared/data/caugym/base.json ../shared/data/caugym/deconfounding.json \\
                ../shared/data/caugym/insufficient.json --batch-size 64 --out runs/eval-r1-1.5b
-Laptop (CPU; a 70-problem slice of base, 10 per task, shorter replies):
+Laptop (CPU; a 70-problem slice of base, 10 per task, shorter replies; 19 minutes on one core):
     python eval.py --model ~/.cache/nanocausal/smollm2-135m-instruct \\
-        --data ../shared/data/caugym/base.json --per-task 10 --max-new-tokens 256 --out runs/eval-smollm2
+        --data ../shared/data/caugym/base.json --per-task 10 --max-new-tokens 256 --batch-size 14 \\
+        --out runs/eval-smollm2
 The oracle (seconds):
     python eval.py --model oracle --data ../shared/data/caugym/base.json --out runs/eval-oracle
 Generated sets instead of files: --data gen:deconfounding:200 (scm.generate) or tiny:200

@@ -2,8 +2,8 @@
 The whole paper at toy scale, on a laptop CPU, in under 10 minutes: what do SFT and RL each do to
 a model's causal reasoning?
 
-    python pipeline.py                      # laptop / CPU, no GPU, no internet (measured: 7.3 min on
-                                            # a 2-core machine running two of them at once)
+    python pipeline.py                      # laptop / CPU, no GPU, no internet (measured: 6.4-7.3 min
+                                            # on a 2-core machine with another job beside it)
     python pipeline.py --teacher-slip-rate 0    # flawless worked solutions (there more SFT wins)
     python pipeline.py --sft-steps 60 --grpo-steps 10 --test-problems 50   # a smoke run of a few minutes
 
@@ -33,7 +33,7 @@ says "no path, 0.0000") and the GRPO reward curve, and writes them with every nu
 <out>/results.json and <out>/results.md. What it showed is in docs/tiny_results.md; in short, SFT
 on imperfect demonstrations imitates their mistakes, which sampling at temperature 0.6 brings out
 (greedy 86.5 %, sampled 71.5 %); GRPO on the outcome gains 14.7 points sampled, the same compute
-spent on more SFT 1.7. With flawless demonstrations (--teacher-slip-rate 0) more SFT beats GRPO.
+spent on more SFT 1.7 to 7.0. With flawless demonstrations (--teacher-slip-rate 0) more SFT beats GRPO.
 On a machine with a GPU the trainers use it automatically (not measured: no GPU was available); the
 real-model recipe is in the README.
 """
