@@ -2,7 +2,7 @@
 New tokens per second of nanocausal's sampler against transformers' generate, measured in the
 same run on the same weights (a benchmark, not a test: the numbers depend on the machine).
 
-Laptop / CPU (10 minutes on 2 idle cores; 20+ when other jobs share them):
+Laptop / CPU (about 5 minutes on 2 idle cores; much longer when other jobs share them):
     python benchmarks/bench_sampling.py
     python benchmarks/bench_sampling.py --threads 1   # steadier on a shared machine, see below
         (a) a tiny Qwen2 with the real Qwen vocabulary (hidden 256, 4 layers, 4 heads / 2 KV heads,
