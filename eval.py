@@ -116,9 +116,10 @@ def answer(model, tokenizer, items, num_samples, temperature, top_p, top_k, max_
     prompts = [tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True) for item in items]
     # The official 8192 new tokens do not fit every model's context (SmolLM2's is 8192 in all):
     # reply length is then capped at what the context leaves, as a serving engine would.
-    room = model.config.max_position_embeddings - max(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts)
+    room = model.config.max_position_embeddings - longest
     if room < 1:
-        raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens leaves no room in the model's context "
+        raise ValueError(f"a prompt of {longest} tokens leaves no room in the model's context "
                          f"of {model.config.max_position_embeddings}")
     max_new_tokens = min(max_new_tokens, room)
     generation = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

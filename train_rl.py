@@ -74,9 +74,9 @@ from nanocausal.model import Transformer
 from nanocausal.rewards import format_ok, is_correct, reward
 from nanocausal.sampling import generate
 from nanocausal.tokenizer import Tokenizer
-from nanocausal.training import (MetricsLog, autocast, cosine_lr, default_device, load_trainer_state,
+from nanocausal.training import (MetricsLog, autocast, cosine_lr, default_device,
                                  make_optimizer, pad_batch, save_checkpoint, token_logprobs)
-from train_sft import CheckpointOnInterrupt, HelpFormatter, add_eval_args, keep_metrics_until
+from train_sft import CheckpointOnInterrupt, HelpFormatter, add_eval_args, eval_problems, resume
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -432,18 +432,9 @@ def main(argv=None, reward_fn=None, examples=None):
 
     # -- prompts, resume, log, evaluation problems
     stream = prompt_stream(args, tokenizer, model.config.max_position_embeddings, examples)
-    step = 0
-    if args.resume:
-        state = load_trainer_state(checkpoint_dir, optimizer)
-        step = state["step"]
-        stream.load_state_dict(state["prompts"])
-        keep_metrics_until(metrics_path, step)
-        print(f"resumed from {checkpoint_dir} at step {step}")
+    step = resume(checkpoint_dir, metrics_path, optimizer, stream, "prompts") if args.resume else 0
     log = MetricsLog(metrics_path, resume=args.resume)
-    problems = None
-    if args.eval_every > 0 and tokenizer is not None:
-        problems = data.eval_problems(args.eval_data, n=args.eval_problems, seed=args.seed,
-                                      tasks=args.tasks.split(","), variant=args.variant, nodes=args.nodes)
+    problems = eval_problems(args) if tokenizer is not None else None
 
     def save():
         state = {"step": step, "prompts": stream.state_dict(), "args": vars(args)}

@@ -210,6 +210,25 @@ def keep_metrics_until(path, step):
 # The loop (shared with train_pref.py)
 
 
+def resume(checkpoint_dir, metrics_path, optimizer, data_stream, key):
+    """Continue a run from checkpoint_dir: the optimiser and RNG states, the position of
+    data_stream (saved under `key` of the trainer state) and metrics.jsonl cut back to the saved
+    step. Returns that step."""
+    state = load_trainer_state(checkpoint_dir, optimizer)
+    data_stream.load_state_dict(state[key])
+    keep_metrics_until(metrics_path, state["step"])
+    print(f"resumed from {checkpoint_dir} at step {state['step']}")
+    return state["step"]
+
+
+def eval_problems(args):
+    """The held-out problems scored every --eval-every steps (None when that is off)."""
+    if args.eval_every <= 0:
+        return None
+    return data.eval_problems(args.eval_data, n=args.eval_problems, seed=args.seed, tasks=args.tasks.split(","),
+                              variant=args.variant, nodes=args.nodes)
+
+
 def train(args, model, tokenizer, rows, collate, step_fn, trainer_state=None):
     """Run args.steps optimiser steps of step_fn(batches) -> metrics on model; log, evaluate, save."""
     device = args.device
@@ -219,18 +238,9 @@ def train(args, model, tokenizer, rows, collate, step_fn, trainer_state=None):
     model.gradient_checkpointing = args.activation_checkpointing
     optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     order = data.Batches(len(rows), args.batch_size * args.grad_accum, seed=args.seed)
-    step = 0
-    if args.resume:
-        state = load_trainer_state(checkpoint_dir, optimizer)
-        step = state["step"]
-        order.load_state_dict(state["data"])
-        keep_metrics_until(metrics_path, step)
-        print(f"resumed from {checkpoint_dir} at step {step}")
+    step = resume(checkpoint_dir, metrics_path, optimizer, order, "data") if args.resume else 0
     log = MetricsLog(metrics_path, resume=args.resume)
-    problems = None
-    if args.eval_every > 0:
-        problems = data.eval_problems(args.eval_data, n=args.eval_problems, seed=args.seed,
-                                      tasks=args.tasks.split(","), variant=args.variant, nodes=args.nodes)
+    problems = eval_problems(args)
 
     def save():
         state = {"step": step, "data": order.state_dict(), "args": vars(args), **(trainer_state or {})}

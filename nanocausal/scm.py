@@ -946,7 +946,7 @@ def problems(n, tasks=TASKS, variant="base", nodes=None, seed=0, split="train", 
     string f"{split}/{seed}/{k}", so different splits (or seeds) never share a model."""
     tasks, variants = _as_list(tasks, TASKS, "task"), _as_list(variant, VARIANTS, "variant")
     sizes = {v: _node_range(nodes, v) for v in variants}
-    out, scm = [], None
+    out = []
     for i in range(n):
         task, var = tasks[i % len(tasks)], variants[(i // len(tasks)) % len(variants)]
         k = i // questions_per_model
