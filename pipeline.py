@@ -9,22 +9,22 @@ a model's causal reasoning?
 
 It starts from data/tiny-base, a 0.45M-parameter Qwen2-architecture model with a 1000-token
 byte-level BPE (digits one per token) pretrained only on generic skills (reading CauGym problem
-texts, copying their numbers, column subtraction; `python -m nanocausal.tiny` rebuilds it in ~34
-minutes), and runs the real scripts of this repository on the tiny curriculum of
+texts, copying their numbers, column subtraction; `python build_tiny_base.py` rebuilds it in ~34
+minutes), and runs the real trainers of this repository (the library functions the scripts call) on the tiny curriculum of
 nanocausal/tiny.py (3-node ATE questions, with and without a causal path):
 
-  1. SFT      train_sft.main on --sft-examples worked solutions (column-by-column subtraction)
+  1. SFT      sft.train_sft on --sft-examples worked solutions (column-by-column subtraction)
               written by a careless teacher: it forgets --teacher-slip-rate of the borrows it owes
               and carries the wrong digit into its final answer (a third of its solutions end
               wrong). SFT learns to solve the problems, and learns the teacher's slips with them;
-  2. GRPO     train_rl.main --algo grpo from the SFT checkpoint, on fresh answer-only problems
+  2. GRPO     rl.train_rl (algo grpo) from the SFT checkpoint, on fresh answer-only problems
               (--rl-kinds: by default the "effect" ones only) rewarded by the official scoring
               rule (no KL, a small warmed-up learning rate, 4 updates per rollout batch), rollouts
               at the evaluation temperature: the outcome reward keeps the method, drops the slips;
-  3. control  train_sft.main continuing the SFT checkpoint on the same --sft-examples worked
+  3. control  sft.train_sft continuing the SFT checkpoint on the same --sft-examples worked
               solutions for as many steps as fit in GRPO's training time: the same compute spent
               on more SFT;
-  4. eval     eval.evaluate on --test-problems held-out problems (and --rephrased-problems in
+  4. eval     evaluation.evaluate on --test-problems held-out problems (and --rephrased-problems in
               held-out wording, never seen in post-training), greedy and sampled with the
               official protocol's temperature 0.6 and top_p 0.95, scored by the official rule.
 
@@ -46,11 +46,9 @@ import time
 
 import torch
 
-import eval as caugym_eval
-import train_rl
-import train_sft
-from nanocausal import scm, tiny
-from nanocausal.model import Transformer
+from nanocausal import caugym, checkpoint, cli, data, evaluation, tiny
+from nanocausal.rl import RLConfig, train_rl
+from nanocausal.sft import SFTConfig, train_sft
 from nanocausal.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -90,11 +88,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-
-
 def make_data(args, folder):
     """Disjoint SFT, RL and test problems (different seeds; any repeated problem text is dropped)."""
     n = args.test_problems
@@ -111,41 +104,28 @@ def make_data(args, folder):
           if it["kind"] in kinds]
     os.makedirs(folder, exist_ok=True)
     slips = random.Random(args.seed + 3)
-    as_sft = lambda items: [{"prompt": scm.official_prompt(it["problem"]),
+    as_sft = lambda items: [{"prompt": caugym.official_prompt(it["problem"]),
                              "completion": tiny.solution(it, args.teacher_slip_rate, slips)} for it in items]
-    write_jsonl(os.path.join(folder, "sft.jsonl"), as_sft(sft))
-    write_jsonl(os.path.join(folder, "rl.jsonl"), [{"prompt": scm.official_prompt(it["problem"]), "answer": it["answer"],
+    data.write_jsonl(os.path.join(folder, "sft.jsonl"), as_sft(sft))
+    data.write_jsonl(os.path.join(folder, "rl.jsonl"), [{"prompt": caugym.official_prompt(it["problem"]), "answer": it["answer"],
                                                     "type": it["type"]} for it in rl])
     for name, items in tests.items():
         for it in items:
-            it["prompt"] = [{"role": "user", "content": scm.official_prompt(it["problem"])}]
+            it["prompt"] = [{"role": "user", "content": caugym.official_prompt(it["problem"])}]
     return tests
 
 
-def timed(fn, *a):
-    started = time.time()
-    fn(*a)
-    return time.time() - started
-
-
-def training_seconds(out_dir):
-    """Wall time of a trainer's steps: the last "time" (seconds since the loop's log opened) in
-    out_dir/metrics.jsonl, so loading the model and tokenising the data do not count."""
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return max(float(row["time"]) for row in map(json.loads, f) if "time" in row)
-
-
-def evaluate(path, tests, args):
+def score_checkpoint(path, tests, args):
     """{test set: {"greedy" / "sampled": {kind: accuracy}}} of one checkpoint."""
-    model, tokenizer = Transformer.from_pretrained(path), Tokenizer.from_pretrained(path)
+    model, tokenizer = checkpoint.load_model(path), Tokenizer.from_pretrained(path)
     out = {}
     for name, items in tests.items():
         out[name] = {}
         for mode, temperature, samples in (("greedy", 0.0, 1), ("sampled", 0.6, args.eval_samples)):
-            records = caugym_eval.evaluate(model, tokenizer, items, dataset=name, num_samples=samples,
-                                           temperature=temperature, top_p=0.95, max_new_tokens=120,
-                                           batch_size=100, seed=args.seed, progress=False)
-            out[name][mode] = caugym_eval.accuracy(records, by="kind")
+            records = evaluation.evaluate(model, tokenizer, items, dataset=name, num_samples=samples,
+                                          temperature=temperature, top_p=0.95, max_new_tokens=120,
+                                          batch_size=100, seed=args.seed, progress=False)
+            out[name][mode] = evaluation.accuracy(records, by="kind")
             out[name][mode]["samples"] = len(records)
     return out
 
@@ -166,8 +146,8 @@ def results_table(scores, tests):
     return "\n".join(lines)
 
 
-def reward_curve(metrics_path, points=10):
-    rows = [json.loads(line) for line in open(metrics_path) if '"reward"' in line]
+def reward_curve(history, points=10):
+    rows = [row for row in history if "reward" in row]
     if not rows:
         return [], ""
     every = max(1, len(rows) // points)
@@ -181,50 +161,47 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     started = time.time()
     if not os.path.isfile(os.path.join(args.base, "model.safetensors")):
-        sys.exit(f"{args.base}: no model.safetensors (rebuild it with: python -m nanocausal.tiny --out {args.base})")
+        sys.exit(f"{args.base}: no model.safetensors (rebuild it with: python build_tiny_base.py --out {args.base})")
     data_dir = os.path.join(args.out, "data")
     tests = make_data(args, data_dir)
     sft_dir, grpo_dir, control_dir = (os.path.join(args.out, n) for n in ("sft", "grpo", "control"))
-    common = ["--eval-every", "0", "--seed", str(args.seed), "--max-length", "512"]
+    sft_data = os.path.join(data_dir, "sft.jsonl")
 
     print(f"[1/4] SFT: {args.sft_steps} steps x {args.batch_size} worked solutions")
-    sft_seconds = timed(train_sft.main, [
-        "--model", args.base, "--data", os.path.join(data_dir, "sft.jsonl"), "--steps", str(args.sft_steps),
-        "--batch-size", str(args.batch_size), "--lr", str(args.sft_lr), "--warmup-steps", "10",
-        "--save-every", str(args.sft_steps), "--out-dir", sft_dir, "--log-every", "20"] + common)
+    sft = train_sft(SFTConfig(
+        model=args.base, data=sft_data, steps=args.sft_steps, batch_size=args.batch_size, lr=args.sft_lr,
+        warmup_steps=10, save_every=args.sft_steps, out_dir=sft_dir, log_every=20, eval_every=0, seed=args.seed,
+        max_length=512))
     sft_checkpoint = os.path.join(sft_dir, "checkpoint")
 
     print(f"[2/4] GRPO: {args.grpo_steps} steps x {args.prompts_per_step} prompts x {args.group_size} samples")
-    grpo_seconds = timed(train_rl.main, [
-        "--algo", "grpo", "--model", sft_checkpoint, "--data", os.path.join(data_dir, "rl.jsonl"),
-        "--steps", str(args.grpo_steps), "--prompts-per-step", str(args.prompts_per_step),
-        "--group-size", str(args.group_size), "--max-new-tokens", "120",
-        "--temperature", str(args.rollout_temperature), "--micro-batch-size", "64",
-        "--mini-batches", str(args.grpo_mini_batches),
-        "--lr", str(args.grpo_lr), "--warmup-steps", str(args.grpo_warmup), "--eval-every", "0", "--seed", str(args.seed),
-        "--save-every", str(args.grpo_steps), "--out-dir", grpo_dir])
+    grpo = train_rl(RLConfig(
+        algo="grpo", model=sft_checkpoint, data=os.path.join(data_dir, "rl.jsonl"), steps=args.grpo_steps,
+        prompts_per_step=args.prompts_per_step, group_size=args.group_size, max_new_tokens=120,
+        temperature=args.rollout_temperature, micro_batch_size=64, mini_batches=args.grpo_mini_batches,
+        lr=args.grpo_lr, warmup_steps=args.grpo_warmup, eval_every=0, seed=args.seed, save_every=args.grpo_steps,
+        out_dir=grpo_dir))
 
-    # Same compute: as many SFT steps as take the time GRPO's steps took (per-step times as logged).
-    sft_step = training_seconds(sft_dir) / args.sft_steps
-    grpo_train_seconds = training_seconds(grpo_dir)
-    control_steps = max(1, round(grpo_train_seconds / sft_step))
-    print(f"[3/4] control: {control_steps} more SFT steps (GRPO steps took {grpo_train_seconds:.0f}s, "
+    # Same compute: as many SFT steps as take the time GRPO's steps took (step times as measured).
+    sft_step = sft.train_seconds / args.sft_steps
+    control_steps = max(1, round(grpo.train_seconds / sft_step))
+    print(f"[3/4] control: {control_steps} more SFT steps (GRPO steps took {grpo.train_seconds:.0f}s, "
           f"SFT {sft_step:.2f}s/step)")
-    control_seconds = timed(train_sft.main, [
-        "--model", sft_checkpoint, "--data", os.path.join(data_dir, "sft.jsonl"),
-        "--steps", str(control_steps), "--batch-size", str(args.batch_size), "--lr", str(args.sft_lr / 2),
-        "--warmup-steps", "0", "--save-every", str(control_steps), "--out-dir", control_dir, "--log-every", "20"] + common)
+    control = train_sft(SFTConfig(
+        model=sft_checkpoint, data=sft_data, steps=control_steps, batch_size=args.batch_size, lr=args.sft_lr / 2,
+        warmup_steps=0, save_every=control_steps, out_dir=control_dir, log_every=20, eval_every=0, seed=args.seed,
+        max_length=512))
 
     print("[4/4] evaluation")
     eval_started = time.time()
-    scores = {"SFT": evaluate(sft_checkpoint, tests, args),
-              "SFT + GRPO": evaluate(os.path.join(grpo_dir, "checkpoint"), tests, args),
-              "SFT + more SFT (control)": evaluate(os.path.join(control_dir, "checkpoint"), tests, args)}
+    scores = {"SFT": score_checkpoint(sft_checkpoint, tests, args),
+              "SFT + GRPO": score_checkpoint(os.path.join(grpo_dir, "checkpoint"), tests, args),
+              "SFT + more SFT (control)": score_checkpoint(os.path.join(control_dir, "checkpoint"), tests, args)}
     eval_seconds = time.time() - eval_started
-    curve, curve_text = reward_curve(os.path.join(grpo_dir, "metrics.jsonl"))
+    curve, curve_text = reward_curve(grpo.history)
     table = results_table(scores, tests)
-    timing = (f"wall time: SFT {sft_seconds:.0f}s ({args.sft_steps} steps), GRPO {grpo_seconds:.0f}s "
-              f"({args.grpo_steps} steps), control {control_seconds:.0f}s "
+    timing = (f"wall time: SFT {sft.wall_seconds:.0f}s ({args.sft_steps} steps), GRPO {grpo.wall_seconds:.0f}s "
+              f"({args.grpo_steps} steps), control {control.wall_seconds:.0f}s "
               f"({control_steps} steps), eval {eval_seconds:.0f}s, total {time.time() - started:.0f}s "
               f"(torch threads {args.threads})")
     report = f"{table}\n\n{curve_text}\n{timing}\n"
@@ -233,10 +210,10 @@ def main(argv=None):
         f.write(report)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "scores": scores, "reward_curve": curve, "control_steps": control_steps,
-                   "seconds": {"sft": sft_seconds, "grpo": grpo_seconds, "control": control_seconds,
+                   "seconds": {"sft": sft.wall_seconds, "grpo": grpo.wall_seconds, "control": control.wall_seconds,
                                "eval": eval_seconds, "total": time.time() - started}}, f, indent=2)
     return scores
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run_main(main)

@@ -68,20 +68,20 @@ def build(folder):
 
 
 def run_nanocausal(folder, steps):
-    sys.path.insert(0, ROOT)
-    import train_rl
+    from nanocausal import data
+    from nanocausal.rl import RLConfig, train_rl
     from nanocausal.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer(os.path.join(folder, "model"))
-    out_dir = os.path.join(folder, "nanocausal-out")
-    train_rl.main(["--algo", "grpo", "--model", os.path.join(folder, "model"), "--data", os.path.join(folder, "prompts.jsonl"),
-                   "--prompts-per-step", str(PROMPTS_PER_STEP), "--group-size", str(GROUP_SIZE),
-                   "--max-new-tokens", str(NEW_TOKENS), "--micro-batch-size", str(PROMPTS_PER_STEP * GROUP_SIZE),
-                   "--lr", str(LR), "--warmup-steps", "0", "--steps", str(steps + 1), "--eval-every", "0",
-                   "--save-every", "1000000", "--device", "cpu", "--out-dir", out_dir],
-                  reward_fn=lambda example, ids: text_reward(tokenizer.decode(ids, skip_special_tokens=True)))
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        stamps = [json.loads(line)["time"] for line in f]
+    model = os.path.join(folder, "model")
+    tokenizer = Tokenizer(model)
+    config = RLConfig(algo="grpo", model=model, prompts_per_step=PROMPTS_PER_STEP, group_size=GROUP_SIZE,
+                      max_new_tokens=NEW_TOKENS, micro_batch_size=PROMPTS_PER_STEP * GROUP_SIZE, lr=LR, warmup_steps=0,
+                      steps=steps + 1, eval_every=0, save_every=1_000_000, device="cpu",
+                      out_dir=os.path.join(folder, "nanocausal-out"))
+    prompts = data.tokenize(data.load_examples(os.path.join(folder, "prompts.jsonl"), "rl"), tokenizer, "rl", progress=False)
+    result = train_rl(config, examples=prompts,
+                      reward_fn=lambda example, ids: text_reward(tokenizer.decode(ids, skip_special_tokens=True)))
+    stamps = [row["time"] for row in result.history]
     return [b - a for a, b in zip(stamps, stamps[1:])]  # the time of steps 2.., from the log's clock
 
 

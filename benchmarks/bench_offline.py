@@ -9,7 +9,7 @@ same weights and tokens (a benchmark, not a test: the numbers depend on the mach
 
 The model is a tiny Qwen2 with the real Qwen vocabulary (hidden 256, 4 layers, 4 heads / 2 KV heads,
 FFN 688, vocab 151,936, tied embeddings, float32 weights; bf16 autocast on CUDA on both sides) and the
-Qwen2.5 tokenizer. The batch is 8 generated DPO pairs (nanocausal.scm) whose chat-rendered prompts are
+Qwen2.5 tokenizer. The batch is 8 generated DPO pairs (nanocausal.problems) whose chat-rendered prompts are
 the 8 closest to 250 tokens, completions cut to 64 tokens (EOS included); SFT trains on prompt + chosen.
 
 Each measurement runs in its own subprocess, so its peak memory is its own: on CUDA the peak of
@@ -36,7 +36,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 QWEN_TOKENIZER = os.path.join(os.path.dirname(ROOT), "shared", "tokenizers", "qwen2.5")
 TINY_QWEN2 = dict(vocab_size=151936, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
@@ -101,33 +100,29 @@ def measure(step, device, warmup, steps):
 
 
 def worker_ours(kind, folder, pairs, device, warmup, steps):
-    import torch
-    import train_pref
-    import train_sft
-    from nanocausal import data
-    from nanocausal.model import Transformer
+    from nanocausal import data, training
+    from nanocausal.checkpoint import load_model
+    from nanocausal.preference import PreferenceConfig, Reference, dpo_backward
+    from nanocausal.sft import sft_backward
     from nanocausal.tokenizer import Tokenizer
-    from nanocausal.training import make_optimizer
 
     tokenizer = Tokenizer.from_pretrained(folder)
-    model = Transformer.from_pretrained(folder, device=device).train()
-    optimizer = make_optimizer(model, lr=1e-6)
+    model = load_model(folder, device=device).train()
+    optimizer = training.make_optimizer(model, lr=1e-6)
     examples = [data.normalise({**p, "completion": p["chosen"], "_where": "bench"}, kind) for p in pairs]
     rows = data.tokenize(examples, tokenizer, kind, progress=False)
-    batches = train_sft.micro_batches(rows, list(range(len(rows))), data.COLLATE[kind], tokenizer.pad_token_id,
-                                      len(rows), device)
+    batches = data.micro_batches(rows, list(range(len(rows))), data.COLLATE[kind], tokenizer.pad_token_id,
+                                 len(rows), device)
     if kind == "dpo":
-        args = train_pref.build_parser().parse_args(["--device", device, "--beta", "0.1"])
-        reference = train_pref.Reference(Transformer.from_pretrained(folder, device=device), device)
-        step_fn = lambda: train_pref.dpo_step(model, reference, batches, args)
+        config = PreferenceConfig(device=device, beta=0.1)
+        reference = Reference(load_model(folder, device=device), device)
+        backward = lambda: dpo_backward(model, reference, batches, config)
     else:
-        step_fn = lambda: train_sft.sft_step(model, batches, device)
+        backward = lambda: sft_backward(model, batches, device)
 
     def step():
-        step_fn()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        backward()
+        training.optimizer_step(optimizer, clip=1.0)
 
     result = measure(step, device, warmup, steps)
     result["tokens_per_step"] = sum(int(b["attention_mask"].sum()) for b in batches)

@@ -30,9 +30,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanocausal.model import ModelConfig, Transformer, rope_inverse_frequencies  # noqa: E402
-from nanocausal.sampling import generate  # noqa: E402
+from nanocausal.checkpoint import load_model
+from nanocausal.model import ModelConfig, Transformer
+from nanocausal.sampling import generate
 
 TINY_QWEN2 = dict(model_type="qwen2", vocab_size=151936, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
@@ -89,14 +89,14 @@ def run_cpu(args):
         config = transformers.Qwen2Config(**{k: v for k, v in TINY_QWEN2.items() if k != "model_type"})
         transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        model = Transformer.from_pretrained(folder)
+        model = load_model(folder)
     for batch, temperature in [(1, 0.0), (1, 1.0), (16, 0.0), (16, 1.0)]:
         compare_cpu("tiny-qwen2 (V=151936)", model, hf_model, batch, args.prompt_len, args.new_tokens, temperature, args.repeats)
     if not os.path.isfile(os.path.join(args.smollm2, "config.json")):
         print(f"SmolLM2 skipped: {args.smollm2} has no config.json (build it with ../shared/tools/make_smollm2.py)")
         return
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(args.smollm2, dtype=torch.float32).eval()
-    model = Transformer.from_pretrained(args.smollm2)
+    model = load_model(args.smollm2)
     compare_cpu("SmolLM2-135M", model, hf_model, 16, args.prompt_len, args.new_tokens, 1.0, args.repeats)
 
 
@@ -109,7 +109,7 @@ def run_gpu(args):
         model = Transformer(config).to(torch.bfloat16).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    model.inv_freq = rope_inverse_frequencies(config).to(device)  # .to(bfloat16) rounded the float32 buffer
+    model.reset_rope(device)  # .to(bfloat16) rounded the float32 buffer
     new_tokens = args.gpu_new_tokens
     for batch in (1, 16, 64):
         prompts = random_prompts(batch, args.prompt_len, config.vocab_size)

@@ -11,15 +11,14 @@ One decoder covers the checkpoints people post-train for causal reasoning:
 
 Everything is read from the checkpoint's config.json; module names follow the Hugging Face
 parameter names (minus the "model." prefix), so loading is a name-by-name copy in which every
-tensor is checked, and `save_pretrained` writes a folder that transformers loads unchanged.
+tensor is checked (nanocausal.checkpoint.load_model), and checkpoint.save_model writes a folder
+that transformers loads unchanged. This file holds the network only.
 
 Shapes in comments: B batch, T time (query positions), S key positions, C hidden size,
 H query heads, K key/value heads, D head dim, V vocabulary.
 """
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -281,178 +280,6 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, layer_cache, cache_position)
         return self.norm(x)
 
-    # -------------------------------------------------------------------------
-    # Hugging Face checkpoints
-
-    @staticmethod
-    def hf_name(name: str) -> str:
-        """Our parameter name -> the checkpoint's: everything but the head lives under "model."."""
-        return name if name.startswith("lm_head.") else "model." + name
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, dtype=None, device=None) -> "Transformer":
-        """Load a local Hugging Face folder or a hub id (safetensors only).
-
-        The model is built on the meta device (no memory), then each parameter is read from disk
-        straight into its final tensor, so at no point do two copies of the weights exist.
-        dtype defaults to float32; device to CPU.
-        """
-        path = resolve_checkpoint(name_or_path)
-        config_path = os.path.join(path, "config.json")
-        with open(config_path) as f:
-            try:
-                config = ModelConfig.from_dict(json.load(f), source=config_path)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-        dtype = dtype or torch.float32
-        device = torch.device(device or "cpu")
-        with torch.device("meta"):
-            model = cls(config)
-
-        expected = {cls.hf_name(n): p for n, p in model.named_parameters()}  # tied head appears once, as embed_tokens
-        tensor_files = safetensors_files(path)
-        loaded = set()
-        for file in tensor_files:
-            for key, tensor in read_safetensors(file, only=expected.keys() | {"lm_head.weight"}):
-                if key == "lm_head.weight" and config.tie_word_embeddings:
-                    continue  # some tied checkpoints store the head too; it is the embedding
-                if key not in expected:
-                    raise ValueError(f"{file}: unexpected tensor {key} with shape {tuple(tensor.shape)}")
-                want = tuple(expected[key].shape)
-                if tuple(tensor.shape) != want:
-                    raise ValueError(f"{file}: tensor {key} has shape {tuple(tensor.shape)} but the config expects {want}")
-                set_parameter(model, key, tensor.to(device=device, dtype=dtype))
-                loaded.add(key)
-        missing = sorted(expected.keys() - loaded)
-        if missing:
-            raise ValueError(f"{path}: missing tensor {missing[0]} (expected shape {tuple(expected[missing[0]].shape)})"
-                             + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        model.inv_freq = rope_inverse_frequencies(config).to(device)
-        return model.eval()
-
-    def save_pretrained(self, out_dir, max_shard_bytes=5 * 1024**3):
-        """Write config.json and model.safetensors (or shards + index) that transformers loads."""
-        from safetensors.torch import save_file
-
-        os.makedirs(out_dir, exist_ok=True)
-        dtype = self.embed_tokens.weight.dtype
-        config = dict(self.config.raw)
-        config["torch_dtype"] = str(dtype).removeprefix("torch.")
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-
-        state = {self.hf_name(n): p.detach().contiguous().cpu() for n, p in self.named_parameters()}  # tied head saved once
-        shards, current, size = [], {}, 0
-        for key, tensor in state.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if current and size + nbytes > max_shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[key] = tensor
-            size += nbytes
-        shards.append(current)
-        for old in os.listdir(out_dir):  # a re-save with fewer shards must not leave stale ones behind
-            if old.startswith("model") and (old.endswith(".safetensors") or old.endswith(".safetensors.index.json")):
-                os.remove(os.path.join(out_dir, old))
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
-            weight_map.update({key: name for key in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-
-
-def set_parameter(model: nn.Module, hf_key: str, tensor: torch.Tensor):
-    """Replace the (meta) parameter named by a checkpoint key with a loaded tensor."""
-    name = hf_key.removeprefix("model.")
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    setattr(module, attr, nn.Parameter(tensor, requires_grad=getattr(module, attr).requires_grad))
-
-
-# -----------------------------------------------------------------------------
-# Files on disk
-
-HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
-
-
-def resolve_checkpoint(name_or_path) -> str:
-    """A local folder as is; otherwise a hub id, downloaded (config, safetensors, tokenizer only)."""
-    path = str(name_or_path)
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ValueError(f"{path} is not a Hugging Face checkpoint: it has no config.json")
-        return path
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise ValueError(f"{path} is neither a checkpoint folder nor a hub id like 'Qwen/Qwen2.5-0.5B-Instruct'")
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(path, allow_patterns=HUB_PATTERNS)
-
-
-def safetensors_files(path) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not os.path.isfile(file):
-                raise ValueError(f"{index} names {os.path.basename(file)}, which is not in {path}")
-        return files
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    raise ValueError(f"{path} is not a Hugging Face checkpoint: no model.safetensors or model.safetensors.index.json")
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(file, only=None):
-    """Yield (name, tensor) from a .safetensors file, reading each tensor straight into its memory.
-
-    The format is simple: 8 bytes (little-endian) giving the header's length, a JSON header mapping
-    each name to {dtype, shape, data_offsets}, then the raw bytes. Reading it with plain file reads
-    (no mmap) keeps peak memory at the size of the tensors we keep, and lets us check every offset
-    against the file's size, so a truncated or corrupted file fails loudly instead of half-loading.
-    """
-    file_size = os.path.getsize(file)
-    with open(file, "rb") as f:
-        try:
-            header_len = int.from_bytes(f.read(8), "little")
-            if not 0 < header_len <= file_size - 8:
-                raise ValueError(f"header length {header_len} does not fit a {file_size}-byte file")
-            header = json.loads(f.read(header_len))
-            header.pop("__metadata__", None)
-            data_start = 8 + header_len
-            entries = []
-            for name, info in header.items():
-                begin, end = info["data_offsets"]
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                shape = tuple(info["shape"])
-                nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-                if end - begin != nbytes or data_start + end > file_size:
-                    raise ValueError(f"tensor {name} needs bytes {begin}..{end} of the data but the file holds {file_size - data_start}")
-                entries.append((begin, name, dtype, shape, nbytes))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file} is truncated or corrupted: {e}") from None
-        for begin, name, dtype, shape, nbytes in sorted(entries):
-            if only is not None and name not in only:
-                yield name, torch.empty(shape, dtype=dtype, device="meta")  # let the caller name it as unexpected
-                continue
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-            f.seek(data_start + begin)
-            if f.readinto(buffer.numpy()) != nbytes:
-                raise ValueError(f"{file} is truncated or corrupted: tensor {name} is cut short")
-            yield name, buffer.view(dtype).reshape(shape)
+    def reset_rope(self, device=None):
+        """Recompute the rotary frequencies (a non-persistent buffer, so never in a checkpoint)."""
+        self.inv_freq = rope_inverse_frequencies(self.config).to(device or self.embed_tokens.weight.device)

@@ -212,9 +212,9 @@ class Decoder:
         """One decode step. attend_slots < S attends over the first slots of the cache only
         (what eager CPU decoding does: slots beyond the current one are masked anyway);
         a CUDA graph needs the fixed default, S."""
-        L = attend_slots or self.attention_mask.shape[1]
-        kv_cache = [(k[:, :, :L], v[:, :, :L]) for k, v in self.kv_cache]  # views: writes land in the cache
-        hidden = self.model.hidden_states(self.input_ids, self.attention_mask[:, :L], self.position_ids,
+        slots = attend_slots or self.attention_mask.shape[1]
+        kv_cache = [(k[:, :, :slots], v[:, :, :slots]) for k, v in self.kv_cache]  # views: writes land in the cache
+        hidden = self.model.hidden_states(self.input_ids, self.attention_mask[:, :slots], self.position_ids,
                                           kv_cache, self.cache_position)
         self.sample_and_record(self.model.lm_head(hidden[:, -1]).float())
         self.position_ids += 1

@@ -15,8 +15,8 @@ official base wording, with two kinds of item:
 - "no path": there is no directed path X -> ... -> Y, the problem shows no numbers, and the
   answer is {"ANSWER": "No", "PROB": "0.0000"}.
 
-The problems are genuine CauGym problems: nanocausal.scm.solve parses them and returns the same
-answer (tests/test_tiny.py checks it), and eval.py scores them with the official rule.
+The problems are genuine CauGym problems: nanocausal.problem_text.solve parses them and returns
+the same answer (tests/test_tiny.py checks it), and eval.py scores them with the official rule.
 
 The worked solution. A small transformer does not learn to state a 4-digit difference in one
 go (issue 7: 7 minutes of SFT never got one exactly right), but it does learn the school method,
@@ -36,35 +36,23 @@ A careless teacher (solution(item, slip_rate, rng)) forgets each borrow it owes 
 slip_rate, writing "9-0-8=1" for "9-1-8=0", and carries the wrong result into its final answer:
 demonstrations with the kind of systematic mistake SFT imitates and an outcome reward does not.
 
-The tokenizer is a byte-level BPE trained with `tokenizers` on generated problems and
-solutions. It uses Qwen2's pre-tokenizer, so digits are one per token (the column arithmetic needs to see
-single digits) and transformers' Qwen2Tokenizer reads the folder as nanocausal does; with ~1000
-merges every word of the CauGym template is a single token.
+The tokenizer, the model and its pretraining are built by nanocausal/tiny_base.py
+(`python build_tiny_base.py`).
 """
 import json
 import os
 import random
 
+from nanocausal.problem_text import PROVIDE   # the official answer-format line
+
 TINY_NAMES = ["smku", "eons", "arbu", "pgqh", "ahpi", "lsrx", "imah", "ojko", "wexo", "qlun",
               "dovr", "fibe", "tazu", "kryp", "mulo", "gesh", "vunt", "yelb", "niqo", "hast"]
 PREAMBLE = ("Input Info: Imagine a self-contained, hypothetical world with only the following conditions, "
             "and without any unmentioned factors or causal relationships: ")
-PROVIDE = ('Provide the calculation result to four decimal places and a final "yes" or "no" answer in JSON '
-           'format, like {"ANSWER": "Yes", "PROB": "0.1234"}:')
 # Held-out wording (the "rephrased" variant of the go-beyond experiment): same problems, other words.
 PREAMBLE_REPHRASED = ("Input Info: Consider an isolated, imaginary world where only these conditions hold, "
                       "with no other factors or causal links: ")
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-               r"|\s+(?!\S)|\s+")
 KINDS = ("effect", "no path")
-# The shipped preset: 4 layers of width 96, 4 query / 2 key-value heads (~0.45M parameters).
-TINY_MODEL = dict(hidden_size=96, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=288)
 
 # ----------------------------------------------------------------------------- problems
 
@@ -169,172 +157,3 @@ def solution(item, slip_rate=0.0, rng=None):
         assert float(result) == float(answer["PROB"]), (result, answer)
     answer["PROB"] = result
     return f"path: yes\n{head}\n{' '.join(columns)}\n= {result}\n{json.dumps(answer)}"
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-# ----------------------------------------------------------------------------- tokenizer + model
-
-
-def train_tokenizer(out_dir, vocab_size=1000, n_texts=3000, seed=1234):
-    """A byte-level BPE on generated problems + solutions, digits one per token, ChatML special
-    tokens, saved as tokenizer.json + tokenizer_config.json (chat template, eos <|im_end|>)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    tokenizer = Tokenizer(models.BPE())
-    # Qwen2's own pipeline (NFC, its split pattern, then bytes), so that transformers' Qwen2Tokenizer,
-    # which rebuilds the pre-tokenizer from the model type, reads the folder exactly as we do. The
-    # pattern isolates every digit (\p{N}): digits are one per token, as the column arithmetic needs.
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    items = make_problems(n_texts, seed) + make_problems(n_texts // 4, seed + 1, rephrased=True)
-    texts = [it["problem"] + "\nLet's think step by step." for it in items] + [solution(it) for it in items]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), max_token_length=48)
-    tokenizer.train_from_iterator(texts, trainer)
-    os.makedirs(out_dir, exist_ok=True)
-    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    config = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
-              "pad_token": "<|endoftext|>", "unk_token": None, "model_max_length": 1024,
-              "clean_up_tokenization_spaces": False, "chat_template": CHATML_TEMPLATE,
-              "added_tokens_decoder": {str(tokenizer.token_to_id(t)): {
-                  "content": t, "special": True, "normalized": False, "lstrip": False, "rstrip": False,
-                  "single_word": False} for t in SPECIAL_TOKENS}}
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return tokenizer
-
-
-def tiny_config(vocab_size, eos_id, pad_id, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                intermediate_size=384, max_positions=512):
-    """A Qwen2 config.json (q/k/v bias, tied embeddings), as transformers writes it."""
-    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab_size,
-            "hidden_size": hidden_size, "intermediate_size": intermediate_size,
-            "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
-            "num_key_value_heads": num_kv_heads, "head_dim": hidden_size // num_heads,
-            "max_position_embeddings": max_positions, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-            "hidden_act": "silu", "tie_word_embeddings": True, "use_sliding_window": False,
-            "attention_dropout": 0.0, "initializer_range": 0.02, "torch_dtype": "float32",
-            "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": pad_id}
-
-
-def build_tiny(out_dir, seed=0, vocab_size=1000, n_texts=3000, **model_kwargs):
-    """Train the tokenizer and write a randomly initialised tiny Qwen2 as a Hugging Face folder."""
-    import torch
-    from nanocausal.model import ModelConfig, Transformer
-    tokenizer = train_tokenizer(out_dir, vocab_size=vocab_size, n_texts=n_texts)
-    eos_id, pad_id = tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")
-    config = tiny_config(tokenizer.get_vocab_size(), eos_id, pad_id, **model_kwargs)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({"eos_token_id": [eos_id], "pad_token_id": pad_id}, f, indent=2)
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig.from_dict(config))
-    with torch.no_grad():  # GPT-2 style init: N(0, 0.02) weights, zero biases, unit norms
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02)
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.zero_()
-    model.save_pretrained(out_dir)
-    return out_dir
-
-# ----------------------------------------------------------------------------- a pretrained base
-# Post-training starts from a pretrained model that can already read and do arithmetic; what SFT
-# and RL add is the causal task. A randomly initialised model spends its first thousands of steps
-# learning to copy digits at all (measured: after 150 SFT steps it writes the same numbers for
-# every problem), so the tiny pipeline starts from a "base" pretrained on generic skills only:
-#   - problem texts (language modelling on the prompts; no solutions),
-#   - copying: a problem followed by "Numbers: a b", its numbers in order of appearance,
-#   - arithmetic: "a - b" written as in the solutions, on random pairs, with no problem around it.
-# Which numbers the ATE needs, in which order, when there is no path, and the answer JSON are left
-# to post-training. The shipped data/tiny-base was built on the shared 2-core machine (load ~7) with
-#   python -m nanocausal.tiny --out base1 --minutes 22                     (1150 steps)
-#   python -m nanocausal.tiny --resume-from base1 --out data/tiny-base --minutes 12 --lr 2e-3 --seed 1
-# (321 more steps); it then completes held-out column subtractions exactly 86 % of the time and
-# copies a problem's two numbers exactly 64 % of the time (greedy; 50 items each). The first 1150
-# steps alone gave 12 % and 2 %: the copying skill appears late and suddenly.
-
-
-def pretraining_text(rng):
-    """One pretraining document (plain text, no chat template), chosen among the three kinds."""
-    kind = rng.random()
-    if kind < 0.4:
-        a, b = rng.randint(1, 9999) / 10000, rng.randint(1, 9999) / 10000
-        top, bottom = max(a, b), min(a, b)
-        columns, magnitude = subtraction_columns(top, bottom)
-        head = f"{a:.4f} - {b:.4f}" + ("" if a >= b else f" = -({top:.4f} - {bottom:.4f})")
-        result = magnitude if a >= b or magnitude == "0.0000" else "-" + magnitude
-        return f"{head}\n{' '.join(columns)}\n= {result}"
-    item = make_problem(rng, no_path_share=0.2, rephrased=rng.random() < 0.2, easy_order=False)
-    if kind < 0.7 or item["numbers"] is None:
-        return item["problem"]
-    shown = [float(t) for t in item["problem"].split("is ")[1:] if t[:1].isdigit() for t in [t[:6]]]
-    return item["problem"] + "\nNumbers: " + " ".join(f"{p:.4f}" for p in shown)
-
-
-def pretrain(folder, out_dir, minutes, batch_size=32, lr=3e-3, seed=0, log_every=25):
-    """Language-model the folder's model on pretraining_text for `minutes` of wall time (AdamW,
-    warmup then cosine on the elapsed fraction of the budget) and save it to out_dir."""
-    import math
-    import shutil
-    import time
-    import torch
-    import torch.nn.functional as F
-    from nanocausal.model import Transformer
-    from nanocausal.tokenizer import Tokenizer
-    tokenizer, model = Tokenizer.from_pretrained(folder), Transformer.from_pretrained(folder)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rng, started, step = random.Random(seed), time.time(), 0
-    model.train()
-    while (elapsed := time.time() - started) < 60 * minutes:
-        docs = [tokenizer.encode(pretraining_text(rng)) + [tokenizer.eos_token_ids[0]] for _ in range(batch_size)]
-        length = max(map(len, docs))
-        ids = torch.tensor([d + [tokenizer.pad_token_id] * (length - len(d)) for d in docs])
-        mask = torch.tensor([[1] * len(d) + [0] * (length - len(d)) for d in docs])[:, 1:]
-        logits = model(ids[:, :-1])
-        losses = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-        loss = (losses * mask.flatten()).sum() / mask.sum()
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * elapsed / (60 * minutes))))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        if step % log_every == 0:
-            print(f"pretrain step {step} {elapsed:.0f}s loss {loss.item():.4f}", flush=True)
-    model.eval().save_pretrained(out_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(os.path.join(folder, name), out_dir)
-    return step
-
-
-if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description="Build the tiny base model shipped in data/tiny-base "
-                                                 "(tokenizer, Qwen2 config, generic pretraining).")
-    parser.add_argument("--out", default="data/tiny-base", help="output Hugging Face folder")
-    parser.add_argument("--minutes", type=float, default=20.0, help="wall-clock pretraining budget")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the corpus")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warmup, then cosine over --minutes)")
-    parser.add_argument("--resume-from", default=None,
-                        help="continue pretraining this folder instead of building a fresh model")
-    args = parser.parse_args()
-    import tempfile
-    import torch
-    torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as scratch:
-        if args.resume_from is None:
-            build_tiny(scratch, seed=args.seed, **TINY_MODEL)
-        steps = pretrain(args.resume_from or scratch, args.out, args.minutes, lr=args.lr, seed=args.seed)
-    print(f"{args.out}: {steps} pretraining steps in {args.minutes} minutes")

@@ -34,9 +34,8 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
-# The only files a tokenizer needs; a hub download fetches these and no weights.
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                   "generation_config.json", "special_tokens_map.json", "config.json"]
+from nanocausal.checkpoint import TOKENIZER_FILES, resolve
+
 # Names under which a message's reasoning may be passed; templates read `reasoning_content`
 # (Qwen3) or `thinking` (gpt-oss). transformers fills both from whichever is given.
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
@@ -149,14 +148,9 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, name_or_path):
-        """A local folder, or a hub id such as "Qwen/Qwen2.5-0.5B-Instruct" (tokenizer files only)."""
-        name_or_path = os.path.expanduser(os.fspath(name_or_path))
-        if os.path.isdir(name_or_path):
-            return cls(name_or_path)
-        if os.path.exists(name_or_path) or name_or_path.startswith((".", "/")):
-            raise FileNotFoundError(f"{name_or_path}: not a folder (expected a tokenizer folder or a hub id)")
-        from huggingface_hub import snapshot_download
-        return cls(snapshot_download(name_or_path, allow_patterns=TOKENIZER_FILES))
+        """A local folder, or a hub id such as "Qwen/Qwen2.5-0.5B-Instruct" (tokenizer files only,
+        plus config.json for its eos ids)."""
+        return cls(resolve(name_or_path, TOKENIZER_FILES + ["config.json"]))
 
     def _special_added_tokens(self):
         return {t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special}

@@ -1,115 +1,122 @@
-"""
-What every training script shares: per-token log-probs without a (batch x time x vocab) float32
-tensor, the learning-rate schedule, checkpoints that resume exactly, and a JSONL metrics log.
+"""The one training loop, used by SFT, DPO, KTO, PPO and GRPO alike.
 
-The losses themselves live in losses.py as pure functions of the log-probs computed here.
+Each trainer (sft.py, preference.py, rl.py) builds its model, optimiser and data, then hands this
+loop a *step function*: step_fn(step) -> metrics runs the forward/backward passes of one step and
+calls `optimizer_step` (once for SFT/DPO/KTO, once per mini-batch for PPO/GRPO). The loop owns
+everything else, the same way for all five:
+
+    for step in range(start, config.steps):
+        set every group's lr = its peak lr * schedule(step)     (linear warmup, then cosine)
+        metrics = step_fn(step)                                 (forward, backward, clip, AdamW)
+        log the metrics to metrics.jsonl and the progress bar   (every --log-every steps printed)
+        every --eval-every steps: official CauGym accuracy on held-out problems
+        every --save-every steps, at the end and on Ctrl-C: a checkpoint that resumes exactly
+
+Resuming (--resume) restores the optimiser, the RNG states, the data stream's position and the
+step from out_dir/checkpoint, and cuts metrics.jsonl back to that step, so an interrupted and
+resumed run equals an uninterrupted one (tests/test_train_offline.py, tests/test_train_rl.py).
 """
 
 import json
+import math
 import os
-import random
-import shutil
+import signal
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
-from nanocausal.model import Transformer, resolve_checkpoint
-
-# -----------------------------------------------------------------------------
-# Log-probs
+from nanocausal import caugym, checkpoint, data, evaluation
 
 
-def _chunk_logprobs(hidden, weight, targets, temperature, with_entropy=True):
-    logits = F.linear(hidden, weight).float() / temperature  # (N, V): one chunk only
-    logprobs = torch.log_softmax(logits, dim=-1)
-    token_logprobs = logprobs.gather(-1, targets[:, None]).squeeze(-1)
-    if not with_entropy:  # the entropy costs three more passes over (N, V), in forward and in the recompute
-        return token_logprobs, None
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return token_logprobs, entropy
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def token_logprobs(model: Transformer, input_ids, attention_mask, completion_mask, temperature=1.0,
-                   chunk_size=1024, hidden=None, return_entropy=False):
-    """log p(input_ids[b, t] | input_ids[b, :t]) at every position where completion_mask is 1.
-
-    input_ids, attention_mask, completion_mask: (B, T); completion_mask marks the target tokens
-    (the completion, EOS included) and must be 0 at t = 0. Returns (B, T) float32 log-probs, zero
-    off the mask (and the per-token entropy of the same distributions when return_entropy).
-
-    Only the hidden states that predict a target token go through the output head, a chunk of
-    `chunk_size` tokens at a time, and under autograd each chunk is recomputed in backward rather
-    than stored: the float32 logits never exist for more than one chunk, whatever the batch. For a
-    150k-token vocabulary this is what keeps long completions in memory (and skipping the prompt
-    positions skips most of the head's FLOPs). `temperature` divides the logits, as the sampler
-    does, so the log-probs are those of the distribution actually sampled from.
-    `hidden` may be passed when the caller already ran `model.hidden_states` (e.g. for a value head).
-    """
-    if hidden is None:
-        hidden = model.hidden_states(input_ids, attention_mask)
-    targets_mask = completion_mask[:, 1:].bool()
-    selected_hidden = hidden[:, :-1][targets_mask]  # (N, C): the states that predict a target
-    targets = input_ids[:, 1:][targets_mask]  # (N,)
-    weight = model.lm_head.weight
-    logprob_chunks, entropy_chunks = [], []
-    for start in range(0, targets.numel(), chunk_size):
-        args = (selected_hidden[start:start + chunk_size], weight, targets[start:start + chunk_size], temperature,
-                return_entropy)
-        if torch.is_grad_enabled():
-            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(*args)
-        logprob_chunks.append(lp)
-        if return_entropy:
-            entropy_chunks.append(ent.detach())
-    out = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
-    entropy = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
-    if targets.numel():
-        out[:, 1:] = out[:, 1:].masked_scatter(targets_mask, torch.cat(logprob_chunks))
-        if return_entropy:
-            entropy[:, 1:] = entropy[:, 1:].masked_scatter(targets_mask, torch.cat(entropy_chunks))
-    return (out, entropy) if return_entropy else out
+@dataclass
+class TrainConfig:
+    """What the loop reads, shared by every trainer's config (each adds its own fields)."""
+    model: str = "Qwen/Qwen2.5-0.5B-Instruct"  # hub id or local folder to start from
+    out_dir: str = "out/run"  # checkpoint/ and metrics.jsonl go here
+    # optimisation
+    steps: int = 1000
+    lr: float = 1e-5  # peak learning rate
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # the cosine decays to this fraction of the peak
+    weight_decay: float = 0.0
+    clip: float = 1.0  # gradient-norm clipping (0: none)
+    seed: int = 0
+    # hardware
+    device: str = default_device()
+    dtype: str = "float32"  # weights; float32 + bf16 autocast on CUDA is the standard mixed precision
+    activation_checkpointing: bool = False
+    # generated problems (training data, RL prompts and held-out evaluation problems)
+    tasks: tuple = caugym.TASKS
+    variant: str = "base"  # RL accepts a comma-separated mix
+    nodes: str | None = None  # graph sizes: N or LO-HI (default: the generator's)
+    # periodic evaluation
+    eval_every: int = 200  # 0: never
+    eval_data: str | None = None  # a CauGym / rl file; default: held-out generated problems
+    eval_problems: int = 64
+    eval_samples: int = 1
+    eval_batch_size: int = 32
+    eval_max_new_tokens: int = 1024
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+    show_completions: int = 0  # evaluation completions printed each time
+    # output
+    log_every: int = 10
+    save_every: int = 500
+    resume: bool = False
 
 
-def pad_batch(sequences, pad_id, masks=None, side="right"):
-    """Stack lists of token ids into (B, T) ids and attention mask (+ the given masks, padded with 0)."""
-    T = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    attention = torch.zeros(len(sequences), T, dtype=torch.long)
-    padded_masks = torch.zeros(len(sequences), T, dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        where = slice(0, len(seq)) if side == "right" else slice(T - len(seq), T)
-        ids[i, where] = torch.tensor(seq, dtype=torch.long)
-        attention[i, where] = 1
-        if masks is not None:
-            padded_masks[i, where] = torch.tensor(masks[i], dtype=torch.long)
-    return ids, attention, padded_masks
+@dataclass
+class TrainResult:
+    """What a trainer returns: the trained model and how the run went."""
+    model: torch.nn.Module
+    history: list  # every row written to metrics.jsonl by this process (steps and evaluations)
+    steps: int  # the step the run ended at
+    train_seconds: float  # time spent in step functions (evaluation and saving excluded)
+    wall_seconds: float  # the loop's whole time, evaluation and saving included (loading excluded)
 
 
 # -----------------------------------------------------------------------------
-# Optimisation
+# Optimiser, schedule, precision
 
 
-def cosine_lr(step, total_steps, max_lr, warmup_steps=0, min_lr_ratio=0.1):
-    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr_ratio * max_lr."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return max_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + np.cos(np.pi * progress)))
-
-
-def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
-    """AdamW; weight decay on matrices only (not on norms, biases), as nanoGPT does."""
+def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), extra_groups=()):
+    """AdamW; weight decay on matrices only (not on norms, biases), as nanoGPT does. extra_groups
+    are more parameter groups with their own lr (PPO's value head). Each group remembers its peak
+    lr as "peak_lr", which the loop's schedule scales."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}, *extra_groups]
+    fused = all(p.is_cuda for group in groups for p in group["params"])
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+    for group in optimizer.param_groups:
+        group["peak_lr"] = group["lr"]
+    return optimizer
+
+
+def lr_factor(step, total_steps, warmup_steps=0, min_lr_ratio=0.1):
+    """The schedule as a fraction of the peak lr: linear warmup over warmup_steps, then a cosine
+    decay to min_lr_ratio at total_steps (min_lr_ratio = 1: constant after warmup)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def optimizer_step(optimizer, clip):
+    """Clip the gradient norm of every parameter the optimiser holds, take one AdamW step, zero the
+    gradients; returns the norm before clipping."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def autocast(device):
@@ -119,87 +126,172 @@ def autocast(device):
     return nullcontext()
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def torch_dtype(name):
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def load_start_model(config: TrainConfig):
+    """The model a run starts from: out_dir/checkpoint when resuming, else config.model."""
+    source = checkpoint_dir(config) if config.resume else config.model
+    return checkpoint.load_model(source, dtype=torch_dtype(config.dtype), device=config.device)
+
+
+def checkpoint_dir(config: TrainConfig):
+    return os.path.join(config.out_dir, "checkpoint")
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: a Hugging Face folder, plus trainer_state.pt to resume exactly
-
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json"]
-
-
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_state=None, extra_modules=None):
-    """Write out_dir as a Hugging Face folder (config, safetensors, tokenizer files) that
-    `Transformer.from_pretrained` and transformers load, plus trainer_state.pt holding the
-    optimiser, the step, the data position and every RNG state, so --resume continues exactly.
-
-    The folder is written next to its final place and renamed into it, so an interrupted save
-    never leaves a half-written checkpoint behind. extra_modules (e.g. a PPO value head) are
-    saved as <name>.safetensors beside the model.
-    """
-    from safetensors.torch import save_file
-
-    tmp_dir = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    model.save_pretrained(tmp_dir)
-    source = resolve_checkpoint(tokenizer_source)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copy(os.path.join(source, name), tmp_dir)
-    for name, module in (extra_modules or {}).items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
-                  os.path.join(tmp_dir, f"{name}.safetensors"))
-    if optimizer is not None or trainer_state is not None:
-        torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
-                    "trainer_state": trainer_state or {}, "rng": rng_state()},
-                   os.path.join(tmp_dir, "trainer_state.pt"))
-    old_dir = out_dir.rstrip("/") + ".old"
-    if os.path.isdir(out_dir):
-        os.replace(out_dir, old_dir)
-    os.replace(tmp_dir, out_dir)
-    shutil.rmtree(old_dir, ignore_errors=True)
-
-
-def load_trainer_state(checkpoint_dir, optimizer=None):
-    """Restore the optimiser and RNG states saved by save_checkpoint; return its trainer_state dict."""
-    path = os.path.join(checkpoint_dir, "trainer_state.pt")
-    if not os.path.isfile(path):
-        raise ValueError(f"{checkpoint_dir} cannot be resumed: it has no trainer_state.pt")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if optimizer is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-    set_rng_state(saved["rng"])
-    return saved["trainer_state"]
+# Logging and Ctrl-C
 
 
 class MetricsLog:
-    """Append one JSON object per step to a .jsonl file (flushed, so a crash loses nothing)."""
+    """Append one JSON object per row to a .jsonl file (flushed, so a crash loses nothing) and keep
+    the rows in memory (`rows`) for the caller."""
 
     def __init__(self, path, resume=False):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.file = open(path, "a" if resume else "w")
         self.start = time.time()
+        self.rows = []
 
     def log(self, **metrics):
         row = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
         row["time"] = round(time.time() - self.start, 3)
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        self.rows.append(row)
         return row
+
+    def close(self):
+        self.file.close()
+
+
+def keep_metrics_until(path, step):
+    """On resume, drop the log lines of steps after the checkpoint (they will be run again)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+class StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop after the current step (it then writes a checkpoint);
+    a second one interrupts at once. Stopping between steps, never inside one, is what makes the
+    checkpoint consistent: weights, optimiser and data position all belong to the same step."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def format_row(row):
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer=None, extra_modules=None,
+          desc="train"):
+    """Run step_fn(step) -> metrics from the current step to config.steps; log, evaluate, save.
+
+    data_stream: the resumable source of the run's examples (data.Batches or rollout.PromptStream):
+        its state_dict() is saved with every checkpoint and restored on --resume.
+    tokenizer: needed for the periodic evaluation (none: no evaluation) and copied into checkpoints.
+    extra_modules: {name: module} saved beside the model (PPO's value head).
+    """
+    loop_started = time.time()
+    ckpt_dir = checkpoint_dir(config)
+    metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
+    step = 0
+    if config.resume:
+        state = checkpoint.load_trainer_state(ckpt_dir, optimizer)
+        data_stream.load_state_dict(state["data"])
+        step = state["step"]
+        keep_metrics_until(metrics_path, step)
+        print(f"resumed from {ckpt_dir} at step {step}")
+    log = MetricsLog(metrics_path, resume=config.resume)
+    problems = None
+    if config.eval_every > 0 and tokenizer is not None:
+        problems = data.eval_problems(config.eval_data, n=config.eval_problems, seed=config.seed,
+                                      tasks=config.tasks, variant=config.variant, nodes=config.nodes)
+    model.train()
+    model.gradient_checkpointing = config.activation_checkpointing
+
+    progress = tqdm(total=config.steps, initial=step, desc=desc, dynamic_ncols=True)
+
+    def evaluate_and_log():
+        scores = held_out_scores(model, tokenizer, problems, config, progress.write)
+        log.log(step=step, **scores)
+        progress.write(f"step {step} eval " + " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+
+    def save():
+        state = {"step": step, "data": data_stream.state_dict(), "config": asdict(config)}
+        checkpoint.save_checkpoint(ckpt_dir, model, config.model, optimizer, state, extra_modules)
+
+    if problems and step == 0:
+        evaluate_and_log()  # the starting point of the learning curve
+    train_seconds = 0.0
+    with StopOnCtrlC() as interrupt:
+        while step < config.steps:
+            factor = lr_factor(step, config.steps, config.warmup_steps, config.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * factor
+            started = time.time()
+            metrics = step_fn(step)
+            if str(config.device).startswith("cuda"):
+                torch.cuda.synchronize()  # honest step times; .item() below would sync anyway
+            step_seconds = time.time() - started
+            train_seconds += step_seconds
+            step += 1
+            tokens = metrics.pop("tokens", None)
+            row = log.log(step=step, lr=optimizer.param_groups[0]["lr"], **metrics, step_s=round(step_seconds, 3),
+                          **({"tokens_per_s": round(tokens / step_seconds, 1)} if tokens else {}))
+            progress.update(1)
+            if step % config.log_every == 0 or step == 1:
+                progress.write(format_row(row))
+            if problems and (step % config.eval_every == 0 or step == config.steps):
+                evaluate_and_log()
+            if step % config.save_every == 0 or step == config.steps or interrupt.requested:
+                save()
+            if interrupt.requested:
+                progress.write(f"stopped at step {step}; checkpoint in {ckpt_dir}; rerun with --resume to continue")
+                break
+    progress.close()
+    log.close()
+    model.eval()
+    return TrainResult(model=model, history=log.rows, steps=step, train_seconds=train_seconds,
+                       wall_seconds=time.time() - loop_started)
+
+
+@torch.no_grad()
+def held_out_scores(model, tokenizer, problems, config: TrainConfig, write=print):
+    """Official CauGym accuracy on the held-out problems, through nanocausal.evaluation (the
+    sampler, the evaluation flags' sampling settings, the official rule):
+    {"eval_acc": overall, "eval_acc_ATE": ..., ...}; prints config.show_completions replies."""
+    was_training = model.training
+    model.eval()
+    with autocast(config.device):
+        records = evaluation.evaluate(model, tokenizer, problems, num_samples=config.eval_samples,
+                                      temperature=config.eval_temperature, top_p=config.eval_top_p,
+                                      max_new_tokens=config.eval_max_new_tokens,
+                                      batch_size=config.eval_batch_size, seed=config.seed, progress=False)
+    model.train(was_training)
+    for record in records[:config.show_completions]:
+        write(f"--- {record['type']} {record['variant']}, gold {record['answer']}, "
+              f"{'correct' if record['correct'] else 'wrong'}:\n{record['response'][-600:]}")
+    return {("eval_acc" if group == "overall" else f"eval_acc_{group}"): value
+            for group, value in evaluation.accuracy(records).items()}

@@ -1,56 +1,12 @@
-"""nanocausal/data.py: reading (errors name file and line), tokenising, batching; and the tiny chat
-model fixture (a byte-level BPE tokenizer with a ChatML template + a tiny random Qwen2) that the
-trainer tests share."""
+"""nanocausal/data.py: reading (errors name file and line), tokenising, batching."""
 import json
-import random
 
 import pytest
 import torch
 
-from nanocausal import data, tiny
-from nanocausal.model import ModelConfig, Transformer
+from conftest import tiny_examples, write_jsonl
+from nanocausal import data
 from nanocausal.tokenizer import Tokenizer
-
-
-def tiny_examples(n, seed=0):
-    """n short SFT-style causal questions with random answer JSONs (random, so only memory can learn them)."""
-    rng = random.Random(seed)
-    names = ["smoking", "rain", "income", "traffic", "diet", "stress", "sleep", "exercise"]
-    out = []
-    for i in range(n):
-        x, y = rng.sample(names, 2)
-        prob = f"{rng.random():.4f}"
-        out.append({"prompt": f"Q{i}: ATE of {x} on {y}?",
-                    "completion": json.dumps({"ANSWER": rng.choice(["Yes", "No"]), "PROB": prob})})
-    return out
-
-
-def make_tiny_chat_model(out_dir, seed=0, **model_kwargs):
-    """A Hugging Face folder with nanocausal.tiny's byte-level BPE tokenizer (trained on few texts
-    here, for speed; ChatML template, eos <|im_end|>, pad <|endoftext|>) and a tiny random Qwen2
-    (q/k/v biases, tied head) of that vocabulary, written by nanocausal's own save_pretrained."""
-    tokenizer = tiny.train_tokenizer(str(out_dir), vocab_size=400, n_texts=300)
-    eos_id, pad_id = tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")
-    config = tiny.tiny_config(tokenizer.get_vocab_size(), eos_id, pad_id, **{
-        "hidden_size": 64, "num_layers": 2, "intermediate_size": 128, "max_positions": 256, **model_kwargs})
-    (out_dir / "config.json").write_text(json.dumps(config))
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig.from_dict(config))
-    with torch.no_grad():  # random everything, biases and norms included, so each tensor matters
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.02)
-    model.save_pretrained(out_dir)
-    return out_dir
-
-
-@pytest.fixture(scope="session")
-def tiny_chat_model(tmp_path_factory):
-    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat") / "model")
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 # -----------------------------------------------------------------------------

@@ -1,14 +1,17 @@
-"""eval.py: the oracle scores 100 % under the official protocol, scoring follows the official rule
-item by item, and an interrupted run resumes without answering anything twice."""
+"""nanocausal.evaluation (what eval.py runs): the oracle scores 100 % under the official protocol,
+scoring follows the official rule item by item, and an interrupted run resumes without answering
+anything twice."""
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval as evaluation  # noqa: E402  (the script at the repository root)
+from conftest import run_script
+from nanocausal import caugym as protocol, evaluation, tiny
+from nanocausal.checkpoint import load_model
+from nanocausal.evaluation import EvalConfig
+from nanocausal.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CAUGYM = SHARED / "data" / "caugym"
@@ -21,7 +24,7 @@ def caugym(name):
 
 
 def official_rule(response, answer):
-    """sample_evaluate.py's rule, written out independently of nanocausal.rewards."""
+    """sample_evaluate.py's rule, written out independently of nanocausal.caugym."""
     if answer.strip() == "LACK_CONDITION":
         return "LACK_CONDITION" in response
     gold = float(json.loads(answer)["PROB"])
@@ -35,9 +38,9 @@ def official_rule(response, answer):
     return False
 
 
-@pytest.mark.parametrize("name,tasks", [("base.json", evaluation.scm.TASKS),
+@pytest.mark.parametrize("name,tasks", [("base.json", protocol.TASKS),
                                         ("deconfounding.json", ("ATE", "CDE", "ETT", "NDE", "NIE")),
-                                        ("insufficient.json", evaluation.scm.TASKS)])
+                                        ("insufficient.json", protocol.TASKS)])
 def test_oracle_scores_100_percent(name, tasks):
     dataset, items = evaluation.load_dataset(caugym(name))
     items = [it for it in evaluation.per_task_slice(items, 8) if it["type"] in tasks]
@@ -80,17 +83,17 @@ def test_scoring_matches_official_rule_on_saved_responses(tmp_path):
 def test_resume_skips_answered_items(tmp_path, monkeypatch):
     data = caugym("base.json")
     out = tmp_path / "run"
-    argv = ["--model", "oracle", "--data", data, "--per-task", "2", "--num-samples", "2", "--out", str(out)]
-    first = evaluation.main(argv)
+    config = EvalConfig(model="oracle", data=[data], per_task=2, num_samples=2, out=str(out))
+    first = evaluation.run(config)
     assert first["accuracy"]["base"]["overall"] == 1.0
     responses = (out / "responses.jsonl").read_text().splitlines()
     assert len(responses) == 14 * 2
     # Interrupted: 5 problems finished, the 6th half-answered (one sample), a torn last line.
     (out / "responses.jsonl").write_text("\n".join(responses[:11]) + "\n" + responses[11][:20])
     answered = []
-    real = evaluation.oracle_response
-    monkeypatch.setattr(evaluation, "oracle_response", lambda item: answered.append(item) or real(item))
-    second = evaluation.main(argv)
+    real = evaluation.solve
+    monkeypatch.setattr(evaluation, "solve", lambda problem: answered.append(problem) or real(problem))
+    second = evaluation.run(config)
     assert len(answered) == 14 - 5  # the half-answered problem is redone whole
     assert second["accuracy"]["base"]["_samples"] == 28 and second["accuracy"]["base"]["overall"] == 1.0
     final = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
@@ -101,14 +104,18 @@ def test_resume_skips_answered_items(tmp_path, monkeypatch):
 def test_reply_length_is_capped_by_the_context():
     # The official protocol asks for 8192 new tokens; a model whose context is shorter (SmolLM2:
     # 8192 in all, the tiny preset: 512) answers within what its context leaves.
-    from nanocausal import scm, tiny
-    from nanocausal.model import Transformer
-    from nanocausal.tokenizer import Tokenizer
     folder = Path(__file__).resolve().parents[1] / "data" / "tiny-base"
-    model, tokenizer = Transformer.from_pretrained(folder), Tokenizer.from_pretrained(folder)
-    items = [{"prompt": [{"role": "user", "content": scm.official_prompt(it["problem"])}], "answer": it["answer"]}
+    model, tokenizer = load_model(folder), Tokenizer.from_pretrained(folder)
+    items = [{"prompt": [{"role": "user", "content": protocol.official_prompt(it["problem"])}], "answer": it["answer"]}
              for it in tiny.make_problems(2, seed=0)]
     longest = max(len(tokenizer.apply_chat_template(it["prompt"], add_generation_prompt=True)) for it in items)
     replies = evaluation.answer(model, tokenizer, items, 1, 1.0, 1.0, 0, 8192, seed=0)
     for (reply,) in replies:
         assert len(tokenizer.encode(reply)) <= model.config.max_position_embeddings - longest
+
+
+def test_the_command_line_prints_the_table_and_writes_the_summary(tmp_path):
+    out = run_script("eval.py", "--model", "oracle", "--data", caugym("base.json"), "--per-task", 1,
+                     "--num-samples", 1, "--out", tmp_path / "run")
+    assert "| overall | 100.0 |" in out.stdout
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["accuracy"]["base"]["overall"] == 1.0

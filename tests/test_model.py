@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_hf_checkpoint
-from nanocausal.model import Transformer
+from nanocausal.checkpoint import load_model, save_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,7 +33,7 @@ def reference_logits(hf_model, ids, attention_mask=None):
 def test_logits_match_transformers(tmp_path, case):
     model_type, overrides = CASES[case]
     hf_model = make_hf_checkpoint(tmp_path, model_type, **overrides)
-    model = Transformer.from_pretrained(tmp_path)
+    model = load_model(tmp_path)
     ids = torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model(ids)
@@ -46,7 +46,7 @@ def test_sharded_checkpoint(tmp_path):
     hf_model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     shards = [f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors")]
     assert len(shards) >= 3
-    model = Transformer.from_pretrained(tmp_path / "sharded")
+    model = load_model(tmp_path / "sharded")
     ids = torch.randint(0, 256, (1, 20))
     with torch.no_grad():
         assert (model(ids) - reference_logits(hf_model, ids)).abs().max() <= 1e-4
@@ -56,7 +56,7 @@ def test_sharded_checkpoint(tmp_path):
 def test_left_padded_batch_equals_unpadded_rows(tmp_path, case):
     model_type, overrides = CASES[case]
     make_hf_checkpoint(tmp_path, model_type, **overrides)
-    model = Transformer.from_pretrained(tmp_path)
+    model = load_model(tmp_path)
     rows = [torch.randint(0, 256, (n,)) for n in (12, 5, 9)]
     T = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), T, dtype=torch.long)
@@ -70,25 +70,25 @@ def test_left_padded_batch_equals_unpadded_rows(tmp_path, case):
             assert (batched[i, T - len(r):] - alone).abs().max() <= 1e-4
 
 
-def test_save_pretrained_loads_in_transformers(tmp_path):
+def test_save_model_loads_in_transformers(tmp_path):
     make_hf_checkpoint(tmp_path / "src", "qwen3", tie_word_embeddings=False)
-    model = Transformer.from_pretrained(tmp_path / "src")
-    model.save_pretrained(tmp_path / "out", max_shard_bytes=60_000)  # sharded
+    model = load_model(tmp_path / "src")
+    save_model(model, tmp_path / "out", max_shard_bytes=60_000)  # sharded
     assert os.path.isfile(tmp_path / "out" / "model.safetensors.index.json")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     ids = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         assert (model(ids) - reference_logits(hf_model, ids)).abs().max() <= 1e-5
-    model.save_pretrained(tmp_path / "out")  # re-save as one file: stale shards must go
+    save_model(model, tmp_path / "out")  # re-save as one file: stale shards must go
     assert sorted(f for f in os.listdir(tmp_path / "out") if "safetensors" in f) == ["model.safetensors"]
-    reloaded = Transformer.from_pretrained(tmp_path / "out")
+    reloaded = load_model(tmp_path / "out")
     with torch.no_grad():
         assert torch.equal(reloaded(ids), model(ids))
 
 
 def test_bfloat16_loading(tmp_path):
     hf_model = make_hf_checkpoint(tmp_path, "qwen2")
-    model = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    model = load_model(tmp_path, dtype=torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16
     ids = torch.randint(0, 256, (1, 24))
     with torch.no_grad():
@@ -105,7 +105,7 @@ def test_unknown_model_type(tmp_path):
     cfg["model_type"] = "gpt2"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
-        Transformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_missing_unexpected_and_misshaped_tensors(tmp_path):
@@ -119,17 +119,17 @@ def test_missing_unexpected_and_misshaped_tensors(tmp_path):
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, file)
     with pytest.raises(ValueError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight \(expected shape \(128, 64\)\)"):
-        Transformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
     state = dict(original, **{"model.layers.0.extra.weight": torch.zeros(3)})
     save_file(state, file)
     with pytest.raises(ValueError, match=r"unexpected tensor model\.layers\.0\.extra\.weight"):
-        Transformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
     state = dict(original, **{"model.norm.weight": torch.zeros(65)})
     save_file(state, file)
     with pytest.raises(ValueError, match=r"model\.norm\.weight has shape \(65,\) but the config expects \(64,\)"):
-        Transformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_truncated_and_corrupted_files(tmp_path):
@@ -138,21 +138,21 @@ def test_truncated_and_corrupted_files(tmp_path):
     data = file.read_bytes()
     file.write_bytes(data[: len(data) - 100])
     with pytest.raises(ValueError, match="truncated or corrupted"):
-        Transformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     file.write_bytes(data[:8] + b"{not json" + data[17:])
     with pytest.raises(ValueError, match="truncated or corrupted"):
-        Transformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="not a Hugging Face checkpoint: it has no config.json"):
-        Transformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     make_hf_checkpoint(tmp_path, "qwen2")
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="no model.safetensors"):
-        Transformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     with pytest.raises(ValueError, match="neither a checkpoint folder nor a hub id"):
-        Transformer.from_pretrained(tmp_path / "does-not-exist")
+        load_model(tmp_path / "does-not-exist")
 
 
 # --- a real pretrained model ----------------------------------------------------------------------
@@ -162,7 +162,7 @@ def test_not_a_checkpoint(tmp_path):
 def smollm2(smollm2_path):
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_path)
-    return Transformer.from_pretrained(smollm2_path), hf_model, tok
+    return load_model(smollm2_path), hf_model, tok
 
 
 def test_smollm2_logits_and_greedy_tokens(smollm2):
@@ -182,9 +182,9 @@ def test_smollm2_loading_peak_memory(smollm2_path):
     """Loading must not hold two copies of the weights: peak RSS grows by <= 1.3x the file size."""
     code = (
         "import resource, sys, torch\n"
-        "from nanocausal.model import Transformer\n"
+        "from nanocausal.checkpoint import load_model\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "Transformer.from_pretrained(sys.argv[1])\n"
+        "load_model(sys.argv[1])\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(smollm2_path)], capture_output=True, text=True, check=True)

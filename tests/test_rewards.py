@@ -1,11 +1,11 @@
-"""nanocausal.rewards: the official CauGym rule on crafted responses, and the RL reward."""
+"""nanocausal.caugym (the official CauGym rule) and nanocausal.rewards (the RL reward), on crafted responses."""
 import pytest
 
-from nanocausal.rewards import answer_spans, format_ok, is_correct, reward
+from nanocausal.caugym import LACK, answer_spans, is_correct
+from nanocausal.rewards import format_ok, reward
 
 GOLD = '{"ANSWER": "Yes", "PROB": "0.1234"}'
 PN_GOLD = '{"PROB": "0.2390"}'
-LACK = "LACK_CONDITION"
 
 
 @pytest.mark.parametrize("response, expected", [

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from conftest import make_hf_checkpoint
-from nanocausal.model import Transformer
+from nanocausal.checkpoint import load_model
 from nanocausal.sampling import filter_logits, generate, sample_tokens
-from nanocausal.training import pad_batch, token_logprobs
+from nanocausal.data import pad_batch
+from nanocausal.logprobs import token_logprobs
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,7 +23,7 @@ PROMPTS = [[3, 17, 42, 5, 99, 7, 1], [200, 11], [8, 8, 9, 120, 33, 64, 2, 250, 1
 def tiny_model(tmp_path, name):
     model_type, overrides = MODELS[name]
     hf_model = make_hf_checkpoint(tmp_path, model_type, **overrides)
-    return Transformer.from_pretrained(tmp_path), hf_model
+    return load_model(tmp_path), hf_model
 
 
 def greedy_by_recompute(model, prompt, new_tokens):
@@ -67,7 +68,7 @@ def test_greedy_matches_recompute_and_transformers(tmp_path, name, one_thread):
 
 
 def test_greedy_smollm2_matches_transformers(smollm2_path, one_thread):
-    model = Transformer.from_pretrained(smollm2_path)
+    model = load_model(smollm2_path)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
     from tokenizers import Tokenizer
 

@@ -6,16 +6,17 @@ import random
 import pytest
 import torch
 
-from nanocausal import scm, tiny
-from nanocausal.model import Transformer
-from nanocausal.rewards import is_correct
+from nanocausal import caugym, tiny, tiny_base
+from nanocausal.caugym import is_correct
+from nanocausal.checkpoint import load_model
+from nanocausal.problem_text import solve
 from nanocausal.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "tiny"
-    tiny.build_tiny(str(path), vocab_size=400, n_texts=400, hidden_size=64, num_layers=2, intermediate_size=128)
+    tiny_base.build_tiny(str(path), vocab_size=400, n_texts=400, hidden_size=64, num_layers=2, intermediate_size=128)
     return path
 
 
@@ -23,7 +24,7 @@ def test_problems_are_solved_alike_by_the_official_solver():
     items = tiny.make_problems(150, seed=3) + tiny.make_problems(50, seed=4, rephrased=True)
     assert {it["kind"] for it in items} == set(tiny.KINDS)
     for item in items:
-        assert json.loads(scm.solve(item["problem"])) == json.loads(item["answer"]), item["problem"]
+        assert json.loads(solve(item["problem"])) == json.loads(item["answer"]), item["problem"]
 
 
 def test_worked_solution_ends_with_the_right_answer():
@@ -53,7 +54,7 @@ def test_tokenizer_splits_digits_and_matches_transformers_chat_template(tiny_fol
     digits = [p for p in pieces if any(c.isdigit() for c in p)]
     assert digits and all(len(p) == 1 for p in digits), pieces
     assert ours.decode(ours.encode(text)) == text
-    messages = [{"role": "user", "content": scm.official_prompt(tiny.make_problems(1, seed=6)[0]["problem"])}]
+    messages = [{"role": "user", "content": caugym.official_prompt(tiny.make_problems(1, seed=6)[0]["problem"])}]
     for generation_prompt in (True, False):
         want = theirs.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
         want = want["input_ids"] if hasattr(want, "keys") else want
@@ -64,7 +65,7 @@ def test_tokenizer_splits_digits_and_matches_transformers_chat_template(tiny_fol
 
 def test_folder_loads_in_nanocausal_and_transformers_with_the_same_logits(tiny_folder):
     transformers = pytest.importorskip("transformers")
-    ours = Transformer.from_pretrained(str(tiny_folder))
+    ours = load_model(str(tiny_folder))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_folder), dtype=torch.float32).eval()
     assert ours.config.model_type == "qwen2" and ours.config.num_key_value_heads < ours.config.num_attention_heads
     tokenizer = Tokenizer.from_pretrained(str(tiny_folder))

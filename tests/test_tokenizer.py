@@ -241,7 +241,7 @@ def test_hub_id_downloads_tokenizer_files_only(tmp_path, shared_dir, monkeypatch
 def test_bad_folders_give_one_clear_line(tmp_path, shared_dir):
     with pytest.raises(FileNotFoundError, match=r"no tokenizer\.json"):
         Tokenizer.from_pretrained(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(ValueError, match="neither a checkpoint folder nor a hub id"):
         Tokenizer.from_pretrained(str(tmp_path / "missing"))
     folder = make_folder(tmp_path, shared_dir / "tokenizers" / "qwen2.5", {"chat_template": None})
     with pytest.raises(ValueError, match="no chat template"):

@@ -1,21 +1,21 @@
-"""train_sft.py and train_pref.py (DPO, KTO), run in-process on a tiny chat model: the real step
-functions, the real main(argv)."""
+"""SFT, DPO and KTO (nanocausal.sft, nanocausal.preference) on a tiny chat model: the real step
+functions and the real loop, called with configs as pipeline.py calls them; and the scripts
+train_sft.py / train_pref.py run as a user runs them."""
 import json
-import random
-import shutil
+import os
 import signal
 
 import pytest
 import torch
 
-import train_pref
-import train_sft
-from nanocausal import data
+from conftest import help_of_every_flag, make_tiny_chat_model, run_script, tiny_examples, write_jsonl
+from nanocausal import data, training
+from nanocausal.checkpoint import load_model
+from nanocausal.logprobs import sequence_logprobs, token_logprobs
 from nanocausal.losses import dpo_loss, kto_loss, sft_loss
-from nanocausal.model import Transformer
+from nanocausal.preference import PreferenceConfig, Reference, dpo_backward, kto_backward, train_preference
+from nanocausal.sft import SFTConfig, sft_backward, train_sft
 from nanocausal.tokenizer import Tokenizer
-from nanocausal.training import token_logprobs
-from test_data import make_tiny_chat_model, tiny_examples, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -43,15 +43,19 @@ def kto_records(n, seed=0):
             for i, (g, w) in enumerate(zip(good, wrong))]
 
 
-def run(script, model, data_file, out_dir, *flags):
-    argv = ["--model", str(model), "--data", str(data_file), "--out-dir", str(out_dir), "--device", "cpu",
-            "--eval-every", "0", "--log-every", "1000", *map(str, flags)]
-    script.main(argv)
+def run(model, data_file, out_dir, algo="sft", **fields):
+    """Train through the library, as pipeline.py does; returns the rows of metrics.jsonl."""
+    common = dict(model=str(model), data=str(data_file), out_dir=str(out_dir), device="cpu", eval_every=0,
+                  log_every=1000, **fields)
+    if algo == "sft":
+        train_sft(SFTConfig(**common))
+    else:
+        train_preference(PreferenceConfig(algo=algo, **common))
     return [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
 
 
 def weights(folder):
-    return dict(Transformer.from_pretrained(folder).named_parameters())
+    return dict(load_model(folder).named_parameters())
 
 
 @torch.no_grad()
@@ -60,19 +64,19 @@ def final_metrics(reference_folder, policy_folder, data_file, algo):
     tokenizer = Tokenizer.from_pretrained(policy_folder)
     rows = data.tokenize(data.load_examples(data_file, algo), tokenizer, algo, progress=False)
     batch = data.COLLATE[algo](rows, tokenizer.pad_token_id)
-    policy, reference = Transformer.from_pretrained(policy_folder), Transformer.from_pretrained(reference_folder)
-    logps = [train_pref.sequence_logps(m, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], "cpu")
+    policy, reference = load_model(policy_folder), load_model(reference_folder)
+    logps = [sequence_logprobs(m, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
              for m in (policy, reference)]
     if algo == "dpo":
         (chosen, rejected), (ref_chosen, ref_rejected) = logps[0].chunk(2), logps[1].chunk(2)
         return {k: v.item() for k, v in dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1)[1].items()}
-    kl = [train_pref.sequence_logps(m, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"], "cpu")
+    kl = [sequence_logprobs(m, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"])
           for m in (policy, reference)]
     return {k: v.item() for k, v in kto_loss(logps[0], logps[1], kl[0], kl[1], batch["desirable"])[1].items()}
 
 
 # -----------------------------------------------------------------------------
-# Gradient accumulation: one batch of 8 == 8 micro-batches of 1, through the scripts' step functions
+# Gradient accumulation: one batch of 8 == 8 micro-batches of 1, through the trainers' step functions
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo", "kto"])
@@ -81,20 +85,20 @@ def test_gradient_accumulation_invariance(tiny_chat_model, tmp_path, kind):
     path = write_jsonl(tmp_path / f"{kind}.jsonl", records)
     tokenizer = Tokenizer.from_pretrained(tiny_chat_model)
     rows = data.tokenize(data.load_examples(path, kind), tokenizer, kind, progress=False)
-    model = Transformer.from_pretrained(tiny_chat_model)
-    args = train_pref.build_parser().parse_args(["--algo", kind if kind != "sft" else "dpo", "--device", "cpu", "--beta", "0.5"])
-    reference = train_pref.Reference(Transformer.from_pretrained(tiny_chat_model), "cpu")
+    model = load_model(tiny_chat_model)
+    config = PreferenceConfig(algo=kind if kind != "sft" else "dpo", device="cpu", beta=0.5)
+    reference = Reference(load_model(tiny_chat_model), "cpu")
     with torch.no_grad():  # policy != reference, so the DPO/KTO log-ratios are not all zero
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
 
     def gradients(batch_size):
         model.zero_grad()
-        batches = train_sft.micro_batches(rows, list(range(8)), data.COLLATE[kind], tokenizer.pad_token_id, batch_size, "cpu")
+        batches = data.micro_batches(rows, list(range(8)), data.COLLATE[kind], tokenizer.pad_token_id, batch_size, "cpu")
         if kind == "sft":
-            metrics = train_sft.sft_step(model, batches, "cpu")
+            metrics = sft_backward(model, batches, "cpu")
         else:
-            metrics = (train_pref.dpo_step if kind == "dpo" else train_pref.kto_step)(model, reference, batches, args)
+            metrics = (dpo_backward if kind == "dpo" else kto_backward)(model, reference, batches, config)
         return [p.grad.clone() for p in model.parameters()], metrics
 
     one_batch, metrics_one = gradients(8)
@@ -112,11 +116,10 @@ def test_gradient_accumulation_invariance(tiny_chat_model, tmp_path, kind):
 
 def test_sft_memorises_16_examples(tiny_chat_model, tmp_path):
     path = write_jsonl(tmp_path / "sft.jsonl", tiny_examples(16))
-    log = run(train_sft, tiny_chat_model, path, tmp_path / "out", "--steps", 120, "--batch-size", 8, "--grad-accum", 2,
-              "--lr", 1e-2, "--warmup-steps", 5)
+    log = run(tiny_chat_model, path, tmp_path / "out", steps=120, batch_size=8, grad_accum=2, lr=1e-2, warmup_steps=5)
     assert log[0]["loss"] > 3 and log[-1]["loss"] < 0.05
     # The checkpoint is the trained model: its own loss on the data is that low too.
-    model, tokenizer = Transformer.from_pretrained(tmp_path / "out" / "checkpoint"), Tokenizer.from_pretrained(tmp_path / "out" / "checkpoint")
+    model, tokenizer = load_model(tmp_path / "out" / "checkpoint"), Tokenizer.from_pretrained(tmp_path / "out" / "checkpoint")
     rows = data.tokenize(data.load_examples(path, "sft"), tokenizer, "sft", progress=False)
     batch = data.collate_sft(rows, tokenizer.pad_token_id)
     with torch.no_grad():
@@ -126,8 +129,7 @@ def test_sft_memorises_16_examples(tiny_chat_model, tmp_path):
 
 def test_dpo_reaches_full_preference_accuracy(tiny_chat_model, tmp_path):
     path = write_jsonl(tmp_path / "dpo.jsonl", dpo_records(16))
-    log = run(train_pref, tiny_chat_model, path, tmp_path / "out", "--algo", "dpo", "--steps", 40, "--batch-size", 8,
-              "--lr", 3e-3, "--warmup-steps", 2, "--beta", 0.1)
+    log = run(tiny_chat_model, path, tmp_path / "out", "dpo", steps=40, batch_size=8, lr=3e-3, warmup_steps=2, beta=0.1)
     assert log[0]["reward_margin"] == 0.0 and log[0]["loss"] == pytest.approx(0.6931, abs=1e-4)  # policy == reference
     assert log[-1]["reward_margin"] > log[0]["reward_margin"] and log[-1]["loss"] < 0.5
     # The trained checkpoint against the reference, on all 16 pairs: every pair is now preferred.
@@ -138,8 +140,8 @@ def test_dpo_reaches_full_preference_accuracy(tiny_chat_model, tmp_path):
 
 def test_kto_moves_desirable_up_and_undesirable_down(tiny_chat_model, tmp_path):
     path = write_jsonl(tmp_path / "kto.jsonl", kto_records(16))
-    log = run(train_pref, tiny_chat_model, path, tmp_path / "out", "--algo", "kto", "--steps", 30, "--batch-size", 8,
-              "--lr", 3e-3, "--warmup-steps", 2, "--precompute-ref")
+    log = run(tiny_chat_model, path, tmp_path / "out", "kto", steps=30, batch_size=8, lr=3e-3, warmup_steps=2,
+              precompute_ref=True)
     # Step 1: policy == reference (precomputed in other batches: equal up to float rounding).
     assert log[0]["desirable_reward"] == pytest.approx(0, abs=1e-5) and log[0]["undesirable_reward"] == pytest.approx(0, abs=1e-5)
     assert log[0]["z0"] == pytest.approx(0, abs=1e-5)
@@ -155,23 +157,22 @@ def test_kto_moves_desirable_up_and_undesirable_down(tiny_chat_model, tmp_path):
 
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_chat_model, tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "dpo.jsonl", dpo_records(12))
-    flags = ["--algo", "dpo", "--steps", 6, "--batch-size", 2, "--grad-accum", 2, "--lr", 1e-3, "--warmup-steps", 2,
-             "--save-every", 100]
-    full = run(train_pref, tiny_chat_model, path, tmp_path / "full", *flags)
+    flags = dict(steps=6, batch_size=2, grad_accum=2, lr=1e-3, warmup_steps=2, save_every=100)
+    full = run(tiny_chat_model, path, tmp_path / "full", "dpo", **flags)
 
-    cosine_lr = train_sft.cosine_lr
+    lr_factor = training.lr_factor
 
-    def lr_then_ctrl_c(step, *args):
+    def lr_then_ctrl_c(step, *args, **kwargs):
         if step == 3:  # Ctrl-C arrives during the 4th step: it finishes, is saved, and the run stops
             signal.raise_signal(signal.SIGINT)
-        return cosine_lr(step, *args)
+        return lr_factor(step, *args, **kwargs)
 
-    monkeypatch.setattr(train_sft, "cosine_lr", lr_then_ctrl_c)
-    interrupted = run(train_pref, tiny_chat_model, path, tmp_path / "split", *flags)
+    monkeypatch.setattr(training, "lr_factor", lr_then_ctrl_c)
+    interrupted = run(tiny_chat_model, path, tmp_path / "split", "dpo", **flags)
     assert [row["step"] for row in interrupted] == [1, 2, 3, 4]
-    assert torch.load(tmp_path / "split" / "checkpoint" / "trainer_state.pt", weights_only=False)["trainer_state"]["step"] == 4
-    monkeypatch.setattr(train_sft, "cosine_lr", cosine_lr)
-    resumed = run(train_pref, tiny_chat_model, path, tmp_path / "split", *flags, "--resume")
+    assert torch.load(tmp_path / "split" / "checkpoint" / "trainer_state.pt", weights_only=True)["trainer_state"]["step"] == 4
+    monkeypatch.setattr(training, "lr_factor", lr_factor)
+    resumed = run(tiny_chat_model, path, tmp_path / "split", "dpo", resume=True, **flags)
 
     assert [row["step"] for row in resumed] == [1, 2, 3, 4, 5, 6]
     assert [row["loss"] for row in resumed] == [row["loss"] for row in full]
@@ -183,11 +184,11 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_chat_model,
 def test_checkpoint_loads_in_transformers_with_the_same_logits(tiny_chat_model, tmp_path):
     transformers = pytest.importorskip("transformers")
     path = write_jsonl(tmp_path / "kto.jsonl", kto_records(4))
-    run(train_pref, tiny_chat_model, path, tmp_path / "out", "--algo", "kto", "--steps", 2, "--batch-size", 4, "--lr", 1e-2)
+    run(tiny_chat_model, path, tmp_path / "out", "kto", steps=2, batch_size=4, lr=1e-2)
     folder = tmp_path / "out" / "checkpoint"
-    ours = Transformer.from_pretrained(folder)
+    ours = load_model(folder)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    assert not torch.equal(ours.embed_tokens.weight, Transformer.from_pretrained(tiny_chat_model).embed_tokens.weight)
+    assert not torch.equal(ours.embed_tokens.weight, load_model(tiny_chat_model).embed_tokens.weight)
     prompt = [{"role": "user", "content": "Is the ATE positive?"}]
     ids = torch.tensor([Tokenizer.from_pretrained(folder).encode_chat_completion(prompt, '{"PROB": "0.1234"}')[0]])
     with torch.no_grad():
@@ -199,28 +200,46 @@ def test_checkpoint_loads_in_transformers_with_the_same_logits(tiny_chat_model, 
 
 
 def test_on_the_fly_data_and_evaluation_through_the_sampler(tiny_chat_model, tmp_path):
-    # No --data: scm generates the problems; evaluation samples held-out problems and scores them officially.
-    train_sft.main(["--model", str(tiny_chat_model), "--num-train", "4", "--tasks", "ATE", "--steps", "2",
-                    "--batch-size", "2", "--lr", "1e-3", "--eval-every", "2", "--eval-problems", "2",
-                    "--eval-max-new-tokens", "4", "--device", "cpu", "--out-dir", str(tmp_path / "out")])
+    # No --data: the generator makes the problems; evaluation samples held-out problems and scores
+    # them officially, before the first step and every --eval-every steps. The script, as a user runs it.
+    run_script("train_sft.py", "--model", tiny_chat_model, "--num-train", 4, "--tasks", "ATE", "--steps", 2,
+               "--batch-size", 2, "--lr", 1e-3, "--eval-every", 2, "--eval-problems", 2, "--eval-max-new-tokens", 4,
+               "--device", "cpu", "--out-dir", tmp_path / "out")
     log = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
-    assert [row["step"] for row in log] == [1, 2, 2] and log[-1]["eval_acc"] == 0.0  # 4 tokens cannot hold an answer
+    assert [row["step"] for row in log] == [0, 1, 2, 2] and log[-1]["eval_acc"] == 0.0  # 4 tokens cannot hold an answer
     assert "eval_acc_ATE" in log[-1]
+    assert os.path.isfile(tmp_path / "out" / "checkpoint" / "tokenizer.json")
 
 
 def test_bad_data_file_error_names_file_and_line(tiny_chat_model, tmp_path):
     path = tmp_path / "dpo.jsonl"
     path.write_text(json.dumps(dpo_records(1)[0]) + "\n" + json.dumps({"prompt": "p", "chosen": "c"}) + "\n")
     with pytest.raises(ValueError, match=rf"{path}:2: missing field 'rejected'"):
-        run(train_pref, tiny_chat_model, path, tmp_path / "out", "--algo", "dpo", "--steps", 1)
+        run(tiny_chat_model, path, tmp_path / "out", "dpo", steps=1)
     long = write_jsonl(tmp_path / "long.jsonl", tiny_examples(2) + [{"prompt": "p", "completion": "x y z " * 100}])
     with pytest.raises(ValueError, match=rf"{long}:3: prompt \+ completion is \d+ tokens, longer than the context of 128"):
-        run(train_sft, tiny_chat_model, long, tmp_path / "out", "--steps", 1, "--max-length", 128)
+        run(tiny_chat_model, long, tmp_path / "out", steps=1, max_length=128)
+    # From the command line the same error is one line, without a traceback.
+    out = run_script("train_pref.py", "--model", tiny_chat_model, "--data", path, "--out-dir", tmp_path / "cli",
+                     "--device", "cpu", "--steps", 1, check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: {path}:2: missing field 'rejected'")
 
 
-@pytest.mark.parametrize("script", [train_sft, train_pref])
+@pytest.mark.parametrize("script", ["train_sft.py", "train_pref.py"])
 def test_every_flag_has_help(script):
-    parser = script.build_parser()
-    for action in parser._actions:
-        assert action.help and len(action.help) > 10, action.option_strings
-    assert "One GPU" in parser.description and "Laptop" in parser.description
+    out = run_script(script, "--help").stdout
+    flags = help_of_every_flag(out)
+    assert {"--model", "--data", "--steps", "--lr", "--out-dir", "--resume", "--eval-every"} <= set(flags)
+    for flag, text in flags.items():
+        assert len(text) > 10, flag
+    assert "One GPU" in out and "Laptop" in out
+
+
+@pytest.mark.parametrize("flags, message", [(["--batch-size", "-2"], "--batch-size: must be a positive integer"),
+                                            (["--grad-accum", "0"], "--grad-accum: must be a positive integer"),
+                                            (["--steps", "0"], "--steps: must be a positive integer"),
+                                            (["--lr", "nan"], "--lr: must be a number >= 0")])
+def test_nonsensical_numbers_are_refused_by_name(flags, message):
+    out = run_script("train_sft.py", *flags, check=False)
+    assert out.returncode == 2 and message in out.stderr

@@ -1,4 +1,4 @@
-"""train_rl.py end to end on a tiny random model, in-process, on token ids (no tokenizer): the first
+"""nanocausal.rl (GRPO, PPO) end to end on a tiny random model, in-process, on token ids (no tokenizer): the first
 on-policy update is exactly on-policy, GRPO and PPO learn a trivially learnable reward, and an
 interrupted + resumed run ends with the same weights as an uninterrupted one."""
 import json
@@ -8,9 +8,10 @@ import signal
 import pytest
 import torch
 
-import train_rl
-from conftest import make_hf_checkpoint
+from conftest import help_of_every_flag, make_hf_checkpoint, run_script
+from nanocausal.checkpoint import load_model
 from nanocausal.model import Transformer
+from nanocausal.rl import RLConfig, train_rl
 
 TARGET = 3  # the rewarded token
 VOCAB = 16  # small, so the target is sampled often enough at first (1/16) for the groups to differ
@@ -34,11 +35,10 @@ def tiny_model(tmp_path_factory):
     return path
 
 
-def run(model, out_dir, *flags, reward_fn=ends_with_target, algo="grpo"):
-    argv = ["--algo", algo, "--model", str(model), "--out-dir", str(out_dir), "--device", "cpu", "--eval-every", "0",
-            "--prompts-per-step", "8", "--max-new-tokens", "4", "--micro-batch-size", "16", "--warmup-steps", "0",
-            *flags]
-    trained = train_rl.main(argv, reward_fn=reward_fn, examples=prompts())
+def run(model, out_dir, reward_fn=ends_with_target, **fields):
+    config = RLConfig(**{"model": str(model), "out_dir": str(out_dir), "device": "cpu", "eval_every": 0,
+                         "prompts_per_step": 8, "max_new_tokens": 4, "micro_batch_size": 16, "warmup_steps": 0, **fields})
+    trained = train_rl(config, reward_fn=reward_fn, examples=prompts()).model
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return trained, [json.loads(line) for line in f]
 
@@ -56,8 +56,7 @@ def test_first_update_is_on_policy(tiny_model, tmp_path, monkeypatch, algo):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Transformer, "hidden_states", counting)
-    flags = ["--steps", "1", "--group-size", "8", "--lr", "1e-2"] + (["--kl-coef", "0"] if algo == "ppo" else [])
-    _, rows = run(tiny_model, tmp_path, *flags, algo=algo)
+    _, rows = run(tiny_model, tmp_path, algo=algo, steps=1, group_size=8, lr=1e-2, kl_coef=0.0)
     assert abs(rows[0]["ratio_mean"] - 1) < 1e-5
     assert rows[0]["clip_fraction"] == 0
     if algo == "grpo":
@@ -67,25 +66,22 @@ def test_first_update_is_on_policy(tiny_model, tmp_path, monkeypatch, algo):
 
 
 def test_grpo_learns_a_trivial_reward(tiny_model, tmp_path):
-    _, rows = run(tiny_model, tmp_path, "--steps", "20", "--group-size", "8", "--lr", "1e-2")
+    _, rows = run(tiny_model, tmp_path, steps=20, group_size=8, lr=1e-2)
     first, last = rows[0]["reward"], sum(r["reward"] for r in rows[-3:]) / 3
     assert first < 0.2 and last > 0.8, [round(r["reward"], 2) for r in rows]
 
 
 def test_ppo_learns_a_trivial_reward(tiny_model, tmp_path):
-    _, rows = run(tiny_model, tmp_path, "--steps", "20", "--group-size", "8", "--lr", "1e-2", "--kl-coef", "0",
-                  algo="ppo")
+    _, rows = run(tiny_model, tmp_path, algo="ppo", steps=20, group_size=8, lr=1e-2, kl_coef=0.0)
     first, last = rows[0]["reward"], sum(r["reward"] for r in rows[-3:]) / 3
     assert first < 0.2 and last > 0.8, [round(r["reward"], 2) for r in rows]
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_ctrl_c_then_resume_equals_uninterrupted(tiny_model, tmp_path, algo):
-    flags = ["--steps", "4", "--group-size", "4", "--lr", "1e-2", "--ppo-epochs", "2", "--mini-batches", "2",
-             "--micro-batch-size", "5", "--save-every", "100"]
-    if algo == "grpo":
-        flags += ["--beta", "0.1"]  # the reference model too
-    uninterrupted, _ = run(tiny_model, tmp_path / "a", *flags, algo=algo)
+    flags = dict(algo=algo, steps=4, group_size=4, lr=1e-2, ppo_epochs=2, mini_batches=2, micro_batch_size=5,
+                 save_every=100, beta=0.1)  # beta: GRPO's reference model too
+    uninterrupted, _ = run(tiny_model, tmp_path / "a", **flags)
 
     calls = []
 
@@ -95,33 +91,30 @@ def test_ctrl_c_then_resume_equals_uninterrupted(tiny_model, tmp_path, algo):
             os.kill(os.getpid(), signal.SIGINT)
         return ends_with_target(example, completion_ids)
 
-    run(tiny_model, tmp_path / "b", *flags, reward_fn=interrupting_reward, algo=algo)
-    state = torch.load(tmp_path / "b" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    run(tiny_model, tmp_path / "b", reward_fn=interrupting_reward, **flags)
+    state = torch.load(tmp_path / "b" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["trainer_state"]["step"] == 2
-    resumed, rows = run(tiny_model, tmp_path / "b", *flags, "--resume", algo=algo)
+    resumed, rows = run(tiny_model, tmp_path / "b", resume=True, **flags)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     if algo == "ppo":
         assert os.path.isfile(tmp_path / "b" / "checkpoint" / "value_head.safetensors")
-    reloaded = Transformer.from_pretrained(tmp_path / "b" / "checkpoint")
+    reloaded = load_model(tmp_path / "b" / "checkpoint")
     assert torch.equal(reloaded.embed_tokens.weight, resumed.embed_tokens.weight)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_help_explains_every_flag(algo, capsys):
-    with pytest.raises(SystemExit):
-        train_rl.main(["--algo", algo, "--help"])
-    out = capsys.readouterr().out
-    parser = train_rl.build_parser(algo)
-    for action in parser._actions:
-        assert action.help, action.option_strings
+def test_help_explains_every_flag(algo):
+    out = run_script("train_rl.py", "--algo", algo, "--help").stdout
+    for flag, text in help_of_every_flag(out).items():
+        assert len(text) > 10, flag
     assert ("--beta BETA" in out) == (algo == "grpo") and ("--kl-coef KL_COEF" in out) == (algo == "ppo")
 
 
-def test_causal_prompts_rewards_and_evaluation(shared_dir, tmp_path, capsys):
+def test_causal_prompts_rewards_and_evaluation(shared_dir, tmp_path):
     """The users' path on a tiny model with the real Qwen2.5 tokenizer: problems generated by
-    nanocausal.scm, official rewards, a reference model (beta > 0: every row is trained even when
+    nanocausal.problems, official rewards, a reference model (beta > 0: every row is trained even when
     all rewards are 0), evaluation on held-out problems with completions printed."""
     model_dir = tmp_path / "tiny-qwen-vocab"
     make_hf_checkpoint(model_dir, "qwen2", vocab_size=151936, hidden_size=16, intermediate_size=32,
@@ -129,10 +122,10 @@ def test_causal_prompts_rewards_and_evaluation(shared_dir, tmp_path, capsys):
     for name in os.listdir(shared_dir / "tokenizers" / "qwen2.5"):
         (model_dir / name).write_bytes((shared_dir / "tokenizers" / "qwen2.5" / name).read_bytes())
     out_dir = tmp_path / "out"
-    train_rl.main(["--model", str(model_dir), "--out-dir", str(out_dir), "--device", "cpu", "--steps", "1",
-                   "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6", "--tasks", "ATE,PN",
-                   "--variant", "base,insufficient", "--eval-every", "1", "--eval-problems", "2",
-                   "--eval-max-new-tokens", "4", "--show-completions", "1", "--beta", "0.01"])
+    out = run_script("train_rl.py", "--model", model_dir, "--out-dir", out_dir, "--device", "cpu", "--steps", 1,
+                     "--prompts-per-step", 2, "--group-size", 2, "--max-new-tokens", 6, "--tasks", "ATE,PN",
+                     "--variant", "base,insufficient", "--eval-every", 1, "--eval-problems", 2,
+                     "--eval-max-new-tokens", 4, "--show-completions", 1, "--beta", 0.01)
     with open(out_dir / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     train_row = next(r for r in rows if "reward" in r)
@@ -141,5 +134,5 @@ def test_causal_prompts_rewards_and_evaluation(shared_dir, tmp_path, capsys):
         assert key in train_row, key
     assert train_row["truncated"] == 1.0 and train_row["completion_len"] == 6  # a random model never stops
     assert [r["step"] for r in rows if "eval_acc" in r] == [0, 1]
-    assert "gold" in capsys.readouterr().out  # a completion was shown
+    assert "gold" in out.stdout + out.stderr  # a completion was shown
     assert os.path.isfile(out_dir / "checkpoint" / "tokenizer.json")

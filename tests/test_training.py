@@ -1,17 +1,18 @@
-"""Shared training pieces: chunked log-probs against a full-logits reference, schedule, checkpoints."""
+"""Shared training pieces: chunked log-probs against a full-logits reference, the schedule, checkpoints."""
 import os
 
 import pytest
 import torch
 
 from conftest import make_hf_checkpoint
-from nanocausal.model import Transformer
-from nanocausal.training import cosine_lr, load_trainer_state, make_optimizer, save_checkpoint, token_logprobs
+from nanocausal.checkpoint import load_model, load_trainer_state, save_checkpoint
+from nanocausal.logprobs import token_logprobs
+from nanocausal.training import lr_factor, make_optimizer
 
 
 def test_chunked_logprobs_and_grads_match_full_logits(tmp_path):
     make_hf_checkpoint(tmp_path, "qwen2")
-    model = Transformer.from_pretrained(tmp_path)
+    model = load_model(tmp_path)
     ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(0))
     attention = torch.ones_like(ids)
     attention[1, :4] = 0  # a left-padded row
@@ -37,27 +38,43 @@ def test_chunked_logprobs_and_grads_match_full_logits(tmp_path):
 
 
 def test_cosine_schedule():
-    assert cosine_lr(0, 100, 1.0, warmup_steps=10) == pytest.approx(0.1)
-    assert cosine_lr(9, 100, 1.0, warmup_steps=10) == pytest.approx(1.0)
-    assert cosine_lr(10, 100, 1.0, warmup_steps=10) == pytest.approx(1.0)
-    assert cosine_lr(55, 100, 1.0, warmup_steps=10) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert cosine_lr(100, 100, 1.0, warmup_steps=10) == pytest.approx(0.1)
+    assert lr_factor(0, 100, warmup_steps=10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, warmup_steps=10) == pytest.approx(1.0)
+    assert lr_factor(10, 100, warmup_steps=10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, warmup_steps=10) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(100, 100, warmup_steps=10) == pytest.approx(0.1)
+    assert lr_factor(50, 100, warmup_steps=0, min_lr_ratio=1.0) == 1.0
 
 
 def test_checkpoint_round_trip(tmp_path):
     make_hf_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
     (tmp_path / "src" / "tokenizer.json").write_text("{}")
-    model = Transformer.from_pretrained(tmp_path / "src")
+    model = load_model(tmp_path / "src")
     optimizer = make_optimizer(model, lr=1e-3)
     model(torch.randint(0, 256, (1, 8))).sum().backward()
     optimizer.step()
     save_checkpoint(str(tmp_path / "ckpt"), model, tmp_path / "src", optimizer, {"step": 7})
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"]
     expected_noise = torch.rand(3)
-    reloaded = Transformer.from_pretrained(tmp_path / "ckpt")
+    reloaded = load_model(tmp_path / "ckpt")
     for a, b in zip(model.parameters(), reloaded.parameters()):
         assert torch.equal(a, b)
     optimizer2 = make_optimizer(reloaded, lr=1e-3)
     assert load_trainer_state(tmp_path / "ckpt", optimizer2) == {"step": 7}
     assert torch.equal(torch.rand(3), expected_noise)  # the RNG continues where the save left it
     assert optimizer2.state_dict()["state"][0]["step"] == 1
+
+
+def test_a_trainer_state_that_unpickles_code_is_refused(tmp_path):
+    """--resume reads trainer_state.pt with weights_only=True: a pickled object is never built."""
+    ran = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(ran), "w"))
+
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"optimizer": None, "trainer_state": {"step": 1}, "rng": Payload()}, tmp_path / "ckpt" / "trainer_state.pt")
+    with pytest.raises(ValueError, match="not a trainer state nanocausal can read safely"):
+        load_trainer_state(tmp_path / "ckpt")
+    assert not ran.exists()

@@ -1,0 +1,291 @@
+"""Everything nanocausal keeps on disk, in one module, so that model.py holds only the network.
+
+A checkpoint is a standard Hugging Face folder, loadable by transformers, vLLM and every script
+here, plus what --resume needs:
+
+    config.json                  the model's config, saved back as it was read
+    model.safetensors            the weights (or model-0000N-of-0000M.safetensors + an index)
+    tokenizer.json, ...          the tokenizer files of the model it started from (TOKENIZER_FILES)
+    value_head.safetensors       extra modules (PPO's value head), when there are any
+    trainer_state.pt             optimiser state, step, data position, RNG states, the run's config
+
+trainer_state.pt holds tensors and plain Python types only and is read with
+torch.load(weights_only=True), which refuses to unpickle anything else: resuming never runs code
+from a file. Safetensors are read here with plain file reads, every offset checked, and every
+parameter name and shape checked against the config before it is copied into the model.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from nanocausal.model import ModelConfig, Transformer
+
+# The files of a checkpoint, one list each: what a hub download fetches and what a save copies.
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json"]
+MODEL_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json"]
+
+# -----------------------------------------------------------------------------
+# Finding a checkpoint: a local folder or a hub id
+
+
+def resolve(name_or_path, patterns) -> str:
+    """A local folder as is; otherwise a hub id such as "Qwen/Qwen2.5-0.5B-Instruct", downloaded
+    into the Hugging Face cache (only the files matching `patterns`)."""
+    path = os.path.expanduser(os.fspath(name_or_path))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ValueError(f"{path} is neither a checkpoint folder nor a hub id like 'Qwen/Qwen2.5-0.5B-Instruct'")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, allow_patterns=patterns)
+
+
+def resolve_model(name_or_path) -> str:
+    """The folder of a model checkpoint (weights and tokenizer), checked to hold a config.json."""
+    path = resolve(name_or_path, MODEL_FILES + TOKENIZER_FILES)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path} is not a Hugging Face checkpoint: it has no config.json")
+    return path
+
+# -----------------------------------------------------------------------------
+# Weights: safetensors in, safetensors out
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> the checkpoint's: everything but the head lives under "model."."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def load_model(name_or_path, dtype=None, device=None) -> Transformer:
+    """Load a local Hugging Face folder or a hub id (safetensors only) as a Transformer in eval mode.
+
+    The model is built on the meta device (no memory), then each parameter is read from disk
+    straight into its final tensor, so at no point do two copies of the weights exist.
+    dtype defaults to float32; device to CPU.
+    """
+    path = resolve_model(name_or_path)
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        try:
+            config = ModelConfig.from_dict(json.load(f), source=config_path)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    dtype = dtype or torch.float32
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = Transformer(config)
+
+    expected = {hf_name(n): p for n, p in model.named_parameters()}  # a tied head appears once, as embed_tokens
+    loaded = set()
+    for file in safetensors_files(path):
+        for key, tensor in read_safetensors(file, only=expected.keys() | {"lm_head.weight"}):
+            if key == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # some tied checkpoints store the head too; it is the embedding
+            if key not in expected:
+                raise ValueError(f"{file}: unexpected tensor {key} with shape {tuple(tensor.shape)}")
+            want = tuple(expected[key].shape)
+            if tuple(tensor.shape) != want:
+                raise ValueError(f"{file}: tensor {key} has shape {tuple(tensor.shape)} but the config expects {want}")
+            _set_parameter(model, key, tensor.to(device=device, dtype=dtype))
+            loaded.add(key)
+    missing = sorted(expected.keys() - loaded)
+    if missing:
+        raise ValueError(f"{path}: missing tensor {missing[0]} (expected shape {tuple(expected[missing[0]].shape)})"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.reset_rope(device)
+    return model.eval()
+
+
+def _set_parameter(model: nn.Module, hf_key: str, tensor: torch.Tensor):
+    """Replace the (meta) parameter named by a checkpoint key with a loaded tensor."""
+    module_name, _, attr = hf_key.removeprefix("model.").rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=getattr(module, attr).requires_grad))
+
+
+def save_model(model: Transformer, out_dir, max_shard_bytes=5 * 1024**3):
+    """Write config.json and model.safetensors (or shards + index) that transformers loads."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    config = dict(model.config.raw)
+    config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+    state = {hf_name(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()}  # a tied head once
+    shards, current, size = [], {}, 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(current)
+    for old in os.listdir(out_dir):  # a re-save with fewer shards must not leave stale ones behind
+        if old.startswith("model") and (old.endswith(".safetensors") or old.endswith(".safetensors.index.json")):
+            os.remove(os.path.join(out_dir, old))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def safetensors_files(path) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not os.path.isfile(file):
+                raise ValueError(f"{index} names {os.path.basename(file)}, which is not in {path}")
+        return files
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise ValueError(f"{path} is not a Hugging Face checkpoint: no model.safetensors or model.safetensors.index.json")
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(file, only=None):
+    """Yield (name, tensor) from a .safetensors file, reading each tensor straight into its memory.
+
+    The format is simple: 8 bytes (little-endian) giving the header's length, a JSON header mapping
+    each name to {dtype, shape, data_offsets}, then the raw bytes. Reading it with plain file reads
+    (no mmap) keeps peak memory at the size of the tensors we keep, and lets us check every offset
+    against the file's size, so a truncated or corrupted file fails loudly instead of half-loading.
+    Names outside `only` come back as meta tensors, so the caller can name them as unexpected.
+    """
+    file_size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        try:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 0 < header_len <= file_size - 8:
+                raise ValueError(f"header length {header_len} does not fit a {file_size}-byte file")
+            header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            data_start = 8 + header_len
+            entries = []
+            for name, info in header.items():
+                begin, end = info["data_offsets"]
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(info["shape"])
+                nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                if end - begin != nbytes or data_start + end > file_size:
+                    raise ValueError(f"tensor {name} needs bytes {begin}..{end} of the data but the file holds {file_size - data_start}")
+                entries.append((begin, name, dtype, shape, nbytes))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file} is truncated or corrupted: {e}") from None
+        for begin, name, dtype, shape, nbytes in sorted(entries):
+            if only is not None and name not in only:
+                yield name, torch.empty(shape, dtype=dtype, device="meta")
+                continue
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+            f.seek(data_start + begin)
+            if f.readinto(buffer.numpy()) != nbytes:
+                raise ValueError(f"{file} is truncated or corrupted: tensor {name} is cut short")
+            yield name, buffer.view(dtype).reshape(shape)
+
+# -----------------------------------------------------------------------------
+# Training checkpoints: the folder above plus trainer_state.pt, to resume exactly
+
+
+def rng_state():
+    """Every RNG a run draws from, as tensors and plain types (so weights_only loading accepts it)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_state=None, extra_modules=None):
+    """Write out_dir as a Hugging Face folder (config, safetensors, tokenizer files) that
+    `load_model` and transformers load, plus trainer_state.pt holding the optimiser, the step,
+    the data position and every RNG state, so --resume continues exactly. trainer_state must hold
+    plain types only (numbers, strings, lists, dicts). extra_modules (e.g. a PPO value head) are
+    saved as <name>.safetensors beside the model.
+
+    The folder is written next to its final place and renamed into it, so an interrupted save
+    never leaves a half-written checkpoint behind.
+    """
+    from safetensors.torch import save_file
+
+    tmp_dir = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    save_model(model, tmp_dir)
+    source = resolve_model(tokenizer_source)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), tmp_dir)
+    for name, module in (extra_modules or {}).items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
+                  os.path.join(tmp_dir, f"{name}.safetensors"))
+    if optimizer is not None or trainer_state is not None:
+        torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
+                    "trainer_state": trainer_state or {}, "rng": rng_state()},
+                   os.path.join(tmp_dir, "trainer_state.pt"))
+    old_dir = out_dir.rstrip("/") + ".old"
+    if os.path.isdir(out_dir):
+        os.replace(out_dir, old_dir)
+    os.replace(tmp_dir, out_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def load_trainer_state(checkpoint_dir, optimizer=None):
+    """Restore the optimiser and RNG states saved by save_checkpoint; return its trainer_state dict."""
+    path = os.path.join(checkpoint_dir, "trainer_state.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"{checkpoint_dir} cannot be resumed: it has no trainer_state.pt")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain types
+        raise ValueError(f"{path}: not a trainer state nanocausal can read safely ({str(e).splitlines()[0]})") from None
+    if optimizer is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"])
+    return saved["trainer_state"]
+
+
+def load_module(module: nn.Module, checkpoint_dir, name):
+    """Load <checkpoint_dir>/<name>.safetensors (written by save_checkpoint's extra_modules) into module."""
+    from safetensors.torch import load_file
+
+    device = next(module.parameters()).device
+    module.load_state_dict(load_file(os.path.join(checkpoint_dir, f"{name}.safetensors"), device=str(device)))
+    return module

@@ -1,0 +1,259 @@
+"""The CauGym evaluation protocol, run on a model: what eval.py, the trainers' periodic evaluation
+and pipeline.py all call.
+
+The protocol itself (the user message, 5 samples at temperature 0.6 / top_p 0.95, at most 8192
+new tokens, the official scoring rule) is fixed in nanocausal.caugym; this module loads the
+problems, answers them through the sampler (or the symbolic `oracle`), scores every sample and
+aggregates accuracy = correct samples / all samples, per task and overall.
+
+`run(EvalConfig)` is eval.py's whole job: a table of the seven tasks by data set, every response
+appended to <out>/responses.jsonl as soon as its batch is done (a rerun resumes from it), and the
+scores in <out>/summary.json.
+"""
+import hashlib
+import json
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from nanocausal import caugym, checkpoint, data, problems, tiny
+from nanocausal.problem_text import solve
+from nanocausal.sampling import generate
+from nanocausal.tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+# Problems
+
+
+def load_dataset(spec, seed=0, tasks=caugym.TASKS, nodes=None):
+    """One --data entry -> (name, items); an item is {prompt (messages), problem, answer, type, variant}.
+
+    spec is a CauGym-format .json / .jsonl file (problem, answer, Type; or prompt, answer, type),
+    "gen:VARIANT:N" (N problems from nanocausal.problems.generate), or "tiny:N" / "tiny-rephrased:N"
+    (the tiny curriculum)."""
+    if spec.startswith(("tiny:", "tiny-rephrased:")):
+        kind, n = spec.split(":")
+        items = tiny.make_problems(int(n), seed=seed, rephrased=kind == "tiny-rephrased")
+        return spec, [dict(item, prompt=[{"role": "user", "content": caugym.official_prompt(item["problem"])}])
+                      for item in items]
+    if spec.startswith("gen:"):
+        parts = spec.split(":")
+        if len(parts) != 3 or parts[1] not in caugym.VARIANTS or not parts[2].isdigit():
+            raise ValueError(f"--data {spec}: expected gen:VARIANT:N with VARIANT one of {', '.join(caugym.VARIANTS)}")
+        rows = problems.generate(int(parts[2]), tasks=tasks, variant=parts[1], nodes=nodes, seed=seed)
+        return spec, [dict(row, prompt=[{"role": "user", "content": caugym.official_prompt(row["problem"], parts[1])}])
+                      for row in rows]
+    name = os.path.splitext(os.path.basename(spec))[0]
+    return name, data.load_examples(spec, "rl")
+
+
+def per_task_slice(items, per_task):
+    """The first `per_task` items of each Type, in file order."""
+    count, out = defaultdict(int), []
+    for item in items:
+        if count[item.get("type")] < per_task:
+            count[item.get("type")] += 1
+            out.append(item)
+    return out
+
+
+def item_key(dataset, index, item):
+    """Identifies a problem across runs: data set, position, and a hash of its prompt (so a resumed
+    run on a different file or seed never mistakes one problem for another)."""
+    digest = hashlib.sha1(json.dumps(item["prompt"]).encode()).hexdigest()[:12]
+    return f"{dataset}/{index}/{digest}"
+
+# -----------------------------------------------------------------------------
+# Answering and scoring
+
+
+def answer(model, tokenizer, items, num_samples, temperature, top_p, top_k, max_new_tokens, seed):
+    """Responses (num_samples per item, item-major) for a batch of items."""
+    if model == "oracle":
+        return [[solve(item.get("problem") or item["prompt"][-1]["content"])] * num_samples for item in items]
+    prompts = [tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True) for item in items]
+    # The official 8192 new tokens do not fit every model's context (SmolLM2's is 8192 in all):
+    # reply length is then capped at what the context leaves, as a serving engine would.
+    longest = max(len(p) for p in prompts)
+    room = model.config.max_position_embeddings - longest
+    if room < 1:
+        raise ValueError(f"a prompt of {longest} tokens leaves no room in the model's context "
+                         f"of {model.config.max_position_embeddings}")
+    generation = generate(model, prompts, max_new_tokens=min(max_new_tokens, room), temperature=temperature,
+                          top_p=top_p, top_k=top_k, num_samples=num_samples, eos_token_ids=tokenizer.eos_token_ids,
+                          seed=seed, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generation.completions()]
+    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(items))]
+
+
+def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature=0.6, top_p=0.95, top_k=0,
+             max_new_tokens=8192, batch_size=16, seed=0, done=(), on_records=None, progress=True):
+    """Answer and score `items`; returns one record per sample:
+    {key, dataset, index, sample, type, kind, variant, answer, response, correct}.
+
+    model: a Transformer (with its Tokenizer) or the string "oracle". temperature 0 is greedy
+    decoding (then num_samples is 1). Items whose key is in `done` are skipped; `on_records` is
+    called with each finished batch's records (run() appends them to responses.jsonl)."""
+    if temperature == 0:
+        num_samples = 1
+    todo = [(i, item) for i, item in enumerate(items) if item_key(dataset, i, item) not in done]
+    if model != "oracle":
+        # Similar lengths side by side: less padding in each batch.
+        todo.sort(key=lambda pair: len(json.dumps(pair[1]["prompt"])))
+    records = []
+    bar = tqdm(total=len(todo), desc=f"eval {dataset}", unit="problem", disable=not progress, leave=False)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        responses = answer(model, tokenizer, [item for _, item in batch], num_samples, temperature, top_p, top_k,
+                           max_new_tokens, seed + start)
+        new = []
+        for (index, item), samples in zip(batch, responses):
+            for sample, response in enumerate(samples):
+                new.append({"key": item_key(dataset, index, item), "dataset": dataset, "index": index,
+                            "sample": sample, "type": item.get("type"), "kind": item.get("kind"),
+                            "variant": item.get("variant"), "answer": item["answer"], "response": response,
+                            "correct": caugym.is_correct(response, item["answer"])})
+        records += new
+        if on_records is not None:
+            on_records(new)
+        bar.update(len(batch))
+    bar.close()
+    return records
+
+
+def accuracy(records, by="type"):
+    """{group: accuracy} over samples, plus "overall"; group is the record's `by` field."""
+    correct, total = defaultdict(int), defaultdict(int)
+    for r in records:
+        for group in (r.get(by), "overall"):
+            correct[group] += bool(r["correct"])
+            total[group] += 1
+    return {group: correct[group] / total[group] for group in total}
+
+# -----------------------------------------------------------------------------
+# Files and the table
+
+
+def read_responses(path):
+    """The records of an earlier (possibly interrupted) run; a half-written last line is ignored."""
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # the run was killed mid-write; that problem is answered again
+    return records
+
+
+def format_table(columns, rows=caugym.TASKS + ("overall",)):
+    """columns: {name: {row: accuracy}} -> a Markdown table in percent ("-" where absent)."""
+    names = list(columns)
+    lines = ["| task | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for row in rows:
+        cells = [f"{100 * columns[n][row]:.1f}" if row in columns[n] else "-" for n in names]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rescore(path):
+    """Re-score saved responses with the official rule; prints and returns the table's columns."""
+    records = read_responses(path)
+    if not records:
+        raise ValueError(f"{path}: no responses")
+    for line, r in enumerate(records, start=1):
+        for field in ("response", "answer"):
+            if not isinstance(r.get(field), str):
+                raise ValueError(f"{path}:{line}: field '{field}' must be a string")
+        r["correct"] = caugym.is_correct(r["response"], r["answer"])
+    columns = {name: accuracy([r for r in records if r.get("dataset", "data") == name])
+               for name in dict.fromkeys(r.get("dataset", "data") for r in records)}
+    print(format_table(columns))
+    return records, columns
+
+# -----------------------------------------------------------------------------
+# eval.py
+
+
+@dataclass
+class EvalConfig:
+    model: str  # a Hugging Face folder, a hub id, or "oracle"
+    data: list  # --data entries (see load_dataset)
+    out: str = "runs/eval"
+    per_task: int | None = None
+    limit: int | None = None
+    tasks: tuple = caugym.TASKS  # of generated sets
+    nodes: int | None = None  # of generated sets
+    num_samples: int = caugym.OFFICIAL_SAMPLING["num_samples"]
+    temperature: float = caugym.OFFICIAL_SAMPLING["temperature"]
+    top_p: float = caugym.OFFICIAL_SAMPLING["top_p"]
+    top_k: int = 0
+    max_new_tokens: int = caugym.OFFICIAL_SAMPLING["max_new_tokens"]
+    batch_size: int = 16
+    seed: int = 0
+    dtype: str | None = None  # default: bfloat16 on GPU, float32 on CPU
+    device: str | None = None  # default: the best available
+
+
+def load_model_and_tokenizer(config: EvalConfig):
+    if config.model == "oracle":
+        return "oracle", None
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, config.dtype) if config.dtype else (torch.bfloat16 if "cuda" in device else torch.float32)
+    return checkpoint.load_model(config.model, dtype=dtype, device=device), Tokenizer.from_pretrained(config.model)
+
+
+def run(config: EvalConfig):
+    """Evaluate config.model on every data set; print the table, write responses.jsonl and
+    summary.json under config.out (resuming from an earlier responses.jsonl); return the summary."""
+    datasets = []
+    for spec in config.data:
+        name, items = load_dataset(spec, seed=config.seed, tasks=tuple(config.tasks), nodes=config.nodes)
+        if config.per_task is not None:
+            items = per_task_slice(items, config.per_task)
+        datasets.append((name, items[:config.limit]))
+    model, tokenizer = load_model_and_tokenizer(config)
+
+    os.makedirs(config.out, exist_ok=True)
+    responses_path = os.path.join(config.out, "responses.jsonl")
+    previous = read_responses(responses_path)
+    samples_per_key = defaultdict(int)
+    for r in previous:
+        samples_per_key[r["key"]] += 1
+    expected = 1 if config.temperature == 0 else config.num_samples
+    done = {key for key, n in samples_per_key.items() if n >= expected}
+    previous = [r for r in previous if r["key"] in done]  # a partly answered problem is redone whole
+    data.write_jsonl(responses_path, previous)  # rewritten without the partial ones, then appended to
+    if done:
+        print(f"resuming: {len(done)} problems already answered in {responses_path}")
+
+    started = time.time()
+    columns = {}
+    with open(responses_path, "a") as f:
+        def append(records):
+            f.writelines(json.dumps(r) + "\n" for r in records)
+            f.flush()
+        for name, items in datasets:
+            records = evaluate(model, tokenizer, items, dataset=name, num_samples=config.num_samples,
+                               temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                               max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                               seed=config.seed, done=done, on_records=append)
+            keys = {item_key(name, i, item) for i, item in enumerate(items)}
+            records += [r for r in previous if r["key"] in keys]
+            columns[name] = accuracy(records)
+            columns[name]["_samples"] = len(records)
+
+    print(format_table(columns))
+    summary = {"model": config.model, "protocol": {"num_samples": expected, "temperature": config.temperature,
+                                                   "top_p": config.top_p, "top_k": config.top_k,
+                                                   "max_new_tokens": config.max_new_tokens},
+               "accuracy": columns, "seconds": round(time.time() - started, 1)}
+    with open(os.path.join(config.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"responses: {responses_path}\nsummary: {os.path.join(config.out, 'summary.json')}")
+    return summary

@@ -1,0 +1,144 @@
+"""Offline preference optimisation against a frozen reference model (the starting model): DPO on
+(prompt, chosen, rejected) pairs, KTO on unpaired (prompt, completion, label) examples. The
+formulas are in losses.dpo_loss and losses.kto_loss; the loop is training.train, with the step
+function the offline trainers share (sft.offline_step_fn).
+
+How a step works:
+  DPO  each micro-batch stacks the chosen rows on top of the rejected rows, so one forward pass of
+       the policy scores both; the reference's summed log-probs come from a no-grad pass of the frozen
+       reference (or the table precompute() filled once); the loss of a micro-batch of n pairs is
+       scaled by n / (pairs in the step), so accumulation equals one big batch.
+  KTO  first the KL pairs of the whole step (prompt i with another example's completion) are scored
+       without gradient by policy and reference, giving one reference point z0 for the step; then
+       each micro-batch backwards kto_loss with that z0, scaled like DPO's.
+Metrics are computed once per step on all its examples: rewards, margins, accuracy (DPO), z0 (KTO).
+"""
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from nanocausal import checkpoint, data, training
+from nanocausal.logprobs import sequence_logprobs
+from nanocausal.losses import dpo_loss, kto_loss
+from nanocausal.sft import SFTConfig, load_rows, offline_step_fn
+from nanocausal.tokenizer import Tokenizer
+from nanocausal.training import autocast
+
+
+@dataclass
+class PreferenceConfig(SFTConfig):
+    algo: str = "dpo"  # dpo: pairs (prompt, chosen, rejected); kto: (prompt, completion, label)
+    beta: float = 0.1  # strength of the implicit KL penalty
+    loss_type: str = "sigmoid"  # DPO: the paper's sigmoid, or ipo
+    label_smoothing: float = 0.0  # DPO: probability that a preference label is flipped (cDPO)
+    desirable_weight: float = 1.0  # KTO: lambda_D
+    undesirable_weight: float = 1.0  # KTO: lambda_U
+    ref_model: str | None = None  # default: config.model, the starting point
+    precompute_ref: bool = False  # score every example with the reference once, then free it
+    lr: float = 5e-7
+    out_dir: str = "out/dpo"
+
+
+class Reference:
+    """The reference's summed log-probs for a micro-batch: from the frozen model, or looked up in
+    the table precompute() filled (one row per example: [chosen, rejected] for DPO, [completion,
+    KL pair] for KTO). Either way no gradient flows into them."""
+
+    def __init__(self, model, device):
+        self.model, self.device, self.table = model, device, None
+        model.requires_grad_(False)
+        model.eval()
+
+    @torch.no_grad()
+    def logps(self, batch, kl=False):
+        if self.table is not None:  # rows of batch are examples batch["indices"] (DPO: chosen, then rejected)
+            table = self.table[batch["indices"]]
+            values = table[:, 1] if kl else table[:, 0] if "desirable" in batch else table.T.reshape(-1)
+            return values.to(self.device)
+        return summed_logps(self.model, batch, self.device, kl)
+
+    @torch.no_grad()
+    def precompute(self, rows, collate, pad_id, batch_size):
+        table = torch.zeros(len(rows), 2)
+        for start in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", leave=False):
+            indices = list(range(start, min(start + batch_size, len(rows))))
+            batch = data.to_device(collate([rows[i] for i in indices], pad_id), self.device)
+            first = self.logps(batch).float().cpu()
+            if "desirable" in batch:  # KTO: the example and its KL pair
+                table[indices, 0], table[indices, 1] = first, self.logps(batch, kl=True).float().cpu()
+            else:  # DPO: chosen rows then rejected rows
+                table[indices, 0], table[indices, 1] = first[:len(indices)], first[len(indices):]
+        self.table, self.model = table, None  # the reference model is no longer needed
+
+
+def summed_logps(model, batch, device, kl=False):
+    """log pi(completion | prompt) of every row of a collated batch (its KTO KL pairs with kl=True)."""
+    prefix = "kl_" if kl else ""
+    with autocast(device):
+        return sequence_logprobs(model, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
+                                 batch[prefix + "completion_mask"])
+
+
+def dpo_backward(policy, reference, batches, config: PreferenceConfig):
+    num_pairs = sum(len(b["indices"]) for b in batches)
+    settings = dict(beta=config.beta, label_smoothing=config.label_smoothing, loss_type=config.loss_type)
+    logps_seen, ref_seen, lengths_seen = [], [], []  # each (2, n) per micro-batch: row 0 chosen, row 1 rejected
+    for batch in batches:
+        n = len(batch["indices"])
+        logps = summed_logps(policy, batch, config.device)
+        ref = reference.logps(batch)
+        length = batch["completion_mask"].sum(-1)  # IPO averages the log-ratios per token
+        loss, _ = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], chosen_lengths=length[:n],
+                           rejected_lengths=length[n:], **settings)
+        (loss * n / num_pairs).backward()
+        logps_seen.append(logps.detach().view(2, n))
+        ref_seen.append(ref.view(2, n))
+        lengths_seen.append(length.view(2, n))
+    # The step's metrics (and loss) over all its pairs at once: exact whatever the micro-batching.
+    logps, ref, lengths = torch.cat(logps_seen, 1), torch.cat(ref_seen, 1), torch.cat(lengths_seen, 1)
+    loss, metrics = dpo_loss(logps[0], logps[1], ref[0], ref[1], chosen_lengths=lengths[0],
+                             rejected_lengths=lengths[1], **settings)
+    return {"loss": loss, **metrics}
+
+
+def kto_backward(policy, reference, batches, config: PreferenceConfig):
+    num_examples = sum(len(b["indices"]) for b in batches)
+    settings = dict(beta=config.beta, desirable_weight=config.desirable_weight,
+                    undesirable_weight=config.undesirable_weight)
+    # The reference point z0 uses the KL pairs of the whole step, so every micro-batch sees the same z0.
+    with torch.no_grad():
+        kl_logps = torch.cat([summed_logps(policy, b, config.device, kl=True) for b in batches])
+        ref_kl_logps = torch.cat([reference.logps(b, kl=True) for b in batches])
+    logps_seen, ref_seen = [], []
+    for batch in batches:
+        logps = summed_logps(policy, batch, config.device)
+        ref = reference.logps(batch)
+        loss, _ = kto_loss(logps, ref, kl_logps, ref_kl_logps, batch["desirable"], **settings)
+        (loss * len(batch["indices"]) / num_examples).backward()
+        logps_seen.append(logps.detach())
+        ref_seen.append(ref)
+    desirable = torch.cat([b["desirable"] for b in batches])
+    loss, metrics = kto_loss(torch.cat(logps_seen), torch.cat(ref_seen), kl_logps, ref_kl_logps, desirable, **settings)
+    return {"loss": loss, **metrics}
+
+
+def train_preference(config: PreferenceConfig) -> training.TrainResult:
+    """DPO or KTO (config.algo) from config.model against a frozen copy of it (or config.ref_model)."""
+    torch.manual_seed(config.seed)
+    tokenizer = Tokenizer.from_pretrained(config.model)
+    policy = training.load_start_model(config)
+    reference = Reference(checkpoint.load_model(config.ref_model or config.model, dtype=training.torch_dtype(config.dtype),
+                                                device=config.device), config.device)
+    max_length = min(config.max_length, policy.config.max_position_embeddings)
+    rows = load_rows(config, tokenizer, config.algo, max_length)
+    collate = data.COLLATE[config.algo]
+    if config.precompute_ref:
+        reference.precompute(rows, collate, tokenizer.pad_token_id, config.batch_size)
+    print(f"{len(rows)} {config.algo.upper()} examples; reference "
+          f"{'precomputed' if config.precompute_ref else 'scored each step'}")
+    backward = dpo_backward if config.algo == "dpo" else kto_backward
+    optimizer = training.make_optimizer(policy, lr=config.lr, weight_decay=config.weight_decay)
+    step_fn, order = offline_step_fn(config, rows, collate, tokenizer.pad_token_id, optimizer,
+                                     lambda batches: backward(policy, reference, batches, config))
+    return training.train(config, policy, optimizer, step_fn, order, tokenizer, desc=config.algo)

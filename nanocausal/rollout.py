@@ -1,0 +1,120 @@
+"""What online RL needs before any loss: a resumable stream of prompts, rollouts sampled from the
+policy with the log-prob of every token, their rewards, and micro-batches of the rollout rows.
+
+A rollout batch holds R = prompts * group_size rows, right-padded prompt + completion:
+
+    input_ids        (R, T)  the prompt then the sampled completion (EOS included), then padding
+    completion_mask  (R, T)  1 on the completion tokens: the only positions any RL loss reads
+    old_logprobs     (R, T)  the sampler's log-prob of each completion token (0 elsewhere): the
+                             "old" policy of the ratio, so an on-policy update needs no extra pass
+    completions      R lists of completion ids; truncated: R bools (hit max_new_tokens)
+
+Row r continues prompt r // group_size: a GRPO group is group_size contiguous rows.
+"""
+import numpy as np
+import torch
+
+from nanocausal import caugym, data
+from nanocausal.rewards import format_ok, reward
+from nanocausal.sampling import generate
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+
+class PromptStream:
+    """An endless, resumable stream of prompts, read one chunk at a time.
+
+    chunk(c) returns the examples of chunk c (each a dict with prompt_ids and whatever the reward
+    reads), always the same for the same c; the position (chunk, index) is all --resume needs."""
+
+    def __init__(self, chunk):
+        self.chunk, self.position = chunk, {"chunk": 0, "index": 0}
+        self.current = None
+
+    def next(self, n):
+        out = []
+        while len(out) < n:
+            if self.current is None:
+                self.current = self.chunk(self.position["chunk"])
+            take = self.current[self.position["index"]:self.position["index"] + n - len(out)]
+            out += take
+            self.position["index"] += len(take)
+            if self.position["index"] >= len(self.current):
+                self.position, self.current = {"chunk": self.position["chunk"] + 1, "index": 0}, None
+        return out
+
+    def state_dict(self):
+        return dict(self.position)
+
+    def load_state_dict(self, state):
+        self.position, self.current = dict(state), None
+
+
+def prompt_stream(seed, max_prompt_length, tokenizer=None, examples=None, path=None, tasks=caugym.TASKS,
+                  variant="base", nodes=None):
+    """Prompts from `examples` (dicts with prompt_ids, given in Python) or from the file `path`
+    are walked in a new seeded order each epoch (a chunk = an epoch); otherwise problems are
+    generated in chunks of 512 from (seed, chunk)."""
+    def shuffled(rows, c):
+        return [rows[i] for i in np.random.default_rng([seed, c]).permutation(len(rows))]
+
+    if examples is None and path is not None:
+        examples = data.tokenize(data.load_examples(path, "rl"), tokenizer, "rl", max_prompt_length)
+    if examples is not None:
+        return PromptStream(lambda c: shuffled(examples, c))
+
+    def generated(c):
+        problems = data.generated_examples("rl", 512, seed=seed * 100_000 + c, tasks=tasks, variant=variant,
+                                           nodes=nodes)
+        return shuffled(data.tokenize(problems, tokenizer, "rl", max_prompt_length, progress=False), c)
+    return PromptStream(generated)
+
+# -----------------------------------------------------------------------------
+# Rollouts and rewards
+
+
+@torch.no_grad()
+def rollout(model, prompts, group_size, max_new_tokens, temperature, top_p, top_k, seed, eos_token_ids, pad_token_id,
+            vocab_size=None):
+    """Sample group_size completions per prompt (a list of token-id lists); return the rollout batch
+    described in the module docstring."""
+    generation = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          num_samples=group_size, eos_token_ids=eos_token_ids, seed=seed, pad_token_id=pad_token_id,
+                          vocab_size=vocab_size)
+    completions = generation.completions()
+    row_prompts = [prompts[i] for i in generation.prompt_index.tolist()]
+    input_ids, _, completion_mask = data.pad_batch([p + c for p, c in zip(row_prompts, completions)], pad_token_id,
+                                                   [[0] * len(p) + [1] * len(c) for p, c in zip(row_prompts, completions)])
+    input_ids, completion_mask = input_ids.to(generation.tokens.device), completion_mask.to(generation.tokens.device)
+    # Completion tokens appear in the same (row-major) order in both layouts.
+    sampled = generation.logprobs[generation.completion_mask.bool()]
+    old_logprobs = torch.zeros(input_ids.shape, device=input_ids.device).masked_scatter(completion_mask.bool(), sampled)
+    return {"input_ids": input_ids, "completion_mask": completion_mask, "old_logprobs": old_logprobs,
+            "completions": completions, "truncated": [s == "length" for s in generation.stop_reason]}
+
+
+def score(examples, completions, tokenizer=None, format_weight=0.1, strict=False, reward_fn=None):
+    """Rewards (R,) and, for the causal reward, whether each answer is officially correct and well
+    formed. reward_fn(example, completion_ids) -> float replaces the causal reward (the tests'
+    trivially learnable one, which needs no tokenizer)."""
+    if reward_fn is not None:
+        return {"reward": torch.tensor([float(reward_fn(ex, ids)) for ex, ids in zip(examples, completions)])}
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+    pairs = list(zip(examples, texts))
+    return {"reward": torch.tensor([reward(t, ex["answer"], format_weight, strict) for ex, t in pairs]),
+            "correct": torch.tensor([float(caugym.is_correct(t, ex["answer"])) for ex, t in pairs]),
+            "format_ok": torch.tensor([format_ok(t, ex["answer"]) for ex, t in pairs])}
+
+
+def row_micro_batches(batch, rows, size):
+    """Yield (row index, micro-batch) for `rows` cut into groups of `size` similar-length sequences,
+    each trimmed to its longest. Rows are right-padded, so plain causal attention (no mask: the
+    fast path) is exact on every real token; what padding computes is masked out by completion_mask."""
+    last = batch["completion_mask"].cumsum(1).argmax(1).tolist()  # last real position of each row
+    rows = sorted(rows, key=lambda r: last[r])
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        index = torch.tensor(chunk, device=batch["input_ids"].device)
+        width = max(last[r] for r in chunk) + 1
+        yield index, {k: v[index, :width] if v.dim() == 2 else v[index] for k, v in batch.items() if torch.is_tensor(v)}
