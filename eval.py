@@ -30,24 +30,39 @@ The oracle (seconds):
 Generated sets instead of files: --data gen:deconfounding:200 (problems.generate) or tiny:200
 (the tiny curriculum of nanocausal/tiny.py).
 
+CaLM-Lite (nanocausal/calm.py): CaLM's own prompts ("basic", or --prompt-style zero-shot-CoT) and
+labelling, accuracy per task, per rung of the causal ladder and overall beside CaLM's random-guess
+figures. --data takes task files (CORR-B_correlation_EN.json) or folders of them. CaLM's own runners
+generate 120-400 tokens with the checkpoint's defaults or call APIs at temperature 0: --temperature 0
+and a short --max-new-tokens are the CaLM-like choice. One GPU (not run here), all 39 English tasks:
+    python eval.py --model Qwen/Qwen2.5-7B-Instruct --data ../shared/data/calm_lite --temperature 0 \\
+        --max-new-tokens 512 --batch-size 64 --out runs/calm-qwen2.5-7b
+Pipeline checks without a model (seconds): `--model gold` answers every item with its gold label as
+the prompt asks for it (100 % on every scored task), `--model oracle` solves the -P tasks (100 %):
+    python eval.py --model gold --data ../shared/data/calm_lite --num-samples 1 --out runs/calm-gold
+
 Where things are: the protocol's constants and scoring rule are nanocausal/caugym.py, running it
 on a model (answering, scoring, resuming, the table) nanocausal/evaluation.py.
 """
-from nanocausal import caugym, cli, evaluation
+from nanocausal import calm, caugym, cli, evaluation
 from nanocausal.evaluation import EvalConfig
 
 
 def build_parser():
     parser = cli.parser_for(__doc__)
     g = parser.add_argument_group("what to evaluate")
-    g.add_argument("--model", default=None, help="a Hugging Face folder, a hub id, or 'oracle' (answers with the symbolic solver)")
+    g.add_argument("--model", default=None, help="a Hugging Face folder, a hub id, 'oracle' (answers with the symbolic "
+                   "solver) or 'gold' (answers every item with its gold answer: a check of prompts, files and scoring)")
     g.add_argument("--rescore", default=None,
                    help="instead of sampling, score the responses of a responses.jsonl file (fields response, answer, type, "
                         "dataset; e.g. written by another engine) with the official rule")
     g.add_argument("--data", nargs="+", default=None,
-                   help="CauGym-format .json/.jsonl files (e.g. ../shared/data/caugym/base.json), or generated sets: "
-                        "gen:VARIANT:N (nanocausal.problems.generate), tiny:N, tiny-rephrased:N (tiny curriculum)")
+                   help="CauGym-format .json/.jsonl files (e.g. ../shared/data/caugym/base.json), generated sets: "
+                        "gen:VARIANT:N (nanocausal.problems.generate), tiny:N, tiny-rephrased:N (tiny curriculum), or "
+                        "CaLM task files or folders of them (e.g. ../shared/data/calm_lite)")
     g.add_argument("--per-task", type=cli.positive_int, default=None, help="keep only the first N problems of each task per data set")
+    g.add_argument("--prompt-style", default=EvalConfig.prompt_style, choices=calm.STYLES,
+                   help="CaLM prompt style of CaLM tasks (CaLM-Lite's: basic)")
     g.add_argument("--limit", type=cli.positive_int, default=None, help="keep only the first N problems of each data set")
     g.add_argument("--tasks", type=cli.task_list, default=caugym.TASKS, help="comma-separated tasks of the generated sets (gen:...)")
     g.add_argument("--nodes", type=cli.positive_int, default=None, help="graph size of the generated sets (default: the variant's)")

@@ -37,7 +37,7 @@ spent on more SFT 1.7 to 7.0. With flawless demonstrations (--teacher-slip-rate 
 On a machine with a GPU the trainers use it automatically (not measured: no GPU was available); the
 real-model recipe is in the README.
 """
-import argparse
+import importlib.util
 import json
 import os
 import random
@@ -46,7 +46,7 @@ import time
 
 import torch
 
-from nanocausal import caugym, checkpoint, cli, data, evaluation, tiny
+from nanocausal import caugym, checkpoint, cli, data, evaluation, plot, tiny
 from nanocausal.rl import RLConfig, train_rl
 from nanocausal.sft import SFTConfig, train_sft
 from nanocausal.tokenizer import Tokenizer
@@ -55,35 +55,35 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser_for(__doc__)
     p.add_argument("--base", default=os.path.join(ROOT, "data", "tiny-base"), help="the pretrained tiny base folder")
     p.add_argument("--out", default="runs/pipeline", help="output folder (data, checkpoints, results)")
-    p.add_argument("--sft-examples", type=int, default=800, help="worked solutions for SFT (a few hundred, reused each epoch)")
-    p.add_argument("--teacher-slip-rate", type=float, default=0.3,
+    p.add_argument("--sft-examples", type=cli.positive_int, default=800, help="worked solutions for SFT (a few hundred, reused each epoch)")
+    p.add_argument("--teacher-slip-rate", type=cli.non_negative_float, default=0.3,
                    help="share of the borrows the worked solutions forget, carrying the error to the answer "
                         "(a careless teacher; 0: flawless solutions)")
-    p.add_argument("--sft-steps", type=int, default=200, help="SFT optimiser steps (batch --batch-size)")
-    p.add_argument("--batch-size", type=int, default=16, help="SFT examples per step")
-    p.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate")
-    p.add_argument("--grpo-steps", type=int, default=40, help="GRPO steps (one rollout batch each)")
-    p.add_argument("--prompts-per-step", type=int, default=16, help="GRPO prompts per step")
-    p.add_argument("--group-size", type=int, default=8, help="GRPO completions per prompt")
-    p.add_argument("--grpo-mini-batches", type=int, default=4,
+    p.add_argument("--sft-steps", type=cli.positive_int, default=200, help="SFT optimiser steps (batch --batch-size)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="SFT examples per step")
+    p.add_argument("--sft-lr", type=cli.non_negative_float, default=2e-3, help="SFT peak learning rate")
+    p.add_argument("--grpo-steps", type=cli.positive_int, default=40, help="GRPO steps (one rollout batch each)")
+    p.add_argument("--prompts-per-step", type=cli.positive_int, default=16, help="GRPO prompts per step")
+    p.add_argument("--group-size", type=cli.positive_int, default=8, help="GRPO completions per prompt")
+    p.add_argument("--grpo-mini-batches", type=cli.positive_int, default=4,
                    help="optimiser steps per rollout batch (4: four updates of 4 groups each per step)")
-    p.add_argument("--grpo-lr", type=float, default=3e-5,
+    p.add_argument("--grpo-lr", type=cli.non_negative_float, default=3e-5,
                    help="GRPO learning rate (constant after warmup, no KL; 1e-4 did not help, 2e-4 collapsed, docs/tiny_results.md)")
-    p.add_argument("--grpo-warmup", type=int, default=3,
+    p.add_argument("--grpo-warmup", type=cli.non_negative_int, default=3,
                    help="GRPO warmup steps (Adam's first updates move every weight by ~lr: unwarmed, they can wreck the SFT model)")
     p.add_argument("--rl-kinds", default="effect",
                    help="comma-separated question kinds GRPO rolls out on (effect, no path); the no-path groups are "
                         "all correct from the start, so their advantages are 0 and they only cost rollout time")
-    p.add_argument("--rollout-temperature", type=float, default=0.6,
+    p.add_argument("--rollout-temperature", type=cli.non_negative_float, default=0.6,
                    help="GRPO sampling temperature (0.6: the evaluation's, so RL optimises what is measured)")
-    p.add_argument("--test-problems", type=int, default=200, help="held-out problems of the base test set")
-    p.add_argument("--rephrased-problems", type=int, default=0,
+    p.add_argument("--test-problems", type=cli.positive_int, default=200, help="held-out problems of the base test set")
+    p.add_argument("--rephrased-problems", type=cli.non_negative_int, default=0,
                    help="held-out problems in held-out wording (0: none; every model scored 0 %% on 100 of them, docs/tiny_results.md)")
-    p.add_argument("--eval-samples", type=int, default=2, help="samples per problem for sampled accuracy")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
+    p.add_argument("--eval-samples", type=cli.positive_int, default=2, help="samples per problem for sampled accuracy")
+    p.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, training and sampling")
     return p.parse_args(argv)
 
@@ -170,8 +170,8 @@ def main(argv=None):
     print(f"[1/4] SFT: {args.sft_steps} steps x {args.batch_size} worked solutions")
     sft = train_sft(SFTConfig(
         model=args.base, data=sft_data, steps=args.sft_steps, batch_size=args.batch_size, lr=args.sft_lr,
-        warmup_steps=10, save_every=args.sft_steps, out_dir=sft_dir, log_every=20, eval_every=0, seed=args.seed,
-        max_length=512))
+        warmup_steps=10, save_every=args.sft_steps, out_dir=sft_dir, log_every=20, eval_every=0, overwrite=True,
+        seed=args.seed, max_length=512))
     sft_checkpoint = os.path.join(sft_dir, "checkpoint")
 
     print(f"[2/4] GRPO: {args.grpo_steps} steps x {args.prompts_per_step} prompts x {args.group_size} samples")
@@ -179,8 +179,8 @@ def main(argv=None):
         algo="grpo", model=sft_checkpoint, data=os.path.join(data_dir, "rl.jsonl"), steps=args.grpo_steps,
         prompts_per_step=args.prompts_per_step, group_size=args.group_size, max_new_tokens=120,
         temperature=args.rollout_temperature, micro_batch_size=64, mini_batches=args.grpo_mini_batches,
-        lr=args.grpo_lr, warmup_steps=args.grpo_warmup, eval_every=0, seed=args.seed, save_every=args.grpo_steps,
-        out_dir=grpo_dir))
+        lr=args.grpo_lr, warmup_steps=args.grpo_warmup, eval_every=0, overwrite=True, seed=args.seed,
+        save_every=args.grpo_steps, out_dir=grpo_dir))
 
     # Same compute: as many SFT steps as take the time GRPO's steps took (step times as measured).
     sft_step = sft.train_seconds / args.sft_steps
@@ -189,8 +189,8 @@ def main(argv=None):
           f"SFT {sft_step:.2f}s/step)")
     control = train_sft(SFTConfig(
         model=sft_checkpoint, data=sft_data, steps=control_steps, batch_size=args.batch_size, lr=args.sft_lr / 2,
-        warmup_steps=0, save_every=control_steps, out_dir=control_dir, log_every=20, eval_every=0, seed=args.seed,
-        max_length=512))
+        warmup_steps=0, save_every=control_steps, out_dir=control_dir, log_every=20, eval_every=0, overwrite=True,
+        seed=args.seed, max_length=512))
 
     print("[4/4] evaluation")
     eval_started = time.time()
@@ -206,6 +206,11 @@ def main(argv=None):
               f"(torch threads {args.threads})")
     report = f"{table}\n\n{curve_text}\n{timing}\n"
     print(report)
+    if importlib.util.find_spec("matplotlib"):
+        plot.plot_runs([sft_dir, grpo_dir, control_dir], os.path.join(args.out, "curves.png"),
+                       names=["SFT", "SFT + GRPO", "control"])
+    else:
+        print("(pip install matplotlib for the curves: python -m nanocausal.plot on the three run folders)")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(report)
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -25,7 +25,7 @@ their losses losses.dpo_loss and losses.kto_loss (each with its formula), the lo
 logging, evaluation, checkpoints, Ctrl-C, resume) nanocausal/training.py. This file only turns
 flags into a PreferenceConfig.
 """
-from nanocausal import cli
+from nanocausal import cli, memory_plan
 from nanocausal.preference import PreferenceConfig, train_preference
 
 
@@ -55,7 +55,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return train_preference(cli.config_from_args(PreferenceConfig, args, out_dir=args.out_dir or f"out/{args.algo}"))
+    config = cli.config_from_args(PreferenceConfig, args, out_dir=args.out_dir or f"out/{args.algo}")
+    if args.plan:
+        return memory_plan.report(config, config.algo, args.json, args.plan_prompt_tokens, args.gpu_memory_gib)
+    return train_preference(config)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ model separate from the policy (the value head shares the policy's trunk and sta
 """
 import argparse
 
-from nanocausal import cli
+from nanocausal import cli, memory_plan
 from nanocausal.rl import RLConfig, train_rl
 
 
@@ -108,15 +108,14 @@ def build_parser(algo="grpo"):
     return parser
 
 
-def parse_config(argv=None):
+def main(argv=None):
     algo_parser = argparse.ArgumentParser(add_help=False)
     algo_parser.add_argument("--algo", choices=("grpo", "ppo"), default="grpo")
-    algo = algo_parser.parse_known_args(argv)[0].algo
-    return cli.config_from_args(RLConfig, build_parser(algo).parse_args(argv))
-
-
-def main(argv=None):
-    return train_rl(parse_config(argv))
+    args = build_parser(algo_parser.parse_known_args(argv)[0].algo).parse_args(argv)
+    config = cli.config_from_args(RLConfig, args)
+    if args.plan:
+        return memory_plan.report(config, config.algo, args.json, args.plan_prompt_tokens, args.gpu_memory_gib)
+    return train_rl(config)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ nanocausal/sft.py, its loss losses.sft_loss, the loop (schedule, logging, evalua
 Ctrl-C, resume) nanocausal/training.py. This file only turns flags into an SFTConfig.
 Not implemented: packing several examples into one row, multi-GPU.
 """
-from nanocausal import cli
+from nanocausal import cli, memory_plan
 from nanocausal.sft import SFTConfig, train_sft
 
 
@@ -37,7 +37,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return train_sft(cli.config_from_args(SFTConfig, args))
+    config = cli.config_from_args(SFTConfig, args)
+    if args.plan:
+        return memory_plan.report(config, "sft", args.json, args.plan_prompt_tokens, args.gpu_memory_gib)
+    return train_sft(config)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ here, plus what --resume needs:
     tokenizer.json, ...          the tokenizer files of the model it started from (TOKENIZER_FILES)
     value_head.safetensors       extra modules (PPO's value head), when there are any
     trainer_state.pt             optimiser state, step, data position, RNG states, the run's config
+    manifest.json                every file's size, written last: the folder is whole
 
 trainer_state.pt holds tensors and plain Python types only and is read with
 torch.load(weights_only=True), which refuses to unpickle anything else: resuming never runs code
@@ -20,17 +21,19 @@ import math
 import os
 import random
 import shutil
+import signal
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from nanocausal import lora
 from nanocausal.model import ModelConfig, Transformer
 
 # The files of a checkpoint, one list each: what a hub download fetches and what a save copies.
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json"]
-MODEL_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json"]
+MODEL_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", lora.ADAPTER_CONFIG]
 
 # -----------------------------------------------------------------------------
 # Finding a checkpoint: a local folder or a hub id
@@ -50,11 +53,21 @@ def resolve(name_or_path, patterns) -> str:
 
 
 def resolve_model(name_or_path) -> str:
-    """The folder of a model checkpoint (weights and tokenizer), checked to hold a config.json."""
+    """The folder of a model checkpoint (weights and tokenizer), checked to hold a config.json (or,
+    for a LoRA adapter, an adapter_config.json)."""
     path = resolve(name_or_path, MODEL_FILES + TOKENIZER_FILES)
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if not any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", lora.ADAPTER_CONFIG)):
         raise ValueError(f"{path} is not a Hugging Face checkpoint: it has no config.json")
     return path
+
+
+def is_adapter(folder):
+    return os.path.isfile(os.path.join(folder, lora.ADAPTER_CONFIG))
+
+
+def base_of(folder):
+    """The base model a LoRA adapter folder was trained on (a hub id or a folder)."""
+    return lora.read_adapter_config(folder)["base_model_name_or_path"]
 
 # -----------------------------------------------------------------------------
 # Weights: safetensors in, safetensors out
@@ -70,9 +83,16 @@ def load_model(name_or_path, dtype=None, device=None) -> Transformer:
 
     The model is built on the meta device (no memory), then each parameter is read from disk
     straight into its final tensor, so at no point do two copies of the weights exist.
-    dtype defaults to float32; device to CPU.
+    dtype defaults to float32; device to CPU. A LoRA adapter folder loads as its base model with
+    the adapters added (nanocausal.lora); a config.json as a random-weight model of its shape.
     """
+    if str(name_or_path).endswith(".json") and os.path.isfile(name_or_path):
+        return random_model(name_or_path, dtype, device)
     path = resolve_model(name_or_path)
+    if is_adapter(path):  # a LoRA adapter (ours or peft's): its base, with the adapters on top
+        model = load_model(base_of(path), dtype, device)
+        model.lora_base = base_of(path)
+        return lora.load_adapter(model, path)
     config_path = os.path.join(path, "config.json")
     with open(config_path) as f:
         try:
@@ -107,6 +127,25 @@ def load_model(name_or_path, dtype=None, device=None) -> Transformer:
     return model.eval()
 
 
+def random_model(config_json, dtype=None, device=None, seed=0):
+    """A model of the shape a config.json describes (../shared/configs/ holds real ones) with
+    random weights: N(0, 0.02) matrices, zero biases, unit norms. For memory plans, GPU checks
+    and benchmarks where the weights cannot be downloaded; it knows no language."""
+    with open(config_json) as f:
+        config = ModelConfig.from_dict(json.load(f), source=str(config_json))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = Transformer(config).to(dtype or torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+            else:
+                p.fill_(1.0 if "norm" in name else 0.0)
+    model.reset_rope()
+    return model.eval()
+
+
 def _set_parameter(model: nn.Module, hf_key: str, tensor: torch.Tensor):
     """Replace the (meta) parameter named by a checkpoint key with a loaded tensor."""
     module_name, _, attr = hf_key.removeprefix("model.").rpartition(".")
@@ -115,10 +154,13 @@ def _set_parameter(model: nn.Module, hf_key: str, tensor: torch.Tensor):
 
 
 def save_model(model: Transformer, out_dir, max_shard_bytes=5 * 1024**3):
-    """Write config.json and model.safetensors (or shards + index) that transformers loads."""
+    """Write config.json and model.safetensors (or shards + index) that transformers loads; for a
+    LoRA model, the adapters only, as a peft folder whose base is model.lora_base."""
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
+    if lora.is_lora_model(model):
+        return lora.save_adapter(model, out_dir, model.lora_base)
     config = dict(model.config.raw)
     config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -234,25 +276,117 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_state=None, extra_modules=None):
+MANIFEST = "manifest.json"  # written last: a folder with a manifest that matches its files is whole
+
+
+def crash_point(name):
+    """Fault injection for the tests: with NANOCAUSAL_CRASH_AT=name (or name:n) the process kills
+    itself (SIGKILL: no cleanup, as a power cut or an OOM kill) the first (n-th) time a save
+    reaches point `name`. Costs one environment lookup when unset."""
+    wanted = os.environ.get("NANOCAUSAL_CRASH_AT")
+    if not wanted:
+        return
+    point, _, nth = wanted.partition(":")
+    if point == name:
+        _crash_counts[name] = _crash_counts.get(name, 0) + 1
+        if _crash_counts[name] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_crash_counts = {}
+
+
+def _fsync(path):
+    """Ask the OS to put a file's (or a folder's entries') bytes on disk before we go on."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_complete(folder):
+    """True when `folder` holds a manifest and every file it lists, at the listed size."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return False
+    return all(os.path.isfile(os.path.join(folder, n)) and os.path.getsize(os.path.join(folder, n)) == size
+               for n, size in files.items())
+
+
+def saved_step(folder):
+    with open(os.path.join(folder, MANIFEST)) as f:
+        return json.load(f).get("step")
+
+
+def recover(out_dir):
+    """Finish or undo a save that a crash interrupted, so that out_dir is the newest whole
+    checkpoint (or absent) and no leftover blocks the next save.
+
+    A save writes out_dir.tmp, then renames out_dir -> out_dir.old and out_dir.tmp -> out_dir,
+    then removes out_dir.old. A crash can leave: a partial .tmp (removed); a whole .tmp that is
+    newer than out_dir, or out_dir missing (the swap is finished); a .old beside a whole out_dir
+    (removed) or instead of it (put back)."""
+    out_dir = out_dir.rstrip("/")
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    if os.path.isdir(tmp):
+        newer = is_complete(tmp) and not (is_complete(out_dir) and saved_step(out_dir) >= saved_step(tmp))
+        if newer:
+            if os.path.isdir(out_dir):
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+        else:
+            shutil.rmtree(tmp)
+    if os.path.isdir(old):
+        if not os.path.isdir(out_dir) and is_complete(old):
+            os.replace(old, out_dir)
+        else:
+            shutil.rmtree(old)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if os.path.isdir(parent):
+        _fsync(parent)
+
+
+def copy_tokenizer_files(source, out_dir):
+    """Copy the tokenizer files of a checkpoint (an adapter folder without them: its base's) to out_dir;
+    a random-weight model of a config.json has none."""
+    if str(source).endswith(".json"):
+        return
+    folder = resolve_model(source)
+    if is_adapter(folder) and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        folder = resolve_model(base_of(folder))
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            shutil.copy(os.path.join(folder, name), out_dir)
+
+
+def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_state=None, extra_modules=None, keep=1):
     """Write out_dir as a Hugging Face folder (config, safetensors, tokenizer files) that
     `load_model` and transformers load, plus trainer_state.pt holding the optimiser, the step,
     the data position and every RNG state, so --resume continues exactly. trainer_state must hold
     plain types only (numbers, strings, lists, dicts). extra_modules (e.g. a PPO value head) are
     saved as <name>.safetensors beside the model.
 
-    The folder is written next to its final place and renamed into it, so an interrupted save
-    never leaves a half-written checkpoint behind.
+    Crash-safe: everything is written into a fresh out_dir.tmp and fsynced, the manifest (every
+    file's size) last; then out_dir.tmp replaces out_dir by two renames. A kill at any moment
+    leaves either the old or the new checkpoint whole, and `recover` (run by the next save and at
+    the start of every run) completes or removes what is left over. keep > 1 keeps the previous
+    keep - 1 checkpoints beside it as out_dir-STEP (e.g. checkpoint-000400).
     """
     from safetensors.torch import save_file
 
-    tmp_dir = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    out_dir = out_dir.rstrip("/")
+    tmp_dir, old_dir = out_dir + ".tmp", out_dir + ".old"
+    recover(out_dir)
     save_model(model, tmp_dir)
-    source = resolve_model(tokenizer_source)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copy(os.path.join(source, name), tmp_dir)
+    crash_point("weights")
+    copy_tokenizer_files(tokenizer_source, tmp_dir)
     for name, module in (extra_modules or {}).items():
         save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
                   os.path.join(tmp_dir, f"{name}.safetensors"))
@@ -260,11 +394,31 @@ def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_st
         torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
                     "trainer_state": trainer_state or {}, "rng": rng_state()},
                    os.path.join(tmp_dir, "trainer_state.pt"))
-    old_dir = out_dir.rstrip("/") + ".old"
+    crash_point("trainer_state")
+    files = sorted(os.listdir(tmp_dir))
+    for name in files:
+        _fsync(os.path.join(tmp_dir, name))
+    with open(os.path.join(tmp_dir, MANIFEST), "w") as f:
+        json.dump({"step": (trainer_state or {}).get("step"),
+                   "files": {n: os.path.getsize(os.path.join(tmp_dir, n)) for n in files}}, f, indent=1)
+    _fsync(os.path.join(tmp_dir, MANIFEST))
+    _fsync(tmp_dir)
+    crash_point("manifest")
+    previous_step = saved_step(out_dir) if is_complete(out_dir) else None
     if os.path.isdir(out_dir):
         os.replace(out_dir, old_dir)
+    crash_point("moved_old")
     os.replace(tmp_dir, out_dir)
+    _fsync(os.path.dirname(os.path.abspath(out_dir)))
+    crash_point("moved_new")
+    if keep > 1 and previous_step is not None:
+        os.replace(old_dir, f"{out_dir}-{previous_step:06d}")
+        kept = sorted(d for d in os.listdir(os.path.dirname(os.path.abspath(out_dir)))
+                      if d.startswith(os.path.basename(out_dir) + "-") and d.rsplit("-", 1)[1].isdigit())
+        for name in kept[:max(0, len(kept) - (keep - 1))]:
+            shutil.rmtree(os.path.join(os.path.dirname(os.path.abspath(out_dir)), name))
     shutil.rmtree(old_dir, ignore_errors=True)
+    crash_point("removed_old")
 
 
 def load_trainer_state(checkpoint_dir, optimizer=None):

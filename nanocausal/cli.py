@@ -10,7 +10,7 @@ import dataclasses
 import os
 import sys
 
-from nanocausal import caugym
+from nanocausal import caugym, tracking
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -43,6 +43,15 @@ def non_negative_float(text):
     if not value >= 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
+
+
+def report_backends(text):
+    """--report-to: checked (names known, packages installed) before any model is loaded."""
+    try:
+        tracking.check(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def task_list(text):
@@ -90,6 +99,21 @@ def add_hardware_args(parser, defaults):
     g.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16"],
                    help="weight dtype; float32 weights + bf16 autocast on CUDA is the standard mixed precision")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward to save memory")
+    g.add_argument("--plan", action="store_true",
+                   help="print the memory plan (bytes by component, from the shapes alone: --model may be a config.json) "
+                        "and exit without training")
+    g.add_argument("--json", action="store_true", help="with --plan: print it as JSON")
+    g.add_argument("--gpu-memory-gib", type=non_negative_float, default=None,
+                   help="with --plan: the GPU's memory (default: the current GPU's, else 80)")
+    g.add_argument("--plan-prompt-tokens", type=positive_int, default=512,
+                   help="with --plan: prompt length assumed for the KV cache and RL activations")
+    g = parser.add_argument_group("LoRA (nanocausal/lora: y = W x + (alpha / r) B A x, base frozen)")
+    g.add_argument("--lora-rank", type=non_negative_int, default=defaults.lora_rank,
+                   help="rank r of the adapters (0: full fine-tuning); with LoRA use about 10x the full-fine-tuning lr")
+    g.add_argument("--lora-alpha", type=non_negative_float, default=defaults.lora_alpha, help="the adapters' scale is alpha / r")
+    g.add_argument("--lora-dropout", type=non_negative_float, default=defaults.lora_dropout, help="dropout on the adapters' input")
+    g.add_argument("--lora-targets", type=lambda text: tuple(t.strip() for t in text.split(",") if t.strip()),
+                   default=defaults.lora_targets, help="comma-separated linear layers of each block that get adapters")
     return g
 
 
@@ -117,8 +141,19 @@ def add_output_args(parser, defaults):
     g.add_argument("--save-every", type=positive_int, default=defaults.save_every,
                    help="write a checkpoint every this many steps (and at the end, and on Ctrl-C)")
     g.add_argument("--log-every", type=positive_int, default=defaults.log_every, help="print a progress line every this many steps")
+    g.add_argument("--report-to", type=report_backends, default=defaults.report_to,
+                   help="also send every metrics.jsonl row to wandb, trackio or tensorboard (comma-separated; "
+                        "offline when there is no network; see nanocausal/tracking.py)")
+    g.add_argument("--run-name", default=defaults.run_name, help="the run's name in the tracker (default: out-dir's folder name)")
+    g.add_argument("--project", default=defaults.project, help="the wandb / trackio project")
+    g.add_argument("--keep", type=positive_int, default=defaults.keep,
+                   help="checkpoints kept: out-dir/checkpoint and the keep - 1 before it (out-dir/checkpoint-STEP)")
     g.add_argument("--resume", action="store_true",
-                   help="continue exactly from out-dir/checkpoint (weights, optimiser, data position, RNG)")
+                   help="continue exactly from out-dir/checkpoint (weights, optimiser, data position, RNG); "
+                        "from step 0 when there is none yet")
+    g.add_argument("--overwrite", action="store_true", help="start again in an out-dir that already holds a run (deletes it)")
+    g.add_argument("--allow-changed-args", action="store_true",
+                   help="resume even though settings that change the run (lr, batch sizes, model, ...) differ from the saved ones")
     return g
 
 
@@ -163,6 +198,6 @@ def run_main(main):
         return main()
     try:
         return main()
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:
         message = str(e) if not isinstance(e, KeyError) else f"missing key {e}"
         sys.exit(f"error: {message} (NANOCAUSAL_DEBUG=1 for the traceback)")

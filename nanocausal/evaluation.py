@@ -9,6 +9,12 @@ aggregates accuracy = correct samples / all samples, per task and overall.
 `run(EvalConfig)` is eval.py's whole job: a table of the seven tasks by data set, every response
 appended to <out>/responses.jsonl as soon as its batch is done (a rerun resumes from it), and the
 scores in <out>/summary.json.
+
+CaLM-Lite task files (or folders of them) run through the same path with CaLM's own prompts and
+labelling (nanocausal.calm): their items carry the CaLM item, and `scoring` labels them by CaLM's
+rules; their table has a row per task, per rung of the causal ladder and overall. Two pseudo-models
+check the pipeline without a network: `oracle` (the symbolic solver, for CauGym problems and CaLM's
+-P tasks) and `gold` (each item's gold answer, in the form its prompt asks for).
 """
 import hashlib
 import json
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from nanocausal import caugym, checkpoint, data, problems, tiny
+from nanocausal import calm, caugym, checkpoint, data, problems, tiny
 from nanocausal.problem_text import solve
 from nanocausal.sampling import generate
 from nanocausal.tokenizer import Tokenizer
@@ -29,12 +35,18 @@ from nanocausal.tokenizer import Tokenizer
 # Problems
 
 
-def load_dataset(spec, seed=0, tasks=caugym.TASKS, nodes=None):
+PSEUDO_MODELS = ("oracle", "gold")
+
+
+def load_dataset(spec, seed=0, tasks=caugym.TASKS, nodes=None, prompt_style="basic"):
     """One --data entry -> (name, items); an item is {prompt (messages), problem, answer, type, variant}.
 
     spec is a CauGym-format .json / .jsonl file (problem, answer, Type; or prompt, answer, type),
-    "gen:VARIANT:N" (N problems from nanocausal.problems.generate), or "tiny:N" / "tiny-rephrased:N"
-    (the tiny curriculum)."""
+    "gen:VARIANT:N" (N problems from nanocausal.problems.generate), "tiny:N" / "tiny-rephrased:N"
+    (the tiny curriculum), or a CaLM task file or folder of them (calm.load_dataset, prompted in
+    CaLM's `prompt_style`)."""
+    if os.path.isdir(spec) or calm.is_task_file(spec):
+        return calm.load_dataset(spec, prompt_style)
     if spec.startswith(("tiny:", "tiny-rephrased:")):
         kind, n = spec.split(":")
         items = tiny.make_problems(int(n), seed=seed, rephrased=kind == "tiny-rephrased")
@@ -52,7 +64,7 @@ def load_dataset(spec, seed=0, tasks=caugym.TASKS, nodes=None):
 
 
 def per_task_slice(items, per_task):
-    """The first `per_task` items of each Type, in file order."""
+    """The first `per_task` items of each Type (of a CaLM item: its task), in file order."""
     count, out = defaultdict(int), []
     for item in items:
         if count[item.get("type")] < per_task:
@@ -73,8 +85,8 @@ def item_key(dataset, index, item):
 
 def answer(model, tokenizer, items, num_samples, temperature, top_p, top_k, max_new_tokens, seed):
     """Responses (num_samples per item, item-major) for a batch of items."""
-    if model == "oracle":
-        return [[solve(item.get("problem") or item["prompt"][-1]["content"])] * num_samples for item in items]
+    if model in PSEUDO_MODELS:
+        return [[pseudo_reply(model, item)] * num_samples for item in items]
     prompts = [tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True) for item in items]
     # The official 8192 new tokens do not fit every model's context (SmolLM2's is 8192 in all):
     # reply length is then capped at what the context leaves, as a serving engine would.
@@ -90,18 +102,37 @@ def answer(model, tokenizer, items, num_samples, temperature, top_p, top_k, max_
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(items))]
 
 
+def pseudo_reply(model, item):
+    """oracle: the symbolic solver's answer (None, no answer, for a CaLM item that is no CauGym-style
+    problem); gold: the gold answer, as CaLM's prompt asks for it or CauGym's answer JSON."""
+    if model == "gold":
+        return calm.gold_reply(item["calm"], item["type"]) if "calm" in item else item["answer"]
+    if "calm" in item and "problem" not in item:
+        return None
+    return solve(item.get("problem") or item["prompt"][-1]["content"])
+
+
+def scoring(item, response):
+    """A record's scoring fields: `correct` by CauGym's official rule, or for a CaLM item CaLM's label
+    and score (calm.record_fields; correct None: not scored)."""
+    if "calm" in item:
+        return calm.record_fields(item, response)
+    return {"correct": caugym.is_correct(response, item["answer"])}
+
+
 def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature=0.6, top_p=0.95, top_k=0,
              max_new_tokens=8192, batch_size=16, seed=0, done=(), on_records=None, progress=True):
     """Answer and score `items`; returns one record per sample:
-    {key, dataset, index, sample, type, kind, variant, answer, response, correct}.
+    {key, dataset, index, sample, type, kind, variant, answer, response, correct} (CaLM items also
+    rung, style and label).
 
-    model: a Transformer (with its Tokenizer) or the string "oracle". temperature 0 is greedy
+    model: a Transformer (with its Tokenizer) or "oracle" / "gold". temperature 0 is greedy
     decoding (then num_samples is 1). Items whose key is in `done` are skipped; `on_records` is
     called with each finished batch's records (run() appends them to responses.jsonl)."""
     if temperature == 0:
         num_samples = 1
     todo = [(i, item) for i, item in enumerate(items) if item_key(dataset, i, item) not in done]
-    if model != "oracle":
+    if model not in PSEUDO_MODELS:
         # Similar lengths side by side: less padding in each batch.
         todo.sort(key=lambda pair: len(json.dumps(pair[1]["prompt"])))
     records = []
@@ -116,7 +147,7 @@ def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature
                 new.append({"key": item_key(dataset, index, item), "dataset": dataset, "index": index,
                             "sample": sample, "type": item.get("type"), "kind": item.get("kind"),
                             "variant": item.get("variant"), "answer": item["answer"], "response": response,
-                            "correct": caugym.is_correct(response, item["answer"])})
+                            **scoring(item, response)})
         records += new
         if on_records is not None:
             on_records(new)
@@ -126,9 +157,12 @@ def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature
 
 
 def accuracy(records, by="type"):
-    """{group: accuracy} over samples, plus "overall"; group is the record's `by` field."""
+    """{group: accuracy} over samples, plus "overall"; group is the record's `by` field. Samples with
+    `correct` None (not scored) are left out."""
     correct, total = defaultdict(int), defaultdict(int)
     for r in records:
+        if r["correct"] is None:
+            continue
         for group in (r.get(by), "overall"):
             correct[group] += bool(r["correct"])
             total[group] += 1
@@ -139,16 +173,20 @@ def accuracy(records, by="type"):
 
 
 def read_responses(path):
-    """The records of an earlier (possibly interrupted) run; a half-written last line is ignored."""
-    records = []
+    """The records of an earlier (possibly interrupted) run. A line that is not valid JSON (the
+    last line of a killed run, or a damaged one) is reported and skipped, never a reason to drop
+    the lines after it; a (problem, sample) answered twice keeps its last answer."""
+    records = {}
     if os.path.exists(path):
         with open(path) as f:
-            for line in f:
+            for line_number, line in enumerate(f, start=1):
                 try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # the run was killed mid-write; that problem is answered again
-    return records
+                    record = json.loads(line)
+                    records[(record["key"], record["sample"])] = record
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    if line.strip():
+                        print(f"{path}:{line_number}: not a response record, skipped (that problem is answered again)")
+    return list(records.values())
 
 
 def format_table(columns, rows=caugym.TASKS + ("overall",)):
@@ -167,6 +205,8 @@ def rescore(path):
     if not records:
         raise ValueError(f"{path}: no responses")
     for line, r in enumerate(records, start=1):
+        if "rung" in r:
+            raise ValueError(f"{path}:{line}: a CaLM response; --rescore scores CauGym responses only")
         for field in ("response", "answer"):
             if not isinstance(r.get(field), str):
                 raise ValueError(f"{path}:{line}: field '{field}' must be a string")
@@ -182,13 +222,14 @@ def rescore(path):
 
 @dataclass
 class EvalConfig:
-    model: str  # a Hugging Face folder, a hub id, or "oracle"
+    model: str  # a Hugging Face folder, a hub id, "oracle" or "gold"
     data: list  # --data entries (see load_dataset)
     out: str = "runs/eval"
     per_task: int | None = None
     limit: int | None = None
     tasks: tuple = caugym.TASKS  # of generated sets
     nodes: int | None = None  # of generated sets
+    prompt_style: str = "basic"  # of CaLM tasks (calm.STYLES)
     num_samples: int = caugym.OFFICIAL_SAMPLING["num_samples"]
     temperature: float = caugym.OFFICIAL_SAMPLING["temperature"]
     top_p: float = caugym.OFFICIAL_SAMPLING["top_p"]
@@ -201,11 +242,35 @@ class EvalConfig:
 
 
 def load_model_and_tokenizer(config: EvalConfig):
-    if config.model == "oracle":
-        return "oracle", None
+    if config.model in PSEUDO_MODELS:
+        return config.model, None
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, config.dtype) if config.dtype else (torch.bfloat16 if "cuda" in device else torch.float32)
     return checkpoint.load_model(config.model, dtype=dtype, device=device), Tokenizer.from_pretrained(config.model)
+
+
+def run_settings(config: EvalConfig):
+    """What makes two runs' responses interchangeable: the model, the data, the protocol."""
+    return {"model": config.model, "data": list(config.data), "per_task": config.per_task, "limit": config.limit,
+            "tasks": list(config.tasks), "nodes": config.nodes, "seed": config.seed,
+            "num_samples": 1 if config.temperature == 0 else config.num_samples, "temperature": config.temperature,
+            "top_p": config.top_p, "top_k": config.top_k, "max_new_tokens": config.max_new_tokens,
+            **({"prompt_style": config.prompt_style} if config.prompt_style != "basic" else {})}
+
+
+def check_same_run(config: EvalConfig):
+    """Write <out>/run.json, or refuse to resume into responses made with other settings."""
+    path = os.path.join(config.out, "run.json")
+    settings = run_settings(config)
+    if os.path.isfile(path) and os.path.isfile(os.path.join(config.out, "responses.jsonl")):
+        with open(path) as f:
+            saved = json.load(f)
+        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
+        if changed:
+            raise ValueError(f"{config.out} holds responses of another run ({', '.join(changed)}): "
+                             f"choose another --out, or delete {config.out}")
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=2)
 
 
 def run(config: EvalConfig):
@@ -213,28 +278,33 @@ def run(config: EvalConfig):
     summary.json under config.out (resuming from an earlier responses.jsonl); return the summary."""
     datasets = []
     for spec in config.data:
-        name, items = load_dataset(spec, seed=config.seed, tasks=tuple(config.tasks), nodes=config.nodes)
+        name, items = load_dataset(spec, seed=config.seed, tasks=tuple(config.tasks), nodes=config.nodes,
+                                   prompt_style=config.prompt_style)
         if config.per_task is not None:
             items = per_task_slice(items, config.per_task)
         datasets.append((name, items[:config.limit]))
-    model, tokenizer = load_model_and_tokenizer(config)
-
     os.makedirs(config.out, exist_ok=True)
+    check_same_run(config)  # before loading the model: a refusal should come at once
+    model, tokenizer = load_model_and_tokenizer(config)
     responses_path = os.path.join(config.out, "responses.jsonl")
-    previous = read_responses(responses_path)
+    expected = 1 if config.temperature == 0 else config.num_samples
     samples_per_key = defaultdict(int)
+    previous = read_responses(responses_path)
     for r in previous:
         samples_per_key[r["key"]] += 1
-    expected = 1 if config.temperature == 0 else config.num_samples
     done = {key for key, n in samples_per_key.items() if n >= expected}
-    previous = [r for r in previous if r["key"] in done]  # a partly answered problem is redone whole
-    data.write_jsonl(responses_path, previous)  # rewritten without the partial ones, then appended to
+    previous = [r for r in previous if r["key"] in done]  # a partly answered problem is answered again, whole
     if done:
         print(f"resuming: {len(done)} problems already answered in {responses_path}")
 
     started = time.time()
     columns = {}
-    with open(responses_path, "a") as f:
+    with open(responses_path, "a+") as f:  # appended to, never rewritten: nothing answered is ever lost
+        if f.tell() > 0:  # a killed run may have left a cut last line: start on a line of our own
+            f.seek(f.tell() - 1)
+            if f.read(1) != "\n":
+                f.write("\n")
+
         def append(records):
             f.writelines(json.dumps(r) + "\n" for r in records)
             f.flush()
@@ -246,13 +316,25 @@ def run(config: EvalConfig):
             keys = {item_key(name, i, item) for i, item in enumerate(items)}
             records += [r for r in previous if r["key"] in keys]
             columns[name] = accuracy(records)
+            if any("calm" in item for item in items):  # CaLM: per task (above), per rung and the tasks run
+                columns[name].update(accuracy(records, by="rung"))
+                columns[name]["_tasks"] = sorted({item["type"] for item in items})
             columns[name]["_samples"] = len(records)
 
-    print(format_table(columns))
+    caugym_columns = {name: column for name, column in columns.items() if "_tasks" not in column}
+    calm_columns = {name: column for name, column in columns.items() if "_tasks" in column}
+    if caugym_columns:
+        print(format_table(caugym_columns))
+    if calm_columns:
+        print(calm.format_table(calm_columns))
     summary = {"model": config.model, "protocol": {"num_samples": expected, "temperature": config.temperature,
                                                    "top_p": config.top_p, "top_k": config.top_k,
                                                    "max_new_tokens": config.max_new_tokens},
                "accuracy": columns, "seconds": round(time.time() - started, 1)}
+    if calm_columns:
+        summary["protocol"]["prompt_style"] = config.prompt_style
+        summary["random_guess"] = {task: calm.TASKS[task][3] for column in calm_columns.values()
+                                   for task in column["_tasks"]}
     with open(os.path.join(config.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"responses: {responses_path}\nsummary: {os.path.join(config.out, 'summary.json')}")

@@ -98,19 +98,32 @@ class ModelConfig:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can multiply by an (in, out) copy of its weight instead of the (out, in)
-    weight itself. For the few rows of a decode step on CPU, MKL runs x @ W_t 1.5x (1 thread) to
-    4.5x (2 threads) faster than F.linear's x @ W^T (measured on SmolLM2's shapes), so
-    sampling.generate sets `weight_t` on every Linear for the length of a CPU call. Checkpoints,
-    training and GPU runs never see it."""
+    """nn.Linear with two optional extras, both off by default:
+
+    - LoRA adapters (nanocausal/lora: y = W x + b + scale * B A dropout(x)), set by lora.add_lora
+      as the submodules lora_A and lora_B, skipped while lora_enabled is False (the reference);
+    - an (in, out) copy of the weight to multiply by instead of the (out, in) weight itself. For
+      the few rows of a decode step on CPU, MKL runs x @ W_t 1.5x (1 thread) to 4.5x (2 threads)
+      faster than F.linear's x @ W^T (measured on SmolLM2's shapes), so sampling.generate sets
+      `weight_t` on every Linear for the length of a CPU call. Checkpoints, training and GPU
+      runs never see it.
+    """
 
     weight_t = None
+    has_lora = False  # (a class attribute named lora_A would hide the registered submodule)
+    lora_enabled = True
 
     def forward(self, x):
         if self.weight_t is None:
-            return F.linear(x, self.weight, self.bias)
-        y = x @ self.weight_t
-        return y if self.bias is None else y + self.bias
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = x @ self.weight_t
+            y = y if self.bias is None else y + self.bias
+        if self.has_lora and self.lora_enabled:
+            # float32 adapters on a bf16 base: the low-rank path runs in the adapters' dtype
+            update = self.lora_B(self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype)))
+            y = y + (update * self.lora_scale).to(y.dtype)
+        return y
 
 
 class RMSNorm(nn.Module):

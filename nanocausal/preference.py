@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from nanocausal import checkpoint, data, training
+from nanocausal import checkpoint, data, lora, training
 from nanocausal.logprobs import sequence_logprobs
 from nanocausal.losses import dpo_loss, kto_loss
 from nanocausal.sft import SFTConfig, load_rows, offline_step_fn
@@ -43,12 +43,14 @@ class PreferenceConfig(SFTConfig):
 class Reference:
     """The reference's summed log-probs for a micro-batch: from the frozen model, or looked up in
     the table precompute() filled (one row per example: [chosen, rejected] for DPO, [completion,
-    KL pair] for KTO). Either way no gradient flows into them."""
+    KL pair] for KTO). Either way no gradient flows into them. With LoRA the reference is the
+    policy itself with its adapters switched off (lora.disabled): no second copy of the weights."""
 
     def __init__(self, model, device):
         self.model, self.device, self.table = model, device, None
-        model.requires_grad_(False)
-        model.eval()
+        if not lora.is_lora_model(model):  # a separate frozen copy
+            model.requires_grad_(False)
+            model.eval()
 
     @torch.no_grad()
     def logps(self, batch, kl=False):
@@ -56,7 +58,8 @@ class Reference:
             table = self.table[batch["indices"]]
             values = table[:, 1] if kl else table[:, 0] if "desirable" in batch else table.T.reshape(-1)
             return values.to(self.device)
-        return summed_logps(self.model, batch, self.device, kl)
+        with lora.disabled(self.model):
+            return summed_logps(self.model, batch, self.device, kl)
 
     @torch.no_grad()
     def precompute(self, rows, collate, pad_id, batch_size):
@@ -127,9 +130,13 @@ def train_preference(config: PreferenceConfig) -> training.TrainResult:
     """DPO or KTO (config.algo) from config.model against a frozen copy of it (or config.ref_model)."""
     torch.manual_seed(config.seed)
     tokenizer = Tokenizer.from_pretrained(config.model)
-    policy = training.load_start_model(config)
-    reference = Reference(checkpoint.load_model(config.ref_model or config.model, dtype=training.torch_dtype(config.dtype),
-                                                device=config.device), config.device)
+    policy = training.start_run(config)
+    if lora.is_lora_model(policy) and config.ref_model is None:
+        reference = Reference(policy, config.device)
+    else:
+        reference = Reference(checkpoint.load_model(config.ref_model or config.model,
+                                                    dtype=training.torch_dtype(config.dtype), device=config.device),
+                              config.device)
     max_length = min(config.max_length, policy.config.max_position_embeddings)
     rows = load_rows(config, tokenizer, config.algo, max_length)
     collate = data.COLLATE[config.algo]

@@ -25,6 +25,7 @@ class Statements:
 
     def __init__(self):
         self.groups, self.table = [], {}
+        self.unreadable = []  # sentences of a parsed problem that were no readable statement
 
     def add(self, targets, cond, p, group=None):
         """Append P(targets | cond) = p to fact `group` (None: a new fact); returns the group."""
@@ -258,6 +259,9 @@ def _name_patterns(names):
     return re.compile(rf"(?:^|, | and )({alt}) being "), questions
 
 
+_STATEMENT_SENTENCE = r"\s*(.+? is ([01](?:\.\d+)?))\.?(?=\s|$)"  # "... is 0.1234." (one probability statement)
+
+
 def parse(problem):
     """Problem text (either format, any variant, with or without the protocol suffix) ->
     (Graph, Query, Statements, names). Raises ValueError naming what it could not read."""
@@ -282,14 +286,20 @@ def parse(problem):
     instr = next((ln[len("instruction:"):].strip() for ln in lines if ln.startswith("instruction:")), None)
     body = " ".join(ln for ln in lines[1:] if not ln.startswith(("question:", "instruction:", "provide", "let's")))
     raw = []   # (targets, cond, p) with (name, value, code) pairs
-    for m in re.finditer(r"\s*(.+? is ([01](?:\.\d+)?))\.?(?=\s|$)", body):
+    # A sentence that is no probability statement we can read is skipped, not fatal: the official
+    # redundant set has an item with a truncated one ("lightning) being necessary (D=1) is 0.4064.")
+    # whose question needs none of it. solve() says so if the answer needed it after all.
+    unreadable = []
+    for m in re.finditer(_STATEMENT_SENTENCE, body):
         s = next((s for r in _STMT_RE if (s := r.fullmatch(m.group(1)))), None)
         if not s:
-            raise ValueError(f"cannot read the probability statement {m.group(1)!r}")
+            unreadable.append(m.group(1))
+            continue
         cond = _split_pairs(s["c"], pair_re) if "c" in s.groupdict() else []
         raw.append((_split_pairs(s["t"], pair_re), cond, float(s["p"])))
-    if re.sub(r"\s*(.+? is ([01](?:\.\d+)?))\.?(?=\s|$)", "", body).strip():
-        raise ValueError(f"cannot read the probability statements {body!r}")
+    leftover = re.sub(_STATEMENT_SENTENCE, "", body).strip()
+    if leftover:
+        unreadable.append(leftover)
     task, qm = next(((t, m) for t, r in question_res if (m := r.fullmatch(question))), (None, None))
     if qm is None:
         raise ValueError(f"cannot read the question {question!r}")
@@ -326,6 +336,7 @@ def parse(problem):
             seen[nm][value] = free[0]
     code = lambda nm, value: (index[nm], seen[nm][value])
     store = Statements()
+    store.unreadable = unreadable
     for t, c, p in raw:
         store.add([code(n, v) for n, v, _ in t], [code(n, v) for n, v, _ in c], p)
     parents = [[u for u, v in edges if v == i] for i in range(len(names))]
@@ -344,7 +355,11 @@ def solve(problem):
     when the statements do not identify the quantity. Raises ValueError if it cannot parse."""
     g, q, store, _ = parse(problem)
     try:
-        return first_answer(q, g, store)[0]
+        answer = first_answer(q, g, store)[0]
     except ZeroDivisionError:
         raise ValueError("a probability the formula divides by is 0") from None
+    if answer == LACK and store.unreadable:
+        raise ValueError(f"the problem lacks a probability the answer needs, and these sentences could not be "
+                         f"read: {'; '.join(store.unreadable)}")
+    return answer
 

@@ -24,13 +24,14 @@ The loop around the step (schedule, logging, evaluation, checkpoints, Ctrl-C, re
 training.train, shared with SFT, DPO and KTO.
 """
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from nanocausal import checkpoint, training
+from nanocausal import checkpoint, lora, training
 from nanocausal.logprobs import token_logprobs
 from nanocausal.losses import gae, group_advantages, grpo_loss, ppo_loss, ppo_rewards, whiten
 from nanocausal.rollout import prompt_stream, rollout, row_micro_batches, score
@@ -85,11 +86,12 @@ class RLConfig(TrainConfig):
 
 @torch.no_grad()
 def score_tokens(model, batch, config: RLConfig, value_head=None):
-    """(R, T) log-probs of the completion tokens under `model` (the reference), or, with a value
-    head, the values of the policy (PPO's old values), micro-batch by micro-batch."""
+    """(R, T) log-probs of the completion tokens under `model` (the reference; with LoRA the policy
+    with its adapters off), or, with a value head, the values of the policy (PPO's old values),
+    micro-batch by micro-batch."""
     out = torch.zeros_like(batch["old_logprobs"])
     for index, mb in row_micro_batches(batch, range(len(batch["input_ids"])), config.micro_batch_size):
-        with autocast(config.device):
+        with autocast(config.device), lora.disabled(model) if value_head is None else nullcontext():
             if value_head is None:
                 scores = token_logprobs(model, mb["input_ids"], None, mb["completion_mask"], config.temperature,
                                         config.logits_chunk_size)
@@ -244,14 +246,15 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
         raise ValueError("--group-size must be >= 2 for GRPO: advantages compare completions of the same prompt")
     torch.manual_seed(config.seed)
     device = config.device
-    model = training.load_start_model(config)
+    model = training.start_run(config)
     tokenizer = Tokenizer.from_pretrained(config.model) if reward_fn is None or examples is None else None
     eos_token_ids = tokenizer.eos_token_ids if tokenizer else model.config.raw.get("eos_token_id")
     pad_token_id = tokenizer.pad_token_id if tokenizer else (model.config.raw.get("pad_token_id") or 0)
-    ref_model = None
+    ref_model = None  # scored under lora.disabled: with LoRA it is the policy itself, adapters off
     if (config.beta if config.algo == "grpo" else config.kl_coef) != 0:
         ref_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        ref_model = checkpoint.load_model(config.model, dtype=ref_dtype, device=device).requires_grad_(False)
+        ref_model = model if lora.is_lora_model(model) else \
+            checkpoint.load_model(config.model, dtype=ref_dtype, device=device).requires_grad_(False)
     algorithm = GRPO(config, ref_model) if config.algo == "grpo" else PPO(config, ref_model, model)
     value_head = algorithm.value_head
     if value_head is not None and config.resume:

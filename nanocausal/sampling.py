@@ -24,7 +24,9 @@ weight (cpu_weight_layout, model.Linear): MKL handles the few rows of a decode s
 faster in that layout.
 
 Rows stop independently: a row that emitted an EOS keeps computing (shapes never change) but what
-it produces afterwards is replaced by pad_token_id and masked out.
+it produces afterwards is replaced by pad_token_id and masked out. A batch therefore costs its
+longest row; for a queue of prompts whose replies differ much in length, nanocausal.refill keeps a
+fixed number of rows busy instead (continuous batching: a finished row takes the next prompt).
 
 Sampling. With z the logits (float32) of the ids below `vocab_size`:
     temperature > 0:  z' = filter_logits(z / temperature, top_k, top_p)   (-inf outside the support)
@@ -102,8 +104,12 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
-def sample_tokens(logits, temperature, top_k, top_p, generator):
+def sample_tokens(logits, temperature, top_k, top_p, generator=None, uniform=None):
     """One token per row from (R, V) float32 logits, and its log-prob (see the module docstring).
+
+    The random number of each row is drawn from `generator`, or given as `uniform`: (R,) floats
+    in [0, 1), one per row (nanocausal.refill derives them from a counter, so that a row's draws
+    do not depend on its batch).
 
     Both modes start from w = exp(z - max z), the unnormalised probabilities, summed in blocks of
     `block` ids (block = gcd(V, 1024): 128 for Qwen's 151,936 ids). A cumulative sum over the
@@ -130,7 +136,9 @@ def sample_tokens(logits, temperature, top_k, top_p, generator):
     else:
         # u < total (strictly), so the first block whose cdf exceeds u holds some probability,
         # and the same clamp inside that block lands on an id of positive probability.
-        u = torch.rand(R, 1, device=logits.device, generator=generator) * total
+        if uniform is None:
+            uniform = torch.rand(R, 1, device=logits.device, generator=generator)
+        u = uniform.view(R, 1) * total
         u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
         in_block = torch.searchsorted(block_cdf, u, right=True)
         ids = in_block * block + torch.arange(block, device=logits.device)
@@ -274,12 +282,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     config = model.config
     device = model.embed_tokens.weight.device
     vocab_size = config.vocab_size if vocab_size is None else vocab_size
-    if eos_token_ids is None:
-        eos_token_ids = []
-    elif isinstance(eos_token_ids, numbers.Integral):
-        eos_token_ids = [int(eos_token_ids)]
-    else:
-        eos_token_ids = [int(i) for i in eos_token_ids]
+    eos_token_ids = eos_id_list(eos_token_ids)
     pad_token_id = pad_token_id if pad_token_id is not None else (eos_token_ids[0] if eos_token_ids else 0)
     check_generate_arguments(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples, vocab_size)
     use_cuda_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
@@ -353,6 +356,15 @@ def prefill_and_decode(model, prompts, max_new_tokens, num_samples, sampling, eo
     # 2. Decode the other N - 1 tokens.
     steps = decode(decoder, N - 1, check_every, use_cuda_graph, sampling[-1])
     return decoder, steps
+
+
+def eos_id_list(eos_token_ids) -> list[int]:
+    """None, an id, or ids -> a list of ints."""
+    if eos_token_ids is None:
+        return []
+    if isinstance(eos_token_ids, numbers.Integral):
+        return [int(eos_token_ids)]
+    return [int(i) for i in eos_token_ids]
 
 
 def check_generate_arguments(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples, vocab_size):

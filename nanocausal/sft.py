@@ -77,7 +77,7 @@ def train_sft(config: SFTConfig) -> training.TrainResult:
     """Fine-tune config.model on the completions of config.data (or generated problems)."""
     torch.manual_seed(config.seed)
     tokenizer = Tokenizer.from_pretrained(config.model)
-    model = training.load_start_model(config)
+    model = training.start_run(config)
     max_length = min(config.max_length, model.config.max_position_embeddings)
     rows = load_rows(config, tokenizer, "sft", max_length)
     print(f"{len(rows)} SFT examples, {sum(len(r['ids']) for r in rows) / len(rows):.0f} tokens on average")

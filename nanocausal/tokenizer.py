@@ -35,6 +35,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from nanocausal.checkpoint import TOKENIZER_FILES, resolve
+from nanocausal.lora import ADAPTER_CONFIG
 
 # Names under which a message's reasoning may be passed; templates read `reasoning_content`
 # (Qwen3) or `thinking` (gpt-oss). transformers fills both from whichever is given.
@@ -150,7 +151,11 @@ class Tokenizer:
     def from_pretrained(cls, name_or_path):
         """A local folder, or a hub id such as "Qwen/Qwen2.5-0.5B-Instruct" (tokenizer files only,
         plus config.json for its eos ids)."""
-        return cls(resolve(name_or_path, TOKENIZER_FILES + ["config.json"]))
+        folder = resolve(name_or_path, TOKENIZER_FILES + ["config.json", ADAPTER_CONFIG])
+        adapter_config = os.path.join(folder, ADAPTER_CONFIG)
+        if not os.path.isfile(os.path.join(folder, "tokenizer.json")) and os.path.isfile(adapter_config):
+            return cls.from_pretrained(_read_json(adapter_config)["base_model_name_or_path"])  # a bare LoRA adapter
+        return cls(folder)
 
     def _special_added_tokens(self):
         return {t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special}

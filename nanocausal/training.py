@@ -14,12 +14,17 @@ everything else, the same way for all five:
 
 Resuming (--resume) restores the optimiser, the RNG states, the data stream's position and the
 step from out_dir/checkpoint, and cuts metrics.jsonl back to that step, so an interrupted and
-resumed run equals an uninterrupted one (tests/test_train_offline.py, tests/test_train_rl.py).
+resumed run equals an uninterrupted one (tests/test_train_offline.py, tests/test_train_rl.py),
+also after kill -9 (checkpoint.save_checkpoint is crash-safe: tests/test_crash_safety.py).
+A non-finite gradient skips its update; MAX_BAD_STEPS of them in a row stop the run, and no
+checkpoint is written after a skipped update. With LoRA (--lora-rank) the same loop trains the
+adapters only (start_run adds them; make_optimizer sees only trainable parameters).
 """
 
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -28,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from nanocausal import caugym, checkpoint, data, evaluation
+from nanocausal import caugym, checkpoint, data, evaluation, lora, tracking
 
 
 def default_device():
@@ -52,6 +57,11 @@ class TrainConfig:
     device: str = default_device()
     dtype: str = "float32"  # weights; float32 + bf16 autocast on CUDA is the standard mixed precision
     activation_checkpointing: bool = False
+    # LoRA (nanocausal/lora): rank 0 is full fine-tuning
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple = lora.TARGETS
     # generated problems (training data, RL prompts and held-out evaluation problems)
     tasks: tuple = caugym.TASKS
     variant: str = "base"  # RL accepts a comma-separated mix
@@ -68,8 +78,28 @@ class TrainConfig:
     show_completions: int = 0  # evaluation completions printed each time
     # output
     log_every: int = 10
+    report_to: str = "none"  # also send the metrics to wandb, trackio or tensorboard (comma-separated)
+    run_name: str | None = None  # the run's name there (default: out_dir's folder name)
+    project: str = "nanocausal"  # wandb / trackio project
     save_every: int = 500
-    resume: bool = False
+    keep: int = 1  # checkpoints kept: out_dir/checkpoint and the keep - 1 before it (checkpoint-STEP)
+    resume: bool = False  # continue from out_dir/checkpoint (from step 0 when there is none yet)
+    overwrite: bool = False  # start again in an out_dir that already holds a run
+    allow_changed_args: bool = False  # resume with settings that change the run's meaning
+
+    def __post_init__(self):  # settings that contradict each other: refused before anything loads
+        if self.lora_rank <= 0 and (self.lora_alpha, self.lora_dropout, tuple(self.lora_targets)) != \
+                (TrainConfig.lora_alpha, TrainConfig.lora_dropout, TrainConfig.lora_targets):
+            raise ValueError("--lora-alpha, --lora-dropout and --lora-targets need --lora-rank > 0")
+
+
+MAX_BAD_STEPS = 3  # non-finite steps in a row before the loop gives up
+
+# Settings a resumed run may change without changing what it computes (the rest must match).
+RESUMABLE_CHANGES = {"steps", "device", "report_to", "run_name", "project", "activation_checkpointing", "log_every", "save_every", "keep", "resume",
+                     "overwrite", "allow_changed_args", "show_completions", "precompute_ref", "micro_batch_size",
+                     "logits_chunk_size", "eval_every", "eval_data", "eval_problems", "eval_samples", "eval_batch_size",
+                     "eval_max_new_tokens", "eval_temperature", "eval_top_p"}
 
 
 @dataclass
@@ -86,15 +116,56 @@ class TrainResult:
 # Optimiser, schedule, precision
 
 
+class AdamW(torch.optim.Optimizer):
+    """AdamW (Loshchilov and Hutter, 2019) whose moments are float32 whatever the weights' dtype:
+
+        m <- b1 m + (1 - b1) g            v <- b2 v + (1 - b2) g^2          t <- t + 1
+        p <- p - lr * wd * p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    torch.optim.AdamW keeps m and v in the parameter's dtype. For bf16 weights (--dtype bfloat16)
+    that is an 8-bit mantissa: v moves by (1 - b2) g^2 = 5 % of g^2 per step, an increment that
+    rounds away once v is a few times larger, so the step size drifts. Here m and v are float32
+    (8 bytes per parameter, as with float32 weights) and the update is computed in float32 and
+    rounded into the weight once. Used for non-float32 weights only; float32 ones get torch's."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                t = state["step"].item()
+                g, m, v = p.grad.float(), state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                update = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt_() + group["eps"])
+                weight = p.float().mul_(1 - group["lr"] * group["weight_decay"]).sub_(update, alpha=group["lr"])
+                p.copy_(weight)
+
+
 def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), extra_groups=()):
     """AdamW; weight decay on matrices only (not on norms, biases), as nanoGPT does. extra_groups
     are more parameter groups with their own lr (PPO's value head). Each group remembers its peak
-    lr as "peak_lr", which the loop's schedule scales."""
+    lr as "peak_lr", which the loop's schedule scales. Non-float32 weights get float32 moments
+    (AdamW above)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}, *extra_groups]
-    fused = all(p.is_cuda for group in groups for p in group["params"])
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+    every = [p for group in groups for p in group["params"]]
+    if all(p.dtype == torch.float32 for p in every):
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=all(p.is_cuda for p in every) or None)
+    else:
+        optimizer = AdamW(groups, lr=lr, betas=betas)
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
     return optimizer
@@ -111,10 +182,13 @@ def lr_factor(step, total_steps, warmup_steps=0, min_lr_ratio=0.1):
 
 def optimizer_step(optimizer, clip):
     """Clip the gradient norm of every parameter the optimiser holds, take one AdamW step, zero the
-    gradients; returns the norm before clipping."""
+    gradients; returns the norm before clipping. A non-finite norm (a NaN or inf gradient
+    anywhere) skips the update: one bad batch must not poison every weight (the loop counts these
+    and stops after a few in a row)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
-    optimizer.step()
+    if torch.isfinite(grad_norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
@@ -130,10 +204,41 @@ def torch_dtype(name):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def load_start_model(config: TrainConfig):
-    """The model a run starts from: out_dir/checkpoint when resuming, else config.model."""
-    source = checkpoint_dir(config) if config.resume else config.model
-    return checkpoint.load_model(source, dtype=torch_dtype(config.dtype), device=config.device)
+def start_run(config: TrainConfig):
+    """Get out_dir ready and load the model the run starts from (out_dir/checkpoint when resuming,
+    else config.model). A save that a crash interrupted is completed or undone first; a new run
+    into an out_dir that already holds one needs --overwrite (or --resume), so nothing is lost."""
+    ckpt_dir = checkpoint_dir(config)
+    checkpoint.recover(ckpt_dir)
+    has_run = os.path.isdir(ckpt_dir) or os.path.isfile(os.path.join(config.out_dir, "metrics.jsonl"))
+    if config.resume and not os.path.isdir(ckpt_dir):
+        print(f"--resume: no checkpoint in {config.out_dir} yet, starting from step 0")
+        config.resume = False
+    elif has_run and not config.resume:
+        if not config.overwrite:
+            raise ValueError(f"{config.out_dir} already holds a run (checkpoint/ or metrics.jsonl): pass --resume to "
+                             f"continue it or --overwrite to start again")
+        for name in os.listdir(config.out_dir):
+            if name == "checkpoint" or name.startswith("checkpoint-") or name == "metrics.jsonl":
+                path = os.path.join(config.out_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    source = ckpt_dir if config.resume else config.model
+    model = checkpoint.load_model(source, dtype=torch_dtype(config.dtype), device=config.device)
+    if config.lora_rank > 0 and not lora.is_lora_model(model):  # a resumed LoRA run loads its adapters
+        model.lora_base = os.path.abspath(config.model) if os.path.isdir(config.model) else config.model
+        lora.add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    return model
+
+
+def changed_settings(saved: dict, config: TrainConfig):
+    """The settings of `config` that differ from the saved run's and change what it computes."""
+    current = asdict(config)
+    return {k: (saved[k], current[k]) for k in current
+            if k in saved and k not in RESUMABLE_CHANGES and _plain(saved[k]) != _plain(current[k])}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def checkpoint_dir(config: TrainConfig):
@@ -170,10 +275,16 @@ def keep_metrics_until(path, step):
     """On resume, drop the log lines of steps after the checkpoint (they will be run again)."""
     if not os.path.isfile(path):
         return
+    kept = []
     with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                pass  # the last line of a killed run, cut mid-write
     with open(path, "w") as f:
-        f.writelines(lines)
+        f.writelines(kept)
 
 
 class StopOnCtrlC:
@@ -219,11 +330,17 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
     step = 0
     if config.resume:
         state = checkpoint.load_trainer_state(ckpt_dir, optimizer)
+        changed = changed_settings(state.get("config", {}), config)
+        if changed and not config.allow_changed_args:
+            raise ValueError(f"--resume with other settings than the run in {config.out_dir}: " + ", ".join(
+                f"{k} {saved!r} -> {now!r}" for k, (saved, now) in changed.items()) + " (pass --allow-changed-args "
+                "to resume anyway)")
         data_stream.load_state_dict(state["data"])
         step = state["step"]
         keep_metrics_until(metrics_path, step)
         print(f"resumed from {ckpt_dir} at step {step}")
     log = MetricsLog(metrics_path, resume=config.resume)
+    tracker = tracking.start(config.report_to, config.run_name, config.project, config.out_dir, asdict(config))
     problems = None
     if config.eval_every > 0 and tokenizer is not None:
         problems = data.eval_problems(config.eval_data, n=config.eval_problems, seed=config.seed,
@@ -234,44 +351,63 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
     progress = tqdm(total=config.steps, initial=step, desc=desc, dynamic_ncols=True)
 
     def evaluate_and_log():
-        scores = held_out_scores(model, tokenizer, problems, config, progress.write)
-        log.log(step=step, **scores)
+        scores, records = held_out_scores(model, tokenizer, problems, config, progress.write)
+        tracker.log(log.log(step=step, **scores), step)
+        tracker.log_completions(step, records)
         progress.write(f"step {step} eval " + " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
     def save():
+        for module in [model, *(extra_modules or {}).values()]:
+            for name, p in module.named_parameters():
+                if not torch.isfinite(p).all():  # never overwrite the last good checkpoint with a broken one
+                    raise ValueError(f"step {step}: tensor {name} holds NaN or inf; not saved (the last good "
+                                     f"checkpoint is in {ckpt_dir})")
         state = {"step": step, "data": data_stream.state_dict(), "config": asdict(config)}
-        checkpoint.save_checkpoint(ckpt_dir, model, config.model, optimizer, state, extra_modules)
+        checkpoint.save_checkpoint(ckpt_dir, model, config.model, optimizer, state, extra_modules, keep=config.keep)
 
     if problems and step == 0:
         evaluate_and_log()  # the starting point of the learning curve
-    train_seconds = 0.0
-    with StopOnCtrlC() as interrupt:
-        while step < config.steps:
-            factor = lr_factor(step, config.steps, config.warmup_steps, config.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = group["peak_lr"] * factor
-            started = time.time()
-            metrics = step_fn(step)
-            if str(config.device).startswith("cuda"):
-                torch.cuda.synchronize()  # honest step times; .item() below would sync anyway
-            step_seconds = time.time() - started
-            train_seconds += step_seconds
-            step += 1
-            tokens = metrics.pop("tokens", None)
-            row = log.log(step=step, lr=optimizer.param_groups[0]["lr"], **metrics, step_s=round(step_seconds, 3),
-                          **({"tokens_per_s": round(tokens / step_seconds, 1)} if tokens else {}))
-            progress.update(1)
-            if step % config.log_every == 0 or step == 1:
-                progress.write(format_row(row))
-            if problems and (step % config.eval_every == 0 or step == config.steps):
-                evaluate_and_log()
-            if step % config.save_every == 0 or step == config.steps or interrupt.requested:
-                save()
-            if interrupt.requested:
-                progress.write(f"stopped at step {step}; checkpoint in {ckpt_dir}; rerun with --resume to continue")
-                break
-    progress.close()
-    log.close()
+    train_seconds, bad_steps = 0.0, 0
+    try:
+        with StopOnCtrlC() as interrupt:
+            while step < config.steps:
+                factor = lr_factor(step, config.steps, config.warmup_steps, config.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["peak_lr"] * factor
+                started = time.time()
+                metrics = step_fn(step)
+                if str(config.device).startswith("cuda"):
+                    torch.cuda.synchronize()  # honest step times; .item() below would sync anyway
+                step_seconds = time.time() - started
+                train_seconds += step_seconds
+                step += 1
+                tokens = metrics.pop("tokens", None)
+                row = log.log(step=step, lr=optimizer.param_groups[0]["lr"], **metrics, step_s=round(step_seconds, 3),
+                              **({"tokens_per_s": round(tokens / step_seconds, 1)} if tokens else {}))
+                tracker.log(row, step)
+                progress.update(1)
+                if step % config.log_every == 0 or step == 1:
+                    progress.write(format_row(row))
+                # -- finiteness guard: optimizer_step skipped the update of a non-finite gradient; a few
+                # such steps in a row mean the run has diverged (a learning rate far too high, say)
+                broken = [k for k in ("loss", "grad_norm") if k in row and not math.isfinite(row[k])]
+                bad_steps = bad_steps + 1 if broken else 0
+                if broken:
+                    progress.write(f"step {step}: {' and '.join(broken)} not finite, update skipped")
+                if bad_steps == MAX_BAD_STEPS:
+                    raise ValueError(f"step {step}: {broken[0]} was not finite for {MAX_BAD_STEPS} steps in a row "
+                                     f"(learning rate too high?); stopped, the last good checkpoint is in {ckpt_dir}")
+                if problems and (step % config.eval_every == 0 or step == config.steps):
+                    evaluate_and_log()
+                if (step % config.save_every == 0 or step == config.steps or interrupt.requested) and not bad_steps:
+                    save()  # (never after a skipped update: the checkpoint stays at the last good step)
+                if interrupt.requested:
+                    progress.write(f"stopped at step {step}; checkpoint in {ckpt_dir}; rerun with --resume to continue")
+                    break
+    finally:  # also when the finiteness guard stops the run: logs and trackers are closed
+        progress.close()
+        log.close()
+        tracker.finish()
     model.eval()
     return TrainResult(model=model, history=log.rows, steps=step, train_seconds=train_seconds,
                        wall_seconds=time.time() - loop_started)
@@ -281,7 +417,8 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
 def held_out_scores(model, tokenizer, problems, config: TrainConfig, write=print):
     """Official CauGym accuracy on the held-out problems, through nanocausal.evaluation (the
     sampler, the evaluation flags' sampling settings, the official rule):
-    {"eval_acc": overall, "eval_acc_ATE": ..., ...}; prints config.show_completions replies."""
+    ({"eval_acc": overall, "eval_acc_ATE": ..., ...}, the scored records); prints
+    config.show_completions replies."""
     was_training = model.training
     model.eval()
     with autocast(config.device):
@@ -293,5 +430,6 @@ def held_out_scores(model, tokenizer, problems, config: TrainConfig, write=print
     for record in records[:config.show_completions]:
         write(f"--- {record['type']} {record['variant']}, gold {record['answer']}, "
               f"{'correct' if record['correct'] else 'wrong'}:\n{record['response'][-600:]}")
-    return {("eval_acc" if group == "overall" else f"eval_acc_{group}"): value
-            for group, value in evaluation.accuracy(records).items()}
+    scores = {("eval_acc" if group == "overall" else f"eval_acc_{group}"): value
+              for group, value in evaluation.accuracy(records).items()}
+    return scores, records

@@ -117,6 +117,14 @@ def run_script(script, *args, check=True, env=None):
     return out
 
 
+def run_module(module, *args):
+    """python -m module *args, as a user runs it; returns the CompletedProcess."""
+    out = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise AssertionError(f"python -m {module} exited {out.returncode}:\n{out.stderr[-3000:]}")
+    return out
+
+
 def help_of_every_flag(help_text):
     """{flag: its help text} parsed from an argparse --help output (the text after the flag's
     spelling, continuation lines included)."""

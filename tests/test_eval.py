@@ -96,9 +96,35 @@ def test_resume_skips_answered_items(tmp_path, monkeypatch):
     second = evaluation.run(config)
     assert len(answered) == 14 - 5  # the half-answered problem is redone whole
     assert second["accuracy"]["base"]["_samples"] == 28 and second["accuracy"]["base"]["overall"] == 1.0
-    final = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
-    assert sorted((r["key"], r["sample"]) for r in final) == sorted({(r["key"], r["sample"]) for r in final})
-    assert len(final) == 28
+    final = evaluation.read_responses(out / "responses.jsonl")
+    assert len(final) == 28 and len({(r["key"], r["sample"]) for r in final}) == 28
+    # Nothing was rewritten: the first run's lines are still there, the torn line on its own line.
+    lines = (out / "responses.jsonl").read_text().splitlines()
+    assert lines[:11] == responses[:11] and lines[11] == responses[11][:20]
+
+
+def test_a_damaged_line_is_skipped_and_the_lines_after_it_kept(tmp_path, capsys):
+    config = EvalConfig(model="oracle", data=[caugym("base.json")], per_task=2, num_samples=1, out=str(tmp_path))
+    evaluation.run(config)
+    path = tmp_path / "responses.jsonl"
+    lines = path.read_text().splitlines()
+    lines[3] = "{garbage"
+    path.write_text("\n".join(lines) + "\n")
+    records = evaluation.read_responses(path)
+    assert len(records) == 13 and f"{path}:4: not a response record, skipped" in capsys.readouterr().out
+    summary = evaluation.run(config)  # only the damaged problem is answered again
+    assert summary["accuracy"]["base"]["_samples"] == 14
+    assert len(path.read_text().splitlines()) == 15
+
+
+@pytest.mark.parametrize("change, named", [(dict(temperature=0.0), "temperature 0.6 -> 0.0"),
+                                           (dict(max_new_tokens=64), "max_new_tokens 8192 -> 64"),
+                                           (dict(model="data/tiny-base"), "model 'oracle' -> 'data/tiny-base'")])
+def test_resuming_into_another_runs_responses_is_refused(tmp_path, change, named):
+    config = EvalConfig(model="oracle", data=[caugym("base.json")], per_task=1, num_samples=1, out=str(tmp_path))
+    evaluation.run(config)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        evaluation.run(EvalConfig(**{**config.__dict__, **change}))
 
 
 def test_reply_length_is_capped_by_the_context():

@@ -87,8 +87,20 @@ def test_solve_official_omitted_items_that_kept_the_sentences():
     "now?",
     "Input Info: World: A flies over b.\nQuestion: If a is changed to be low, will b be more likely to be high?",
 ])
-
-
 def test_solve_rejects_malformed_problems(text):
     with pytest.raises(ValueError):
         solve(text)
+
+
+def test_an_unreadable_sentence_is_skipped_and_the_rest_answers(shared_dir):
+    """The official redundant set has an item with a truncated sentence; the solver answers from
+    the statements it can read, and names the sentence when the answer would have needed it."""
+    item = json.loads((shared_dir / "data" / "caugym" / "base.json").read_text())[0]
+    lines = item["problem"].split("\n")
+    at = next(i for i, line in enumerate(lines) if " is 0." in line)
+    broken = lines[:at] + [lines[at] + " lightning) being necessary (D=1) is 0.4064."] + lines[at + 1:]
+    assert solve("\n".join(broken)) == solve(item["problem"]) and is_correct(solve(item["problem"]), item["answer"])
+    # The same sentence in place of the statements: nothing to answer from, and the error says why.
+    gutted = lines[:at] + ["lightning) being necessary (D=1) is 0.4064."] + lines[at + 1:]
+    with pytest.raises(ValueError, match="could not be read: lightning\\) being necessary"):
+        solve("\n".join(gutted))

@@ -136,3 +136,19 @@ def test_causal_prompts_rewards_and_evaluation(shared_dir, tmp_path):
     assert [r["step"] for r in rows if "eval_acc" in r] == [0, 1]
     assert "gold" in out.stdout + out.stderr  # a completion was shown
     assert os.path.isfile(out_dir / "checkpoint" / "tokenizer.json")
+
+
+def test_report_to_tensorboard_holds_the_metrics_jsonl_scalars(tiny_model, tmp_path):
+    """The acceptance run of #20: a tiny GRPO run through the real loop with --report-to
+    tensorboard; every numeric metrics.jsonl value is an event at its step."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, rows = run(tiny_model, tmp_path, steps=3, group_size=4, lr=1e-2, report_to="tensorboard", run_name="tb")
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    for row in rows:
+        for key, value in row.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)):
+                got = {e.step: e.value for e in events.Scalars(key)}
+                assert got[row["step"]] == pytest.approx(value, rel=1e-6), key

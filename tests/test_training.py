@@ -54,7 +54,8 @@ def test_checkpoint_round_trip(tmp_path):
     model(torch.randint(0, 256, (1, 8))).sum().backward()
     optimizer.step()
     save_checkpoint(str(tmp_path / "ckpt"), model, tmp_path / "src", optimizer, {"step": 7})
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "generation_config.json", "manifest.json", "model.safetensors",
+                                                    "tokenizer.json", "trainer_state.pt"]
     expected_noise = torch.rand(3)
     reloaded = load_model(tmp_path / "ckpt")
     for a, b in zip(model.parameters(), reloaded.parameters()):
@@ -78,3 +79,23 @@ def test_a_trainer_state_that_unpickles_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a trainer state nanocausal can read safely"):
         load_trainer_state(tmp_path / "ckpt")
     assert not ran.exists()
+
+
+def test_adamw_with_float32_moments_equals_torch_and_keeps_bf16_weights_bf16():
+    from nanocausal.training import AdamW
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Parameter(torch.randn(5, 7)), None
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    optimizers = AdamW([ours], lr=1e-2, weight_decay=0.1), torch.optim.AdamW([theirs], lr=1e-2, betas=(0.9, 0.95),
+                                                                             weight_decay=0.1)
+    for _ in range(5):
+        ours.grad = theirs.grad = torch.randn(5, 7)
+        for optimizer in optimizers:
+            optimizer.step()
+    assert (ours - theirs).abs().max() <= 1e-6
+    model = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    optimizer = make_optimizer(model, lr=1e-3)
+    model(torch.randn(2, 4, dtype=torch.bfloat16)).sum().backward()
+    optimizer.step()
+    assert isinstance(optimizer, AdamW) and model.weight.dtype == torch.bfloat16
+    assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())

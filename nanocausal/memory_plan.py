@@ -1,0 +1,167 @@
+"""The memory plan of a training run: the bytes it will hold on its GPU, component by component,
+from the model's shapes alone (built on the meta device: nothing is allocated, a 14B plan takes a
+second on a laptop), so a user learns before loading anything whether the run fits and, if not,
+which flag to change first. Every trainer prints it with --plan (--plan --json for a machine).
+
+P = parameters, T = trainable parameters (P for full fine-tuning, the adapters with LoRA),
+w = bytes per weight (4 float32, 2 bfloat16), a = bytes per activation (2 under bf16 autocast on
+CUDA, else w), C hidden size, F MLP width, H/K query/key-value heads of size D, L layers, V vocab:
+
+    weights        P_base * w  (+ LoRA adapters * 4: they stay float32)
+    gradients      T * (w, or 4 for LoRA adapters)            exist from backward to the optimiser step
+    optimizer      T * 2 * 4 + 4: AdamW's m and v, float32 whatever w (training.AdamW)
+    reference      P * w_ref when a separate frozen copy is loaded (DPO/KTO unless --precompute-ref;
+                   GRPO with --beta > 0, PPO with --kl-coef > 0; bf16 on CUDA for RL); 0 with LoRA
+    value_model    PPO's value head: (C + 1) * 4 * 4
+    kv_cache       rows * (prompt + new tokens) * L * 2 * K * D * w, rows = prompts x group size
+                   (the rollouts' static cache; it takes the weights' dtype)
+    prefill_cache  prompts * prompt * L * 2 * K * D * w: each prompt prefilled once, then copied
+                   into its group's rows
+    activations    per micro-batch of N tokens, per layer, what backward keeps:
+                   N * (6C + 3HD + 2KD + 5F) * a; with --activation-checkpointing only each
+                   layer's input, N * C * a, plus one layer's worth recomputed at a time
+    logits_chunk   chunk * V * 4 * 3: one chunk of float32 logits, their log-softmax and its exp
+                   (logprobs.token_logprobs never holds more)
+
+A step is two phases that do not overlap: generation (weights, optimizer state, reference, KV
+cache: gradients were freed by the last step) and training (weights, optimizer state, reference,
+gradients, activations, logits chunk). The total is the larger phase. weights, gradients,
+optimizer and KV cache are exact (tests/test_memory_plan.py compares them with the real tensors
+after a real step); activations are an estimate of what autograd saves (SDPA and allocator
+workspaces, fragmentation not included): read the total with ~15 % to spare.
+"""
+import json
+import os
+
+import torch
+
+from nanocausal import checkpoint, lora
+from nanocausal.model import ModelConfig, Transformer
+
+GIB = 2**30
+BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def meta_model(name_or_path):
+    """The model of --model (a folder, a hub id, a LoRA adapter or a config.json) on the meta device."""
+    if str(name_or_path).endswith(".json") and os.path.isfile(name_or_path):
+        with open(name_or_path) as f:
+            config = ModelConfig.from_dict(json.load(f), source=str(name_or_path))
+    else:
+        folder = checkpoint.resolve(name_or_path, ["config.json", lora.ADAPTER_CONFIG])
+        if checkpoint.is_adapter(folder):
+            return meta_model(checkpoint.base_of(folder))
+        with open(os.path.join(folder, "config.json")) as f:
+            config = ModelConfig.from_dict(json.load(f), source=os.path.join(folder, "config.json"))
+    with torch.device("meta"):
+        return Transformer(config)
+
+
+def count(params):
+    return sum(p.numel() for p in params)
+
+
+def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None):
+    """The plan of `config` (an SFTConfig, PreferenceConfig or RLConfig) for algo sft, dpo, kto,
+    grpo or ppo: a dict with parameters, trainable_parameters, bytes (per component), phases,
+    total_bytes, gpu_bytes, fits and advice (the first flag to change when it does not fit)."""
+    model = meta_model(config.model)
+    mc = model.config
+    cuda = str(config.device).startswith("cuda")
+    w = BYTES[config.dtype]
+    act = 2 if cuda else w
+    base = count(model.parameters())
+    if config.lora_rank > 0:
+        lora.add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    adapters = count(p for n, p in model.named_parameters() if ".lora_" in n)
+    trainable = adapters or base
+    rl = algo in ("grpo", "ppo")
+
+    reference = 0
+    needs_reference = {"dpo": not getattr(config, "precompute_ref", False), "kto": not getattr(config, "precompute_ref", False),
+                       "grpo": getattr(config, "beta", 0) != 0, "ppo": getattr(config, "kl_coef", 0) != 0}.get(algo, False)
+    if needs_reference and not adapters:
+        reference = base * (2 if rl and cuda else (4 if rl else w))
+    value = (mc.hidden_size + 1) * 4 * 4 if algo == "ppo" else 0
+
+    kv_cache = prefill_cache = 0
+    per_token_kv = mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim * w
+    if rl:
+        rows = config.prompts_per_step * config.group_size
+        kv_cache = rows * (prompt_tokens + config.max_new_tokens) * per_token_kv
+        prefill_cache = config.prompts_per_step * prompt_tokens * per_token_kv
+
+    if rl:
+        tokens = config.micro_batch_size * (prompt_tokens + config.max_new_tokens)
+        chunk = config.logits_chunk_size
+    else:
+        rows = config.batch_size * (2 if algo == "dpo" else 1)
+        tokens = rows * config.max_length
+        chunk = 1024
+    C, F, L = mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers
+    HD, KD = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim
+    per_layer = tokens * (6 * C + 3 * HD + 2 * KD + 5 * F) * act
+    activations = (L * tokens * C * act + per_layer) if config.activation_checkpointing else L * per_layer
+    logits_chunk = chunk * mc.vocab_size * 4 * 3
+
+    components = {
+        "weights": (base * w) + adapters * 4,
+        "gradients": adapters * 4 if adapters else base * w,
+        "optimizer": trainable * 2 * 4 + 4 * len([p for p in model.parameters() if p.requires_grad]),
+        "reference": reference,
+        "value_model": value,
+        "kv_cache": kv_cache,
+        "prefill_cache": prefill_cache,
+        "activations": activations,
+        "logits_chunk": logits_chunk,
+    }
+    resident = components["weights"] + components["optimizer"] + reference + value
+    phases = {"generation": resident + kv_cache + prefill_cache if rl else 0,
+              "training": resident + components["gradients"] + activations + logits_chunk}
+    total = max(phases.values())
+    if gpu_memory_gib is None:
+        gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80
+    gpu = int(gpu_memory_gib * GIB)
+    result = {"model": str(config.model), "algo": algo, "parameters": base + adapters, "trainable_parameters": trainable,
+              "bytes": components, "phases": phases, "total_bytes": total, "gpu_bytes": gpu, "fits": total <= gpu}
+    result["advice"] = None if result["fits"] else advice(config, components, phases, rl, adapters)
+    return result
+
+
+def advice(config, components, phases, rl, adapters):
+    """The first flag to change, for the largest thing that can shrink."""
+    largest_phase = max(phases, key=phases.get)
+    state = components["gradients"] + components["optimizer"]
+    if not adapters and state >= max(components["activations"], components["kv_cache"]):
+        return "--lora-rank 32 (about 10x the learning rate): gradients and AdamW state are most of it"
+    if config.dtype == "float32" and components["weights"] >= components["activations"]:
+        return "--dtype bfloat16: the weights are float32"
+    if largest_phase == "generation":
+        return "--prompts-per-step or --max-new-tokens: the rollouts' KV cache is the largest part"
+    if components["reference"] >= components["activations"]:
+        return "--lora-rank 32 (the reference becomes the adapters-off model)" + (
+            "" if rl else " or --precompute-ref")
+    if not config.activation_checkpointing:
+        return "--activation-checkpointing: backward keeps every layer's activations"
+    return ("--micro-batch-size" if rl else "--batch-size with more --grad-accum") + ": activations of a micro-batch"
+
+
+def format_plan(result):
+    lines = [f"memory plan: {result['algo']} on {result['model']}: {result['parameters']:,} parameters, "
+             f"{result['trainable_parameters']:,} trainable"]
+    for name, value in result["bytes"].items():
+        lines.append(f"  {name:<13} {value / GIB:9.2f} GiB")
+    for name, value in result["phases"].items():
+        if value:
+            lines.append(f"  {name + ' phase':<22}{value / GIB:9.2f} GiB")
+    verdict = "fits" if result["fits"] else "does NOT fit"
+    lines.append(f"  total {result['total_bytes'] / GIB:.2f} GiB of {result['gpu_bytes'] / GIB:.0f} GiB: {verdict}"
+                 + (f"; change first: {result['advice']}" if result["advice"] else ""))
+    return "\n".join(lines)
+
+
+def report(config, algo, as_json=False, prompt_tokens=512, gpu_memory_gib=None):
+    """--plan: print the plan (as JSON with --json) and return it."""
+    result = plan(config, algo, prompt_tokens, gpu_memory_gib)
+    print(json.dumps(result, indent=2) if as_json else format_plan(result))
+    return result

@@ -1,0 +1,187 @@
+"""Curves of one or more runs, drawn from their metrics.jsonl into one PNG.
+
+    python -m nanocausal.plot runs/pipeline/grpo                    # -> runs/pipeline/grpo/curves.png
+    python -m nanocausal.plot runs/a runs/b --out compare.png       # two runs overlaid
+    python -m nanocausal.plot lr3e-5=runs/a lr1e-4=runs/b --smooth 0.8   # named runs, EMA-smoothed
+
+A RUN_DIR is a training out_dir (or a metrics.jsonl itself); NAME=RUN_DIR names it in the legend
+(default: the folder's name). Needs matplotlib (pip install matplotlib, or pip install -e '.[plot]');
+it renders with Agg, so no display is needed. It can run while the run is training: the loop
+flushes whole lines, and a last line still being written is left for the next plot.
+
+One panel per group of keys below, only those whose keys some run logged: reward and accuracy
+(the RL rollouts' reward/accuracy and the held-out eval_acc, DPO's reward_accuracy), preference
+rewards, completion length, truncation, KL and entropy, loss, grad norm, and seconds per step
+(RL's generation_s / reward_s / training_s beside the loop's step_s). The x axis is the optimiser
+step; a run is one colour in every panel, a key one line style. From Python (pipeline.py):
+plot_runs(run_dirs, out_png, names=None, smooth=0.0).
+"""
+import json
+import math
+import numbers
+import os
+
+from nanocausal import cli
+
+# (title, keys): the keys are those of metrics.jsonl rows (training.py's loop, rl.py, losses.py).
+PANELS = (
+    ("reward and accuracy", ("reward", "accuracy", "format_rate", "eval_acc", "reward_accuracy")),
+    ("preference rewards (DPO, KTO)", ("chosen_reward", "rejected_reward", "reward_margin",
+                                       "desirable_reward", "undesirable_reward")),
+    ("completion length (tokens)", ("completion_len", "completion_len_max")),
+    ("truncated (share of completions)", ("truncated",)),
+    ("KL and entropy", ("kl", "approx_kl", "entropy")),
+    ("loss", ("loss", "policy_loss", "value_loss", "nll")),
+    ("grad norm (before clipping)", ("grad_norm",)),
+    ("seconds per step", ("generation_s", "reward_s", "training_s", "step_s")),
+)
+LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl (a list of dicts, each with a "step"); ValueError naming the
+    file and line for anything else."""
+    with open(path) as f:
+        lines = f.readlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not line.endswith("\n"):
+                break  # the last line of a live run, caught half-written: the next plot will have it
+            raise ValueError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {number}: expected a JSON object per line, got {type(row).__name__}")
+        if not isinstance(row.get("step"), numbers.Real):
+            raise ValueError(f"{path} line {number}: no numeric \"step\" (each row of metrics.jsonl has one)")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows (an empty metrics.jsonl: has the run finished its first step?)")
+    return rows
+
+
+def metrics_path(run_dir):
+    """RUN_DIR/metrics.jsonl, or RUN_DIR itself when it is the file."""
+    path = run_dir if os.path.isfile(run_dir) else os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file (expected a training out_dir holding metrics.jsonl)")
+    return path
+
+
+def run_name(run_dir):
+    path = os.path.normpath(os.path.abspath(run_dir))
+    return os.path.basename(os.path.dirname(path) if os.path.isfile(path) else path)
+
+
+def curve(rows, key, smooth=0.0):
+    """(steps, values) of the rows holding a number under key; smooth > 0: an exponential moving
+    average, value_t = smooth * value_{t-1} + (1 - smooth) * x_t, as TensorBoard's slider does
+    (bias-corrected, so the first points are not pulled toward 0). NaN/inf are left out."""
+    points = [(row["step"], float(row[key])) for row in rows
+              if isinstance(row.get(key), numbers.Real) and math.isfinite(row[key])]
+    steps = [step for step, _ in points]
+    values = [value for _, value in points]
+    if smooth > 0:
+        average, smoothed = 0.0, []
+        for i, value in enumerate(values, 1):
+            average = smooth * average + (1 - smooth) * value
+            smoothed.append(average / (1 - smooth ** i))
+        values = smoothed
+    return steps, values
+
+
+def plot_runs(run_dirs, out_png, names=None, smooth=0.0):
+    """Write the curves of run_dirs (out_dirs, or metrics.jsonl files) to out_png, overlaid: one
+    colour per run (the figure's legend), one line style per key (each panel's legend); names:
+    the runs' legend names (default: folder names); smooth: the EMA weight of curve().
+    Returns the titles of the panels drawn. ValueError (one line) for a missing matplotlib, a
+    missing, empty or malformed metrics.jsonl, or runs with nothing to plot."""
+    if not 0 <= smooth < 1:
+        raise ValueError(f"--smooth must be in [0, 1), got {smooth}")
+    names = list(names) if names else [run_name(d) for d in run_dirs]
+    if len(names) != len(run_dirs):
+        raise ValueError(f"{len(names)} names for {len(run_dirs)} runs")
+    runs = [(name, read_metrics(metrics_path(d))) for name, d in zip(names, run_dirs)]
+    logged = {key for _, rows in runs for row in rows for key in row}
+    panels = [(title, [key for key in keys if key in logged]) for title, keys in PANELS]
+    panels = [(title, keys) for title, keys in panels if keys]
+    if not panels:
+        known = sorted({key for _, keys in PANELS for key in keys})
+        raise ValueError(f"nothing to plot in {', '.join(metrics_path(d) for d in run_dirs)}: "
+                         f"it logs {', '.join(sorted(logged))}; the panels read {', '.join(known)}")
+
+    try:  # after the checks of the data, which need no matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')") from None
+
+    # The figure without pyplot: no global state, no display, the same under pipeline.py as here.
+    columns = 1 if len(panels) == 1 else 2
+    grid_rows = math.ceil(len(panels) / columns)
+    figure = Figure(figsize=(6.5 * columns, 3.4 * grid_rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    for index, (title, keys) in enumerate(panels):
+        axes = figure.add_subplot(grid_rows, columns, index + 1)
+        for (name, rows), colour in zip(runs, colours):
+            for key, style in zip(keys, LINE_STYLES):
+                steps, values = curve(rows, key, smooth)
+                if not steps:
+                    continue
+                # A sparse key (eval_acc, every --eval-every steps) gets markers: a few points joined
+                # by straight lines would pass for a measured curve.
+                marker = "o" if len(steps) <= 0.2 * len(rows) or len(steps) < 3 else None
+                axes.plot(steps, values, color=colour, linestyle=style, marker=marker, markersize=3, linewidth=1.2)
+        # Each panel's legend says which line style is which key; the figure's says which colour
+        # is which run, once, instead of runs x keys entries in every panel.
+        axes.legend(handles=[Line2D([], [], color="0.25", linestyle=style, label=key)
+                             for key, style in zip(keys, LINE_STYLES)], fontsize=7)
+        axes.set_title(title, fontsize=10)
+        axes.set_xlabel("step", fontsize=8)
+        axes.tick_params(labelsize=8)
+        axes.grid(alpha=0.3)
+    figure.legend(handles=[Line2D([], [], color=colour, linewidth=2, label=name) for (name, _), colour in zip(runs, colours)],
+                  loc="outside upper center", ncols=min(len(runs), 4), fontsize=9,
+                  title="EMA-smoothed, weight %g" % smooth if smooth else None, title_fontsize=8)
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    figure.savefig(out_png, dpi=100)
+    return [title for title, _ in panels]
+
+
+def parse_run(text):
+    """NAME=RUN_DIR, or RUN_DIR (an existing path holding "=" is a path)."""
+    if "=" in text and not os.path.exists(text):
+        name, path = text.split("=", 1)
+        if name and path:
+            return name, path
+    return None, text
+
+
+def main(argv=None):
+    p = cli.parser_for(__doc__)
+    p.prog = "python -m nanocausal.plot"
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="training out_dirs (or metrics.jsonl files) to overlay; NAME=RUN_DIR names one in the legend")
+    p.add_argument("--out", default=None,
+                   help="PNG to write (default: RUN_DIR/curves.png for one run, curves.png here for several)")
+    p.add_argument("--smooth", type=float, default=0.0,
+                   help="exponential moving average weight in [0, 1) for noisy curves such as RL rewards (0: raw)")
+    args = p.parse_args(argv)
+    parsed = [parse_run(text) for text in args.runs]
+    run_dirs = [path for _, path in parsed]
+    names = [name or run_name(path) for name, path in parsed]
+    out = args.out
+    if out is None:
+        folder = run_dirs[0] if os.path.isdir(run_dirs[0]) else os.path.dirname(os.path.abspath(run_dirs[0]))
+        out = os.path.join(folder, "curves.png") if len(run_dirs) == 1 else "curves.png"
+    panels = plot_runs(run_dirs, out, names=names, smooth=args.smooth)
+    print(f"wrote {out} ({len(panels)} panels: {', '.join(panels)})")
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,83 @@
+"""The memory plan (nanocausal/memory_plan.py, every trainer's --plan): exact parameter counts for
+the real shapes in ../shared/configs, and its weights, gradients, optimizer and KV-cache bytes equal
+to the real tensors' after a real step, float32 and bfloat16, full fine-tuning and LoRA."""
+import json
+
+import pytest
+import torch
+
+from conftest import make_hf_checkpoint, run_script
+from nanocausal import checkpoint, memory_plan, sampling
+from nanocausal.rl import RLConfig, train_rl
+
+transformers = pytest.importorskip("transformers")
+SHAPES = ("Qwen2.5-1.5B-Instruct", "DeepSeek-R1-Distill-Qwen-1.5B", "DeepSeek-R1-Distill-Qwen-7B",
+          "DeepSeek-R1-Distill-Qwen-14B")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_parameter_counts_are_exact_for_the_real_shapes(shared_dir, shape):
+    path = shared_dir / "configs" / f"{shape}.json"
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(path))
+    out = run_script("train_rl.py", "--model", path, "--plan", "--json", "--dtype", "bfloat16")
+    result = json.loads(out.stdout)
+    assert result["parameters"] == reference.num_parameters()
+    assert set(result) >= {"parameters", "trainable_parameters", "bytes", "total_bytes"}
+    assert result["bytes"]["weights"] == 2 * reference.num_parameters()
+
+
+def test_full_fine_tuning_of_14b_does_not_fit_141_gb_and_says_what_to_change(shared_dir):
+    config = RLConfig(model=str(shared_dir / "configs" / "DeepSeek-R1-Distill-Qwen-14B.json"), dtype="bfloat16",
+                      device="cuda", activation_checkpointing=True)
+    full = memory_plan.plan(config, "grpo", gpu_memory_gib=141)
+    assert not full["fits"] and full["advice"].startswith("--lora-rank")
+    with_lora = memory_plan.plan(RLConfig(**{**config.__dict__, "lora_rank": 32, "prompts_per_step": 8}), "grpo",
+                                 gpu_memory_gib=141)
+    assert with_lora["fits"] and with_lora["trainable_parameters"] < full["parameters"] / 100
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("dtype, lora_rank", [("float32", 0), ("bfloat16", 0), ("float32", 4), ("bfloat16", 4)])
+def test_the_plan_equals_the_real_tensors_after_a_step(tmp_path, monkeypatch, dtype, lora_rank):
+    make_hf_checkpoint(tmp_path / "model", "qwen2", vocab_size=64, tie_word_embeddings=False)
+    prompt_tokens, prompts = 6, [{"prompt_ids": [1, 2, 3, 4, 5, i]} for i in range(4)]
+    config = RLConfig(model=str(tmp_path / "model"), out_dir=str(tmp_path / "out"), device="cpu", dtype=dtype,
+                      steps=1, prompts_per_step=4, group_size=2, max_new_tokens=5, micro_batch_size=8, lr=1e-3,
+                      warmup_steps=0, eval_every=0, lora_rank=lora_rank, beta=0.0)
+    caches = []
+    real_init = sampling.Decoder.__init__
+
+    def recording(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        caches.append(tensor_bytes(t for pair in self.kv_cache for t in pair))
+
+    monkeypatch.setattr(sampling.Decoder, "__init__", recording)
+    model = train_rl(config, reward_fn=lambda example, ids: float(sum(ids) % 2), examples=prompts).model
+    planned = memory_plan.plan(config, "grpo", prompt_tokens=prompt_tokens)["bytes"]
+
+    assert planned["weights"] == tensor_bytes(model.parameters())
+    assert planned["kv_cache"] == caches[0]
+    state = torch.load(tmp_path / "out" / "checkpoint" / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    assert planned["optimizer"] == tensor_bytes(t for s in state.values() for t in s.values() if torch.is_tensor(t))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    model(torch.tensor([[1, 2, 3]])).float().sum().backward()
+    assert planned["gradients"] == tensor_bytes(p.grad for p in trainable)
+    assert planned["reference"] == 0 and planned["value_model"] == 0
+    if dtype == "bfloat16" and not lora_rank:  # train_rl --dtype bfloat16 on CPU: finite, saved in bf16
+        saved = checkpoint.load_model(tmp_path / "out" / "checkpoint", dtype=None)
+        assert json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+        assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+def test_the_gpu_check_runs_on_cpu_at_tiny_shapes(tmp_path):
+    """benchmarks/gpu_check.py --cpu-smoke: every line of the GPU check runs, and it writes its JSON."""
+    out = run_script("benchmarks/gpu_check.py", "--cpu-smoke", "--out", tmp_path / "check.json")
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert report["logits_max_abs_diff"]["float32"] == 0.0 and report["logits_max_abs_diff"]["bfloat16"] < 0.05
+    assert report["attention_kernels"]["prefill"] and report["decode"] and report["grpo"]
+    assert "GRPO step tiny full bf16" in out.stdout
