@@ -68,7 +68,7 @@ from collections import deque
 
 import torch
 
-from nanocausal.sampling import (Generation, check_generate_arguments, cpu_weight_layout, eos_id_list,
+from nanocausal.sampling import (Generation, check_finite, check_generate_arguments, cpu_weight_layout, eos_id_list,
                                  sample_tokens)
 
 # True runs the eager step at the CUDA graph's fixed width (every cache column, scratch C-1): the
@@ -204,7 +204,7 @@ class Slots:
         L = torch.tensor(lengths, device=device)[owner]
         limit = torch.tensor(limits, device=device)[owner]
         stream = torch.tensor(streams, dtype=torch.long, device=device)
-        logits = self.logits(torch.stack(last_hidden))[owner]  # (G * n, V): each sample draws its own first token
+        logits = check_finite(self.logits(torch.stack(last_hidden)))[owner]  # (G * n, V): each sample draws its own first token
         token, logprob = self.draw(logits, stream, torch.zeros_like(stream))
         self.tokens[slot_ids, 0] = token
         self.logprobs[slot_ids, 0] = logprob

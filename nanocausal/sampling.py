@@ -350,7 +350,7 @@ def prefill_and_decode(model, prompts, max_new_tokens, num_samples, sampling, eo
         k.view(B, n, K, P + N, D)[:, :, :, :P].copy_(prefill_k[:, None])
         v.view(B, n, K, P + N, D)[:, :, :, :P].copy_(prefill_v[:, None])
     del prefill_cache
-    last_logits = model.lm_head(hidden[:, -1]).float()  # (B, V): left padding puts every prompt's last token at P-1
+    last_logits = check_finite(model.lm_head(hidden[:, -1]).float())  # (B, V): every prompt's last token is at P-1
     decoder.sample_and_record(last_logits.repeat_interleave(n, dim=0))  # each sample draws its own first token
 
     # 2. Decode the other N - 1 tokens.
@@ -365,6 +365,15 @@ def eos_id_list(eos_token_ids) -> list[int]:
     if isinstance(eos_token_ids, numbers.Integral):
         return [int(eos_token_ids)]
     return [int(i) for i in eos_token_ids]
+
+
+def check_finite(logits):
+    """The prompts' logits, or a clear error: NaN or inf logits (a diverged checkpoint) would otherwise
+    sample out-of-range ids. Checked once per prefill (a host sync), never inside the decode loop."""
+    if not torch.isfinite(logits.amax(-1)).all():  # a NaN anywhere in a row makes its max NaN
+        raise ValueError("the model's logits are NaN or inf: its weights are broken (a diverged run?); "
+                         "nothing can be sampled from it")
+    return logits
 
 
 def check_generate_arguments(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples, vocab_size):

@@ -63,6 +63,15 @@ def tiny_qwen2(tmp_path):
     return path, make_hf_checkpoint(path, "qwen2")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine it only waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_examples(n, seed=0):
     """n short SFT-style causal questions with random answer JSONs (random, so only memory can learn them)."""
     rng = random.Random(seed)

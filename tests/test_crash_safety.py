@@ -103,3 +103,14 @@ def test_an_out_dir_holding_a_run_needs_resume_or_overwrite(tiny_chat_model, sft
     assert resumed.steps == 3
     assert train_sft(SFTConfig(**{**config, "overwrite": True})).steps == 2
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_sampling_a_broken_model_is_a_clear_error(tiny_chat_model):
+    from nanocausal.refill import generate_many
+    from nanocausal.sampling import generate
+    model = load_model(tiny_chat_model)
+    with torch.no_grad():
+        model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+    for sampler in (generate, generate_many):
+        with pytest.raises(ValueError, match="logits are NaN or inf"):
+            sampler(model, [[1, 2, 3]], 4)

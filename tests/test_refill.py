@@ -25,13 +25,7 @@ EOS = list(range(0, 256, 9))  # about one id in nine ends a row: completions of 
 SAMPLING = dict(temperature=0.9, top_p=0.95, top_k=50)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny batches gain nothing from a second thread (see test_sampling.py's fixture)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only waits
 
 
 @pytest.fixture(scope="module")

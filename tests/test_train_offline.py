@@ -18,13 +18,7 @@ from nanocausal.sft import SFTConfig, sft_backward, train_sft
 from nanocausal.tokenizer import Tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine extra threads only wait.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only waits
 
 
 @pytest.fixture(scope="module")
