@@ -93,12 +93,7 @@ def load_model(name_or_path, dtype=None, device=None) -> Transformer:
         model = load_model(base_of(path), dtype, device)
         model.lora_base = base_of(path)
         return lora.load_adapter(model, path)
-    config_path = os.path.join(path, "config.json")
-    with open(config_path) as f:
-        try:
-            config = ModelConfig.from_dict(json.load(f), source=config_path)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    config = read_config(os.path.join(path, "config.json"))
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")
     with torch.device("meta"):
@@ -127,21 +122,23 @@ def load_model(name_or_path, dtype=None, device=None) -> Transformer:
     return model.eval()
 
 
+def read_config(config_path) -> ModelConfig:
+    """A config.json as a ModelConfig; errors name the file."""
+    with open(config_path) as f:
+        try:
+            return ModelConfig.from_dict(json.load(f), source=str(config_path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+
+
 def random_model(config_json, dtype=None, device=None, seed=0):
     """A model of the shape a config.json describes (../shared/configs/ holds real ones) with
-    random weights: N(0, 0.02) matrices, zero biases, unit norms. For memory plans, GPU checks
-    and benchmarks where the weights cannot be downloaded; it knows no language."""
-    with open(config_json) as f:
-        config = ModelConfig.from_dict(json.load(f), source=str(config_json))
-    generator = torch.Generator().manual_seed(seed)
+    random weights (Transformer.init_weights). For memory plans, GPU checks and benchmarks where
+    the weights cannot be downloaded; it knows no language."""
     with torch.device(device or "cpu"):
-        model = Transformer(config).to(dtype or torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
-            else:
-                p.fill_(1.0 if "norm" in name else 0.0)
+        model = Transformer(read_config(config_json))
+    generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    model.init_weights(generator=generator).to(dtype or torch.float32)
     model.reset_rope()
     return model.eval()
 
@@ -334,6 +331,8 @@ def recover(out_dir):
     (removed) or instead of it (put back)."""
     out_dir = out_dir.rstrip("/")
     tmp, old = out_dir + ".tmp", out_dir + ".old"
+    if not (os.path.isdir(tmp) or os.path.isdir(old)):
+        return  # nothing left over (every run and every save start here: the common case costs two stats)
     if os.path.isdir(tmp):
         newer = is_complete(tmp) and not (is_complete(out_dir) and saved_step(out_dir) >= saved_step(tmp))
         if newer:
@@ -348,9 +347,7 @@ def recover(out_dir):
             os.replace(old, out_dir)
         else:
             shutil.rmtree(old)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    if os.path.isdir(parent):
-        _fsync(parent)
+    _fsync(os.path.dirname(os.path.abspath(out_dir)))
 
 
 def copy_tokenizer_files(source, out_dir):

@@ -36,7 +36,7 @@ import os
 import torch
 
 from nanocausal import checkpoint, lora
-from nanocausal.model import ModelConfig, Transformer
+from nanocausal.model import Transformer
 
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2}
@@ -45,14 +45,12 @@ BYTES = {"float32": 4, "bfloat16": 2}
 def meta_model(name_or_path):
     """The model of --model (a folder, a hub id, a LoRA adapter or a config.json) on the meta device."""
     if str(name_or_path).endswith(".json") and os.path.isfile(name_or_path):
-        with open(name_or_path) as f:
-            config = ModelConfig.from_dict(json.load(f), source=str(name_or_path))
+        config = checkpoint.read_config(name_or_path)
     else:
         folder = checkpoint.resolve(name_or_path, ["config.json", lora.ADAPTER_CONFIG])
         if checkpoint.is_adapter(folder):
             return meta_model(checkpoint.base_of(folder))
-        with open(os.path.join(folder, "config.json")) as f:
-            config = ModelConfig.from_dict(json.load(f), source=os.path.join(folder, "config.json"))
+        config = checkpoint.read_config(os.path.join(folder, "config.json"))
     with torch.device("meta"):
         return Transformer(config)
 

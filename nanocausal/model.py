@@ -293,6 +293,17 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, layer_cache, cache_position)
         return self.norm(x)
 
+    @torch.no_grad()
+    def init_weights(self, std=0.02, generator=None):
+        """GPT-2 style initialisation: N(0, std) matrices, zero biases, unit norms (for models built
+        from nothing: the tiny base, random-weight models of a real shape)."""
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std, generator=generator)
+            else:
+                p.fill_(1.0 if "norm" in name else 0.0)
+        return self
+
     def reset_rope(self, device=None):
         """Recompute the rotary frequencies (a non-persistent buffer, so never in a checkpoint)."""
         self.inv_freq = rope_inverse_frequencies(self.config).to(device or self.embed_tokens.weight.device)

@@ -274,7 +274,7 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
                             config.max_new_tokens, config.temperature, config.top_p, config.top_k,
                             config.seed * 100_003 + step, eos_token_ids, pad_token_id,
                             tokenizer.vocab_size if tokenizer else None)
-        generation_s = sync_time(device, started)
+        generation_s = training.seconds_since(started, device)
         started = time.time()
         row_examples = [ex for ex in step_examples for _ in range(config.group_size)]
         scores = {k: v.to(device) for k, v in score(row_examples, batch["completions"], tokenizer,
@@ -284,7 +284,7 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
         started = time.time()
         metrics = algorithm.advantages(batch, scores["reward"])
         update_metrics, train_tokens = update(model, algorithm, optimizer, batch, config, step)
-        training_s = sync_time(device, started)
+        training_s = training.seconds_since(started, device)
         generated = sum(len(c) for c in batch["completions"])
         return {**rollout_metrics(scores, batch, config.group_size), **metrics, **update_metrics,
                 "generation_s": round(generation_s, 3), "reward_s": round(reward_s, 3),
@@ -294,10 +294,3 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
     return training.train(config, model, optimizer, step_fn, stream, tokenizer,
                           extra_modules={"value_head": value_head} if value_head is not None else None,
                           desc=config.algo)
-
-
-def sync_time(device, started):
-    """Seconds since `started`, after the GPU has finished what was queued."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.time() - started

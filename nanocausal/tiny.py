@@ -40,7 +40,6 @@ The tokenizer, the model and its pretraining are built by nanocausal/tiny_base.p
 (`python build_tiny_base.py`).
 """
 import json
-import os
 import random
 
 from nanocausal.problem_text import PROVIDE   # the official answer-format line

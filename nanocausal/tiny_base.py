@@ -110,15 +110,7 @@ def build_tiny(out_dir, seed=0, vocab_size=1000, n_texts=3000, **model_kwargs):
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": [eos_id], "pad_token_id": pad_id}, f, indent=2)
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig.from_dict(config))
-    with torch.no_grad():  # GPT-2 style init: N(0, 0.02) weights, zero biases, unit norms
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02)
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.zero_()
+    model = Transformer(ModelConfig.from_dict(config)).init_weights()
     checkpoint.save_model(model, out_dir)
     return out_dir
 

@@ -34,7 +34,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
-from nanocausal.checkpoint import TOKENIZER_FILES, resolve
+from nanocausal.checkpoint import TOKENIZER_FILES, base_of, is_adapter, resolve
 from nanocausal.lora import ADAPTER_CONFIG
 
 # Names under which a message's reasoning may be passed; templates read `reasoning_content`
@@ -152,9 +152,8 @@ class Tokenizer:
         """A local folder, or a hub id such as "Qwen/Qwen2.5-0.5B-Instruct" (tokenizer files only,
         plus config.json for its eos ids)."""
         folder = resolve(name_or_path, TOKENIZER_FILES + ["config.json", ADAPTER_CONFIG])
-        adapter_config = os.path.join(folder, ADAPTER_CONFIG)
-        if not os.path.isfile(os.path.join(folder, "tokenizer.json")) and os.path.isfile(adapter_config):
-            return cls.from_pretrained(_read_json(adapter_config)["base_model_name_or_path"])  # a bare LoRA adapter
+        if not os.path.isfile(os.path.join(folder, "tokenizer.json")) and is_adapter(folder):
+            return cls.from_pretrained(base_of(folder))  # a bare LoRA adapter: its base's tokenizer
         return cls(folder)
 
     def _special_added_tokens(self):

@@ -200,6 +200,14 @@ def autocast(device):
     return nullcontext()
 
 
+def seconds_since(started, device):
+    """Seconds since `started` (time.time()), once the GPU has finished what was queued: honest
+    times (the .item() of the log would sync anyway)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.time() - started
+
+
 def torch_dtype(name):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
@@ -376,9 +384,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
                     group["lr"] = group["peak_lr"] * factor
                 started = time.time()
                 metrics = step_fn(step)
-                if str(config.device).startswith("cuda"):
-                    torch.cuda.synchronize()  # honest step times; .item() below would sync anyway
-                step_seconds = time.time() - started
+                step_seconds = seconds_since(started, config.device)
                 train_seconds += step_seconds
                 step += 1
                 tokens = metrics.pop("tokens", None)

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import tiny_examples, write_jsonl
 from nanocausal import data
