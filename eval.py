@@ -75,7 +75,7 @@ def build_parser():
     g.add_argument("--max-new-tokens", type=cli.positive_int, default=EvalConfig.max_new_tokens,
                    help="longest reply in tokens (official: 8192; lower it on a CPU and say so)")
     g = parser.add_argument_group("running")
-    g.add_argument("--batch-size", type=cli.positive_int, default=EvalConfig.batch_size, help="problems per sampler call (x num-samples rows)")
+    g.add_argument("--batch-size", type=cli.positive_int, default=EvalConfig.batch_size, help="problems decoded at once by continuous batching: batch-size * num-samples rows, a finished row taking the next waiting problem")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (and generation seed of gen:/tiny: sets)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model weights dtype (default: bfloat16 on GPU, float32 on CPU)")

@@ -62,6 +62,9 @@ def build_parser(algo="grpo"):
                    help="completions sampled per prompt" + (" (the GRPO group, >= 2)" if algo == "grpo" else ""))
     g.add_argument("--max-new-tokens", type=cli.positive_int, default=d.max_new_tokens,
                    help="generation budget per completion (longer ones are cut and count as truncated)")
+    g.add_argument("--rollout-slots", type=cli.positive_int, default=d.rollout_slots,
+                   help="rows decoded at once (default: prompts-per-step * group-size, all of them); fewer bound the "
+                        "KV cache, and a finished group's rows take the next waiting prompt (continuous batching)")
     g.add_argument("--temperature", type=cli.non_negative_float, default=d.temperature,
                    help="sampling temperature; the log-probs of the loss use the same one")
     g.add_argument("--top-p", type=float, default=d.top_p,

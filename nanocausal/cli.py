@@ -124,7 +124,7 @@ def add_eval_args(parser, defaults):
     g.add_argument("--eval-data", default=defaults.eval_data, help="CauGym/rl file to evaluate on; default: held-out generated problems")
     g.add_argument("--eval-problems", type=positive_int, default=defaults.eval_problems, help="number of held-out problems")
     g.add_argument("--eval-samples", type=positive_int, default=defaults.eval_samples, help="samples per problem (official: 5)")
-    g.add_argument("--eval-batch-size", type=positive_int, default=defaults.eval_batch_size, help="problems sampled together")
+    g.add_argument("--eval-batch-size", type=positive_int, default=defaults.eval_batch_size, help="problems decoded at once (continuous batching: x eval-samples rows)")
     g.add_argument("--eval-max-new-tokens", type=positive_int, default=defaults.eval_max_new_tokens,
                    help="generation budget per sample")
     g.add_argument("--eval-temperature", type=non_negative_float, default=defaults.eval_temperature,

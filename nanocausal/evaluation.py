@@ -7,7 +7,7 @@ problems, answers them through the sampler (or the symbolic `oracle`), scores ev
 aggregates accuracy = correct samples / all samples, per task and overall.
 
 `run(EvalConfig)` is eval.py's whole job: a table of the seven tasks by data set, every response
-appended to <out>/responses.jsonl as soon as its batch is done (a rerun resumes from it), and the
+appended to <out>/responses.jsonl as soon as its problem is answered (a rerun resumes from it), and the
 scores in <out>/summary.json.
 
 CaLM-Lite task files (or folders of them) run through the same path with CaLM's own prompts and
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from nanocausal import calm, caugym, checkpoint, data, problems, tiny
 from nanocausal.problem_text import solve
-from nanocausal.sampling import generate
+from nanocausal.refill import generate_many
 from nanocausal.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -83,23 +83,41 @@ def item_key(dataset, index, item):
 # Answering and scoring
 
 
-def answer(model, tokenizer, items, num_samples, temperature, top_p, top_k, max_new_tokens, seed):
-    """Responses (num_samples per item, item-major) for a batch of items."""
+def sample_key(key):
+    """The integer that keys a problem's random numbers: a hash of its item_key, so its sampled
+    replies depend on the run seed and the problem only, never on the batch, the slot it decodes
+    in, the order of the data sets or how many processes share them."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:15], 16)
+
+
+def answer(model, tokenizer, items, num_samples, temperature, top_p, top_k, max_new_tokens, seed, keys=None,
+           slots=16, on_answered=None):
+    """Responses (num_samples per item, item-major) for `items`, decoded by continuous batching
+    (refill.generate_many) over `slots` rows: a finished reply's row takes the next waiting one.
+
+    keys: each item's item_key (its random numbers follow sample_key(key)); default its position.
+    on_answered(i, responses) is called as soon as items[i] has all its samples.
+    A reply is capped at what the model's context leaves after its prompt (the official 8192 new
+    tokens do not fit every model: SmolLM2's context is 8192 in all), as a serving engine does."""
+    keys = [str(i) for i in range(len(items))] if keys is None else keys
+    responses = [None] * len(items)
+
+    def answered(i, samples):
+        responses[i] = samples
+        if on_answered is not None:
+            on_answered(i, samples)
     if model in PSEUDO_MODELS:
-        return [[pseudo_reply(model, item)] * num_samples for item in items]
+        for i, item in enumerate(items):
+            answered(i, [pseudo_reply(model, item)] * num_samples)
+        return responses
     prompts = [tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True) for item in items]
-    # The official 8192 new tokens do not fit every model's context (SmolLM2's is 8192 in all):
-    # reply length is then capped at what the context leaves, as a serving engine would.
-    longest = max(len(p) for p in prompts)
-    room = model.config.max_position_embeddings - longest
-    if room < 1:
-        raise ValueError(f"a prompt of {longest} tokens leaves no room in the model's context "
-                         f"of {model.config.max_position_embeddings}")
-    generation = generate(model, prompts, max_new_tokens=min(max_new_tokens, room), temperature=temperature,
-                          top_p=top_p, top_k=top_k, num_samples=num_samples, eos_token_ids=tokenizer.eos_token_ids,
-                          seed=seed, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id)
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generation.completions()]
-    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(items))]
+    generate_many(model, prompts, max_new_tokens, slots=max(slots, num_samples), temperature=temperature,
+                  top_p=top_p, top_k=top_k, num_samples=num_samples, eos_token_ids=tokenizer.eos_token_ids,
+                  seed=seed, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
+                  prompt_keys=[sample_key(key) for key in keys],
+                  on_prompt_done=lambda i, completions: answered(
+                      i, [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]))
+    return responses
 
 
 def pseudo_reply(model, item):
@@ -122,38 +140,36 @@ def scoring(item, response):
 
 def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature=0.6, top_p=0.95, top_k=0,
              max_new_tokens=8192, batch_size=16, seed=0, done=(), on_records=None, progress=True):
-    """Answer and score `items`; returns one record per sample:
+    """Answer and score `items`; returns one record per sample, in item order:
     {key, dataset, index, sample, type, kind, variant, answer, response, correct} (CaLM items also
     rung, style and label).
 
     model: a Transformer (with its Tokenizer) or "oracle" / "gold". temperature 0 is greedy
-    decoding (then num_samples is 1). Items whose key is in `done` are skipped; `on_records` is
-    called with each finished batch's records (run() appends them to responses.jsonl)."""
+    decoding (then num_samples is 1). batch_size problems decode at once (batch_size * num_samples
+    rows). Items whose key is in `done` are skipped; `on_records` is called with each problem's
+    records as soon as it is answered (run() appends them to responses.jsonl)."""
     if temperature == 0:
         num_samples = 1
     todo = [(i, item) for i, item in enumerate(items) if item_key(dataset, i, item) not in done]
-    if model not in PSEUDO_MODELS:
-        # Similar lengths side by side: less padding in each batch.
-        todo.sort(key=lambda pair: len(json.dumps(pair[1]["prompt"])))
-    records = []
+    records = {}
     bar = tqdm(total=len(todo), desc=f"eval {dataset}", unit="problem", disable=not progress, leave=False)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        responses = answer(model, tokenizer, [item for _, item in batch], num_samples, temperature, top_p, top_k,
-                           max_new_tokens, seed + start)
-        new = []
-        for (index, item), samples in zip(batch, responses):
-            for sample, response in enumerate(samples):
-                new.append({"key": item_key(dataset, index, item), "dataset": dataset, "index": index,
-                            "sample": sample, "type": item.get("type"), "kind": item.get("kind"),
-                            "variant": item.get("variant"), "answer": item["answer"], "response": response,
-                            **scoring(item, response)})
-        records += new
+
+    def answered(j, responses):
+        index, item = todo[j]
+        new = [{"key": item_key(dataset, index, item), "dataset": dataset, "index": index, "sample": sample,
+                "type": item.get("type"), "kind": item.get("kind"), "variant": item.get("variant"),
+                "answer": item["answer"], "response": response, **scoring(item, response)}
+               for sample, response in enumerate(responses)]
+        records[index] = new
         if on_records is not None:
             on_records(new)
-        bar.update(len(batch))
+        bar.update(1)
+    if todo:
+        answer(model, tokenizer, [item for _, item in todo], num_samples, temperature, top_p, top_k, max_new_tokens,
+               seed, keys=[item_key(dataset, i, item) for i, item in todo], slots=batch_size * num_samples,
+               on_answered=answered)
     bar.close()
-    return records
+    return [record for index in sorted(records) for record in records[index]]
 
 
 def accuracy(records, by="type"):

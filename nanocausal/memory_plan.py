@@ -13,10 +13,10 @@ CUDA, else w), C hidden size, F MLP width, H/K query/key-value heads of size D, 
     reference      P * w_ref when a separate frozen copy is loaded (DPO/KTO unless --precompute-ref;
                    GRPO with --beta > 0, PPO with --kl-coef > 0; bf16 on CUDA for RL); 0 with LoRA
     value_model    PPO's value head: (C + 1) * 4 * 4
-    kv_cache       rows * (prompt + new tokens) * L * 2 * K * D * w, rows = prompts x group size
-                   (the rollouts' static cache; it takes the weights' dtype)
-    prefill_cache  prompts * prompt * L * 2 * K * D * w: each prompt prefilled once, then copied
-                   into its group's rows
+    kv_cache       rows * (prompt + new tokens) * L * 2 * K * D * w, rows = --rollout-slots, or
+                   prompts x group size (the rollouts' static cache; it takes the weights' dtype)
+    prefill_cache  (rows / group size) * prompt * L * 2 * K * D * w: the prompts admitted at once,
+                   each prefilled once, then copied into its group's rows
     activations    per micro-batch of N tokens, per layer, what backward keeps:
                    N * (6C + 3HD + 2KD + 5F) * a; with --activation-checkpointing only each
                    layer's input, N * C * a, plus one layer's worth recomputed at a time
@@ -85,9 +85,9 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None):
     kv_cache = prefill_cache = 0
     per_token_kv = mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim * w
     if rl:
-        rows = config.prompts_per_step * config.group_size
+        rows = min(config.rollout_slots or 1 << 62, config.prompts_per_step * config.group_size)
         kv_cache = rows * (prompt_tokens + config.max_new_tokens) * per_token_kv
-        prefill_cache = config.prompts_per_step * prompt_tokens * per_token_kv
+        prefill_cache = max(1, rows // config.group_size) * prompt_tokens * per_token_kv  # the prompts admitted at once
 
     if rl:
         tokens = config.micro_batch_size * (prompt_tokens + config.max_new_tokens)
@@ -135,7 +135,7 @@ def advice(config, components, phases, rl, adapters):
     if config.dtype == "float32" and components["weights"] >= components["activations"]:
         return "--dtype bfloat16: the weights are float32"
     if largest_phase == "generation":
-        return "--prompts-per-step or --max-new-tokens: the rollouts' KV cache is the largest part"
+        return "--rollout-slots or --max-new-tokens: the rollouts' KV cache is the largest part"
     if components["reference"] >= components["activations"]:
         return "--lora-rank 32 (the reference becomes the adapters-off model)" + (
             "" if rl else " or --precompute-ref")

@@ -247,7 +247,7 @@ class Stepper:
 
 def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top_p=1.0, top_k=0, num_samples=1,
                   eos_token_ids=None, seed=None, vocab_size=None, pad_token_id=None, prompt_keys=None,
-                  prefill_chunk=512, check_every=None, use_cuda_graph=None) -> Generation:
+                  prefill_chunk=512, check_every=None, use_cuda_graph=None, on_prompt_done=None) -> Generation:
     """Continue each prompt (a list of token ids) with up to max_new_tokens tokens, `slots` rows at a
     time, a finished row taking the next waiting prompt. Returns what sampling.generate returns:
     rows in input order, prompt-major (row r continues prompts[r // num_samples]).
@@ -260,6 +260,9 @@ def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top
         single process would.
     prefill_chunk: tokens of each prompt per prefill forward pass (prompts admitted together share it).
     check_every: decode steps between refills (each a host sync); default 1 on CPU, 4 on CUDA.
+    on_prompt_done: called as on_prompt_done(i, completions) as soon as every sample of prompts[i]
+        has ended, with its num_samples completions (token-id lists, EOS included): a caller can
+        save results while the rest decode (eval.py appends them to responses.jsonl).
     temperature, top_p, top_k, num_samples, eos_token_ids, vocab_size, pad_token_id,
     use_cuda_graph: as in sampling.generate.
     """
@@ -295,7 +298,7 @@ def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top
         state = Slots(model, min(slots, len(prompts) * n), C, max(limits), (temperature, top_k, top_p), eos_ids,
                       pad_token_id, vocab_size)
         done = serve(state, prompts, n, limits, [[stream_key(seed, key, j) for j in range(n)] for key in prompt_keys],
-                     prefill_chunk, check_every, Stepper(state, use_cuda_graph))
+                     prefill_chunk, check_every, Stepper(state, use_cuda_graph), on_prompt_done)
 
     # Ordinary tensors (not inference-mode ones), so a training step may use them.
     lengths = torch.tensor([len(tokens) for tokens, _ in done])
@@ -316,12 +319,13 @@ def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top
     )
 
 
-def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every, step):
+def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every, step, on_prompt_done=None):
     """The host loop: admit, decode `check_every` steps, hand back finished rows, refill; until the
     queue is empty and every slot has finished. Returns (tokens, logprobs) CPU tensors per output row."""
     R = state.rows.numel()
     waiting, free = deque(range(len(prompts))), list(range(R))
     done = [None] * (len(prompts) * n)
+    samples_left = [n] * len(prompts)
     busy = {}  # slot -> (output row, prompt length, limit, step count when admitted)
     steps = 0
     full_width = step.use_cuda_graph or EAGER_ATTENDS_ALL_COLUMNS
@@ -345,7 +349,12 @@ def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every,
             lengths = state.column[index].tolist()
             tokens, logprobs = state.tokens[index].cpu(), state.logprobs[index].cpu()
             for j, s in enumerate(ended):
-                done[busy.pop(s)[0]] = (tokens[j, :lengths[j]], logprobs[j, :lengths[j]])
+                row = busy.pop(s)[0]
+                done[row] = (tokens[j, :lengths[j]], logprobs[j, :lengths[j]])
+                samples_left[row // n] -= 1
+                if on_prompt_done is not None and samples_left[row // n] == 0:
+                    i = row // n
+                    on_prompt_done(i, [done[i * n + k][0].tolist() for k in range(n)])
             state.position[index] = 0  # a free row's position stays within any width
             free = sorted(free + ended)
         if not busy and not waiting:

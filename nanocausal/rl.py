@@ -47,6 +47,7 @@ class RLConfig(TrainConfig):
     prompts_per_step: int = 32
     group_size: int = 8  # completions per prompt (the GRPO group)
     max_new_tokens: int = 1024
+    rollout_slots: int | None = None  # decode rows (continuous batching); None: every row of the step at once
     temperature: float = 1.0  # the loss's log-probs use the same one
     top_p: float = 1.0
     top_k: int = 0
@@ -266,14 +267,14 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
                            examples, config.data, config.tasks, config.variant, config.nodes)
 
     def step_fn(step):
-        # -- 1-3. prompts, rollouts (the sampler's own RNG, seeded by the step), rewards
+        # -- 1-3. prompts, rollouts (random streams keyed by the step's seed and each prompt), rewards
         started = time.time()
         step_examples = stream.next(config.prompts_per_step)
         with autocast(device):
             batch = rollout(model, [ex["prompt_ids"] for ex in step_examples], config.group_size,
                             config.max_new_tokens, config.temperature, config.top_p, config.top_k,
                             config.seed * 100_003 + step, eos_token_ids, pad_token_id,
-                            tokenizer.vocab_size if tokenizer else None)
+                            tokenizer.vocab_size if tokenizer else None, slots=config.rollout_slots)
         generation_s = training.seconds_since(started, device)
         started = time.time()
         row_examples = [ex for ex in step_examples for _ in range(config.group_size)]

@@ -16,7 +16,7 @@ import torch
 
 from nanocausal import caugym, data
 from nanocausal.rewards import format_ok, reward
-from nanocausal.sampling import generate
+from nanocausal.refill import generate_many
 
 # -----------------------------------------------------------------------------
 # Prompts
@@ -76,12 +76,18 @@ def prompt_stream(seed, max_prompt_length, tokenizer=None, examples=None, path=N
 
 @torch.no_grad()
 def rollout(model, prompts, group_size, max_new_tokens, temperature, top_p, top_k, seed, eos_token_ids, pad_token_id,
-            vocab_size=None):
+            vocab_size=None, slots=None, prompt_keys=None):
     """Sample group_size completions per prompt (a list of token-id lists); return the rollout batch
-    described in the module docstring."""
-    generation = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                          num_samples=group_size, eos_token_ids=eos_token_ids, seed=seed, pad_token_id=pad_token_id,
-                          vocab_size=vocab_size)
+    described in the module docstring.
+
+    Decoding is continuous batching (refill.generate_many) over `slots` rows (default: every row at
+    once); with fewer slots a finished group's rows take the next waiting prompt, and the KV cache
+    holds `slots` rows only. Prompt i's samples are drawn from the random streams of (seed,
+    prompt_keys[i]) (default i), so they do not depend on the slot count."""
+    generation = generate_many(model, prompts, max_new_tokens, slots=slots or len(prompts) * group_size,
+                               temperature=temperature, top_p=top_p, top_k=top_k, num_samples=group_size,
+                               eos_token_ids=eos_token_ids, seed=seed, pad_token_id=pad_token_id,
+                               vocab_size=vocab_size, prompt_keys=prompt_keys)
     completions = generation.completions()
     row_prompts = [prompts[i] for i in generation.prompt_index.tolist()]
     input_ids, _, completion_mask = data.pad_batch([p + c for p, c in zip(row_prompts, completions)], pad_token_id,

@@ -145,3 +145,40 @@ def test_the_command_line_prints_the_table_and_writes_the_summary(tmp_path):
                      "--num-samples", 1, "--out", tmp_path / "run")
     assert "| overall | 100.0 |" in out.stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["accuracy"]["base"]["overall"] == 1.0
+
+
+def tiny_items(n, seed=0):
+    return [{"prompt": [{"role": "user", "content": protocol.official_prompt(it["problem"])}], "answer": it["answer"],
+             "type": it["type"]} for it in tiny.make_problems(n, seed=seed)]
+
+
+def test_greedy_responses_are_the_static_samplers_and_samples_do_not_depend_on_the_batch_size():
+    """Continuous batching (refill.generate_many) changes no greedy reply (each equals the static
+    sampler's reply to the problem alone), and a sampled reply depends on the seed and the problem
+    only: the same for any --batch-size, and each problem's records arrive as soon as it is done."""
+    from nanocausal.sampling import generate
+    folder = Path(__file__).resolve().parents[1] / "data" / "tiny-base"
+    model, tokenizer = load_model(folder), Tokenizer.from_pretrained(folder)
+    items = tiny_items(7)
+    greedy = evaluation.evaluate(model, tokenizer, items, temperature=0, max_new_tokens=40, batch_size=3,
+                                 progress=False)
+    for record, item in zip(greedy, items):
+        prompt = tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True)
+        alone = generate(model, [prompt], 40, temperature=0, eos_token_ids=tokenizer.eos_token_ids,
+                         vocab_size=tokenizer.vocab_size).completions()[0]
+        assert record["response"] == tokenizer.decode(alone, skip_special_tokens=True)
+
+    runs = {}
+    for batch_size in (1, 3, 8):
+        arrived = []
+        records = evaluation.evaluate(model, tokenizer, items, num_samples=2, temperature=1.0, top_p=1.0,
+                                      max_new_tokens=40, batch_size=batch_size, seed=5, progress=False,
+                                      on_records=arrived.append)
+        assert [len(batch) for batch in arrived] == [2] * 7  # one call per problem, with its two samples
+        assert [(r["index"], r["sample"]) for r in records] == [(i, s) for i in range(7) for s in (0, 1)]
+        runs[batch_size] = [r["response"] for r in records]
+    assert runs[1] == runs[3] == runs[8]
+    assert len(set(runs[1])) > 7  # sampled replies differ between samples and problems
+    other_seed = evaluation.evaluate(model, tokenizer, items, num_samples=2, temperature=1.0, top_p=1.0,
+                                     max_new_tokens=40, batch_size=8, seed=6, progress=False)
+    assert [r["response"] for r in other_seed] != runs[8]

@@ -12,6 +12,7 @@ from conftest import help_of_every_flag, make_hf_checkpoint, run_script
 from nanocausal.checkpoint import load_model
 from nanocausal.model import Transformer
 from nanocausal.rl import RLConfig, train_rl
+from nanocausal.rollout import rollout
 
 TARGET = 3  # the rewarded token
 VOCAB = 16  # small, so the target is sampled often enough at first (1/16) for the groups to differ
@@ -63,6 +64,20 @@ def test_first_update_is_on_policy(tiny_model, tmp_path, monkeypatch, algo):
         assert no_grad_forwards == []
     else:
         assert len(no_grad_forwards) == 8 * 8 // 16  # PPO's old values: one pass per micro-batch of the rollout
+
+
+def test_rollouts_do_not_depend_on_the_slot_count(tiny_model):
+    """--rollout-slots bounds the rows decoded at once (a finished group's rows take the next prompt):
+    the same completions and sampler log-probs for every slot count, only less KV cache."""
+    model = load_model(tiny_model)
+    prompt_ids = [p["prompt_ids"] for p in prompts(5)]
+    batches = [rollout(model, prompt_ids, 3, 6, 1.0, 1.0, 0, seed=7, eos_token_ids=[TARGET], pad_token_id=0,
+                       vocab_size=VOCAB, slots=slots) for slots in (None, 3, 7)]
+    assert any(len(c) < 6 for c in batches[0]["completions"])  # some end early: refill has work to do
+    for batch in batches[1:]:
+        assert batch["completions"] == batches[0]["completions"]
+        assert torch.equal(batch["input_ids"], batches[0]["input_ids"])
+        torch.testing.assert_close(batch["old_logprobs"], batches[0]["old_logprobs"], rtol=0, atol=1e-5)
 
 
 def test_grpo_learns_a_trivial_reward(tiny_model, tmp_path):
