@@ -23,8 +23,9 @@ shared, so read the best (min) time of each side, and the ratio of those.
 
 Measured on the team's shared 2-core Xeon (AVX-512, no GPU; other jobs running), torch 2.13,
 trl 1.16, transformers 5.24, `--steps 1 --repeats 2`: nanocausal 17.8 and 76.9 s/step, peak
-3.3 GiB; TRL 290 and 217 s/step, peak 7.5 GiB. Best against best: 12x faster, 0.44x the memory
-(run by run the ratio went from 2.8x to 16x with the machine's load).
+3.3 GiB; TRL 290 and 217 s/step, peak 7.5 GiB. Best against best that run read 12x, but a
+re-measurement gave 6.5x and run by run the ratio went from 2.8x to 16x with the machine's load:
+read it as about 6x faster (the README's figure), at 0.44x the memory.
 """
 import argparse
 import json
