@@ -68,8 +68,8 @@ from collections import deque
 
 import torch
 
-from nanocausal.sampling import (Generation, check_finite, check_generate_arguments, cpu_weight_layout, eos_id_list,
-                                 sample_tokens)
+from nanocausal.sampling import (Generation, check_finite, check_generate_arguments, compute_dtype_weights,
+                                 cpu_weight_layout, eos_id_list, sample_tokens)
 
 # True runs the eager step at the CUDA graph's fixed width (every cache column, scratch C-1): the
 # tests set it to check the graph's arithmetic on CPU.
@@ -121,7 +121,7 @@ class Slots:
 
     def __init__(self, model, R, C, N, sampling, eos_ids, pad_token_id, vocab_size):
         config, device = model.config, model.embed_tokens.weight.device
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.compute_dtype()  # bf16 under autocast (sampling.Decoder)
         K, D = config.num_key_value_heads, config.head_dim
         self.model, self.sampling, self.eos_ids = model, sampling, eos_ids  # sampling: (temperature, top_k, top_p)
         self.pad_token_id, self.vocab_size = pad_token_id, vocab_size
@@ -291,7 +291,7 @@ def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top
     limits = [min(max_new_tokens, context - len(p)) for p in prompts]
     C = max(len(p) + limit for p, limit in zip(prompts, limits))  # last column: the scratch
     eos_ids = torch.tensor(eos_token_ids or [-1], dtype=torch.long, device=device)  # -1 matches nothing
-    with torch.inference_mode(), cpu_weight_layout(model):
+    with torch.inference_mode(), compute_dtype_weights(model), cpu_weight_layout(model):
         state = Slots(model, min(slots, len(prompts) * n), C, max(limits), (temperature, top_k, top_p), eos_ids,
                       pad_token_id, vocab_size)
         done = serve(state, prompts, n, limits, [[stream_key(seed, key, j) for j in range(n)] for key in prompt_keys],

@@ -169,6 +169,48 @@ def cpu_weight_layout(model):
             m.weight_t = None
 
 
+@contextmanager
+def compute_dtype_weights(model):
+    """For the length of a generate call, let every floating parameter of the model that is not in
+    the compute dtype (model.compute_dtype(): bf16 under autocast with float32 master weights) be
+    read from a copy in that dtype.
+
+    Why: autocast casts a float32 weight to bf16 where a matmul reads it, and under inference_mode
+    it keeps no cache of those casts, so every decode step (and every replay of a captured step)
+    would read 4 bytes and write 2 per parameter before the matmul reads 2: 8 bytes per parameter
+    per token where decoding is bound by the 2 it needs. The copies are made once and kept on the
+    model (model.compute_dtype_copies, {id(parameter): (parameter, copy)}, not parameters: no optimiser,
+    checkpoint or .to() ever sees them) and are refreshed in place when a call starts: the weights
+    only change between calls (an optimiser step), one pass over them per call is nothing next to
+    one per token, and the copies keep their addresses, so a CUDA graph captured over them stays
+    valid. They cost 2 bytes per parameter for as long as the model lives (memory_plan's
+    rollout_copy). Weights already in the compute dtype (--dtype bfloat16) are read as they are.
+    """
+    dtype = model.compute_dtype()
+    swapped = []  # (module, name, the parameter to put back)
+    if model.embed_tokens.weight.dtype != dtype:
+        copies = model.__dict__.setdefault("compute_dtype_copies", {})  # id(parameter) -> (parameter, copy)
+        refreshed = set()
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is None or not p.is_floating_point() or p.dtype == dtype:
+                    continue
+                source, copy = copies.get(id(p), (None, None))  # a tied head and its embedding: one copy
+                if source is not p or copy.shape != p.shape or copy.dtype != dtype or copy.device != p.device:
+                    copy = torch.empty_like(p, dtype=dtype, requires_grad=False)
+                    copies[id(p)] = (p, copy)
+                if id(p) not in refreshed:
+                    copy.copy_(p.detach())
+                    refreshed.add(id(p))
+                module._parameters[name] = copy
+                swapped.append((module, name, p))
+    try:
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
 # -----------------------------------------------------------------------------
 # The decoder: static buffers and the one-token step
 
@@ -185,7 +227,7 @@ class Decoder:
     def __init__(self, model, attention_mask, prompt_lengths, max_new_tokens, sampling, eos_ids, pad_token_id, vocab_size):
         R, S = attention_mask.shape
         config, device = model.config, attention_mask.device
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.compute_dtype()  # bf16 under autocast: the cache is read every step, at half the bytes
         self.model, self.sampling, self.vocab_size, self.pad_token_id = model, sampling, vocab_size, pad_token_id
         self.kv_cache = [(torch.zeros(R, config.num_key_value_heads, S, config.head_dim, device=device, dtype=dtype),
                           torch.zeros(R, config.num_key_value_heads, S, config.head_dim, device=device, dtype=dtype))
@@ -295,7 +337,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         generator.seed()
     sampling = (temperature, top_k, top_p, generator)
 
-    with torch.inference_mode(), cpu_weight_layout(model):
+    with torch.inference_mode(), compute_dtype_weights(model), cpu_weight_layout(model):
         decoder, steps = prefill_and_decode(model, prompts, max_new_tokens, num_samples, sampling, eos_token_ids,
                                             pad_token_id, vocab_size, check_every, use_cuda_graph)
 
@@ -342,7 +384,7 @@ def prefill_and_decode(model, prompts, max_new_tokens, num_samples, sampling, eo
 
     # 1. Prefill each prompt once into a P-slot cache, then copy it into its n rows of the big one.
     K, D = config.num_key_value_heads, config.head_dim
-    dtype = model.embed_tokens.weight.dtype
+    dtype = model.compute_dtype()
     prefill_cache = [(torch.empty(B, K, P, D, device=device, dtype=dtype), torch.empty(B, K, P, D, device=device, dtype=dtype))
                      for _ in range(config.num_hidden_layers)]
     hidden = model.hidden_states(prompt_ids, prompt_mask, positions, prefill_cache, torch.arange(P, device=device))

@@ -1,0 +1,132 @@
+"""The one-GPU path checked on CPU (issue 14): bf16 generation with float32 master weights reads
+bf16 copies of the weights (no per-step casts), the KV cache and the rotary tables are in the
+compute dtype, one-token GQA decode folds query heads into the query dimension with the same
+logits, padded vocabularies are never sampled, and the memory plan counts the copies."""
+from contextlib import nullcontext
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from conftest import make_hf_checkpoint
+from nanocausal import model as model_module
+from nanocausal import refill, sampling
+from nanocausal.checkpoint import load_model
+from nanocausal.refill import generate_many
+from nanocausal.sampling import generate
+
+PROMPTS = [[3, 17, 42, 5, 99, 7, 1], [200, 11], [8, 8, 9, 120, 33]]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen2")
+    make_hf_checkpoint(path, "qwen2", initializer_range=0.2)  # GQA: 4 query heads, 2 key/value heads
+    return path
+
+
+class CountFloat32ParameterReads(TorchDispatchMode):
+    """Counts the aten ops (casts: aten.to / _to_copy, copies, matmuls: anything but detach and
+    empty_like, which read no data) that read the storage of a float32 parameter of `model`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.pointers = {p.data_ptr() for p in model.parameters() if p.dtype == torch.float32}
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.detach.default, torch.ops.aten.empty_like.default):
+            return func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
+        if any(t.dtype == torch.float32 and t.untyped_storage().data_ptr() in self.pointers for t in tensors):
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def float32_reads(model, new_tokens, generate_fn):
+    with CountFloat32ParameterReads(model) as counter, torch.autocast("cpu", dtype=torch.bfloat16):
+        generate_fn(model, PROMPTS, new_tokens, temperature=0)
+    return counter.reads
+
+
+@pytest.mark.parametrize("generate_fn", [generate, generate_many])
+def test_bf16_decode_reads_no_float32_weight(tiny, generate_fn, monkeypatch):
+    model = load_model(tiny)  # float32 master weights, bf16 autocast: the standard mixed precision
+    for module in (sampling, refill):  # the CUDA path: Linear reads its weight itself (no CPU transposed copy)
+        monkeypatch.setattr(module, "cpu_weight_layout", lambda model: nullcontext())
+    parameters = len(list(model.parameters()))
+    short, long = float32_reads(model, 2, generate_fn), float32_reads(model, 12, generate_fn)
+    # one read per parameter per call (the in-place copy_ that refreshes its bf16 copy), none per decode step
+    assert short == long == parameters
+    copies = model.compute_dtype_copies
+    addresses = {id(p): copy.data_ptr() for id_, (p, copy) in copies.items()}
+    float32_reads(model, 2, generate_fn)
+    assert {id(p): copy.data_ptr() for id_, (p, copy) in copies.items()} == addresses  # same buffers: graphs stay valid
+    assert all(copy.dtype == torch.bfloat16 for _, copy in copies.values())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the parameters are put back
+
+    # without the copies autocast casts every weight at every step: the count grows with the tokens
+    for module in (sampling, refill):
+        monkeypatch.setattr(module, "compute_dtype_weights", lambda model: nullcontext())
+    assert float32_reads(model, 12, generate_fn) > float32_reads(model, 2, generate_fn) > parameters
+
+
+def test_copies_follow_an_optimiser_step(tiny):
+    model = load_model(tiny)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = generate(model, PROMPTS[:1], 6, temperature=0).tokens[0].tolist()
+        with torch.no_grad():
+            model.lm_head.weight[before[0]] -= 100.0  # in place, as AdamW updates: the first token cannot win
+        after = generate(model, PROMPTS[:1], 6, temperature=0).tokens[0].tolist()
+    assert after[0] != before[0]
+
+
+@pytest.mark.parametrize("weights", ["float32 + bf16 autocast", "bfloat16"])
+def test_kv_cache_and_rope_are_in_the_compute_dtype(tiny, weights, monkeypatch):
+    model = load_model(tiny, dtype=torch.float32 if weights.startswith("float32") else torch.bfloat16)
+    caches = []
+    for cls in (sampling.Decoder, refill.Slots):
+        real_init = cls.__init__
+
+        def recording(self, *args, real_init=real_init, **kwargs):
+            real_init(self, *args, **kwargs)
+            caches.extend(t for pair in self.kv_cache for t in pair)
+        monkeypatch.setattr(cls, "__init__", recording)
+    queries = []
+    model.layers[0].self_attn.register_forward_hook(lambda m, args, out: queries.append(args[1].dtype))  # cos
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=weights.startswith("float32")):
+        generate(model, PROMPTS, 3, temperature=0)
+        generate_many(model, PROMPTS, 3, temperature=0)
+    assert len(caches) == 2 * 2 * model.config.num_hidden_layers
+    assert all(t.dtype == torch.bfloat16 for t in caches)
+    assert queries and set(queries) == {torch.bfloat16}
+
+
+def test_folded_gqa_decode_equals_enable_gqa(tiny, monkeypatch):
+    model = load_model(tiny)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    calls = []
+    real = model_module.Attention.folded_decode_attention
+    monkeypatch.setattr(model_module.Attention, "folded_decode_attention",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    folded = generate(model, PROMPTS, 16, temperature=0)
+    assert calls  # the decode steps took the folded path
+    monkeypatch.setattr(model_module, "FOLD_DECODE_GQA", False)
+    reference = generate(model, PROMPTS, 16, temperature=0)
+    assert torch.equal(folded.tokens, reference.tokens)
+    assert (folded.logprobs - reference.logprobs).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("generate_fn", [generate, generate_many])
+def test_padded_vocabulary_is_never_sampled(tiny, generate_fn):
+    """A checkpoint whose embedding is padded beyond the tokenizer (Qwen: 151,665 ids in 151,936
+    rows): with vocab_size given, the padded ids are never sampled, even when they are the most likely."""
+    model = load_model(tiny)
+    with torch.no_grad():
+        model.lm_head.weight[200:] = model.lm_head.weight[200:] * 0 + 1.0  # tied: padded ids dominate
+    free = generate_fn(model, PROMPTS, 8, temperature=1.0, seed=0)
+    assert (free.tokens >= 200).float().mean() > 0.5
+    out = generate_fn(model, PROMPTS, 8, temperature=1.0, seed=0, vocab_size=200)
+    assert (out.tokens < 200).all()
