@@ -130,3 +130,27 @@ def test_padded_vocabulary_is_never_sampled(tiny, generate_fn):
     assert (free.tokens >= 200).float().mean() > 0.5
     out = generate_fn(model, PROMPTS, 8, temperature=1.0, seed=0, vocab_size=200)
     assert (out.tokens < 200).all()
+
+
+def test_bucket_width_arithmetic():
+    assert [sampling.bucket_width(n, 1200, bucket=512) for n in (1, 511, 512, 513, 1024, 1025, 1200)] == \
+        [512, 512, 512, 1024, 1024, 1200, 1200]
+
+
+@pytest.mark.parametrize("generate_fn", [generate, generate_many])
+def test_graph_bucket_widths_compute_the_same_tokens(tiny, generate_fn, monkeypatch):
+    """The CUDA graphs' widths (a bucket of 4 slots here: many switches), run eagerly on CPU."""
+    model = load_model(tiny)
+    kw = dict(temperature=0.8, num_samples=2, seed=1, eos_token_ids=list(range(0, 256, 9)))
+    exact = generate_fn(model, PROMPTS, 20, **kw)
+    widths = []
+    real_step = sampling.Decoder.step if generate_fn is generate else refill.Slots.step
+    monkeypatch.setattr(sampling, "GRAPH_BUCKET", 4)
+    monkeypatch.setattr(sampling, "EAGER_USES_GRAPH_WIDTHS", True)
+    monkeypatch.setattr(refill, "EAGER_USES_GRAPH_WIDTHS", True)
+    monkeypatch.setattr(sampling.Decoder if generate_fn is generate else refill.Slots, "step",
+                        lambda self, width: widths.append(width) or real_step(self, width))
+    bucketed = generate_fn(model, PROMPTS, 20, **kw)
+    assert torch.equal(bucketed.tokens, exact.tokens)
+    assert (bucketed.logprobs - exact.logprobs).abs().max() <= 1e-5
+    assert len(set(widths)) > 3 and all(w % 4 == 0 or w == max(widths) for w in widths)
