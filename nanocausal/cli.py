@@ -98,7 +98,8 @@ def add_hardware_args(parser, defaults):
     g.add_argument("--device", default=defaults.device, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16"],
                    help="weight dtype; float32 weights + bf16 autocast on CUDA is the standard mixed precision")
-    g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward to save memory")
+    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each block in backward to save memory (default: on for CUDA, off on CPU)")
     g.add_argument("--plan", action="store_true",
                    help="print the memory plan (bytes by component, from the shapes alone: --model may be a config.json) "
                         "and exit without training")

@@ -18,8 +18,9 @@ What one step does (formulas in losses.py):
        return; the reward is the score on the last token minus kl_coef * (logp - ref_logp) on every
        token; GAE gives the advantages, whitened over the batch.
   5. Update (`update`): ppo_epochs passes over the rollouts, each split into mini_batches optimiser
-     steps, each accumulated over micro-batches of micro_batch_size rows; the loss is normalised
-     over the whole optimiser step, so accumulation equals one big batch. The "old" log-probs of
+     steps, each accumulated over micro-batches of micro_batch_size rows (and at most
+     micro_batch_tokens padded tokens: memory then follows tokens, not sequences); the loss is
+     normalised over the whole optimiser step, so accumulation equals one big batch. The "old" log-probs of
      the ratio come from the training forward, never from the sampler (whose bf16 one-token path
      rounds differently: on-policy the ratio would not be 1): strictly on-policy (one epoch, one
      mini-batch) they are the trainer's own log-probs, detached, so the ratio is exactly 1;
@@ -63,6 +64,7 @@ class RLConfig(TrainConfig):
     ppo_epochs: int = 1  # passes over each rollout batch (1: strictly on-policy)
     mini_batches: int = 1  # optimiser steps per pass
     micro_batch_size: int = 8  # sequences per forward/backward
+    micro_batch_tokens: int = 0  # also at most this many (padded) tokens per forward/backward; 0: no limit
     logits_chunk_size: int = 256  # completion tokens whose float32 logits exist at once
     # GRPO
     beta: float = 0.0  # k3 KL penalty to the reference (0: no reference model)
@@ -97,7 +99,8 @@ def score_tokens(model, batch, config: RLConfig, value_head=None, policy=False):
     with its adapters off; policy=True: the policy itself, adapters on), or, with a value head, the
     values of the policy (PPO's old values), micro-batch by micro-batch."""
     out = torch.zeros_like(batch["old_logprobs"])
-    for index, mb in row_micro_batches(batch, range(len(batch["input_ids"])), config.micro_batch_size):
+    for index, mb in row_micro_batches(batch, range(len(batch["input_ids"])), config.micro_batch_size,
+                                       config.micro_batch_tokens):
         with autocast(config.device), lora.disabled(model) if value_head is None and not policy else nullcontext():
             if value_head is None:
                 scores = token_logprobs(model, mb["input_ids"], None, mb["completion_mask"], config.temperature,
@@ -222,7 +225,7 @@ def update(model, algorithm, optimizer, batch, config: RLConfig, step):
         for mini_batch in np.array_split(order, config.mini_batches):
             num_tokens = mask[mini_batch].sum()
             rows = [r for r in mini_batch.tolist() if trained[r]]
-            for _, mb in row_micro_batches(batch, rows, config.micro_batch_size):
+            for _, mb in row_micro_batches(batch, rows, config.micro_batch_size, config.micro_batch_tokens):
                 with autocast(config.device):
                     loss, metrics = micro_batch_loss(model, algorithm, mb, config, num_tokens, len(mini_batch),
                                                      on_policy)

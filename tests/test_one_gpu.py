@@ -154,3 +154,66 @@ def test_graph_bucket_widths_compute_the_same_tokens(tiny, generate_fn, monkeypa
     assert torch.equal(bucketed.tokens, exact.tokens)
     assert (bucketed.logprobs - exact.logprobs).abs().max() <= 1e-5
     assert len(set(widths)) > 3 and all(w % 4 == 0 or w == max(widths) for w in widths)
+
+
+def test_micro_batches_respect_the_token_budget_and_leave_the_gradient_unchanged(tiny, monkeypatch):
+    from nanocausal import rl, rollout
+    model = load_model(tiny)
+    prompts = [[5] * n for n in (3, 9, 4, 14, 6, 2)]
+    batch = rollout.rollout(model, prompts, 2, 10, 1.0, 1.0, 0, 0, list(range(0, 256, 7)), 0)
+    batch["advantages"] = torch.randn(len(prompts) * 2, generator=torch.Generator().manual_seed(0))
+    last = batch["completion_mask"].cumsum(1).argmax(1)
+    assert len(set(last.tolist())) > 4  # lengths differ: the budget matters
+    budget = 48
+    seen = []
+    for index, mb in rollout.row_micro_batches(batch, range(12), 5, budget):
+        seen += index.tolist()
+        assert len(index) <= 5 and (mb["input_ids"].numel() <= budget or len(index) == 1)
+    assert sorted(seen) == list(range(12))
+
+    def gradient(**fields):
+        config = rl.RLConfig(model=str(tiny), device="cpu", group_size=2, max_new_tokens=10, **fields)
+        grads = {}
+
+        def record(optimizer, clip):
+            grads.update({id(p): p.grad.clone() for g in optimizer.param_groups for p in g["params"]})
+            optimizer.zero_grad(set_to_none=True)
+            return torch.tensor(0.0)
+        monkeypatch.setattr(rl.training, "optimizer_step", record)
+        model.zero_grad(set_to_none=True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        metrics, _ = rl.update(model.train(), rl.GRPO(config, None), optimizer, dict(batch), config, 0)
+        return grads, metrics
+
+    by_rows, metrics_rows = gradient(micro_batch_size=16)
+    by_tokens, metrics_tokens = gradient(micro_batch_size=16, micro_batch_tokens=budget)
+    assert by_rows.keys() == by_tokens.keys()
+    for key in by_rows:
+        assert torch.allclose(by_rows[key], by_tokens[key], atol=1e-6, rtol=1e-4)
+    assert abs(metrics_rows["policy_loss"] - metrics_tokens["policy_loss"]) < 1e-6
+
+
+def test_the_plan_counts_the_rollout_copy_and_a_bf16_cache(tiny, monkeypatch):
+    """The plan of a CUDA run (float32 weights, bf16 autocast) against the real tensors of the same
+    generation under CPU bf16 autocast: the bf16 weight copies and the bf16 KV cache."""
+    from nanocausal import memory_plan
+    from nanocausal.rl import RLConfig
+    model = load_model(tiny)
+    caches = []
+    real_init = sampling.Decoder.__init__
+
+    def recording(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        caches.append(sum(t.numel() * t.element_size() for pair in self.kv_cache for t in pair))
+    monkeypatch.setattr(sampling.Decoder, "__init__", recording)
+    prompts = [[1, 2, 3, 4, 5, i] for i in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        generate(model, prompts, 5, num_samples=2, seed=0)
+    config = RLConfig(model=str(tiny), device="cuda", dtype="float32", prompts_per_step=3, group_size=2,
+                      max_new_tokens=5)
+    planned = memory_plan.plan(config, "grpo", prompt_tokens=6, gpu_memory_gib=80)["bytes"]
+    assert planned["rollout_copy"] == sum(c.numel() * c.element_size() for _, c in model.compute_dtype_copies.values())
+    assert planned["kv_cache"] == caches[0]
+    bf16 = memory_plan.plan(RLConfig(**{**config.__dict__, "dtype": "bfloat16"}), "grpo", prompt_tokens=6,
+                            gpu_memory_gib=80)["bytes"]
+    assert bf16["rollout_copy"] == 0 and bf16["kv_cache"] == caches[0]
