@@ -299,7 +299,9 @@ class CudaGraphs:
     Calling it runs one real step: a replay, or (a width not seen yet) one eager step on a side
     stream (capture needs cuBLAS and the allocator warm) followed by the capture, which records
     kernels without running them. Streams, capture and replay live on `device` (--device cuda:1
-    must not capture on device 0)."""
+    must not capture on device 0). The graphs live for one generate call: keeping them across
+    calls would keep the static buffers they write, the whole KV cache among them, allocated
+    through the training phase, which the memory plan gives to gradients and activations."""
 
     def __init__(self, step, device, generator=None):
         self.step, self.device, self.generator = step, torch.device(device), generator
