@@ -169,6 +169,9 @@ def add_offline_data_args(parser, defaults, data_help, batch_help):
     g.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help=batch_help)
     g.add_argument("--grad-accum", type=positive_int, default=defaults.grad_accum,
                    help="micro-batches per optimiser step (effective batch = batch-size * grad-accum)")
+    g.add_argument("--micro-batch-tokens", type=non_negative_int, default=defaults.micro_batch_tokens,
+                   help="also cut a micro-batch before it passes this many padded tokens (0: no limit): memory "
+                        "follows tokens, not examples; the loss is the same")
     return g
 
 

@@ -217,3 +217,29 @@ def test_the_plan_counts_the_rollout_copy_and_a_bf16_cache(tiny, monkeypatch):
     bf16 = memory_plan.plan(RLConfig(**{**config.__dict__, "dtype": "bfloat16"}), "grpo", prompt_tokens=6,
                             gpu_memory_gib=80)["bytes"]
     assert bf16["rollout_copy"] == 0 and bf16["kv_cache"] == caches[0]
+
+
+def test_offline_micro_batches_by_tokens_give_the_same_gradient(tiny):
+    """SFT: micro-batches cut at a token budget hold at most that many padded tokens, and the step's
+    loss and gradient equal those of one micro-batch of every example."""
+    from nanocausal import data
+    from nanocausal.sft import sft_backward
+    model = load_model(tiny).train()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (5, 17, 9, 30, 3, 12, 22, 7):
+        ids = torch.randint(1, 256, (n,), generator=g).tolist()
+        rows.append({"ids": ids, "completion_mask": [0] * (n // 2) + [1] * (n - n // 2)})
+    indices = list(range(len(rows)))
+    cut = data.micro_batches(rows, indices, data.collate_sft, 0, 8, "cpu", max_tokens=40)
+    assert len(cut) > 3 and sum(len(b["indices"]) for b in cut) == len(rows)
+    assert all(b["input_ids"].numel() <= 40 or len(b["indices"]) == 1 for b in cut)
+
+    def gradient(batches):
+        model.zero_grad(set_to_none=True)
+        loss = sft_backward(model, batches, "cpu")["loss"]
+        return loss, [p.grad.clone() for p in model.parameters()]
+    loss_cut, grads_cut = gradient(cut)
+    loss_one, grads_one = gradient(data.micro_batches(rows, indices, data.collate_sft, 0, 8, "cpu"))
+    assert abs(float(loss_cut) - float(loss_one)) < 1e-5
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads_cut, grads_one))
