@@ -81,6 +81,9 @@ def build_parser(algo="grpo"):
     g.add_argument("--mini-batches", type=cli.positive_int, default=d.mini_batches, help="optimiser steps per pass over the rollout batch")
     g.add_argument("--micro-batch-size", type=cli.positive_int, default=d.micro_batch_size,
                    help="sequences per forward/backward; gradients accumulate over the mini-batch")
+    g.add_argument("--micro-batch-tokens", type=cli.non_negative_int, default=d.micro_batch_tokens,
+                   help="also at most this many padded tokens per forward/backward (0: no limit): memory follows "
+                        "tokens, not sequences; the loss is the same")
     g.add_argument("--logits-chunk-size", type=cli.positive_int, default=d.logits_chunk_size,
                    help="completion tokens whose float32 logits exist at once (memory: this x vocabulary x 4 bytes, a few times)")
     if algo == "grpo":

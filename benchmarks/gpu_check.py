@@ -10,11 +10,15 @@ What it measures (each row of the table printed at the end):
   1. logits on the device in bf16 and fp32 against the CPU fp32 reference (max abs difference);
   2. CUDA-graph decoding gives the same greedy tokens as eager decoding;
   3. the attention kernel that ran in prefill and in decode (the aten op the profiler saw:
-     flash, efficient, cudnn or math);
+     flash, efficient, cudnn or math), and that generation runs with SDPA restricted to the fused
+     kernels (torch.nn.attention.sdpa_kernel: flash and memory-efficient only; it raises if the
+     math fallback were needed);
   4. decode tokens/s at batch 1 and 64 for the 1.5B and 7B shapes, graph and eager, and the share
      of the memory bandwidth reached: bytes read per step (the bf16 weights + the KV cache so
      far) / step time, against the nominal HBM bandwidth (--hbm-tb-s, 4.8 for an H200) and
-     against what a large device-to-device copy reaches here;
+     against what a large device-to-device copy reaches here; and float32 master weights under
+     bf16 autocast (generation reads their bf16 copies, sampling.compute_dtype_weights) against
+     bf16 weights at batch 1: the same speed when no weight is cast per step;
   5. one GRPO step at 1.5B (full fine-tuning, bf16) and at 7B (LoRA rank 32, bf16): peak memory
      (torch.cuda.max_memory_allocated) against the memory plan (nanocausal.memory_plan), training
      tokens/s and MFU = 6 * parameters * training tokens / s / peak bf16 FLOP/s (--peak-tflops, 989).
@@ -77,6 +81,18 @@ def attention_kernels(model, device):
         names = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key or "attention" in e.key.lower()}
         seen[phase] = sorted(n for n in names if n.startswith("aten::_scaled_dot_product") or "flash" in n or "fmha" in n)
     return seen
+
+
+def fused_attention_only(model, device):
+    """True when prefill and decode run with SDPA restricted to the flash and memory-efficient
+    kernels (no math fallback); else the error's first line."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            generate(model, [[1] * 40, [2] * 33], 4, temperature=0, use_cuda_graph=False)
+        return True
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
 
 
 def decode_speed(model, device, batch, new_tokens, graph):
@@ -151,6 +167,8 @@ def main():
         rows.append(("CUDA-graph greedy tokens == eager", str(report["graph_tokens_equal_eager"])))
     report["attention_kernels"] = attention_kernels(model, device)
     rows.append(("attention kernel, prefill / decode", " / ".join(", ".join(v) or "?" for v in report["attention_kernels"].values())))
+    report["fused_attention_only"] = fused_attention_only(model, device)
+    rows.append(("generation with flash / efficient SDPA only", str(report["fused_attention_only"])))
     del model
 
     usable = copy_bandwidth(device) if not smoke else None
@@ -174,6 +192,14 @@ def main():
                 share = "-" if smoke else f"{100 * bandwidth / (args.hbm_tb_s * 1e12):.0f} % of HBM"
                 rows.append((f"decode {key}", f"{tokens_per_s:,.0f} tok/s, {share}"))
         del model
+        if name.endswith("1.5B"):  # float32 master weights + bf16 autocast: decode reads the bf16 copies
+            model = checkpoint.load_model(path, device=device)
+            with torch.autocast(device, dtype=torch.bfloat16):
+                _, tokens_per_s, _ = decode_speed(model, device, 1, args.new_tokens if not smoke else 8, not smoke)
+            key = f"{'tiny' if smoke else name} batch 1 float32 weights + autocast"
+            report["decode"][key] = {"tokens_per_s": tokens_per_s}
+            rows.append((f"decode {key}", f"{tokens_per_s:,.0f} tok/s"))
+            del model
         if smoke:
             break  # one tiny shape is enough to run the code
 

@@ -110,7 +110,9 @@ def load_model(name_or_path, dtype=None, device=None) -> Transformer:
             want = tuple(expected[key].shape)
             if tuple(tensor.shape) != want:
                 raise ValueError(f"{file}: tensor {key} has shape {tuple(tensor.shape)} but the config expects {want}")
-            _set_parameter(model, key, tensor.to(device=device, dtype=dtype))
+            # move, then convert: a bf16 checkpoint crosses to the GPU in bf16 (half the bytes of
+            # converting first on the CPU) and is widened there
+            _set_parameter(model, key, tensor.to(device).to(dtype))
             loaded.add(key)
     missing = sorted(expected.keys() - loaded)
     if missing:

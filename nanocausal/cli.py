@@ -98,7 +98,8 @@ def add_hardware_args(parser, defaults):
     g.add_argument("--device", default=defaults.device, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16"],
                    help="weight dtype; float32 weights + bf16 autocast on CUDA is the standard mixed precision")
-    g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward to save memory")
+    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each block in backward to save memory (default: on for CUDA, off on CPU)")
     g.add_argument("--plan", action="store_true",
                    help="print the memory plan (bytes by component, from the shapes alone: --model may be a config.json) "
                         "and exit without training")
@@ -168,6 +169,9 @@ def add_offline_data_args(parser, defaults, data_help, batch_help):
     g.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help=batch_help)
     g.add_argument("--grad-accum", type=positive_int, default=defaults.grad_accum,
                    help="micro-batches per optimiser step (effective batch = batch-size * grad-accum)")
+    g.add_argument("--micro-batch-tokens", type=non_negative_int, default=defaults.micro_batch_tokens,
+                   help="also cut a micro-batch before it passes this many padded tokens (0: no limit): memory "
+                        "follows tokens, not examples; the loss is the same")
     return g
 
 

@@ -297,12 +297,26 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def micro_batches(rows, indices, collate, pad_id, batch_size, device):
-    """One step's examples (`indices` into rows) cut into micro-batches of batch_size, collated and
-    on the device; each batch carries its example indices (a precomputed reference looks them up)."""
+def micro_batches(rows, indices, collate, pad_id, batch_size, device, max_tokens=0):
+    """One step's examples (`indices` into rows) cut, in order, into micro-batches of batch_size,
+    collated and on the device; each batch carries its example indices (a precomputed reference
+    looks them up). max_tokens > 0 also ends a micro-batch before its padded tokens (every
+    (B, T) id tensor the collate makes: DPO's chosen and rejected rows, KTO's KL pairs) would pass
+    max_tokens; an example over the budget goes alone. The losses normalise over the whole step,
+    so the cut changes memory, not the gradient."""
+    def tokens(chunk):
+        batch = collate([rows[i] for i in chunk], pad_id)
+        return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
+
+    chunks, chunk = [], []
+    for i in indices:
+        if chunk and (len(chunk) == batch_size or (max_tokens and tokens(chunk + [i]) > max_tokens)):
+            chunks.append(chunk)
+            chunk = []
+        chunk.append(i)
+    chunks += [chunk] if chunk else []
     out = []
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
+    for chunk in chunks:
         batch = to_device(collate([rows[i] for i in chunk], pad_id), device)
         batch["indices"] = torch.tensor(chunk)
         out.append(batch)

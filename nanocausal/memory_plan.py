@@ -13,19 +13,22 @@ CUDA, else w), C hidden size, F MLP width, H/K query/key-value heads of size D, 
     reference      P * w_ref when a separate frozen copy is loaded (DPO/KTO unless --precompute-ref;
                    GRPO with --beta > 0, PPO with --kl-coef > 0; bf16 on CUDA for RL); 0 with LoRA
     value_model    PPO's value head: (C + 1) * 4 * 4
-    kv_cache       rows * (prompt + new tokens) * L * 2 * K * D * w, rows = --rollout-slots, or
-                   prompts x group size (the rollouts' static cache; it takes the weights' dtype)
-    prefill_cache  (rows / group size) * prompt * L * 2 * K * D * w: the prompts admitted at once,
+    rollout_copy   P * 2 for float32 weights on CUDA: the bf16 copy of the weights generation reads
+                   (sampling.compute_dtype_weights), kept for the whole run; 0 for bf16 weights
+    kv_cache       rows * (prompt + new tokens) * L * 2 * K * D * a, rows = --rollout-slots, or
+                   prompts x group size (the rollouts' static cache, in the compute dtype: bf16 on CUDA)
+    prefill_cache  (rows / group size) * prompt * L * 2 * K * D * a: the prompts admitted at once,
                    each prefilled once, then copied into its group's rows
     activations    per micro-batch of N tokens, per layer, what backward keeps:
-                   N * (6C + 3HD + 2KD + 5F) * a; with --activation-checkpointing only each
+                   N * (6C + 3HD + 2KD + 5F) * a (N = --micro-batch-size sequences of prompt +
+                   new tokens, or --micro-batch-tokens when smaller); with --activation-checkpointing only each
                    layer's input, N * C * a, plus one layer's worth recomputed at a time
     logits_chunk   chunk * V * 4 * 3: one chunk of float32 logits, their log-softmax and its exp
                    (logprobs.token_logprobs never holds more)
 
-A step is two phases that do not overlap: generation (weights, optimizer state, reference, KV
-cache: gradients were freed by the last step) and training (weights, optimizer state, reference,
-gradients, activations, logits chunk). The total is the larger phase. weights, gradients,
+A step is two phases that do not overlap: generation (weights, rollout copy, optimizer state,
+reference, KV cache: gradients were freed by the last step) and training (weights, rollout copy,
+optimizer state, reference, gradients, activations, logits chunk). The total is the larger phase. weights, gradients,
 optimizer and KV cache are exact (tests/test_memory_plan.py compares them with the real tensors
 after a real step); activations are an estimate of what autograd saves (SDPA and allocator
 workspaces, fragmentation not included): read the total with ~15 % to spare.
@@ -83,7 +86,7 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None):
     value = (mc.hidden_size + 1) * 4 * 4 if algo == "ppo" else 0
 
     kv_cache = prefill_cache = 0
-    per_token_kv = mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim * w
+    per_token_kv = mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim * act
     if rl:
         rows = min(config.rollout_slots or 1 << 62, config.prompts_per_step * config.group_size)
         kv_cache = rows * (prompt_tokens + config.max_new_tokens) * per_token_kv
@@ -91,6 +94,8 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None):
 
     if rl:
         tokens = config.micro_batch_size * (prompt_tokens + config.max_new_tokens)
+        if getattr(config, "micro_batch_tokens", 0):
+            tokens = min(tokens, max(config.micro_batch_tokens, prompt_tokens + config.max_new_tokens))
         chunk = config.logits_chunk_size
     else:
         rows = config.batch_size * (2 if algo == "dpo" else 1)
@@ -108,12 +113,13 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None):
         "optimizer": trainable * 2 * 4 + 4 * len([p for p in model.parameters() if p.requires_grad]),
         "reference": reference,
         "value_model": value,
+        "rollout_copy": (base + adapters) * 2 if cuda and config.dtype == "float32" else 0,
         "kv_cache": kv_cache,
         "prefill_cache": prefill_cache,
         "activations": activations,
         "logits_chunk": logits_chunk,
     }
-    resident = components["weights"] + components["optimizer"] + reference + value
+    resident = components["weights"] + components["rollout_copy"] + components["optimizer"] + reference + value
     phases = {"generation": resident + kv_cache + prefill_cache if rl else 0,
               "training": resident + components["gradients"] + activations + logits_chunk}
     total = max(phases.values())

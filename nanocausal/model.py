@@ -27,6 +27,11 @@ import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
+# One-token decode with grouped-query attention folds the H / K query heads of each key/value group
+# into the query-length dimension (Attention.forward). False keeps SDPA's enable_gqa path: the tests
+# compare the two.
+FOLD_DECODE_GQA = True
+
 
 @dataclass
 class ModelConfig:
@@ -200,10 +205,30 @@ class Attention(nn.Module):
             k_cache.index_copy_(2, cache_position, k.to(k_cache.dtype))
             v_cache.index_copy_(2, cache_position, v.to(v_cache.dtype))
             k, v = k_cache, v_cache
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )  # (B, H, T, D)
+        if T == 1 and mask is not None and self.n_kv_heads != self.n_heads and FOLD_DECODE_GQA:
+            y = self.folded_decode_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+            )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+    def folded_decode_attention(self, q, k, v, mask):
+        """Attention of one query token per row with G = H / K query heads per key/value head, as
+        ordinary attention over K heads of G query positions each:
+
+            q (B, H, 1, D) -> (B, K, G, D)      k, v (B, K, S, D) as they are      mask (B, 1, 1, S)
+
+        Query head h = k * G + g reads key/value head k (the grouping enable_gqa uses), and the G
+        queries of a group share their mask row, so the result is the same attention. Why: SDPA
+        with a mask and enable_gqa has no fused CUDA kernel on many torch builds and falls back to
+        the math kernel (K/V repeated to H heads, scores upcast to fp32: gigabytes of temporaries
+        per layer per step at 7B); with this layout the memory-efficient kernel takes it, reading
+        each cached key and value once for its whole group."""
+        B, H, _, D = q.shape
+        y = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, H // self.n_kv_heads, D), k, v, attn_mask=mask)
+        return y.view(B, H, 1, D)
 
 
 class MLP(nn.Module):
@@ -284,7 +309,10 @@ class Transformer(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2), float32 like HF
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         x = self.embed_tokens(input_ids)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        # cos/sin in the compute dtype: under bf16 autocast q and k come out of their projections in
+        # bf16 and stay bf16 (fp32 cos/sin would promote them, and the cache write would cast back)
+        dtype = self.compute_dtype()
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
         for i, block in enumerate(self.layers):
             layer_cache = kv_cache[i] if kv_cache is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -292,6 +320,15 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, mask, layer_cache, cache_position)
         return self.norm(x)
+
+    def compute_dtype(self):
+        """The dtype the matrix multiplies run in: autocast's when autocast is on for the weights'
+        device (bf16 under training.autocast on CUDA), else the weights' own. The KV cache and the
+        rotary cos/sin take it."""
+        device_type = self.embed_tokens.weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.embed_tokens.weight.dtype
 
     @torch.no_grad()
     def init_weights(self, std=0.02, generator=None):

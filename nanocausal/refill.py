@@ -33,8 +33,9 @@ sample its first token. The other slots keep their state; they wait for the pref
 
 Static shapes. A decode step reads and writes preallocated tensors only (each slot's token,
 position, completion column, token limit, random-stream key, the mask, the outputs) and admission
-edits them in place, so on CUDA the step is captured once as a CUDA graph (over all C columns,
-scratch C-1) and replayed across every refill; on CPU it runs eagerly over the columns in use.
+edits them in place, so on CUDA the step is captured as a CUDA graph per width bucket (the
+columns in use rounded up to a multiple of sampling.GRAPH_BUCKET, scratch its last column) and
+replayed across every refill; on CPU it runs eagerly over the columns in use.
 A finished row keeps computing until it is refilled (shapes never change); what it computes is
 never recorded: its position and column stop advancing.
 
@@ -68,12 +69,14 @@ from collections import deque
 
 import torch
 
-from nanocausal.sampling import (Generation, check_finite, check_generate_arguments, cpu_weight_layout, eos_id_list,
-                                 sample_tokens)
+from nanocausal.sampling import (CudaGraphs, Generation, bucket_width, check_finite, check_generate_arguments,
+                                 compute_dtype_weights, cpu_weight_layout, eos_id_list, sample_tokens)
 
-# True runs the eager step at the CUDA graph's fixed width (every cache column, scratch C-1): the
-# tests set it to check the graph's arithmetic on CPU.
+# True runs the eager step at the widths the CUDA graphs use: every cache column (scratch C-1) for
+# EAGER_ATTENDS_ALL_COLUMNS, the bucketed widths (sampling.bucket_width) for EAGER_USES_GRAPH_WIDTHS.
+# The tests set them to check the graphs' arithmetic on CPU.
 EAGER_ATTENDS_ALL_COLUMNS = False
+EAGER_USES_GRAPH_WIDTHS = False
 
 # -----------------------------------------------------------------------------
 # Counter-based random numbers
@@ -121,7 +124,7 @@ class Slots:
 
     def __init__(self, model, R, C, N, sampling, eos_ids, pad_token_id, vocab_size):
         config, device = model.config, model.embed_tokens.weight.device
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.compute_dtype()  # bf16 under autocast (sampling.Decoder)
         K, D = config.num_key_value_heads, config.head_dim
         self.model, self.sampling, self.eos_ids = model, sampling, eos_ids  # sampling: (temperature, top_k, top_p)
         self.pad_token_id, self.vocab_size = pad_token_id, vocab_size
@@ -218,27 +221,15 @@ class Slots:
 
 
 class Stepper:
-    """Runs Slots.step: eagerly, or (CUDA) one warm-up step, then a graph captured once and replayed."""
+    """Runs Slots.step at a width: eagerly, or (CUDA) through one captured graph per width bucket
+    (sampling.CudaGraphs), replayed across every refill."""
 
     def __init__(self, slots: Slots, use_cuda_graph):
-        self.slots, self.use_cuda_graph, self.graph = slots, use_cuda_graph, None
+        self.use_cuda_graph = use_cuda_graph
+        self.run = CudaGraphs(slots.step, slots.rows.device) if use_cuda_graph else slots.step
 
     def __call__(self, width):
-        if not self.use_cuda_graph:
-            return self.slots.step(width)
-        full = self.slots.columns.numel()  # the graph's shapes: every column, scratch C-1
-        if self.graph is not None:
-            return self.graph.replay()
-        # One real step eagerly on a side stream (capture needs cuBLAS and the allocator warm),
-        # then capture. Capture records without running, so this call's step is the warm-up.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.slots.step(full)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.slots.step(full)
+        return self.run(width)
 
 
 # -----------------------------------------------------------------------------
@@ -294,7 +285,7 @@ def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top
     limits = [min(max_new_tokens, context - len(p)) for p in prompts]
     C = max(len(p) + limit for p, limit in zip(prompts, limits))  # last column: the scratch
     eos_ids = torch.tensor(eos_token_ids or [-1], dtype=torch.long, device=device)  # -1 matches nothing
-    with torch.inference_mode(), cpu_weight_layout(model):
+    with torch.inference_mode(), compute_dtype_weights(model), cpu_weight_layout(model):
         state = Slots(model, min(slots, len(prompts) * n), C, max(limits), (temperature, top_k, top_p), eos_ids,
                       pad_token_id, vocab_size)
         done = serve(state, prompts, n, limits, [[stream_key(seed, key, j) for j in range(n)] for key in prompt_keys],
@@ -328,7 +319,7 @@ def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every,
     samples_left = [n] * len(prompts)
     busy = {}  # slot -> (output row, prompt length, limit, step count when admitted)
     steps = 0
-    full_width = step.use_cuda_graph or EAGER_ATTENDS_ALL_COLUMNS
+    graph_widths = step.use_cuda_graph or EAGER_USES_GRAPH_WIDTHS
     while True:
         admitted, admitted_slots, admitted_streams = [], [], []
         while waiting and len(free) >= n:  # admit every group that fits, with one prefill
@@ -362,9 +353,12 @@ def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every,
         if not busy or (waiting and len(free) >= n):
             continue  # refill before decoding
         for _ in range(check_every):
-            if full_width:
+            # attend over the columns in use: up to the highest position a row may have reached (its
+            # column is then the scratch, or one beyond every row's: both are safe, Slots.step)
+            width = 1 + max(min(L + steps - admitted, L + limit - 1) for _, L, limit, admitted in busy.values())
+            if EAGER_ATTENDS_ALL_COLUMNS:
                 width = state.columns.numel()
-            else:  # attend over the columns in use: up to the highest position a row may have reached
-                width = 1 + max(min(L + steps - admitted, L + limit - 1) for _, L, limit, admitted in busy.values())
+            elif graph_widths:  # one graph per bucket: the width rounded up
+                width = bucket_width(width, state.columns.numel())
             step(width)
             steps += 1

@@ -8,7 +8,7 @@ What one step does (formulas in losses.py):
   2. Rollouts: rollout.rollout samples group_size completions per prompt at the training
      temperature (top-p 1, top-k 0 unless asked) by continuous batching (refill.generate_many,
      rollout_slots rows at once), each prompt prefilled once and its KV cache shared by its group.
-     The sampler's log-probs are the "old" log-probs of the ratio.
+     The sampler's log-probs are kept as `sampler_logprobs`.
   3. Rewards: rewards.reward = official correctness + format_weight * well-formed final answer.
   4. Advantages, in one place per algorithm (the GRPO and PPO classes below):
      GRPO: a completion's reward relative to its group, (r - mean) / (std + eps). Groups whose
@@ -19,8 +19,16 @@ What one step does (formulas in losses.py):
        return; the reward is the score on the last token minus kl_coef * (logp - ref_logp) on every
        token; GAE gives the advantages, whitened over the batch.
   5. Update (`update`): ppo_epochs passes over the rollouts, each split into mini_batches optimiser
-     steps, each accumulated over micro-batches of micro_batch_size rows; the loss is normalised
-     over the whole optimiser step, so accumulation equals one big batch.
+     steps, each accumulated over micro-batches of micro_batch_size rows (and at most
+     micro_batch_tokens padded tokens: memory then follows tokens, not sequences); the loss is
+     normalised over the whole optimiser step, so accumulation equals one big batch. The "old" log-probs of
+     the ratio come from the training forward, never from the sampler (whose bf16 one-token path
+     rounds differently: on-policy the ratio would not be 1): strictly on-policy (one epoch, one
+     mini-batch) they are the trainer's own log-probs, detached, so the ratio is exactly 1;
+     otherwise they are recomputed by the training forward under no_grad before the first pass.
+     The gap between sampler and trainer, mean |sampler logp - trainer logp| over the trained
+     completion tokens, is logged as sampler_logprob_gap (a sampler bug or a precision problem
+     shows up there first).
 The loop around the step (schedule, logging, evaluation, checkpoints, Ctrl-C, resume) is
 training.train, shared with SFT, DPO and KTO.
 """
@@ -58,6 +66,7 @@ class RLConfig(TrainConfig):
     ppo_epochs: int = 1  # passes over each rollout batch (1: strictly on-policy)
     mini_batches: int = 1  # optimiser steps per pass
     micro_batch_size: int = 8  # sequences per forward/backward
+    micro_batch_tokens: int = 0  # also at most this many (padded) tokens per forward/backward; 0: no limit
     logits_chunk_size: int = 256  # completion tokens whose float32 logits exist at once
     # GRPO
     beta: float = 0.0  # k3 KL penalty to the reference (0: no reference model)
@@ -87,13 +96,14 @@ class RLConfig(TrainConfig):
 
 
 @torch.no_grad()
-def score_tokens(model, batch, config: RLConfig, value_head=None):
+def score_tokens(model, batch, config: RLConfig, value_head=None, policy=False):
     """(R, T) log-probs of the completion tokens under `model` (the reference; with LoRA the policy
-    with its adapters off), or, with a value head, the values of the policy (PPO's old values),
-    micro-batch by micro-batch."""
+    with its adapters off; policy=True: the policy itself, adapters on), or, with a value head, the
+    values of the policy (PPO's old values), micro-batch by micro-batch."""
     out = torch.zeros_like(batch["old_logprobs"])
-    for index, mb in row_micro_batches(batch, range(len(batch["input_ids"])), config.micro_batch_size):
-        with autocast(config.device), lora.disabled(model) if value_head is None else nullcontext():
+    for index, mb in row_micro_batches(batch, range(len(batch["input_ids"])), config.micro_batch_size,
+                                       config.micro_batch_tokens):
+        with autocast(config.device), lora.disabled(model) if value_head is None and not policy else nullcontext():
             if value_head is None:
                 scores = token_logprobs(model, mb["input_ids"], None, mb["completion_mask"], config.temperature,
                                         config.logits_chunk_size)
@@ -175,14 +185,19 @@ class PPO:
 # The update
 
 
-def micro_batch_loss(model, algorithm, mb, config: RLConfig, num_tokens, num_sequences):
-    """The loss of one micro-batch, normalised by the token (sequence) count of its whole optimiser step."""
+def micro_batch_loss(model, algorithm, mb, config: RLConfig, num_tokens, num_sequences, on_policy=False):
+    """The loss of one micro-batch, normalised by the token (sequence) count of its whole optimiser
+    step. on_policy: the old log-probs are these very log-probs, detached (the ratio is exactly 1)."""
     mask = mb["completion_mask"]
     hidden = model.hidden_states(mb["input_ids"])
     logprobs = token_logprobs(model, mb["input_ids"], None, mask, config.temperature, config.logits_chunk_size,
                               hidden=hidden)
+    if on_policy:
+        mb = {**mb, "old_logprobs": logprobs.detach()}
     loss, metrics = algorithm.loss(mb, logprobs, hidden, num_tokens, num_sequences)
     with torch.no_grad():
+        gap = (logprobs.detach().float() - mb["sampler_logprobs"]).abs() * mask
+        metrics["sampler_logprob_gap"] = gap.sum() / mask.sum().clamp(min=1)
         # The entropy is only a metric, and it costs three passes over (tokens x vocabulary), as much
         # as the log-probs: estimate it on every 8th completion token (each row's first included).
         sampled = mask.bool() & ((mask.cumsum(1) - 1) % 8 == 0)
@@ -196,6 +211,10 @@ def update(model, algorithm, optimizer, batch, config: RLConfig, step):
     """config.ppo_epochs passes over the rollouts, config.mini_batches optimiser steps each; returns
     the metrics (token-weighted means over every micro-batch) and the number of tokens run through."""
     mask = batch["completion_mask"]
+    on_policy = config.ppo_epochs == 1 and config.mini_batches == 1
+    batch["sampler_logprobs"] = batch["old_logprobs"]
+    if not on_policy:  # the policy before this update, as the training forward computes it
+        batch["old_logprobs"] = score_tokens(model, batch, config, policy=True)
     # Rows whose advantage is zero everywhere add nothing to the GRPO loss when beta = 0 (nor to its
     # gradient): skip their forward/backward. The normaliser below still counts their tokens.
     trained = batch["advantages"].view(len(mask), -1).ne(0).any(1)
@@ -208,9 +227,10 @@ def update(model, algorithm, optimizer, batch, config: RLConfig, step):
         for mini_batch in np.array_split(order, config.mini_batches):
             num_tokens = mask[mini_batch].sum()
             rows = [r for r in mini_batch.tolist() if trained[r]]
-            for _, mb in row_micro_batches(batch, rows, config.micro_batch_size):
+            for _, mb in row_micro_batches(batch, rows, config.micro_batch_size, config.micro_batch_tokens):
                 with autocast(config.device):
-                    loss, metrics = micro_batch_loss(model, algorithm, mb, config, num_tokens, len(mini_batch))
+                    loss, metrics = micro_batch_loss(model, algorithm, mb, config, num_tokens, len(mini_batch),
+                                                     on_policy)
                 loss.backward()
                 n = metrics.pop("num_tokens")
                 for k, v in metrics.items():

@@ -113,14 +113,22 @@ def score(examples, completions, tokenizer=None, format_weight=0.1, strict=False
             "format_ok": torch.tensor([format_ok(t, ex["answer"]) for ex, t in pairs])}
 
 
-def row_micro_batches(batch, rows, size):
-    """Yield (row index, micro-batch) for `rows` cut into groups of `size` similar-length sequences,
-    each trimmed to its longest. Rows are right-padded, so plain causal attention (no mask: the
-    fast path) is exact on every real token; what padding computes is masked out by completion_mask."""
+def row_micro_batches(batch, rows, size, max_tokens=0):
+    """Yield (row index, micro-batch) for `rows` cut into groups of at most `size` similar-length
+    sequences, each trimmed to its longest, and (max_tokens > 0) of at most max_tokens tokens
+    (rows x that width; a row longer than the budget goes alone). Rows are right-padded, so plain
+    causal attention (no mask: the fast path) is exact on every real token; what padding computes
+    is masked out by completion_mask."""
     last = batch["completion_mask"].cumsum(1).argmax(1).tolist()  # last real position of each row
     rows = sorted(rows, key=lambda r: last[r])
-    for start in range(0, len(rows), size):
-        chunk = rows[start:start + size]
+    chunks, chunk = [], []
+    for r in rows:  # ascending lengths: a new row sets the width
+        if chunk and (len(chunk) == size or (max_tokens and (len(chunk) + 1) * (last[r] + 1) > max_tokens)):
+            chunks.append(chunk)
+            chunk = []
+        chunk.append(r)
+    chunks += [chunk] if chunk else []
+    for chunk in chunks:
         index = torch.tensor(chunk, device=batch["input_ids"].device)
         width = max(last[r] for r in chunk) + 1
         yield index, {k: v[index, :width] if v.dim() == 2 else v[index] for k, v in batch.items() if torch.is_tensor(v)}

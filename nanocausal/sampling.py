@@ -15,8 +15,10 @@ How a batch is generated (R = B * num_samples rows, P = longest prompt, N = max_
 2. Decode. One token per row per step. Every shape is fixed in advance: the cache is
    (R, K, P + N, D), and the inputs of a step (the token, its position, its cache slot) live in
    preallocated tensors that the step itself advances in place. The step never asks the host
-   anything, so on CUDA it is captured once as a CUDA graph and replayed N - 1 times (no Python,
-   no kernel-launch overhead); on CPU the same function runs eagerly. Whether every row has
+   anything, so on CUDA it is captured as a CUDA graph and replayed (no Python, no kernel-launch
+   overhead): one graph per length bucket, attending over the slots in use rounded up to a
+   multiple of GRAPH_BUCKET, so early steps do not read the empty end of the cache. On CPU the
+   same function runs eagerly over exactly the slots in use. Whether every row has
    finished is checked (a host sync) only every `check_every` steps.
 
 On CPU, for the length of a call, every linear layer multiplies by a transposed copy of its
@@ -169,6 +171,48 @@ def cpu_weight_layout(model):
             m.weight_t = None
 
 
+@contextmanager
+def compute_dtype_weights(model):
+    """For the length of a generate call, let every floating parameter of the model that is not in
+    the compute dtype (model.compute_dtype(): bf16 under autocast with float32 master weights) be
+    read from a copy in that dtype.
+
+    Why: autocast casts a float32 weight to bf16 where a matmul reads it, and under inference_mode
+    it keeps no cache of those casts, so every decode step (and every replay of a captured step)
+    would read 4 bytes and write 2 per parameter before the matmul reads 2: 8 bytes per parameter
+    per token where decoding is bound by the 2 it needs. The copies are made once and kept on the
+    model (model.compute_dtype_copies, {id(parameter): (parameter, copy)}, not parameters: no optimiser,
+    checkpoint or .to() ever sees them) and are refreshed in place when a call starts: the weights
+    only change between calls (an optimiser step), one pass over them per call is nothing next to
+    one per token, and the copies keep their addresses, so a CUDA graph captured over them stays
+    valid. They cost 2 bytes per parameter for as long as the model lives (memory_plan's
+    rollout_copy). Weights already in the compute dtype (--dtype bfloat16) are read as they are.
+    """
+    dtype = model.compute_dtype()
+    swapped = []  # (module, name, the parameter to put back)
+    if model.embed_tokens.weight.dtype != dtype:
+        copies = model.__dict__.setdefault("compute_dtype_copies", {})  # id(parameter) -> (parameter, copy)
+        refreshed = set()
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is None or not p.is_floating_point() or p.dtype == dtype:
+                    continue
+                source, copy = copies.get(id(p), (None, None))  # a tied head and its embedding: one copy
+                if source is not p or copy.shape != p.shape or copy.dtype != dtype or copy.device != p.device:
+                    copy = torch.empty_like(p, dtype=dtype, requires_grad=False)
+                    copies[id(p)] = (p, copy)
+                if id(p) not in refreshed:
+                    copy.copy_(p.detach())
+                    refreshed.add(id(p))
+                module._parameters[name] = copy
+                swapped.append((module, name, p))
+    try:
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
 # -----------------------------------------------------------------------------
 # The decoder: static buffers and the one-token step
 
@@ -185,7 +229,7 @@ class Decoder:
     def __init__(self, model, attention_mask, prompt_lengths, max_new_tokens, sampling, eos_ids, pad_token_id, vocab_size):
         R, S = attention_mask.shape
         config, device = model.config, attention_mask.device
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.compute_dtype()  # bf16 under autocast: the cache is read every step, at half the bytes
         self.model, self.sampling, self.vocab_size, self.pad_token_id = model, sampling, vocab_size, pad_token_id
         self.kv_cache = [(torch.zeros(R, config.num_key_value_heads, S, config.head_dim, device=device, dtype=dtype),
                           torch.zeros(R, config.num_key_value_heads, S, config.head_dim, device=device, dtype=dtype))
@@ -217,9 +261,8 @@ class Decoder:
         self.column += 1
 
     def step(self, attend_slots=None):
-        """One decode step. attend_slots < S attends over the first slots of the cache only
-        (what eager CPU decoding does: slots beyond the current one are masked anyway);
-        a CUDA graph needs the fixed default, S."""
+        """One decode step over the first attend_slots slots of the cache (default: all S); slots
+        beyond the current one are masked anyway, so any width that holds it computes the same."""
         slots = attend_slots or self.attention_mask.shape[1]
         kv_cache = [(k[:, :, :slots], v[:, :, :slots]) for k, v in self.kv_cache]  # views: writes land in the cache
         hidden = self.model.hidden_states(self.input_ids, self.attention_mask[:, :slots], self.position_ids,
@@ -232,29 +275,67 @@ class Decoder:
         return bool(self.finished.all())  # host sync: called every few steps only
 
 
+# Cache columns per CUDA-graph length bucket: a graph attends over a multiple of this many slots,
+# not over the whole prompt + max_new_tokens from the first step (replies that end near 2k of an
+# 8k budget would otherwise mostly read empty slots).
+GRAPH_BUCKET = 512
+# True runs the eager CPU steps at the widths the graphs use (bucket_width): the tests set it.
+EAGER_USES_GRAPH_WIDTHS = False
+
+
+def bucket_width(needed, full, bucket=None):
+    """The cache width a step that needs `needed` slots runs at under CUDA graphs: needed rounded
+    up to a multiple of the bucket (GRAPH_BUCKET), at most `full`. Slots between needed and the
+    width are masked, so any width >= needed computes the same step."""
+    bucket = bucket or GRAPH_BUCKET
+    return min(full, -(-needed // bucket) * bucket)
+
+
+class CudaGraphs:
+    """One captured CUDA graph of step(width) per width, captured on first use, sharing one memory
+    pool. Sharing is safe in any replay order because a step's temporaries all die inside it: what
+    it produces is written into tensors allocated before any capture (the Decoder's, the Slots').
+
+    Calling it runs one real step: a replay, or (a width not seen yet) one eager step on a side
+    stream (capture needs cuBLAS and the allocator warm) followed by the capture, which records
+    kernels without running them. Streams, capture and replay live on `device` (--device cuda:1
+    must not capture on device 0). The graphs live for one generate call: keeping them across
+    calls would keep the static buffers they write, the whole KV cache among them, allocated
+    through the training phase, which the memory plan gives to gradients and activations."""
+
+    def __init__(self, step, device, generator=None):
+        self.step, self.device, self.generator = step, torch.device(device), generator
+        self.graphs, self.pool = {}, None
+
+    def __call__(self, width):
+        with torch.cuda.device(self.device):
+            graph = self.graphs.get(width)
+            if graph is not None:
+                return graph.replay()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step(width)
+            torch.cuda.current_stream().wait_stream(side)
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
+            graph = self.graphs[width] = torch.cuda.CUDAGraph()
+            if self.generator is not None:
+                graph.register_generator_state(self.generator)  # our own generator: each replay advances it
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.step(width)
+
+
 def decode(decoder: Decoder, steps, check_every, use_cuda_graph, generator):
-    """Run `steps` decode steps, stopping early once every row is finished; returns steps run."""
-    first_cache_slot = decoder.prompt_slots
-    if not use_cuda_graph or steps < 2:  # a graph pays off from the second step on
-        for i in range(steps):
-            decoder.step(attend_slots=first_cache_slot + i + 1)
-            if (i + 1) % check_every == 0 and decoder.done():
-                return i + 1
-        return steps
-    # CUDA: one real step eagerly on a side stream (warms up cuBLAS / allocator as capture requires),
-    # then capture the next step. Capture records kernels without running them, so the captured
-    # step is then executed by the first replay: every replay is one real step.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        decoder.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    graph.register_generator_state(generator)  # our own generator: each replay advances its offset
-    with torch.cuda.graph(graph):
-        decoder.step()
-    for i in range(1, steps):
-        graph.replay()
+    """Run `steps` decode steps, stopping early once every row is finished; returns steps run.
+    Step i writes slot P + i and needs the first P + i + 1 slots: eagerly it attends over exactly
+    those; with CUDA graphs over bucket_width of them (one graph per bucket, switched as the
+    position crosses a bucket)."""
+    first_cache_slot, full = decoder.prompt_slots, decoder.attention_mask.shape[1]
+    use_cuda_graph = use_cuda_graph and steps >= 2  # a graph pays off from the second step on
+    run = CudaGraphs(decoder.step, decoder.input_ids.device, generator) if use_cuda_graph else decoder.step
+    for i in range(steps):
+        needed = first_cache_slot + i + 1
+        run(bucket_width(needed, full) if use_cuda_graph or EAGER_USES_GRAPH_WIDTHS else needed)
         if (i + 1) % check_every == 0 and decoder.done():
             return i + 1
     return steps
@@ -295,7 +376,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         generator.seed()
     sampling = (temperature, top_k, top_p, generator)
 
-    with torch.inference_mode(), cpu_weight_layout(model):
+    with torch.inference_mode(), compute_dtype_weights(model), cpu_weight_layout(model):
         decoder, steps = prefill_and_decode(model, prompts, max_new_tokens, num_samples, sampling, eos_token_ids,
                                             pad_token_id, vocab_size, check_every, use_cuda_graph)
 
@@ -342,7 +423,7 @@ def prefill_and_decode(model, prompts, max_new_tokens, num_samples, sampling, eo
 
     # 1. Prefill each prompt once into a P-slot cache, then copy it into its n rows of the big one.
     K, D = config.num_key_value_heads, config.head_dim
-    dtype = model.embed_tokens.weight.dtype
+    dtype = model.compute_dtype()
     prefill_cache = [(torch.empty(B, K, P, D, device=device, dtype=dtype), torch.empty(B, K, P, D, device=device, dtype=dtype))
                      for _ in range(config.num_hidden_layers)]
     hidden = model.hidden_states(prompt_ids, prompt_mask, positions, prefill_cache, torch.arange(P, device=device))

@@ -29,6 +29,7 @@ class SFTConfig(TrainConfig):
     max_length: int = 2048  # a longer example is an error naming its file and line
     batch_size: int = 8  # examples per micro-batch (one forward/backward)
     grad_accum: int = 1  # micro-batches per optimiser step
+    micro_batch_tokens: int = 0  # also at most this many padded tokens per micro-batch; 0: no limit
     out_dir: str = "out/sft"
 
 
@@ -63,7 +64,8 @@ def offline_step_fn(config: SFTConfig, rows, collate, pad_id, optimizer, backwar
     order = data.Batches(len(rows), config.batch_size * config.grad_accum, seed=config.seed)
 
     def step_fn(step):
-        batches = data.micro_batches(rows, order.next(), collate, pad_id, config.batch_size, config.device)
+        batches = data.micro_batches(rows, order.next(), collate, pad_id, config.batch_size, config.device,
+                                     config.micro_batch_tokens)
         metrics = backward(batches)
         metrics["grad_norm"] = training.optimizer_step(optimizer, config.clip)
         metrics["epoch"] = order.epoch

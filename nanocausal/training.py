@@ -56,7 +56,7 @@ class TrainConfig:
     # hardware
     device: str = default_device()
     dtype: str = "float32"  # weights; float32 + bf16 autocast on CUDA is the standard mixed precision
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | None = None  # None: on for CUDA (memory is what runs out there), off on CPU
     # LoRA (nanocausal/lora): rank 0 is full fine-tuning
     lora_rank: int = 0
     lora_alpha: float = 32.0
@@ -88,6 +88,8 @@ class TrainConfig:
     allow_changed_args: bool = False  # resume with settings that change the run's meaning
 
     def __post_init__(self):  # settings that contradict each other: refused before anything loads
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = str(self.device).startswith("cuda")
         if self.lora_rank <= 0 and (self.lora_alpha, self.lora_dropout, tuple(self.lora_targets)) != \
                 (TrainConfig.lora_alpha, TrainConfig.lora_dropout, TrainConfig.lora_targets):
             raise ValueError("--lora-alpha, --lora-dropout and --lora-targets need --lora-rank > 0")
@@ -97,7 +99,7 @@ MAX_BAD_STEPS = 3  # non-finite steps in a row before the loop gives up
 
 # Settings a resumed run may change without changing what it computes (the rest must match).
 RESUMABLE_CHANGES = {"steps", "device", "report_to", "run_name", "project", "activation_checkpointing", "log_every", "save_every", "keep", "resume",
-                     "overwrite", "allow_changed_args", "show_completions", "precompute_ref", "micro_batch_size",
+                     "overwrite", "allow_changed_args", "show_completions", "precompute_ref", "micro_batch_size", "micro_batch_tokens",
                      "logits_chunk_size", "eval_every", "eval_data", "eval_problems", "eval_samples", "eval_batch_size",
                      "eval_max_new_tokens", "eval_temperature", "eval_top_p"}
 

@@ -124,7 +124,9 @@ def test_logprobs_equal_teacher_forcing(models, temperature):
     reference = teacher_forced_logprobs(model, PROMPTS, out, temperature if temperature > 0 else 1.0)
     for r, expected in enumerate(reference):
         n = int(out.lengths[r])
-        assert (out.logprobs[r, :n] - expected).abs().max() <= 1e-5
+        # 2e-5: decode attention folds the query heads of a group (model.FOLD_DECODE_GQA), a
+        # different float32 summation order than the training forward's
+        assert (out.logprobs[r, :n] - expected).abs().max() <= 2e-5
         assert (out.logprobs[r, n:] == 0).all()
         assert out.completion_mask[r].tolist() == [1] * n + [0] * (out.tokens.shape[1] - n)
 

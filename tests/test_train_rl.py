@@ -11,6 +11,7 @@ import torch
 from conftest import help_of_every_flag, make_hf_checkpoint, run_script
 from nanocausal.checkpoint import load_model
 from nanocausal.model import Transformer
+from nanocausal import rl
 from nanocausal.rl import RLConfig, train_rl
 from nanocausal.rollout import rollout
 
@@ -46,8 +47,9 @@ def run(model, out_dir, reward_fn=ends_with_target, **fields):
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_first_update_is_on_policy(tiny_model, tmp_path, monkeypatch, algo):
-    """Ratio exp(logp - sampler logp) = 1 and nothing clipped; GRPO runs the model without gradient
-    only in the sampler (the old log-probs are the sampler's, not those of an extra forward pass)."""
+    """Strictly on-policy the old log-probs are the trainer's own, detached: the ratio is exactly 1,
+    nothing is clipped, and GRPO runs the model without gradient only in the sampler (no extra
+    forward pass). The sampler/trainer gap is logged."""
     no_grad_forwards = []
     real = Transformer.hidden_states
 
@@ -57,9 +59,11 @@ def test_first_update_is_on_policy(tiny_model, tmp_path, monkeypatch, algo):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Transformer, "hidden_states", counting)
+    off_by_half(monkeypatch)  # the ratio must not read the sampler's log-probs at all
     _, rows = run(tiny_model, tmp_path, algo=algo, steps=1, group_size=8, lr=1e-2, kl_coef=0.0)
-    assert abs(rows[0]["ratio_mean"] - 1) < 1e-5
+    assert rows[0]["ratio_mean"] == 1.0
     assert rows[0]["clip_fraction"] == 0
+    assert abs(rows[0]["sampler_logprob_gap"] - 0.5) < 1e-3  # logged
     if algo == "grpo":
         assert no_grad_forwards == []
     else:
@@ -78,6 +82,32 @@ def test_rollouts_do_not_depend_on_the_slot_count(tiny_model):
         assert batch["completions"] == batches[0]["completions"]
         assert torch.equal(batch["input_ids"], batches[0]["input_ids"])
         torch.testing.assert_close(batch["old_logprobs"], batches[0]["old_logprobs"], rtol=0, atol=1e-5)
+
+
+def test_off_policy_old_logprobs_come_from_the_training_forward(tiny_model, tmp_path, monkeypatch):
+    """Two epochs: the old log-probs are recomputed once by the training forward under no_grad (one
+    pass per micro-batch), then held fixed; the first pass sees a ratio of 1 up to float rounding."""
+    seen = []
+    real = rl.grpo_loss
+    monkeypatch.setattr(rl, "grpo_loss", lambda logps, old, *a, **k: seen.append((logps.detach(), old)) or real(logps, old, *a, **k))
+    off_by_half(monkeypatch)
+    _, rows = run(tiny_model, tmp_path, steps=1, group_size=8, lr=1e-2, ppo_epochs=2)
+    first_logps, first_old = seen[0]
+    mask = first_old != 0
+    assert (first_logps - first_old)[mask].abs().max() < 1e-5  # recomputed, not the sampler's (0.5 away)
+    assert not torch.equal(seen[-1][0], seen[-1][1])  # epoch 2: the policy moved, the old log-probs did not
+    assert abs(rows[0]["sampler_logprob_gap"] - 0.5) < 0.05  # averaged over both epochs (the second moved)
+
+
+def off_by_half(monkeypatch):
+    """Make the sampler's log-probs 0.5 below the truth (a sampler that rounds badly)."""
+    real = rl.rollout
+
+    def rollout(*args, **kwargs):
+        batch = real(*args, **kwargs)
+        batch["old_logprobs"] = batch["old_logprobs"] - 0.5 * batch["completion_mask"]
+        return batch
+    monkeypatch.setattr(rl, "rollout", rollout)
 
 
 def test_grpo_learns_a_trivial_reward(tiny_model, tmp_path):
