@@ -213,7 +213,6 @@ class Attention(nn.Module):
             )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-
     def folded_decode_attention(self, q, k, v, mask):
         """Attention of one query token per row with G = H / K query heads per key/value head, as
         ordinary attention over K heads of G query positions each:
