@@ -22,8 +22,9 @@ nanocausal/tiny.py (3-node ATE questions, with and without a causal path):
               rule (no KL, a small warmed-up learning rate, 4 updates per rollout batch), rollouts
               at the evaluation temperature: the outcome reward keeps the method, drops the slips;
   3. control  sft.train_sft continuing the SFT checkpoint on the same --sft-examples worked
-              solutions for as many steps as fit in GRPO's training time: the same compute spent
-              on more SFT;
+              solutions for --control-steps steps (default 9 per GRPO step: what GRPO's training
+              time bought in nine measured runs, docs/tiny_results.md): the same compute spent on
+              more SFT, fixed in steps so that a rerun prints the same table;
   4. eval     evaluation.evaluate on --test-problems held-out problems (and --rephrased-problems in
               held-out wording, never seen in post-training), greedy and sampled with the
               official protocol's temperature 0.6 and top_p 0.95, scored by the official rule.
@@ -77,6 +78,9 @@ def parse_args(argv):
     p.add_argument("--rl-kinds", default="effect",
                    help="comma-separated question kinds GRPO rolls out on (effect, no path); the no-path groups are "
                         "all correct from the start, so their advantages are 0 and they only cost rollout time")
+    p.add_argument("--control-steps", type=cli.positive_int, default=None,
+                   help="SFT steps of the same-compute control (default: 9 per GRPO step, calibrated once against "
+                        "GRPO's measured training time, docs/tiny_results.md)")
     p.add_argument("--rollout-temperature", type=cli.non_negative_float, default=0.6,
                    help="GRPO sampling temperature (0.6: the evaluation's, so RL optimises what is measured)")
     p.add_argument("--test-problems", type=cli.positive_int, default=200, help="held-out problems of the base test set")
@@ -86,6 +90,9 @@ def parse_args(argv):
     p.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, training and sampling")
     return p.parse_args(argv)
+
+
+CONTROL_STEPS_PER_GRPO_STEP = 9  # the same-compute control's SFT steps per GRPO step (calibration: docs/tiny_results.md)
 
 
 def make_data(args, folder):
@@ -182,11 +189,12 @@ def main(argv=None):
         lr=args.grpo_lr, warmup_steps=args.grpo_warmup, eval_every=0, overwrite=True, seed=args.seed,
         save_every=args.grpo_steps, out_dir=grpo_dir))
 
-    # Same compute: as many SFT steps as take the time GRPO's steps took (step times as measured).
-    sft_step = sft.train_seconds / args.sft_steps
-    control_steps = max(1, round(grpo.train_seconds / sft_step))
-    print(f"[3/4] control: {control_steps} more SFT steps (GRPO steps took {grpo.train_seconds:.0f}s, "
-          f"SFT {sft_step:.2f}s/step)")
+    # Same compute, fixed in steps: one GRPO step took as long as 9 SFT steps (the median of nine
+    # measured runs, docs/tiny_results.md). A count that followed this run's timings would make the
+    # table depend on the machine's load.
+    control_steps = args.control_steps or CONTROL_STEPS_PER_GRPO_STEP * args.grpo_steps
+    print(f"[3/4] control: {control_steps} more SFT steps (GRPO took {grpo.train_seconds:.0f}s this run, "
+          f"SFT {sft.train_seconds / args.sft_steps:.2f}s/step)")
     control = train_sft(SFTConfig(
         model=sft_checkpoint, data=sft_data, steps=control_steps, batch_size=args.batch_size, lr=args.sft_lr / 2,
         warmup_steps=0, save_every=control_steps, out_dir=control_dir, log_every=20, eval_every=0, overwrite=True,
