@@ -365,7 +365,8 @@ def copy_tokenizer_files(source, out_dir):
             shutil.copy(os.path.join(folder, name), out_dir)
 
 
-def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_state=None, extra_modules=None, keep=1):
+def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_state=None, extra_modules=None, keep=1,
+                    staged=None):
     """Write out_dir as a Hugging Face folder (config, safetensors, tokenizer files) that
     `load_model` and transformers load, plus trainer_state.pt holding the optimiser, the step,
     the data position and every RNG state, so --resume continues exactly. trainer_state must hold
@@ -377,6 +378,9 @@ def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_st
     leaves either the old or the new checkpoint whole, and `recover` (run by the next save and at
     the start of every run) completes or removes what is left over. keep > 1 keeps the previous
     keep - 1 checkpoints beside it as out_dir-STEP (e.g. checkpoint-000400).
+
+    staged: a folder of files written before the call (every rank's optimiser shard and RNG state,
+    under torchrun: distributed.save_shards), moved into the checkpoint before its manifest.
     """
     from safetensors.torch import save_file
 
@@ -394,6 +398,10 @@ def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_st
                     "trainer_state": trainer_state or {}, "rng": rng_state()},
                    os.path.join(tmp_dir, "trainer_state.pt"))
     crash_point("trainer_state")
+    if staged is not None:
+        for name in os.listdir(staged):
+            os.replace(os.path.join(staged, name), os.path.join(tmp_dir, name))
+        os.rmdir(staged)
     files = sorted(os.listdir(tmp_dir))
     for name in files:
         _fsync(os.path.join(tmp_dir, name))
@@ -430,6 +438,9 @@ def load_trainer_state(checkpoint_dir, optimizer=None):
     except Exception as e:  # weights_only refuses anything but tensors and plain types
         raise ValueError(f"{path}: not a trainer state nanocausal can read safely ({str(e).splitlines()[0]})") from None
     if optimizer is not None:
+        if saved["optimizer"] is None:  # sharded in the rng-rank / .distcp files (distributed.save_shards)
+            raise ValueError(f"{checkpoint_dir} was saved by {saved['trainer_state'].get('world_size')} ranks: resume it "
+                             f"under torchrun with that many processes")
         optimizer.load_state_dict(saved["optimizer"])
     set_rng_state(saved["rng"])
     return saved["trainer_state"]

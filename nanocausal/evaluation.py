@@ -16,6 +16,7 @@ rules; their table has a row per task, per rung of the causal ladder and overall
 check the pipeline without a network: `oracle` (the symbolic solver, for CauGym problems and CaLM's
 -P tasks) and `gold` (each item's gold answer, in the form its prompt asks for).
 """
+import glob
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from nanocausal import calm, caugym, checkpoint, data, problems, tiny
+from nanocausal import calm, caugym, checkpoint, data, distributed, problems, tiny
 from nanocausal.problem_text import solve
 from nanocausal.refill import generate_many
 from nanocausal.tokenizer import Tokenizer
@@ -139,7 +140,7 @@ def scoring(item, response):
 
 
 def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature=0.6, top_p=0.95, top_k=0,
-             max_new_tokens=8192, batch_size=16, seed=0, done=(), on_records=None, progress=True):
+             max_new_tokens=8192, batch_size=16, seed=0, done=(), on_records=None, progress=True, rank=0, world_size=1):
     """Answer and score `items`; returns one record per sample, in item order:
     {key, dataset, index, sample, type, kind, variant, answer, response, correct} (CaLM items also
     rung, style and label).
@@ -147,10 +148,11 @@ def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature
     model: a Transformer (with its Tokenizer) or "oracle" / "gold". temperature 0 is greedy
     decoding (then num_samples is 1). batch_size problems decode at once (batch_size * num_samples
     rows). Items whose key is in `done` are skipped; `on_records` is called with each problem's
-    records as soon as it is answered (run() appends them to responses.jsonl)."""
+    records as soon as it is answered (run() appends them to responses.jsonl). With world_size > 1
+    only every world_size-th problem still to answer, from the rank-th, is answered here."""
     if temperature == 0:
         num_samples = 1
-    todo = [(i, item) for i, item in enumerate(items) if item_key(dataset, i, item) not in done]
+    todo = [(i, item) for i, item in enumerate(items) if item_key(dataset, i, item) not in done][rank::world_size]
     records = {}
     bar = tqdm(total=len(todo), desc=f"eval {dataset}", unit="problem", disable=not progress, leave=False)
 
@@ -274,6 +276,20 @@ def run_settings(config: EvalConfig):
             **({"prompt_style": config.prompt_style} if config.prompt_style != "basic" else {})}
 
 
+def fold_rank_files(responses_path):
+    """Append the records of every rank's responses-rankR.jsonl (a torchrun run) to responses.jsonl
+    and remove those files."""
+    for path in sorted(glob.glob(responses_path.replace(".jsonl", "-rank*.jsonl"))):
+        records = read_responses(path)
+        with open(responses_path, "a+") as f:
+            if f.tell() > 0:  # a killed run may have left a cut last line
+                f.seek(f.tell() - 1)
+                if f.read(1) != "\n":
+                    f.write("\n")
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.remove(path)
+
+
 def check_same_run(config: EvalConfig):
     """Write <out>/run.json, or refuse to resume into responses made with other settings."""
     path = os.path.join(config.out, "run.json")
@@ -291,7 +307,14 @@ def check_same_run(config: EvalConfig):
 
 def run(config: EvalConfig):
     """Evaluate config.model on every data set; print the table, write responses.jsonl and
-    summary.json under config.out (resuming from an earlier responses.jsonl); return the summary."""
+    summary.json under config.out (resuming from an earlier responses.jsonl); return the summary.
+
+    Under torchrun each rank holds the whole model and answers every N-th problem still to answer
+    (its replies do not depend on which rank answers: sample_key); it appends them to its own
+    responses-rankR.jsonl, which rank 0 folds into responses.jsonl at the end (and at the start
+    of a resumed run, after a kill). Rank 0 alone prints and writes summary.json."""
+    config.device = distributed.setup(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, ranks = distributed.rank(), distributed.world_size()
     datasets = []
     for spec in config.data:
         name, items = load_dataset(spec, seed=config.seed, tasks=tuple(config.tasks), nodes=config.nodes,
@@ -299,10 +322,13 @@ def run(config: EvalConfig):
         if config.per_task is not None:
             items = per_task_slice(items, config.per_task)
         datasets.append((name, items[:config.limit]))
-    os.makedirs(config.out, exist_ok=True)
-    check_same_run(config)  # before loading the model: a refusal should come at once
-    model, tokenizer = load_model_and_tokenizer(config)
     responses_path = os.path.join(config.out, "responses.jsonl")
+    if distributed.is_main():
+        os.makedirs(config.out, exist_ok=True)
+        check_same_run(config)  # before loading the model: a refusal should come at once
+        fold_rank_files(responses_path)
+    distributed.barrier()
+    model, tokenizer = load_model_and_tokenizer(config)
     expected = 1 if config.temperature == 0 else config.num_samples
     samples_per_key = defaultdict(int)
     previous = read_responses(responses_path)
@@ -310,12 +336,13 @@ def run(config: EvalConfig):
         samples_per_key[r["key"]] += 1
     done = {key for key, n in samples_per_key.items() if n >= expected}
     previous = [r for r in previous if r["key"] in done]  # a partly answered problem is answered again, whole
-    if done:
+    if done and distributed.is_main():
         print(f"resuming: {len(done)} problems already answered in {responses_path}")
 
     started = time.time()
     columns = {}
-    with open(responses_path, "a+") as f:  # appended to, never rewritten: nothing answered is ever lost
+    own_path = responses_path if ranks == 1 else responses_path.replace(".jsonl", f"-rank{rank}.jsonl")
+    with open(own_path, "a+") as f:  # appended to, never rewritten: nothing answered is ever lost
         if f.tell() > 0:  # a killed run may have left a cut last line: start on a line of our own
             f.seek(f.tell() - 1)
             if f.read(1) != "\n":
@@ -328,7 +355,10 @@ def run(config: EvalConfig):
             records = evaluate(model, tokenizer, items, dataset=name, num_samples=config.num_samples,
                                temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                                max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                               seed=config.seed, done=done, on_records=append)
+                               seed=config.seed, done=done, on_records=append, progress=distributed.is_main(),
+                               rank=rank, world_size=ranks)
+            records = sorted((r for part in distributed.all_objects(records) for r in part),
+                             key=lambda r: (r["index"], r["sample"]))
             keys = {item_key(name, i, item) for i, item in enumerate(items)}
             records += [r for r in previous if r["key"] in keys]
             columns[name] = accuracy(records)
@@ -337,6 +367,10 @@ def run(config: EvalConfig):
                 columns[name]["_tasks"] = sorted({item["type"] for item in items})
             columns[name]["_samples"] = len(records)
 
+    distributed.barrier()  # every rank's file is complete
+    if not distributed.is_main():
+        return None
+    fold_rank_files(responses_path)
     caugym_columns = {name: column for name, column in columns.items() if "_tasks" not in column}
     calm_columns = {name: column for name, column in columns.items() if "_tasks" in column}
     if caugym_columns:

@@ -12,13 +12,16 @@ How a step works:
        without gradient by policy and reference, giving one reference point z0 for the step; then
        each micro-batch backwards kto_loss with that z0, scaled like DPO's.
 Metrics are computed once per step on all its examples: rewards, margins, accuracy (DPO), z0 (KTO).
+Under torchrun each rank runs its share of the step; the counts, z0's KL pairs and the metrics'
+log-probs are gathered over the ranks (nanocausal/distributed.py), and the reference is sharded
+like the policy.
 """
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from nanocausal import checkpoint, data, lora, training
+from nanocausal import checkpoint, data, distributed, lora, training
 from nanocausal.logprobs import sequence_logprobs
 from nanocausal.losses import dpo_loss, kto_loss
 from nanocausal.sft import SFTConfig, load_rows, offline_step_fn
@@ -84,45 +87,51 @@ def summed_logps(model, batch, device, kl=False):
 
 
 def dpo_backward(policy, reference, batches, config: PreferenceConfig):
-    num_pairs = sum(len(b["indices"]) for b in batches)
+    num_pairs = distributed.all_sum(sum(len(b["indices"]) for b in batches))
     settings = dict(beta=config.beta, label_smoothing=config.label_smoothing, loss_type=config.loss_type)
     logps_seen, ref_seen, lengths_seen = [], [], []  # each (2, n) per micro-batch: row 0 chosen, row 1 rejected
-    for batch in batches:
+    for batch, weight in distributed.pad_to_longest(batches):
         n = len(batch["indices"])
         logps = summed_logps(policy, batch, config.device)
         ref = reference.logps(batch)
         length = batch["completion_mask"].sum(-1)  # IPO averages the log-ratios per token
         loss, _ = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], chosen_lengths=length[:n],
                            rejected_lengths=length[n:], **settings)
-        (loss * n / num_pairs).backward()
-        logps_seen.append(logps.detach().view(2, n))
-        ref_seen.append(ref.view(2, n))
-        lengths_seen.append(length.view(2, n))
+        (loss * n / num_pairs * weight).backward()
+        if weight:
+            logps_seen.append(logps.detach().view(2, n))
+            ref_seen.append(ref.view(2, n))
+            lengths_seen.append(length.view(2, n))
     # The step's metrics (and loss) over all its pairs at once: exact whatever the micro-batching.
-    logps, ref, lengths = torch.cat(logps_seen, 1), torch.cat(ref_seen, 1), torch.cat(lengths_seen, 1)
+    logps, ref, lengths = (distributed.all_cat(torch.cat(seen, 1).float(), 1)
+                           for seen in (logps_seen, ref_seen, lengths_seen))
     loss, metrics = dpo_loss(logps[0], logps[1], ref[0], ref[1], chosen_lengths=lengths[0],
                              rejected_lengths=lengths[1], **settings)
     return {"loss": loss, **metrics}
 
 
 def kto_backward(policy, reference, batches, config: PreferenceConfig):
-    num_examples = sum(len(b["indices"]) for b in batches)
+    num_examples = distributed.all_sum(sum(len(b["indices"]) for b in batches))
     settings = dict(beta=config.beta, desirable_weight=config.desirable_weight,
                     undesirable_weight=config.undesirable_weight)
+    padded = distributed.pad_to_longest(batches)
     # The reference point z0 uses the KL pairs of the whole step, so every micro-batch sees the same z0.
     with torch.no_grad():
-        kl_logps = torch.cat([summed_logps(policy, b, config.device, kl=True) for b in batches])
-        ref_kl_logps = torch.cat([reference.logps(b, kl=True) for b in batches])
+        kl_logps, ref_kl_logps = (distributed.all_cat(torch.cat([logps for logps, weight in pairs if weight]).float(), 0)
+                                  for pairs in ([(summed_logps(policy, b, config.device, kl=True), w) for b, w in padded],
+                                                [(reference.logps(b, kl=True), w) for b, w in padded]))
     logps_seen, ref_seen = [], []
-    for batch in batches:
+    for batch, weight in padded:
         logps = summed_logps(policy, batch, config.device)
         ref = reference.logps(batch)
         loss, _ = kto_loss(logps, ref, kl_logps, ref_kl_logps, batch["desirable"], **settings)
-        (loss * len(batch["indices"]) / num_examples).backward()
-        logps_seen.append(logps.detach())
-        ref_seen.append(ref)
-    desirable = torch.cat([b["desirable"] for b in batches])
-    loss, metrics = kto_loss(torch.cat(logps_seen), torch.cat(ref_seen), kl_logps, ref_kl_logps, desirable, **settings)
+        (loss * len(batch["indices"]) / num_examples * weight).backward()
+        if weight:
+            logps_seen.append(logps.detach())
+            ref_seen.append(ref)
+    logps, ref, desirable = (distributed.all_cat(torch.cat(seen).float(), 0) for seen in
+                             (logps_seen, ref_seen, [b["desirable"].to(config.device).float() for b in batches]))
+    loss, metrics = kto_loss(logps, ref, kl_logps, ref_kl_logps, desirable.bool(), **settings)
     return {"loss": loss, **metrics}
 
 
@@ -134,9 +143,11 @@ def train_preference(config: PreferenceConfig) -> training.TrainResult:
     if lora.is_lora_model(policy) and config.ref_model is None:
         reference = Reference(policy, config.device)
     else:
-        reference = Reference(checkpoint.load_model(config.ref_model or config.model,
-                                                    dtype=training.torch_dtype(config.dtype), device=config.device),
-                              config.device)
+        ref_model = checkpoint.load_model(config.ref_model or config.model, dtype=training.torch_dtype(config.dtype),
+                                          device=config.device)
+        if distributed.world_size() > 1:
+            distributed.shard(ref_model, config.device, config.cpu_offload)
+        reference = Reference(ref_model, config.device)
     max_length = min(config.max_length, policy.config.max_position_embeddings)
     rows = load_rows(config, tokenizer, config.algo, max_length)
     collate = data.COLLATE[config.algo]

@@ -31,6 +31,16 @@ What one step does (formulas in losses.py):
      shows up there first).
 The loop around the step (schedule, logging, evaluation, checkpoints, Ctrl-C, resume) is
 training.train, shared with SFT, DPO and KTO.
+
+Under torchrun (GRPO; nanocausal/distributed.py) each rank samples a contiguous share of the
+step's prompts, so a GRPO group never spans two ranks, from a generation copy of the full
+weights: gathered from the shards once per step in the compute dtype and freed after the rollout
+(it costs 2 bytes per parameter while it lives; kept for the whole run it would take that memory
+from the update's activations for good). A prompt's samples are keyed by its index in the step,
+so they are those of one process. The sampled rows are then gathered, every rank holds the whole
+step's batch and its advantages, and each rank trains the rows of its own prompts, each
+micro-batch's loss divided by the step's global token count. Scoring passes (the reference,
+off-policy old log-probs) still run every row on every rank.
 """
 import time
 from contextlib import nullcontext
@@ -40,10 +50,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nanocausal import checkpoint, lora, training
+from nanocausal import checkpoint, distributed, lora, training
 from nanocausal.logprobs import token_logprobs
 from nanocausal.losses import gae, group_advantages, grpo_loss, ppo_loss, ppo_rewards, whiten
-from nanocausal.rollout import prompt_stream, rollout, row_micro_batches, score
+from nanocausal.rollout import assemble, prompt_stream, rollout, row_micro_batches, score
 from nanocausal.tokenizer import Tokenizer
 from nanocausal.training import TrainConfig, autocast
 
@@ -222,22 +232,30 @@ def update(model, algorithm, optimizer, batch, config: RLConfig, step):
         trained[:] = True
     trained = trained.tolist()
     sums, weight, grad_norms, tokens = {}, 0.0, [], 0
+    own = set(distributed.share(list(range(len(mask)))))  # this rank's rows: those of its prompts
     for epoch in range(config.ppo_epochs):
         order = np.random.default_rng([config.seed, step, epoch]).permutation(len(mask))
         for mini_batch in np.array_split(order, config.mini_batches):
-            num_tokens = mask[mini_batch].sum()
-            rows = [r for r in mini_batch.tolist() if trained[r]]
-            for _, mb in row_micro_batches(batch, rows, config.micro_batch_size, config.micro_batch_tokens):
+            num_tokens = mask[mini_batch].sum()  # of the whole step, on every rank
+            rows = [r for r in mini_batch.tolist() if trained[r] and r in own]
+            chunks = list(row_micro_batches(batch, rows, config.micro_batch_size, config.micro_batch_tokens))
+            filler = next(row_micro_batches(batch, [min(own)], 1))
+            for (_, mb), scale in distributed.pad_to_longest(chunks, filler):
                 with autocast(config.device):
                     loss, metrics = micro_batch_loss(model, algorithm, mb, config, num_tokens, len(mini_batch),
                                                      on_policy)
-                loss.backward()
+                (loss * scale).backward()
+                if not scale:
+                    continue
                 n = metrics.pop("num_tokens")
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v * n
                 weight = weight + n
                 tokens += mb["input_ids"].numel()
             grad_norms.append(training.optimizer_step(optimizer, config.clip))
+    names = sorted(set().union(*distributed.all_objects(sorted(sums))))  # a rank that trained no row has none
+    sums = {k: distributed.all_sum(torch.as_tensor(sums.get(k, 0.0), device=mask.device).float()) for k in names}
+    weight, tokens = distributed.all_sum(torch.as_tensor(weight, device=mask.device).float()), distributed.all_sum(tokens)
     metrics = {k: v / weight for k, v in sums.items()}
     metrics["grad_norm"] = torch.stack(grad_norms).mean()
     return metrics, tokens
@@ -267,8 +285,12 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
     if config.algo == "grpo" and config.group_size < 2:
         raise ValueError("--group-size must be >= 2 for GRPO: advantages compare completions of the same prompt")
     torch.manual_seed(config.seed)
-    device = config.device
     model = training.start_run(config)
+    device = config.device  # (under torchrun start_run sets this rank's GPU)
+    ranks = distributed.world_size()
+    if ranks > 1 and config.algo != "grpo":
+        raise ValueError("PPO under torchrun is not implemented yet (its value head is not sharded): run GRPO, "
+                         "or PPO in one process")
     tokenizer = Tokenizer.from_pretrained(config.model) if reward_fn is None or examples is None else None
     eos_token_ids = tokenizer.eos_token_ids if tokenizer else model.config.raw.get("eos_token_id")
     pad_token_id = tokenizer.pad_token_id if tokenizer else (model.config.raw.get("pad_token_id") or 0)
@@ -277,6 +299,8 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
         ref_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         ref_model = model if lora.is_lora_model(model) else \
             checkpoint.load_model(config.model, dtype=ref_dtype, device=device).requires_grad_(False)
+        if ranks > 1 and ref_model is not model:
+            distributed.shard(ref_model, device, config.cpu_offload)
     algorithm = GRPO(config, ref_model) if config.algo == "grpo" else PPO(config, ref_model, model)
     value_head = algorithm.value_head
     if value_head is not None and config.resume:
@@ -291,11 +315,22 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
         # -- 1-3. prompts, rollouts (random streams keyed by the step's seed and each prompt), rewards
         started = time.time()
         step_examples = stream.next(config.prompts_per_step)
+        mine = distributed.share(list(range(len(step_examples))))  # every prompt, in one process
+        prompts = [step_examples[i]["prompt_ids"] for i in mine]
+        generator = model if ranks == 1 else distributed.gathered_copy(
+            model, on_every_rank=True, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None)
         with autocast(device):
-            batch = rollout(model, [ex["prompt_ids"] for ex in step_examples], config.group_size,
-                            config.max_new_tokens, config.temperature, config.top_p, config.top_k,
-                            config.seed * 100_003 + step, eos_token_ids, pad_token_id,
-                            tokenizer.vocab_size if tokenizer else None, slots=config.rollout_slots)
+            batch = rollout(generator, prompts, config.group_size, config.max_new_tokens, config.temperature,
+                            config.top_p, config.top_k, config.seed * 100_003 + step, eos_token_ids, pad_token_id,
+                            tokenizer.vocab_size if tokenizer else None, slots=config.rollout_slots, prompt_keys=mine)
+        if ranks > 1:  # every rank assembles the step's whole batch from the rows all ranks sampled
+            del generator
+            mask = batch["completion_mask"].bool()
+            parts = distributed.all_objects((batch["completions"], [row[m].tolist() for row, m in
+                                                                   zip(batch["old_logprobs"], mask)], batch["truncated"]))
+            completions, logprobs, truncated = ([x for part in parts for x in part[i]] for i in range(3))
+            batch = assemble([ex["prompt_ids"] for ex in step_examples for _ in range(config.group_size)], completions,
+                             logprobs, truncated, pad_token_id, device)
         generation_s = training.seconds_since(started, device)
         started = time.time()
         row_examples = [ex for ex in step_examples for _ in range(config.group_size)]

@@ -88,16 +88,23 @@ def rollout(model, prompts, group_size, max_new_tokens, temperature, top_p, top_
                                temperature=temperature, top_p=top_p, top_k=top_k, num_samples=group_size,
                                eos_token_ids=eos_token_ids, seed=seed, pad_token_id=pad_token_id,
                                vocab_size=vocab_size, prompt_keys=prompt_keys)
-    completions = generation.completions()
-    row_prompts = [prompts[i] for i in generation.prompt_index.tolist()]
+    mask = generation.completion_mask.bool()
+    return assemble([prompts[i] for i in generation.prompt_index.tolist()], generation.completions(),
+                    [row[m].tolist() for row, m in zip(generation.logprobs, mask)],
+                    [s == "length" for s in generation.stop_reason], pad_token_id, generation.tokens.device)
+
+
+def assemble(row_prompts, completions, sampled_logprobs, truncated, pad_token_id, device):
+    """The rollout batch of the module docstring from its rows: each row's prompt and completion
+    ids, the sampler's log-prob of each completion token, and whether it hit max_new_tokens. (Under
+    torchrun every rank assembles the whole step's batch from the rows all ranks sampled.)"""
     input_ids, _, completion_mask = data.pad_batch([p + c for p, c in zip(row_prompts, completions)], pad_token_id,
                                                    [[0] * len(p) + [1] * len(c) for p, c in zip(row_prompts, completions)])
-    input_ids, completion_mask = input_ids.to(generation.tokens.device), completion_mask.to(generation.tokens.device)
-    # Completion tokens appear in the same (row-major) order in both layouts.
-    sampled = generation.logprobs[generation.completion_mask.bool()]
-    old_logprobs = torch.zeros(input_ids.shape, device=input_ids.device).masked_scatter(completion_mask.bool(), sampled)
-    return {"input_ids": input_ids, "completion_mask": completion_mask, "old_logprobs": old_logprobs,
-            "completions": completions, "truncated": [s == "length" for s in generation.stop_reason]}
+    old_logprobs = torch.zeros(input_ids.shape)
+    for row, (prompt, logprobs) in enumerate(zip(row_prompts, sampled_logprobs)):
+        old_logprobs[row, len(prompt):len(prompt) + len(logprobs)] = torch.tensor(logprobs)
+    return {"input_ids": input_ids.to(device), "completion_mask": completion_mask.to(device),
+            "old_logprobs": old_logprobs.to(device), "completions": completions, "truncated": truncated}
 
 
 def score(examples, completions, tokenizer=None, format_weight=0.1, strict=False, reward_fn=None):

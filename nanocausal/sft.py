@@ -10,12 +10,14 @@ What one optimiser step does:
      whole step's mean loss, whatever the split: accumulation equals one big batch;
   3. clip the gradient norm and take an AdamW step (training.optimizer_step); the loop in
      training.py sets the warmup + cosine learning rate, logs, evaluates and saves.
+Under torchrun each rank takes its contiguous share of the step's examples (distributed.share) and
+N is all-reduced, so the N-rank gradient is the one-process one (nanocausal/distributed.py).
 """
 from dataclasses import dataclass
 
 import torch
 
-from nanocausal import data, training
+from nanocausal import data, distributed, training
 from nanocausal.logprobs import token_logprobs
 from nanocausal.losses import sft_loss
 from nanocausal.tokenizer import Tokenizer
@@ -45,16 +47,17 @@ def load_rows(config: SFTConfig, tokenizer, kind, max_length):
 
 
 def sft_backward(model, batches, device):
-    """Forward and backward every micro-batch of one optimiser step; returns the step's metrics."""
-    num_target_tokens = sum(int(b["completion_mask"][:, 1:].sum()) for b in batches)
+    """Forward and backward every micro-batch of one optimiser step (this rank's share of it);
+    returns the step's metrics."""
+    num_target_tokens = distributed.all_sum(sum(int(b["completion_mask"][:, 1:].sum()) for b in batches))
     total_loss = 0.0
-    for batch in batches:
+    for batch, weight in distributed.pad_to_longest(batches):
         with autocast(device):
             logprobs = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         loss, _ = sft_loss(logprobs, batch["completion_mask"], num_target_tokens=num_target_tokens)
-        loss.backward()
-        total_loss += loss.detach()
-    return {"loss": total_loss, "num_tokens": num_target_tokens}
+        (loss * weight).backward()
+        total_loss += loss.detach() * weight
+    return {"loss": distributed.all_sum(total_loss), "num_tokens": num_target_tokens}
 
 
 def offline_step_fn(config: SFTConfig, rows, collate, pad_id, optimizer, backward):
@@ -64,13 +67,14 @@ def offline_step_fn(config: SFTConfig, rows, collate, pad_id, optimizer, backwar
     order = data.Batches(len(rows), config.batch_size * config.grad_accum, seed=config.seed)
 
     def step_fn(step):
-        batches = data.micro_batches(rows, order.next(), collate, pad_id, config.batch_size, config.device,
-                                     config.micro_batch_tokens)
+        batches = data.micro_batches(rows, distributed.share(order.next()), collate, pad_id, config.batch_size,
+                                     config.device, config.micro_batch_tokens)
         metrics = backward(batches)
         metrics["grad_norm"] = training.optimizer_step(optimizer, config.clip)
         metrics["epoch"] = order.epoch
-        metrics["tokens"] = sum(int(b["attention_mask"].sum()) for b in batches) + \
-            sum(int(b["kl_attention_mask"].sum()) for b in batches if "kl_attention_mask" in b)
+        metrics["tokens"] = distributed.all_sum(
+            sum(int(b["attention_mask"].sum()) for b in batches) +
+            sum(int(b["kl_attention_mask"].sum()) for b in batches if "kl_attention_mask" in b))
         return metrics
     return step_fn, order
 

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from nanocausal import caugym, checkpoint, data, evaluation, lora, tracking
+from nanocausal import caugym, checkpoint, data, distributed, evaluation, lora, tracking
 
 
 def default_device():
@@ -57,6 +57,7 @@ class TrainConfig:
     device: str = default_device()
     dtype: str = "float32"  # weights; float32 + bf16 autocast on CUDA is the standard mixed precision
     activation_checkpointing: bool | None = None  # None: on for CUDA (memory is what runs out there), off on CPU
+    cpu_offload: bool = False  # under torchrun: FSDP keeps the parameter shards and the optimiser on the CPU
     # LoRA (nanocausal/lora): rank 0 is full fine-tuning
     lora_rank: int = 0
     lora_alpha: float = 32.0
@@ -188,7 +189,8 @@ def optimizer_step(optimizer, clip):
     anywhere) skips the update: one bad batch must not poison every weight (the loop counts these
     and stops after a few in a row)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    # (under FSDP the gradients are DTensor shards and the norm is the global one)
+    grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
     if torch.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -217,8 +219,30 @@ def torch_dtype(name):
 def start_run(config: TrainConfig):
     """Get out_dir ready and load the model the run starts from (out_dir/checkpoint when resuming,
     else config.model). A save that a crash interrupted is completed or undone first; a new run
-    into an out_dir that already holds one needs --overwrite (or --resume), so nothing is lost."""
+    into an out_dir that already holds one needs --overwrite (or --resume), so nothing is lost.
+    Under torchrun this joins the process group (config.device becomes this rank's GPU), rank 0
+    alone touches out_dir, and the model comes back sharded (distributed.shard)."""
+    config.device = distributed.setup(config.device)
+    if distributed.world_size() > 1 and config.eval_every > 0:
+        raise ValueError("periodic evaluation under torchrun is not implemented yet: pass --eval-every 0 and "
+                         "evaluate the checkpoint with eval.py")
     ckpt_dir = checkpoint_dir(config)
+    if distributed.is_main():
+        prepare_out_dir(config, ckpt_dir)
+    distributed.barrier()
+    config.resume = config.resume and os.path.isdir(ckpt_dir)
+    source = ckpt_dir if config.resume else config.model
+    model = checkpoint.load_model(source, dtype=torch_dtype(config.dtype), device=config.device)
+    if config.lora_rank > 0 and not lora.is_lora_model(model):  # a resumed LoRA run loads its adapters
+        model.lora_base = os.path.abspath(config.model) if os.path.isdir(config.model) else config.model
+        lora.add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    if distributed.world_size() > 1:
+        distributed.shard(model, config.device, config.cpu_offload)
+    return model
+
+
+def prepare_out_dir(config: TrainConfig, ckpt_dir):
+    """Rank 0's part of start_run: finish an interrupted save, refuse or clear an earlier run."""
     checkpoint.recover(ckpt_dir)
     has_run = os.path.isdir(ckpt_dir) or os.path.isfile(os.path.join(config.out_dir, "metrics.jsonl"))
     if config.resume and not os.path.isdir(ckpt_dir):
@@ -232,12 +256,6 @@ def start_run(config: TrainConfig):
             if name == "checkpoint" or name.startswith("checkpoint-") or name == "metrics.jsonl":
                 path = os.path.join(config.out_dir, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    source = ckpt_dir if config.resume else config.model
-    model = checkpoint.load_model(source, dtype=torch_dtype(config.dtype), device=config.device)
-    if config.lora_rank > 0 and not lora.is_lora_model(model):  # a resumed LoRA run loads its adapters
-        model.lora_base = os.path.abspath(config.model) if os.path.isdir(config.model) else config.model
-        lora.add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
-    return model
 
 
 def changed_settings(saved: dict, config: TrainConfig):
@@ -264,21 +282,25 @@ class MetricsLog:
     the rows in memory (`rows`) for the caller."""
 
     def __init__(self, path, resume=False):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.file = open(path, "a" if resume else "w")
+        self.file = None  # path None: keep the rows, write nothing (the ranks other than 0)
+        if path is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "a" if resume else "w")
         self.start = time.time()
         self.rows = []
 
     def log(self, **metrics):
         row = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
         row["time"] = round(time.time() - self.start, 3)
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
         self.rows.append(row)
         return row
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def keep_metrics_until(path, step):
@@ -305,7 +327,14 @@ class StopOnCtrlC:
     def __enter__(self):
         self.requested = False
         self.previous = signal.signal(signal.SIGINT, self._handle)
+        # torchrun answers a Ctrl-C by sending its workers SIGTERM (then SIGKILL 30 s later): under
+        # it SIGTERM also asks for a checkpoint (agreed(): every rank stops at the same step)
+        self.previous_term = signal.signal(signal.SIGTERM, self._handle) if distributed.world_size() > 1 else None
         return self
+
+    def agreed(self):
+        """Whether any rank was asked to stop (under torchrun all of them then stop at the same step)."""
+        return bool(distributed.all_max(int(self.requested)))
 
     def _handle(self, signum, frame):
         if self.requested:
@@ -315,6 +344,8 @@ class StopOnCtrlC:
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
+        if self.previous_term is not None:
+            signal.signal(signal.SIGTERM, self.previous_term)
 
 
 def format_row(row):
@@ -333,13 +364,21 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
         its state_dict() is saved with every checkpoint and restored on --resume.
     tokenizer: needed for the periodic evaluation (none: no evaluation) and copied into checkpoints.
     extra_modules: {name: module} saved beside the model (PPO's value head).
+    Under torchrun every rank runs this loop; rank 0 alone prints, logs and writes the Hugging Face
+    folder (gathered from the shards), every rank saves its optimiser shard, each row carries
+    world_size.
     """
     loop_started = time.time()
     ckpt_dir = checkpoint_dir(config)
     metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
     step = 0
+    main, ranks = distributed.is_main(), distributed.world_size()
     if config.resume:
-        state = checkpoint.load_trainer_state(ckpt_dir, optimizer)
+        state = checkpoint.load_trainer_state(ckpt_dir, optimizer if ranks == 1 else None)
+        if ranks > 1 or state.get("world_size", 1) > 1:
+            if state.get("world_size", 1) != ranks:
+                raise ValueError(f"{ckpt_dir} was saved by {state.get('world_size', 1)} processes: resume it with as many")
+            distributed.load_shards(ckpt_dir, model, optimizer)
         changed = changed_settings(state.get("config", {}), config)
         if changed and not config.allow_changed_args:
             raise ValueError(f"--resume with other settings than the run in {config.out_dir}: " + ", ".join(
@@ -347,10 +386,12 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
                 "to resume anyway)")
         data_stream.load_state_dict(state["data"])
         step = state["step"]
-        keep_metrics_until(metrics_path, step)
-        print(f"resumed from {ckpt_dir} at step {step}")
-    log = MetricsLog(metrics_path, resume=config.resume)
-    tracker = tracking.start(config.report_to, config.run_name, config.project, config.out_dir, asdict(config))
+        if main:
+            keep_metrics_until(metrics_path, step)
+            print(f"resumed from {ckpt_dir} at step {step}")
+    log = MetricsLog(metrics_path if main else None, resume=config.resume)
+    tracker = tracking.start(config.report_to if main else "none", config.run_name, config.project, config.out_dir,
+                             asdict(config))
     problems = None
     if config.eval_every > 0 and tokenizer is not None:
         problems = data.eval_problems(config.eval_data, n=config.eval_problems, seed=config.seed,
@@ -358,13 +399,14 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
     model.train()
     model.gradient_checkpointing = config.activation_checkpointing
 
-    progress = tqdm(total=config.steps, initial=step, desc=desc, dynamic_ncols=True)
+    progress = tqdm(total=config.steps, initial=step, desc=desc, dynamic_ncols=True, disable=not main)
+    say = progress.write if main else (lambda text: None)
 
     def evaluate_and_log():
         scores, records = held_out_scores(model, tokenizer, problems, config, progress.write)
         tracker.log(log.log(step=step, **scores), step)
         tracker.log_completions(step, records)
-        progress.write(f"step {step} eval " + " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        say(f"step {step} eval " + " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
     def save():
         for module in [model, *(extra_modules or {}).values()]:
@@ -372,8 +414,16 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
                 if not torch.isfinite(p).all():  # never overwrite the last good checkpoint with a broken one
                     raise ValueError(f"step {step}: tensor {name} holds NaN or inf; not saved (the last good "
                                      f"checkpoint is in {ckpt_dir})")
-        state = {"step": step, "data": data_stream.state_dict(), "config": asdict(config)}
-        checkpoint.save_checkpoint(ckpt_dir, model, config.model, optimizer, state, extra_modules, keep=config.keep)
+        state = {"step": step, "data": data_stream.state_dict(), "config": asdict(config), "world_size": ranks}
+        if ranks == 1:
+            checkpoint.save_checkpoint(ckpt_dir, model, config.model, optimizer, state, extra_modules, keep=config.keep)
+            return
+        staging = ckpt_dir + ".shards"
+        distributed.save_shards(staging, model, optimizer)
+        copy = distributed.gathered_copy(model)
+        if main:
+            checkpoint.save_checkpoint(ckpt_dir, copy, config.model, None, state, keep=config.keep, staged=staging)
+        distributed.barrier()
 
     if problems and step == 0:
         evaluate_and_log()  # the starting point of the learning curve
@@ -390,27 +440,29 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
                 train_seconds += step_seconds
                 step += 1
                 tokens = metrics.pop("tokens", None)
-                row = log.log(step=step, lr=optimizer.param_groups[0]["lr"], **metrics, step_s=round(step_seconds, 3),
+                row = log.log(step=step, world_size=ranks, lr=optimizer.param_groups[0]["lr"], **metrics,
+                              step_s=round(step_seconds, 3),
                               **({"tokens_per_s": round(tokens / step_seconds, 1)} if tokens else {}))
                 tracker.log(row, step)
                 progress.update(1)
                 if step % config.log_every == 0 or step == 1:
-                    progress.write(format_row(row))
+                    say(format_row(row))
                 # -- finiteness guard: optimizer_step skipped the update of a non-finite gradient; a few
                 # such steps in a row mean the run has diverged (a learning rate far too high, say)
                 broken = [k for k in ("loss", "grad_norm") if k in row and not math.isfinite(row[k])]
                 bad_steps = bad_steps + 1 if broken else 0
                 if broken:
-                    progress.write(f"step {step}: {' and '.join(broken)} not finite, update skipped")
+                    say(f"step {step}: {' and '.join(broken)} not finite, update skipped")
                 if bad_steps == MAX_BAD_STEPS:
                     raise ValueError(f"step {step}: {broken[0]} was not finite for {MAX_BAD_STEPS} steps in a row "
                                      f"(learning rate too high?); stopped, the last good checkpoint is in {ckpt_dir}")
                 if problems and (step % config.eval_every == 0 or step == config.steps):
                     evaluate_and_log()
-                if (step % config.save_every == 0 or step == config.steps or interrupt.requested) and not bad_steps:
+                stop = interrupt.agreed()
+                if (step % config.save_every == 0 or step == config.steps or stop) and not bad_steps:
                     save()  # (never after a skipped update: the checkpoint stays at the last good step)
-                if interrupt.requested:
-                    progress.write(f"stopped at step {step}; checkpoint in {ckpt_dir}; rerun with --resume to continue")
+                if stop:
+                    say(f"stopped at step {step}; checkpoint in {ckpt_dir}; rerun with --resume to continue")
                     break
     finally:  # also when the finiteness guard stops the run: logs and trackers are closed
         progress.close()

@@ -1,0 +1,227 @@
+"""Several processes, one run: what `torchrun --nproc-per-node N train_sft.py ...` changes.
+
+torchrun starts N copies of the script and gives each RANK, WORLD_SIZE and LOCAL_RANK in its
+environment; `setup` joins them into one process group (nccl on CUDA, one GPU per process; gloo
+on CPU, which is how the tests run 2 ranks on a laptop). With WORLD_SIZE 1 (plain `python
+train_sft.py`) nothing here does anything, so the single-process code path is the same code.
+
+Sharding is PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`): each transformer block is
+one unit and the whole model (embeddings, final norm, head) the root unit. Every parameter lives
+as a DTensor of which each rank holds 1/N (dim 0); a unit's forward all-gathers its full weights,
+its backward reduce-scatters the gradients, so each rank's optimiser updates only its own shard:
+weights, gradients and AdamW moments all take 1/N of the memory. On CUDA the all-gathered weights
+are bf16 and gradients are reduced in float32 (MixedPrecisionPolicy); --cpu-offload keeps the
+shards and the optimiser on the CPU.
+
+The batch is global. A step's examples are cut into N equal contiguous shares (`share`), each
+rank runs its share, and every loss is divided by the *global* count of its step (tokens or
+examples, `all_sum`). FSDP is told to sum the ranks' gradients rather than average them, so the
+gradient on N ranks is the gradient of the one-process loss, whatever N:
+
+    grad = sum over ranks r of d(loss_r / N_global) / dw = d(sum_r loss_r / N_global) / dw
+
+One rule every caller must keep: the units' all-gathers are collectives, so every rank must run
+the same number of forward (and backward) passes. A rank whose share cuts into fewer
+micro-batches runs zero-weight repeats (`pad_to_longest`).
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main():
+    return rank() == 0
+
+
+def setup(device):
+    """Join torchrun's process group when there is one (WORLD_SIZE > 1); returns this rank's device
+    (cuda:LOCAL_RANK for --device cuda). A no-op in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+# -----------------------------------------------------------------------------
+# Sharding
+
+
+def shard(model, device, cpu_offload=False):
+    """FSDP2 on every block, then on the whole model; returns the model (now holding DTensors).
+    Trainable and frozen parameters (LoRA) may share a unit."""
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                        register_fsdp_forward_method)
+    cuda = str(device).startswith("cuda")
+    if cpu_offload and not cuda:
+        raise ValueError("--cpu-offload moves GPU shards to the CPU: it needs --device cuda")
+    settings = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None,
+                                                   reduce_dtype=torch.float32),
+                    offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    for block in model.layers:
+        fully_shard(block, **settings)
+    fully_shard(model, **settings)
+    # The trainers call model.hidden_states (the trunk without the head), not only forward: FSDP
+    # must gather the root's weights around it too.
+    register_fsdp_forward_method(model, "hidden_states")
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)  # sum the ranks' gradients (see the docstring),
+            module.set_force_sum_reduction_for_comms(True)  # as a plain SUM (gloo has no pre-multiplied sum)
+    return model
+
+
+def full_tensor(t):
+    """The whole tensor of a (possibly sharded) parameter; a collective when it is a DTensor."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_state_dict(module):
+    """{name: full CPU tensor} of every parameter, one all-gather at a time (every rank must call
+    it; every rank gets the tensors). A tied head appears once, as the embedding."""
+    return {name: full_tensor(p.detach()).cpu() for name, p in module.named_parameters()}
+
+def gathered_copy(model, on_every_rank=False, device="cpu", dtype=None):
+    """A plain (unsharded) copy of a sharded model, with its LoRA adapters and the attributes a
+    checkpoint reads: on rank 0 only (None elsewhere), or on every rank. Every rank must call it
+    (the gathers are collectives). Rank 0 writes it as the Hugging Face folder; on every rank, in
+    the compute dtype, it is the generation copy of the RL rollouts (see rl.py)."""
+    from nanocausal import lora
+    from nanocausal.model import Transformer
+    state = {name: t.to(device, dtype if t.dtype.is_floating_point and dtype else t.dtype)
+             for name, t in full_state_dict(model).items()}
+    if not (on_every_rank or is_main()):
+        return None
+    with torch.device("meta"):
+        copy = Transformer(model.config)
+    if lora.is_lora_model(model):
+        settings = model.lora
+        lora.add_lora(copy, settings["r"], settings["lora_alpha"], settings["lora_dropout"], settings["target_modules"])
+        copy.lora_base = model.lora_base
+    for name, tensor in state.items():
+        module_name, _, attr = name.rpartition(".")
+        module = copy.get_submodule(module_name)
+        setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=getattr(module, attr).requires_grad))
+    if model.config.tie_word_embeddings:
+        copy.lm_head.weight = copy.embed_tokens.weight
+    copy.reset_rope(device)
+    return copy.eval()
+
+# -----------------------------------------------------------------------------
+# Checkpoints: rank 0 writes the Hugging Face folder, every rank its optimiser shard
+
+
+def save_shards(staging, model, optimizer):
+    """Every rank writes its shard of the optimiser state (torch.distributed.checkpoint: one
+    __R_0.distcp file per rank and a .metadata) and its RNG state (rng-rankR.pt) into `staging`,
+    which checkpoint.save_checkpoint(staged=...) then moves into the checkpoint folder."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from nanocausal import checkpoint
+    if is_main():
+        shutil.rmtree(staging, ignore_errors=True)  # left over by a save that a crash interrupted
+        os.makedirs(staging)
+    barrier()
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=staging)
+    torch.save(checkpoint.rng_state(), os.path.join(staging, f"rng-rank{rank()}.pt"))
+    barrier()
+
+
+def load_shards(folder, model, optimizer):
+    """Restore what save_shards wrote: this rank's optimiser shard and RNG state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from nanocausal import checkpoint
+    path = os.path.join(folder, f"rng-rank{rank()}.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} was not saved by {world_size()} ranks (no {os.path.basename(path)}): resume "
+                         f"it with the number of processes that wrote it")
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=folder)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    checkpoint.set_rng_state(torch.load(path, weights_only=True))
+
+# -----------------------------------------------------------------------------
+# The global batch
+
+
+def share(items):
+    """This rank's contiguous share of a step's items (their number must divide by the world size)."""
+    n, r = world_size(), rank()
+    if len(items) % n:
+        raise ValueError(f"{len(items)} examples per step do not split evenly over {n} ranks: make the batch "
+                         f"(batch-size x grad-accum, or prompts-per-step) a multiple of {n}")
+    size = len(items) // n
+    return items[r * size:(r + 1) * size]
+
+
+def all_sum(value):
+    """The sum over ranks of a number or tensor (a float32/int tensor comes back on its device)."""
+    if world_size() == 1:
+        return value
+    t = torch.as_tensor(value).clone()
+    dist.all_reduce(t)
+    return t if torch.is_tensor(value) else t.item()
+
+
+def all_max(value):
+    if world_size() == 1:
+        return value
+    t = torch.tensor(value)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def all_cat(t, dim=-1):
+    """Every rank's tensor (the same shape on each), concatenated in rank order along dim."""
+    if world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim)
+
+
+def pad_to_longest(chunks, filler=None):
+    """chunks + zero-weight repeats of its last one (or of `filler` when it is empty) up to the
+    longest list on any rank: [(chunk, weight)], weight 1 for the real ones and 0 for the repeats,
+    so that every rank runs as many forward/backward passes as the busiest one (FSDP's
+    all-gathers are collectives)."""
+    longest = all_max(len(chunks))
+    repeat = chunks[-1] if chunks else filler
+    return [(c, 1.0) for c in chunks] + [(repeat, 0.0)] * (longest - len(chunks))
+
+
+def all_objects(obj):
+    """Every rank's picklable object, in rank order (a list of one in a single process)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,168 @@
+"""torchrun on CPU (gloo, 2 processes): the same command on 1 and 2 ranks trains the same run (SFT,
+DPO, KTO, GRPO: per-step metrics within 1e-4 relative, final weights within 1e-5), a 2-rank
+checkpoint is a Hugging Face folder one process (and transformers) loads, resuming on 2 ranks
+continues exactly, Ctrl-C on one rank stops both after a checkpoint, and eval.py on 2 ranks writes
+the responses of 1. Each test starts real processes, as a user does (nanocausal/distributed.py)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, make_hf_checkpoint, make_tiny_chat_model, run_script, tiny_examples, write_jsonl
+from nanocausal.checkpoint import load_model
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+# What differs between a 1-rank and a 2-rank row: the rank count and the clock.
+NOT_COMPARED = {"world_size", "time", "step_s", "tokens_per_s", "generation_s", "reward_s", "training_s",
+                "generation_tokens_per_s", "training_tokens_per_s"}
+
+
+def torchrun_command(script, nproc=2):
+    """The command the README gives, with --standalone (one node, a free port) and N = nproc."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            str(ROOT / script)]
+
+
+def torchrun(script, *args, nproc=2):
+    out = subprocess.run(torchrun_command(script, nproc) + [str(a) for a in args], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if out.returncode != 0:
+        raise AssertionError(f"torchrun {script} exited {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_run(one, two):
+    """Same steps, every metric within 1e-4 relative, and the weights of the checkpoints within 1e-5."""
+    rows_one, rows_two = metrics(one), metrics(two)
+    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two]
+    assert {r["world_size"] for r in rows_one} == {1} and {r["world_size"] for r in rows_two} == {2}
+    for a, b in zip(rows_one, rows_two):
+        assert a.keys() == b.keys()
+        for key in a.keys() - NOT_COMPARED:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    w1, w2 = dict(load_model(one / "checkpoint").named_parameters()), dict(load_model(two / "checkpoint").named_parameters())
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat") / "model", max_positions=2048)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    good, wrong = tiny_examples(16, 0), tiny_examples(16, 100)
+    return {
+        "sft": write_jsonl(folder / "sft.jsonl", good),
+        "dpo": write_jsonl(folder / "dpo.jsonl", [{"prompt": g["prompt"], "chosen": g["completion"],
+                                                  "rejected": w["completion"]} for g, w in zip(good, wrong)]),
+        "kto": write_jsonl(folder / "kto.jsonl", [{"prompt": g["prompt"], "label": i % 3 != 0,
+                                                  "completion": g["completion"] if i % 3 else w["completion"]}
+                                                 for i, (g, w) in enumerate(zip(good, wrong))]),
+    }
+
+
+def offline_args(model, data_file, out_dir, steps=3):
+    # batch 3 x accumulation 2 = 6 examples a step, 3 per rank; --micro-batch-tokens cuts the shares
+    # into different numbers of micro-batches on the two ranks (the zero-weight repeats at work)
+    return ["--model", model, "--data", data_file, "--out-dir", out_dir, "--device", "cpu", "--steps", steps,
+            "--batch-size", 3, "--grad-accum", 2, "--micro-batch-tokens", 120, "--lr", 1e-3, "--warmup-steps", 0,
+            "--eval-every", 0, "--log-every", 100]
+
+
+@pytest.mark.parametrize("algo", ["sft", "dpo", "kto"])
+def test_offline_trainers_on_two_ranks_equal_one(tiny_chat_model, datasets, tmp_path, algo):
+    script, extra = ("train_sft.py", []) if algo == "sft" else ("train_pref.py", ["--algo", algo])
+    args = offline_args(tiny_chat_model, datasets[algo], tmp_path / "one") + extra
+    run_script(script, *args)
+    torchrun(script, *offline_args(tiny_chat_model, datasets[algo], tmp_path / "two"), *extra)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_grpo_on_two_ranks_equals_one(tmp_path):
+    """GRPO with a learnable reward (tests/grpo_worker.py: the real train_rl, token-id prompts): the
+    same rollouts on both (per-prompt seeds), two mini-batches (the off-policy old log-probs), and
+    the same update."""
+    model = tmp_path / "model"
+    make_hf_checkpoint(model, "qwen2", vocab_size=16, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       num_key_value_heads=2)
+    run_script("tests/grpo_worker.py", model, tmp_path / "one")
+    torchrun("tests/grpo_worker.py", model, tmp_path / "two")
+    rows = metrics(tmp_path / "one")
+    assert any(0 < r["equal_reward_groups"] < 1 for r in rows)  # some groups had something to learn
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_two_rank_checkpoint_loads_in_one_process_and_resumes_exactly(tiny_chat_model, datasets, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    constant = ["--min-lr-ratio", 1]  # the schedule does not depend on --steps, so 3 then 5 steps is one run of 5
+    torchrun("train_sft.py", *offline_args(tiny_chat_model, datasets["sft"], tmp_path / "whole", steps=5), *constant)
+    torchrun("train_sft.py", *offline_args(tiny_chat_model, datasets["sft"], tmp_path / "resumed", steps=3), *constant)
+    torchrun("train_sft.py", *offline_args(tiny_chat_model, datasets["sft"], tmp_path / "resumed", steps=5), *constant,
+             "--resume")
+    assert metrics(tmp_path / "resumed") == [{**r, "time": s["time"], "step_s": s["step_s"], "tokens_per_s": s["tokens_per_s"]}
+                                             for r, s in zip(metrics(tmp_path / "whole"), metrics(tmp_path / "resumed"))]
+    folder = tmp_path / "resumed" / "checkpoint"
+    whole = dict(load_model(tmp_path / "whole" / "checkpoint").named_parameters())
+    for name, p in load_model(folder).named_parameters():
+        assert torch.equal(p, whole[name]), name
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    ours = load_model(folder)(ids)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # one process cannot continue what two saved (their optimiser state is in two shards)
+    out = run_script("train_sft.py", *offline_args(tiny_chat_model, datasets["sft"], tmp_path / "resumed", steps=6),
+                     *constant, "--resume", check=False)
+    assert out.returncode != 0 and "saved by 2 ranks" in out.stderr
+
+
+def test_ctrl_c_on_one_rank_stops_both_after_a_checkpoint(tiny_chat_model, datasets, tmp_path):
+    out_dir = tmp_path / "run"
+    process = subprocess.Popen(torchrun_command("train_sft.py") + [str(a) for a in offline_args(
+        tiny_chat_model, datasets["sft"], out_dir, steps=100000)] + ["--save-every", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics_path = out_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics_path.is_file() and metrics_path.read_text().count("\n") >= 3):
+        assert time.time() < deadline and process.poll() is None, "the run did not start"
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-f", "-P", str(process.pid), "train_sft.py"], capture_output=True, text=True)
+    rank1 = sorted(int(pid) for pid in workers.stdout.split())[-1]  # the rank started last
+    os.kill(rank1, signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    steps = metrics(out_dir)[-1]["step"]
+    assert "stopped at step" in output and (out_dir / "checkpoint" / "manifest.json").is_file()
+    with open(out_dir / "checkpoint" / "manifest.json") as f:
+        assert json.load(f)["step"] == steps
+
+
+@pytest.mark.parametrize("temperature", [0, 1])
+def test_eval_on_two_ranks_writes_the_responses_of_one(tiny_chat_model, tmp_path, temperature):
+    args = ["--model", tiny_chat_model, "--data", "tiny:9", "--max-new-tokens", 6, "--batch-size", 2, "--device", "cpu",
+            "--temperature", temperature, "--num-samples", 2]
+    run_script("eval.py", *args, "--out", tmp_path / "one")
+    torchrun("eval.py", *args, "--out", tmp_path / "two")
+
+    def responses(folder):
+        with open(folder / "responses.jsonl") as f:
+            return sorted((r["key"], r["sample"], r["response"], r["correct"]) for r in map(json.loads, f))
+    one = responses(tmp_path / "one")
+    assert len(one) == 9 * (1 if temperature == 0 else 2) and responses(tmp_path / "two") == one
+    assert sorted(os.listdir(tmp_path / "two")) == ["responses.jsonl", "run.json", "summary.json"]
+    with open(tmp_path / "one" / "summary.json") as f, open(tmp_path / "two" / "summary.json") as g:
+        assert json.load(f)["accuracy"] == json.load(g)["accuracy"]
