@@ -57,7 +57,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     config = cli.config_from_args(PreferenceConfig, args, out_dir=args.out_dir or f"out/{args.algo}")
     if args.plan:
-        return memory_plan.report(config, config.algo, args.json, args.plan_prompt_tokens, args.gpu_memory_gib)
+        return memory_plan.report(config, config.algo, args.json, args.plan_prompt_tokens, args.gpu_memory_gib,
+                                  args.plan_gpus)
     return train_preference(config)
 
 

@@ -120,7 +120,8 @@ def main(argv=None):
     args = build_parser(algo_parser.parse_known_args(argv)[0].algo).parse_args(argv)
     config = cli.config_from_args(RLConfig, args)
     if args.plan:
-        return memory_plan.report(config, config.algo, args.json, args.plan_prompt_tokens, args.gpu_memory_gib)
+        return memory_plan.report(config, config.algo, args.json, args.plan_prompt_tokens, args.gpu_memory_gib,
+                                  args.plan_gpus)
     return train_rl(config)
 
 

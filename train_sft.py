@@ -39,7 +39,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     config = cli.config_from_args(SFTConfig, args)
     if args.plan:
-        return memory_plan.report(config, "sft", args.json, args.plan_prompt_tokens, args.gpu_memory_gib)
+        return memory_plan.report(config, "sft", args.json, args.plan_prompt_tokens, args.gpu_memory_gib,
+                                  args.plan_gpus)
     return train_sft(config)
 
 

@@ -100,12 +100,18 @@ def add_hardware_args(parser, defaults):
                    help="weight dtype; float32 weights + bf16 autocast on CUDA is the standard mixed precision")
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each block in backward to save memory (default: on for CUDA, off on CPU)")
+    g.add_argument("--cpu-offload", action="store_true",
+                   help="under torchrun: FSDP keeps the parameter shards, gradients and optimiser state in CPU memory "
+                        "(slower steps, room for a larger model; needs --device cuda)")
     g.add_argument("--plan", action="store_true",
                    help="print the memory plan (bytes by component, from the shapes alone: --model may be a config.json) "
                         "and exit without training")
     g.add_argument("--json", action="store_true", help="with --plan: print it as JSON")
     g.add_argument("--gpu-memory-gib", type=non_negative_float, default=None,
                    help="with --plan: the GPU's memory (default: the current GPU's, else 80)")
+    g.add_argument("--plan-gpus", type=positive_int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                   help="with --plan: the GPUs of a torchrun run (FSDP shards weights, gradients and the optimiser "
+                        "over them); the plan is per GPU")
     g.add_argument("--plan-prompt-tokens", type=positive_int, default=512,
                    help="with --plan: prompt length assumed for the KV cache and RL activations")
     g = parser.add_argument_group("LoRA (nanocausal/lora: y = W x + (alpha / r) B A x, base frozen)")

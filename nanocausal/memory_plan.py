@@ -26,6 +26,15 @@ CUDA, else w), C hidden size, F MLP width, H/K query/key-value heads of size D, 
     logits_chunk   chunk * V * 4 * 3: one chunk of float32 logits, their log-softmax and its exp
                    (logprobs.token_logprobs never holds more)
 
+With --plan-gpus N > 1 (a torchrun run, nanocausal/distributed.py) the plan is per GPU: FSDP
+divides weights, gradients, optimizer and reference by N; the rollouts' rows are the rank's share
+(prompts x group size / N); rollout_copy is the full bf16 copy each rank gathers for its rollouts,
+P * 2 on CUDA, alive in the generation phase only; and
+
+    fsdp_unsharded the units FSDP has all-gathered while it computes: the root (embeddings, final
+                   norm, head: it stays gathered) and two blocks (the one computing and the one
+                   prefetched), in bf16 on CUDA
+
 A step is two phases that do not overlap: generation (weights, rollout copy, optimizer state,
 reference, KV cache: gradients were freed by the last step) and training (weights, rollout copy,
 optimizer state, reference, gradients, activations, logits chunk). The total is the larger phase. weights, gradients,
@@ -62,10 +71,11 @@ def count(params):
     return sum(p.numel() for p in params)
 
 
-def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None):
+def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
     """The plan of `config` (an SFTConfig, PreferenceConfig or RLConfig) for algo sft, dpo, kto,
     grpo or ppo: a dict with parameters, trainable_parameters, bytes (per component), phases,
-    total_bytes, gpu_bytes, fits and advice (the first flag to change when it does not fit)."""
+    total_bytes, gpu_bytes, fits and advice (the first flag to change when it does not fit); per
+    GPU of `gpus` under torchrun."""
     model = meta_model(config.model)
     mc = model.config
     cuda = str(config.device).startswith("cuda")
@@ -88,7 +98,7 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None):
     kv_cache = prefill_cache = 0
     per_token_kv = mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim * act
     if rl:
-        rows = min(config.rollout_slots or 1 << 62, config.prompts_per_step * config.group_size)
+        rows = min(config.rollout_slots or 1 << 62, max(1, config.prompts_per_step // gpus) * config.group_size)
         kv_cache = rows * (prompt_tokens + config.max_new_tokens) * per_token_kv
         prefill_cache = max(1, rows // config.group_size) * prompt_tokens * per_token_kv  # the prompts admitted at once
 
@@ -107,26 +117,34 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None):
     activations = (L * tokens * C * act + per_layer) if config.activation_checkpointing else L * per_layer
     logits_chunk = chunk * mc.vocab_size * 4 * 3
 
+    sharded = gpus > 1
+    unsharded = 0
+    if sharded:
+        block = count(model.layers[0].parameters())
+        unsharded = (base - L * block + 2 * block) * (2 if cuda else w)
     components = {
-        "weights": (base * w) + adapters * 4,
-        "gradients": adapters * 4 if adapters else base * w,
-        "optimizer": trainable * 2 * 4 + 4 * len([p for p in model.parameters() if p.requires_grad]),
-        "reference": reference,
+        "weights": ((base * w) + adapters * 4) // gpus,
+        "gradients": (adapters * 4 if adapters else base * w) // gpus,
+        "optimizer": (trainable * 2 * 4 + 4 * len([p for p in model.parameters() if p.requires_grad])) // gpus,
+        "reference": reference // gpus,
         "value_model": value,
-        "rollout_copy": (base + adapters) * 2 if cuda and config.dtype == "float32" else 0,
+        "rollout_copy": (base + adapters) * 2 if cuda and (config.dtype == "float32" or sharded) and (rl or not sharded) else 0,
+        **({"fsdp_unsharded": unsharded} if sharded else {}),
         "kv_cache": kv_cache,
         "prefill_cache": prefill_cache,
         "activations": activations,
         "logits_chunk": logits_chunk,
     }
-    resident = components["weights"] + components["rollout_copy"] + components["optimizer"] + reference + value
-    phases = {"generation": resident + kv_cache + prefill_cache if rl else 0,
-              "training": resident + components["gradients"] + activations + logits_chunk}
+    copy = components["rollout_copy"]
+    resident = components["weights"] + components["optimizer"] + components["reference"] + value + \
+        (0 if sharded else copy)  # one GPU: kept for the run; torchrun: gathered for the rollouts, then freed
+    phases = {"generation": resident + kv_cache + prefill_cache + (copy if sharded else 0) if rl else 0,
+              "training": resident + components["gradients"] + unsharded + activations + logits_chunk}
     total = max(phases.values())
     if gpu_memory_gib is None:
         gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80
     gpu = int(gpu_memory_gib * GIB)
-    result = {"model": str(config.model), "algo": algo, "parameters": base + adapters, "trainable_parameters": trainable,
+    result = {"model": str(config.model), "algo": algo, "gpus": gpus, "parameters": base + adapters, "trainable_parameters": trainable,
               "bytes": components, "phases": phases, "total_bytes": total, "gpu_bytes": gpu, "fits": total <= gpu}
     result["advice"] = None if result["fits"] else advice(config, components, phases, rl, adapters)
     return result
@@ -152,7 +170,7 @@ def advice(config, components, phases, rl, adapters):
 
 def format_plan(result):
     lines = [f"memory plan: {result['algo']} on {result['model']}: {result['parameters']:,} parameters, "
-             f"{result['trainable_parameters']:,} trainable"]
+             f"{result['trainable_parameters']:,} trainable" + (f"; per GPU of {result['gpus']}" if result["gpus"] > 1 else "")]
     for name, value in result["bytes"].items():
         lines.append(f"  {name:<13} {value / GIB:9.2f} GiB")
     for name, value in result["phases"].items():
@@ -164,8 +182,8 @@ def format_plan(result):
     return "\n".join(lines)
 
 
-def report(config, algo, as_json=False, prompt_tokens=512, gpu_memory_gib=None):
+def report(config, algo, as_json=False, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
     """--plan: print the plan (as JSON with --json) and return it."""
-    result = plan(config, algo, prompt_tokens, gpu_memory_gib)
+    result = plan(config, algo, prompt_tokens, gpu_memory_gib, gpus)
     print(json.dumps(result, indent=2) if as_json else format_plan(result))
     return result

@@ -223,9 +223,6 @@ def start_run(config: TrainConfig):
     Under torchrun this joins the process group (config.device becomes this rank's GPU), rank 0
     alone touches out_dir, and the model comes back sharded (distributed.shard)."""
     config.device = distributed.setup(config.device)
-    if distributed.world_size() > 1 and config.eval_every > 0:
-        raise ValueError("periodic evaluation under torchrun is not implemented yet: pass --eval-every 0 and "
-                         "evaluate the checkpoint with eval.py")
     ckpt_dir = checkpoint_dir(config)
     if distributed.is_main():
         prepare_out_dir(config, ckpt_dir)
@@ -403,8 +400,8 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
     say = progress.write if main else (lambda text: None)
 
     def evaluate_and_log():
-        scores, records = held_out_scores(model, tokenizer, problems, config, progress.write)
-        tracker.log(log.log(step=step, **scores), step)
+        scores, records = held_out_scores(model, tokenizer, problems, config, say)
+        tracker.log(log.log(step=step, world_size=ranks, **scores), step)
         tracker.log_completions(step, records)
         say(f"step {step} eval " + " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
@@ -481,11 +478,18 @@ def held_out_scores(model, tokenizer, problems, config: TrainConfig, write=print
     config.show_completions replies."""
     was_training = model.training
     model.eval()
+    ranks = distributed.world_size()
+    # under torchrun: each rank answers every N-th problem with a full copy of the weights
+    generator = model if ranks == 1 else distributed.gathered_copy(
+        model, on_every_rank=True, device=config.device,
+        dtype=torch.bfloat16 if str(config.device).startswith("cuda") else None)
     with autocast(config.device):
-        records = evaluation.evaluate(model, tokenizer, problems, num_samples=config.eval_samples,
+        records = evaluation.evaluate(generator, tokenizer, problems, num_samples=config.eval_samples,
                                       temperature=config.eval_temperature, top_p=config.eval_top_p,
-                                      max_new_tokens=config.eval_max_new_tokens,
-                                      batch_size=config.eval_batch_size, seed=config.seed, progress=False)
+                                      max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size,
+                                      seed=config.seed, progress=False, rank=distributed.rank(), world_size=ranks)
+    del generator
+    records = sorted((r for part in distributed.all_objects(records) for r in part), key=lambda r: (r["index"], r["sample"]))
     model.train(was_training)
     for record in records[:config.show_completions]:
         write(f"--- {record['type']} {record['variant']}, gold {record['answer']}, "

@@ -87,6 +87,8 @@ def offline_args(model, data_file, out_dir, steps=3):
 @pytest.mark.parametrize("algo", ["sft", "dpo", "kto"])
 def test_offline_trainers_on_two_ranks_equal_one(tiny_chat_model, datasets, tmp_path, algo):
     script, extra = ("train_sft.py", []) if algo == "sft" else ("train_pref.py", ["--algo", algo])
+    if algo == "sft":  # and the periodic evaluation, sampled: each rank answers half the problems
+        extra = ["--eval-every", 2, "--eval-problems", 3, "--eval-max-new-tokens", 3, "--eval-temperature", 1]
     args = offline_args(tiny_chat_model, datasets[algo], tmp_path / "one") + extra
     run_script(script, *args)
     torchrun(script, *offline_args(tiny_chat_model, datasets[algo], tmp_path / "two"), *extra)

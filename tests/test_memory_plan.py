@@ -81,3 +81,26 @@ def test_the_gpu_check_runs_on_cpu_at_tiny_shapes(tmp_path):
     assert report["logits_max_abs_diff"]["float32"] == 0.0 and report["logits_max_abs_diff"]["bfloat16"] < 0.05
     assert report["attention_kernels"]["prefill"] and report["decode"] and report["grpo"]
     assert "GRPO step tiny full bf16" in out.stdout
+
+
+def test_the_plan_per_gpu_of_a_torchrun_run(shared_dir):
+    """--plan-gpus 8: FSDP divides weights, gradients, optimizer by 8; each rank decodes its share of the
+    prompts with a full bf16 copy of the weights that lives in the generation phase only; the gathered
+    units (root + two blocks, bf16) are counted in training."""
+    config = RLConfig(model=str(shared_dir / "configs" / "DeepSeek-R1-Distill-Qwen-14B.json"), device="cuda",
+                      activation_checkpointing=True, prompts_per_step=64, group_size=8, max_new_tokens=4096)
+    one, eight = memory_plan.plan(config, "grpo", gpu_memory_gib=80), memory_plan.plan(config, "grpo", gpu_memory_gib=80, gpus=8)
+    for name in ("weights", "gradients", "optimizer"):
+        assert eight["bytes"][name] == one["bytes"][name] // 8
+    assert eight["bytes"]["kv_cache"] * 8 == one["bytes"]["kv_cache"]
+    P = one["parameters"]
+    assert eight["bytes"]["rollout_copy"] == one["bytes"]["rollout_copy"] == 2 * P
+    with torch.device("meta"):
+        model = checkpoint.Transformer(checkpoint.read_config(config.model))
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    assert eight["bytes"]["fsdp_unsharded"] == 2 * (P - len(model.layers) * block + 2 * block)
+    b = eight["bytes"]
+    assert eight["phases"]["training"] == (b["weights"] + b["optimizer"] + b["gradients"] + b["fsdp_unsharded"]
+                                           + b["activations"] + b["logits_chunk"])
+    assert eight["phases"]["generation"] == (b["weights"] + b["optimizer"] + b["rollout_copy"] + b["kv_cache"]
+                                             + b["prefill_cache"])
