@@ -25,6 +25,9 @@ Laptop (CPU; a 70-problem slice of base, 10 per task, shorter replies; 19 minute
     python eval.py --model ~/.cache/nanocausal/smollm2-135m-instruct \\
         --data ../shared/data/caugym/base.json --per-task 10 --max-new-tokens 256 --batch-size 14 \\
         --out runs/eval-smollm2
+Several GPUs (each rank holds the model and answers every N-th problem; one responses.jsonl):
+    torchrun --standalone --nproc-per-node 8 eval.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B \\
+        --data ../shared/data/caugym/base.json --batch-size 64 --out runs/eval-r1-1.5b
 The oracle (seconds):
     python eval.py --model oracle --data ../shared/data/caugym/base.json --out runs/eval-oracle
 Generated sets instead of files: --data gen:deconfounding:200 (problems.generate) or tiny:200

@@ -18,7 +18,9 @@ Laptop (CPU, a 135M model; reference log-probs computed once, then the reference
 Usually one starts from an SFT checkpoint: --model out/sft/checkpoint. From files: --data dpo.jsonl
 (prompt, chosen, rejected) or kto.jsonl (prompt, completion, label), e.g. written by
 `python -m nanocausal.problems --format dpo --n 20000 --out dpo.jsonl`. Ctrl-C writes a checkpoint;
-rerun with --resume to continue exactly.
+rerun with --resume to continue exactly. Several GPUs: the same flags under torchrun (FSDP2, the
+reference sharded like the policy; README "More GPUs"):
+    torchrun --standalone --nproc-per-node 8 train_pref.py --algo dpo --model out/sft/checkpoint ...
 
 Where things are: the DPO and KTO steps and the frozen reference are nanocausal/preference.py,
 their losses losses.dpo_loss and losses.kto_loss (each with its formula), the loop (schedule,

@@ -204,10 +204,14 @@ def config_from_args(config_class, args, **overrides):
 def run_main(main):
     """Run main(); a user error (bad file, bad flag value, missing checkpoint) is printed as one
     line naming what is wrong, without a traceback, unless NANOCAUSAL_DEBUG=1."""
-    if os.environ.get("NANOCAUSAL_DEBUG") == "1":
-        return main()
+    from nanocausal import distributed
     try:
-        return main()
-    except (ValueError, OSError, KeyError) as e:
-        message = str(e) if not isinstance(e, KeyError) else f"missing key {e}"
-        sys.exit(f"error: {message} (NANOCAUSAL_DEBUG=1 for the traceback)")
+        if os.environ.get("NANOCAUSAL_DEBUG") == "1":
+            return main()
+        try:
+            return main()
+        except (ValueError, OSError, KeyError) as e:
+            message = str(e) if not isinstance(e, KeyError) else f"missing key {e}"
+            sys.exit(f"error: {message} (NANOCAUSAL_DEBUG=1 for the traceback)")
+    finally:
+        distributed.teardown()  # under torchrun: leave the process group cleanly
