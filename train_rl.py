@@ -38,11 +38,11 @@ loaded), clip fraction, entropy (estimated on every 8th completion token), gener
 training time and tokens/s. Every --eval-every
 steps: official accuracy on held-out generated problems, and a few completions printed.
 
-Several GPUs (GRPO): the same flags under torchrun (FSDP2; README "More GPUs"); each rank samples
+Several GPUs: the same flags under torchrun (FSDP2; README "More GPUs"); each rank samples
 its share of the prompts, the batch is global:
     torchrun --standalone --nproc-per-node 8 train_rl.py --algo grpo --model out/sft/checkpoint ...
 
-Not implemented: PPO under torchrun, a separate inference engine (vLLM) or asynchronous rollouts, packing
+Not implemented: a separate inference engine (vLLM) or asynchronous rollouts, packing
 several sequences into one row, learned reward models (rewards are rules), re-sampling groups
 with all-equal rewards (DAPO's dynamic sampling), refreshing the reference model, and a PPO value
 model separate from the policy (the value head shares the policy's trunk and starts at zero).

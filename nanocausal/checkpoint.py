@@ -390,9 +390,9 @@ def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_st
     save_model(model, tmp_dir)
     crash_point("weights")
     copy_tokenizer_files(tokenizer_source, tmp_dir)
-    for name, module in (extra_modules or {}).items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
-                  os.path.join(tmp_dir, f"{name}.safetensors"))
+    for name, module in (extra_modules or {}).items():  # modules, or their state dicts (gathered under torchrun)
+        state = module if isinstance(module, dict) else module.state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp_dir, f"{name}.safetensors"))
     if optimizer is not None or trainer_state is not None:
         torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
                     "trainer_state": trainer_state or {}, "rng": rng_state()},

@@ -71,7 +71,7 @@ def barrier():
 
 def shard(model, device, cpu_offload=False):
     """FSDP2 on every block, then on the whole model; returns the model (now holding DTensors).
-    Trainable and frozen parameters (LoRA) may share a unit."""
+    Trainable and frozen parameters (LoRA) may share a unit. Any other module is one unit."""
     from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
                                         register_fsdp_forward_method)
     cuda = str(device).startswith("cuda")
@@ -80,12 +80,15 @@ def shard(model, device, cpu_offload=False):
     settings = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None,
                                                    reduce_dtype=torch.float32),
                     offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
-    for block in model.layers:
-        fully_shard(block, **settings)
-    fully_shard(model, **settings)
-    # The trainers call model.hidden_states (the trunk without the head), not only forward: FSDP
-    # must gather the root's weights around it too.
-    register_fsdp_forward_method(model, "hidden_states")
+    if not hasattr(model, "layers"):  # a small module of its own (PPO's value head): one float32 unit
+        fully_shard(model, offload_policy=settings["offload_policy"])
+    else:
+        for block in model.layers:
+            fully_shard(block, **settings)
+        fully_shard(model, **settings)
+        # The trainers call model.hidden_states (the trunk without the head), not only forward:
+        # FSDP must gather the root's weights around it too.
+        register_fsdp_forward_method(model, "hidden_states")
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)  # sum the ranks' gradients (see the docstring),

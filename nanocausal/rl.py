@@ -32,7 +32,7 @@ What one step does (formulas in losses.py):
 The loop around the step (schedule, logging, evaluation, checkpoints, Ctrl-C, resume) is
 training.train, shared with SFT, DPO and KTO.
 
-Under torchrun (GRPO; nanocausal/distributed.py) each rank samples a contiguous share of the
+Under torchrun (nanocausal/distributed.py) each rank samples a contiguous share of the
 step's prompts, so a GRPO group never spans two ranks, from a generation copy of the full
 weights: gathered from the shards once per step in the compute dtype and freed after the rollout
 (it costs 2 bytes per parameter while it lives; kept for the whole run it would take that memory
@@ -40,7 +40,8 @@ from the update's activations for good). A prompt's samples are keyed by its ind
 so they are those of one process. The sampled rows are then gathered, every rank holds the whole
 step's batch and its advantages, and each rank trains the rows of its own prompts, each
 micro-batch's loss divided by the step's global token count. Scoring passes (the reference,
-off-policy old log-probs) still run every row on every rank.
+off-policy old log-probs, PPO's old values) still run every row on every rank, which is also
+what makes PPO's whitening global. The value head is its own FSDP unit.
 """
 import time
 from contextlib import nullcontext
@@ -288,9 +289,6 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
     model = training.start_run(config)
     device = config.device  # (under torchrun start_run sets this rank's GPU)
     ranks = distributed.world_size()
-    if ranks > 1 and config.algo != "grpo":
-        raise ValueError("PPO under torchrun is not implemented yet (its value head is not sharded): run GRPO, "
-                         "or PPO in one process")
     tokenizer = Tokenizer.from_pretrained(config.model) if reward_fn is None or examples is None else None
     eos_token_ids = tokenizer.eos_token_ids if tokenizer else model.config.raw.get("eos_token_id")
     pad_token_id = tokenizer.pad_token_id if tokenizer else (model.config.raw.get("pad_token_id") or 0)
@@ -305,6 +303,8 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
     value_head = algorithm.value_head
     if value_head is not None and config.resume:
         checkpoint.load_module(value_head, training.checkpoint_dir(config), "value_head")
+    if value_head is not None and ranks > 1:
+        distributed.shard(value_head, device, config.cpu_offload)
     extra_groups = [{"params": list(value_head.parameters()), "lr": config.value_lr, "weight_decay": 0.0}] \
         if value_head is not None else []
     optimizer = training.make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, extra_groups=extra_groups)

@@ -1,7 +1,7 @@
 """torchrun on CPU (gloo, 2 processes): the same command on 1 and 2 ranks trains the same run (SFT,
-DPO, KTO, GRPO: per-step metrics within 1e-4 relative, final weights within 1e-5), a 2-rank
+DPO, KTO, GRPO, PPO: per-step metrics within 1e-4 relative, final weights within 1e-5), a 2-rank
 checkpoint is a Hugging Face folder one process (and transformers) loads, resuming on 2 ranks
-continues exactly, Ctrl-C on one rank stops both after a checkpoint, and eval.py on 2 ranks writes
+continues exactly (SFT, PPO), Ctrl-C on one rank stops both after a checkpoint, and eval.py on 2 ranks writes
 the responses of 1. Each test starts real processes, as a user does (nanocausal/distributed.py)."""
 import json
 import os
@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, make_hf_checkpoint, make_tiny_chat_model, run_script, tiny_examples, write_jsonl
 from nanocausal.checkpoint import load_model
@@ -51,7 +52,7 @@ def assert_same_run(one, two):
         assert a.keys() == b.keys()
         for key in a.keys() - NOT_COMPARED:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    w1, w2 = dict(load_model(one / "checkpoint").named_parameters()), dict(load_model(two / "checkpoint").named_parameters())
+    w1, w2 = (dict(load_model(run / "checkpoint").named_parameters()) for run in (one, two))  # (LoRA: base + adapters)
     assert w1.keys() == w2.keys()
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
@@ -84,9 +85,13 @@ def offline_args(model, data_file, out_dir, steps=3):
             "--eval-every", 0, "--log-every", 100]
 
 
-@pytest.mark.parametrize("algo", ["sft", "dpo", "kto"])
+@pytest.mark.parametrize("algo", ["sft", "dpo", "kto", "dpo-lora"])
 def test_offline_trainers_on_two_ranks_equal_one(tiny_chat_model, datasets, tmp_path, algo):
+    """dpo-lora: LoRA adapters in the FSDP units beside the frozen base, and the reference is the
+    policy with its adapters off."""
+    algo, lora = algo.removesuffix("-lora"), algo.endswith("-lora")
     script, extra = ("train_sft.py", []) if algo == "sft" else ("train_pref.py", ["--algo", algo])
+    extra += ["--lora-rank", 4, "--lr", 1e-2] if lora else []
     if algo == "sft":  # and the periodic evaluation, sampled: each rank answers half the problems
         extra = ["--eval-every", 2, "--eval-problems", 3, "--eval-max-new-tokens", 3, "--eval-temperature", 1]
     args = offline_args(tiny_chat_model, datasets[algo], tmp_path / "one") + extra
@@ -95,18 +100,43 @@ def test_offline_trainers_on_two_ranks_equal_one(tiny_chat_model, datasets, tmp_
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
-def test_grpo_on_two_ranks_equals_one(tmp_path):
-    """GRPO with a learnable reward (tests/grpo_worker.py: the real train_rl, token-id prompts): the
-    same rollouts on both (per-prompt seeds), two mini-batches (the off-policy old log-probs), and
-    the same update."""
-    model = tmp_path / "model"
-    make_hf_checkpoint(model, "qwen2", vocab_size=16, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+@pytest.fixture(scope="module")
+def rl_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rl") / "model"
+    make_hf_checkpoint(path, "qwen2", vocab_size=16, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                        num_key_value_heads=2)
-    run_script("tests/grpo_worker.py", model, tmp_path / "one")
-    torchrun("tests/grpo_worker.py", model, tmp_path / "two")
+    return path
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_rl_on_two_ranks_equals_one(rl_model, tmp_path, algo):
+    """GRPO and PPO with a learnable reward (tests/rl_worker.py: the real train_rl, token-id prompts):
+    the same rollouts on both (per-prompt seeds), two mini-batches (the off-policy old log-probs;
+    PPO's values and whitening over the whole batch), and the same update, value head included."""
+    run_script("tests/rl_worker.py", rl_model, tmp_path / "one", algo, 3)
+    torchrun("tests/rl_worker.py", rl_model, tmp_path / "two", algo, 3)
     rows = metrics(tmp_path / "one")
-    assert any(0 < r["equal_reward_groups"] < 1 for r in rows)  # some groups had something to learn
+    if algo == "grpo":
+        assert any(0 < r["equal_reward_groups"] < 1 for r in rows)  # some groups had something to learn
     assert_same_run(tmp_path / "one", tmp_path / "two")
+    if algo == "ppo":
+        heads = [load_file(tmp_path / run / "checkpoint" / "value_head.safetensors") for run in ("one", "two")]
+        assert heads[0]["weight"].abs().sum() > 0
+        torch.testing.assert_close(heads[1]["weight"], heads[0]["weight"], rtol=0, atol=1e-5)
+
+
+def test_ppo_resumes_exactly_on_two_ranks(rl_model, tmp_path):
+    """The optimiser shards of the policy and the value head (one sharded state), the data position
+    and every rank's RNG come back: 2 steps, then --resume to 4, is the run of 4."""
+    torchrun("tests/rl_worker.py", rl_model, tmp_path / "whole", "ppo", 4)
+    torchrun("tests/rl_worker.py", rl_model, tmp_path / "resumed", "ppo", 2)
+    torchrun("tests/rl_worker.py", rl_model, tmp_path / "resumed", "ppo", 4, "--resume")
+    timing = NOT_COMPARED - {"world_size"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in metrics(tmp_path / "whole")] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in metrics(tmp_path / "resumed")]
+    for name in ("model.safetensors", "value_head.safetensors"):
+        whole, resumed = (load_file(tmp_path / run / "checkpoint" / name) for run in ("whole", "resumed"))
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole), name
 
 
 def test_two_rank_checkpoint_loads_in_one_process_and_resumes_exactly(tiny_chat_model, datasets, tmp_path):

@@ -1,0 +1,31 @@
+"""GRPO or PPO through nanocausal.rl.train_rl on token ids with a learnable reward (the last token is 3),
+as tests/test_train_rl.py runs them in-process, but as a script, so that torchrun can start it on
+several ranks:
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/rl_worker.py MODEL OUT grpo 3 [--resume]
+"""
+import sys
+
+import torch
+
+from nanocausal.rl import RLConfig, train_rl
+
+
+def ends_with_3(example, completion_ids):
+    return float(completion_ids[-1] == 3)
+
+
+def prompts(n=16, vocab=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_ids": torch.randint(0, vocab, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g).tolist()}
+            for _ in range(n)]
+
+
+if __name__ == "__main__":
+    model, out_dir, algo, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    resume = "--resume" in sys.argv
+    config = RLConfig(model=model, out_dir=out_dir, algo=algo, device="cpu", eval_every=0, prompts_per_step=8,
+                      group_size=4 if algo == "grpo" else 1, max_new_tokens=4, micro_batch_size=3, warmup_steps=0,
+                      steps=steps, lr=3e-3, min_lr_ratio=1.0, log_every=100, mini_batches=2, save_every=2,
+                      resume=resume, overwrite=not resume)
+    train_rl(config, reward_fn=ends_with_3, examples=prompts())
