@@ -99,7 +99,7 @@ class TrainConfig:
 MAX_BAD_STEPS = 3  # non-finite steps in a row before the loop gives up
 
 # Settings a resumed run may change without changing what it computes (the rest must match).
-RESUMABLE_CHANGES = {"steps", "device", "report_to", "run_name", "project", "activation_checkpointing", "log_every", "save_every", "keep", "resume",
+RESUMABLE_CHANGES = {"steps", "device", "cpu_offload", "report_to", "run_name", "project", "activation_checkpointing", "log_every", "save_every", "keep", "resume",
                      "overwrite", "allow_changed_args", "show_completions", "precompute_ref", "micro_batch_size", "micro_batch_tokens",
                      "logits_chunk_size", "eval_every", "eval_data", "eval_problems", "eval_samples", "eval_batch_size",
                      "eval_max_new_tokens", "eval_temperature", "eval_top_p"}
