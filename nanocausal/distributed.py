@@ -102,10 +102,13 @@ def full_tensor(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def full_state_dict(module):
-    """{name: full CPU tensor} of every parameter, one all-gather at a time (every rank must call
-    it; every rank gets the tensors). A tied head appears once, as the embedding."""
-    return {name: full_tensor(p.detach()).cpu() for name, p in module.named_parameters()}
+def full_state_dict(module, device="cpu", dtype=None):
+    """{name: full tensor} of every parameter, on `device` (and floats in `dtype`), one all-gather at
+    a time, so at most one full parameter exists beyond the result (every rank must call it; every
+    rank gets the tensors). A tied head appears once, as the embedding."""
+    return {name: full_tensor(p.detach()).to(device, dtype if dtype and p.dtype.is_floating_point else p.dtype)
+            for name, p in module.named_parameters()}
+
 
 def gathered_copy(model, on_every_rank=False, device="cpu", dtype=None):
     """A plain (unsharded) copy of a sharded model, with its LoRA adapters and the attributes a
@@ -114,8 +117,7 @@ def gathered_copy(model, on_every_rank=False, device="cpu", dtype=None):
     the compute dtype, it is the generation copy of the RL rollouts (see rl.py)."""
     from nanocausal import lora
     from nanocausal.model import Transformer
-    state = {name: t.to(device, dtype if t.dtype.is_floating_point and dtype else t.dtype)
-             for name, t in full_state_dict(model).items()}
+    state = full_state_dict(model, device, dtype)
     if not (on_every_rank or is_main()):
         return None
     with torch.device("meta"):

@@ -92,8 +92,10 @@ def test_offline_trainers_on_two_ranks_equal_one(tiny_chat_model, datasets, tmp_
     algo, lora = algo.removesuffix("-lora"), algo.endswith("-lora")
     script, extra = ("train_sft.py", []) if algo == "sft" else ("train_pref.py", ["--algo", algo])
     extra += ["--lora-rank", 4, "--lr", 1e-2] if lora else []
-    if algo == "sft":  # and the periodic evaluation, sampled: each rank answers half the problems
-        extra = ["--eval-every", 2, "--eval-problems", 3, "--eval-max-new-tokens", 3, "--eval-temperature", 1]
+    if algo == "sft":  # and the periodic evaluation, sampled (each rank answers half the problems), and
+        # activation checkpointing inside the FSDP units
+        extra = ["--eval-every", 2, "--eval-problems", 3, "--eval-max-new-tokens", 3, "--eval-temperature", 1,
+                 "--activation-checkpointing"]
     args = offline_args(tiny_chat_model, datasets[algo], tmp_path / "one") + extra
     run_script(script, *args)
     torchrun(script, *offline_args(tiny_chat_model, datasets[algo], tmp_path / "two"), *extra)
