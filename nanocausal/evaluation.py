@@ -281,13 +281,19 @@ def fold_rank_files(responses_path):
     and remove those files."""
     for path in sorted(glob.glob(responses_path.replace(".jsonl", "-rank*.jsonl"))):
         records = read_responses(path)
-        with open(responses_path, "a+") as f:
-            if f.tell() > 0:  # a killed run may have left a cut last line
-                f.seek(f.tell() - 1)
-                if f.read(1) != "\n":
-                    f.write("\n")
+        with open_to_append(responses_path) as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         os.remove(path)
+
+
+def open_to_append(path):
+    """The file opened for appending, on a line of its own (a killed run may have left a cut last line)."""
+    f = open(path, "a+")
+    if f.tell() > 0:
+        f.seek(f.tell() - 1)
+        if f.read(1) != "\n":
+            f.write("\n")
+    return f
 
 
 def check_same_run(config: EvalConfig):
@@ -342,11 +348,7 @@ def run(config: EvalConfig):
     started = time.time()
     columns = {}
     own_path = responses_path if ranks == 1 else responses_path.replace(".jsonl", f"-rank{rank}.jsonl")
-    with open(own_path, "a+") as f:  # appended to, never rewritten: nothing answered is ever lost
-        if f.tell() > 0:  # a killed run may have left a cut last line: start on a line of our own
-            f.seek(f.tell() - 1)
-            if f.read(1) != "\n":
-                f.write("\n")
+    with open_to_append(own_path) as f:  # appended to, never rewritten: nothing answered is ever lost
 
         def append(records):
             f.writelines(json.dumps(r) + "\n" for r in records)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, make_hf_checkpoint, make_tiny_chat_model, run_script, tiny_examples, write_jsonl
 from nanocausal.checkpoint import load_model
+from nanocausal.evaluation import read_responses
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
@@ -192,11 +193,19 @@ def test_eval_on_two_ranks_writes_the_responses_of_one(tiny_chat_model, tmp_path
     run_script("eval.py", *args, "--out", tmp_path / "one")
     torchrun("eval.py", *args, "--out", tmp_path / "two")
 
-    def responses(folder):
-        with open(folder / "responses.jsonl") as f:
-            return sorted((r["key"], r["sample"], r["response"], r["correct"]) for r in map(json.loads, f))
+    def responses(folder):  # as eval.py reads them back: a (problem, sample) answered twice counts once
+        return sorted((r["key"], r["sample"], r["response"], r["correct"])
+                      for r in read_responses(folder / "responses.jsonl"))
     one = responses(tmp_path / "one")
     assert len(one) == 9 * (1 if temperature == 0 else 2) and responses(tmp_path / "two") == one
     assert sorted(os.listdir(tmp_path / "two")) == ["responses.jsonl", "run.json", "summary.json"]
     with open(tmp_path / "one" / "summary.json") as f, open(tmp_path / "two" / "summary.json") as g:
         assert json.load(f)["accuracy"] == json.load(g)["accuracy"]
+    # a killed 2-rank run: some problems in responses.jsonl, some only in rank 1's file (its last
+    # line cut), the rest never answered; the rerun answers what is missing and folds it all
+    lines = (tmp_path / "two" / "responses.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "two" / "responses.jsonl").write_text("".join(lines[:len(lines) // 3]))
+    (tmp_path / "two" / "responses-rank1.jsonl").write_text("".join(lines[len(lines) // 3:len(lines) // 2]) + '{"key": "cut')
+    torchrun("eval.py", *args, "--out", tmp_path / "two")
+    assert responses(tmp_path / "two") == one
+    assert sorted(os.listdir(tmp_path / "two")) == ["responses.jsonl", "run.json", "summary.json"]
