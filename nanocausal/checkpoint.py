@@ -380,7 +380,7 @@ def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_st
     keep - 1 checkpoints beside it as out_dir-STEP (e.g. checkpoint-000400).
 
     staged: a folder of files written before the call (every rank's optimiser shard and RNG state,
-    under torchrun: distributed.save_shards), moved into the checkpoint before its manifest.
+    under torchrun: distributed.save_checkpoint), moved into the checkpoint before its manifest.
     """
     from safetensors.torch import save_file
 
@@ -438,7 +438,7 @@ def load_trainer_state(checkpoint_dir, optimizer=None):
     except Exception as e:  # weights_only refuses anything but tensors and plain types
         raise ValueError(f"{path}: not a trainer state nanocausal can read safely ({str(e).splitlines()[0]})") from None
     if optimizer is not None:
-        if saved["optimizer"] is None:  # sharded in the rng-rank / .distcp files (distributed.save_shards)
+        if saved["optimizer"] is None:  # sharded in the rng-rank / .distcp files (distributed.save_checkpoint)
             raise ValueError(f"{checkpoint_dir} was saved by {saved['trainer_state'].get('world_size')} ranks: resume it "
                              f"under torchrun with that many processes")
         optimizer.load_state_dict(saved["optimizer"])

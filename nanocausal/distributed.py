@@ -139,39 +139,52 @@ def gathered_copy(model, on_every_rank=False, device="cpu", dtype=None):
 # Checkpoints: rank 0 writes the Hugging Face folder, every rank its optimiser shard
 
 
-def save_shards(staging, model, optimizer):
-    """Every rank writes its shard of the optimiser state (torch.distributed.checkpoint: one
-    __R_0.distcp file per rank and a .metadata) and its RNG state (rng-rankR.pt) into `staging`,
-    which checkpoint.save_checkpoint(staged=...) then moves into the checkpoint folder."""
+def optimised_modules(model, extra_modules):
+    """What the optimiser state belongs to, for its sharded state dict: the policy, and PPO's value head."""
+    return torch.nn.ModuleDict({"model": model, **extra_modules}) if extra_modules else model
+
+
+def save_checkpoint(ckpt_dir, model, tokenizer_source, optimizer, trainer_state, extra_modules=None, keep=1):
+    """checkpoint.save_checkpoint under torchrun (every rank calls it). Every rank writes its shard
+    of the optimiser state (torch.distributed.checkpoint: one __R_0.distcp file per rank and a
+    .metadata) and its RNG state (rng-rankR.pt) into a staging folder; rank 0 then writes the
+    Hugging Face folder from the gathered weights, with the staged files moved in before its
+    manifest, so the save stays crash-safe."""
     import shutil
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     from nanocausal import checkpoint
+    staging = ckpt_dir + ".shards"
     if is_main():
         shutil.rmtree(staging, ignore_errors=True)  # left over by a save that a crash interrupted
         os.makedirs(staging)
     barrier()
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=staging)
+    dcp.save({"optimizer": get_optimizer_state_dict(optimised_modules(model, extra_modules), optimizer)},
+             checkpoint_id=staging)
     torch.save(checkpoint.rng_state(), os.path.join(staging, f"rng-rank{rank()}.pt"))
+    copy = gathered_copy(model)
+    extras = {name: full_state_dict(module) for name, module in (extra_modules or {}).items()}
+    if is_main():
+        checkpoint.save_checkpoint(ckpt_dir, copy, tokenizer_source, None, trainer_state, extras, keep=keep,
+                                   staged=staging)
     barrier()
 
 
-def load_shards(folder, model, optimizer):
-    """Restore what save_shards wrote: this rank's optimiser shard and RNG state."""
+def load_shards(folder, saved_world_size, model, extra_modules, optimizer):
+    """Restore what save_checkpoint wrote for this rank: its optimiser shard and RNG state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     from nanocausal import checkpoint
-    path = os.path.join(folder, f"rng-rank{rank()}.pt")
-    if not os.path.isfile(path):
-        raise ValueError(f"{folder} was not saved by {world_size()} ranks (no {os.path.basename(path)}): resume "
-                         f"it with the number of processes that wrote it")
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    if saved_world_size != world_size():
+        raise ValueError(f"{folder} was saved by {saved_world_size} processes: resume it with as many")
+    modules = optimised_modules(model, extra_modules)
+    state = {"optimizer": get_optimizer_state_dict(modules, optimizer)}
     dcp.load(state, checkpoint_id=folder)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    checkpoint.set_rng_state(torch.load(path, weights_only=True))
+    set_optimizer_state_dict(modules, optimizer, state["optimizer"])
+    checkpoint.set_rng_state(torch.load(os.path.join(folder, f"rng-rank{rank()}.pt"), weights_only=True))
 
 # -----------------------------------------------------------------------------
 # The global batch

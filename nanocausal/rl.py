@@ -240,7 +240,7 @@ def update(model, algorithm, optimizer, batch, config: RLConfig, step):
             num_tokens = mask[mini_batch].sum()  # of the whole step, on every rank
             rows = [r for r in mini_batch.tolist() if trained[r] and r in own]
             chunks = list(row_micro_batches(batch, rows, config.micro_batch_size, config.micro_batch_tokens))
-            filler = next(row_micro_batches(batch, [min(own)], 1))
+            filler = next(row_micro_batches(batch, [min(own)], 1)) if distributed.world_size() > 1 else None
             for (_, mb), scale in distributed.pad_to_longest(chunks, filler):
                 with autocast(config.device):
                     loss, metrics = micro_batch_loss(model, algorithm, mb, config, num_tokens, len(mini_batch),

@@ -370,14 +370,10 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
     metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
     step = 0
     main, ranks = distributed.is_main(), distributed.world_size()
-    # what the optimiser state belongs to, for its sharded checkpoint (the policy, and PPO's value head)
-    sharded_modules = torch.nn.ModuleDict({"model": model, **extra_modules}) if extra_modules else model
     if config.resume:
         state = checkpoint.load_trainer_state(ckpt_dir, optimizer if ranks == 1 else None)
         if ranks > 1 or state.get("world_size", 1) > 1:
-            if state.get("world_size", 1) != ranks:
-                raise ValueError(f"{ckpt_dir} was saved by {state.get('world_size', 1)} processes: resume it with as many")
-            distributed.load_shards(ckpt_dir, sharded_modules, optimizer)
+            distributed.load_shards(ckpt_dir, state.get("world_size", 1), model, extra_modules, optimizer)
         changed = changed_settings(state.get("config", {}), config)
         if changed and not config.allow_changed_args:
             raise ValueError(f"--resume with other settings than the run in {config.out_dir}: " + ", ".join(
@@ -416,15 +412,8 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
         state = {"step": step, "data": data_stream.state_dict(), "config": asdict(config), "world_size": ranks}
         if ranks == 1:
             checkpoint.save_checkpoint(ckpt_dir, model, config.model, optimizer, state, extra_modules, keep=config.keep)
-            return
-        staging = ckpt_dir + ".shards"
-        distributed.save_shards(staging, sharded_modules, optimizer)
-        copy = distributed.gathered_copy(model)
-        extras = {name: distributed.full_state_dict(module) for name, module in (extra_modules or {}).items()}
-        if main:
-            checkpoint.save_checkpoint(ckpt_dir, copy, config.model, None, state, extras, keep=config.keep,
-                                       staged=staging)
-        distributed.barrier()
+        else:
+            distributed.save_checkpoint(ckpt_dir, model, config.model, optimizer, state, extra_modules, config.keep)
 
     if problems and step == 0:
         evaluate_and_log()  # the starting point of the learning curve
