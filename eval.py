@@ -61,7 +61,7 @@ def build_parser():
                         "dataset; e.g. written by another engine) with the official rule")
     g.add_argument("--data", nargs="+", default=None,
                    help="CauGym-format .json/.jsonl files (e.g. ../shared/data/caugym/base.json), generated sets: "
-                        "gen:VARIANT:N (nanocausal.problems.generate), tiny:N, tiny-rephrased:N (tiny curriculum), or "
+                        "gen:VARIANT:N (nanocausal.problems.generate), tiny:N or tiny-VARIANT:N (the tiny curriculum: tiny-omitted:100, ...), or "
                         "CaLM task files or folders of them (e.g. ../shared/data/calm_lite)")
     g.add_argument("--per-task", type=cli.positive_int, default=None, help="keep only the first N problems of each task per data set")
     g.add_argument("--prompt-style", default=EvalConfig.prompt_style, choices=calm.STYLES,

@@ -1,64 +1,106 @@
 """
-The whole paper at toy scale, on a laptop CPU, in under 10 minutes: what do SFT and RL each do to
-a model's causal reasoning?
+The paper's comparison at toy scale, on a laptop CPU: what do SFT, DPO, KTO, PPO and GRPO each do to
+a model's causal reasoning, in distribution and on held-out variants?
 
-    python pipeline.py                      # laptop / CPU, no GPU, no internet (measured: 6.4-7.3 min
-                                            # on a 2-core machine with another job beside it)
+    python pipeline.py                      # SFT, GRPO and the same-compute control (laptop / CPU, no GPU,
+                                            # no internet; about 8 minutes on 2 cores, docs/tiny_results.md)
+    python pipeline.py --methods all        # all five methods from one SFT start (about 20 minutes)
+    python pipeline.py --methods sft,dpo,kto --variants omitted,redundant,insufficient
     python pipeline.py --teacher-slip-rate 0    # flawless worked solutions (there more SFT wins)
     python pipeline.py --sft-steps 60 --grpo-steps 10 --test-problems 50   # a smoke run of a few minutes
 
 It starts from data/tiny-base, a 0.45M-parameter Qwen2-architecture model with a 1000-token
 byte-level BPE (digits one per token) pretrained only on generic skills (reading CauGym problem
 texts, copying their numbers, column subtraction; `python build_tiny_base.py` rebuilds it in ~34
-minutes), and runs the real trainers of this repository (the library functions the scripts call) on the tiny curriculum of
-nanocausal/tiny.py (3-node ATE questions, with and without a causal path):
+minutes), and runs the real trainers of this repository (the library functions the scripts call)
+on the tiny curriculum of nanocausal/tiny.py (3-node ATE questions, with and without a causal path;
+--queries ATE,ETT adds a second query type):
 
-  1. SFT      sft.train_sft on --sft-examples worked solutions (column-by-column subtraction)
-              written by a careless teacher: it forgets --teacher-slip-rate of the borrows it owes
-              and carries the wrong digit into its final answer (a third of its solutions end
-              wrong). SFT learns to solve the problems, and learns the teacher's slips with them;
-  2. GRPO     rl.train_rl (algo grpo) from the SFT checkpoint, on fresh answer-only problems
-              (--rl-kinds: by default the "effect" ones only) rewarded by the official scoring
-              rule (no KL, a small warmed-up learning rate, 4 updates per rollout batch), rollouts
-              at the evaluation temperature: the outcome reward keeps the method, drops the slips;
-  3. control  sft.train_sft continuing the SFT checkpoint on the same --sft-examples worked
-              solutions for --control-steps steps (default 9 per GRPO step: what GRPO's training
-              time bought in nine measured runs, docs/tiny_results.md): the same compute spent on
-              more SFT, fixed in steps so that a rerun prints the same table;
-  4. eval     evaluation.evaluate on --test-problems held-out problems (and --rephrased-problems in
-              held-out wording, never seen in post-training), greedy and sampled with the
-              official protocol's temperature 0.6 and top_p 0.95, scored by the official rule.
+  SFT      sft.train_sft on --sft-examples worked solutions (column-by-column subtraction) written
+           by a careless teacher: it forgets --teacher-slip-rate of the borrows it owes and carries
+           the wrong digit into its final answer (a third of its solutions end wrong). SFT learns
+           to solve the problems, and learns the teacher's slips with them. Every method below
+           starts from this checkpoint;
+  GRPO     rl.train_rl (algo grpo) on fresh answer-only problems (--rl-kinds: the "effect" ones)
+           rewarded by the official scoring rule (no KL, a small warmed-up learning rate, 4 updates
+           per rollout batch), rollouts at the evaluation temperature;
+  PPO      the same rollouts and updates, the baseline learned by a value head (GAE) instead of
+           taken from the group;
+  DPO, KTO preference.train_preference on the SFT model's own sampled replies scored by the rule
+           (nanocausal/comparison.py): DPO on (correct, wrong) pairs of one prompt, KTO on the same
+           replies unpaired;
+  control  sft.train_sft continuing SFT on the same worked solutions: the same compute spent on
+           more SFT.
+Each method's budget is a fixed number of steps, a multiple of --grpo-steps calibrated once so that
+each took about GRPO's time (STEPS_PER_GRPO_STEP, docs/tiny_results.md): with the same seed a rerun
+prints the same table (on the same machine and thread count).
 
-It prints the table (accuracy per question kind beside the constant-answer baseline, which always
-says "no path, 0.0000") and the GRPO reward curve, and writes them with every number to
-<out>/results.json and <out>/results.md. What it showed is in docs/tiny_results.md; in short, SFT
-on imperfect demonstrations imitates their mistakes, which sampling at temperature 0.6 brings out
-(greedy 86.5 %, sampled 71.5 %); GRPO on the outcome gains 14.7 points sampled, the same compute
-spent on more SFT 1.7 to 7.0. With flawless demonstrations (--teacher-slip-rate 0) more SFT beats GRPO.
-On a machine with a GPU the trainers use it automatically (not measured: no GPU was available); the
-real-model recipe is in the README.
+evaluation.evaluate then scores every checkpoint on --test-problems held-out problems and on
+--variant-problems of each held-out --variants (by default "omitted", no Instruction line:
+generalisation; "redundant", one more statement no formula reads: robustness), greedy and sampled
+with the official protocol's temperature 0.6 and top_p 0.95, by the official rule, per question
+kind and overall, beside the constant answer "no path, 0.0000". It prints the table and the RL
+reward curves and writes <out>/results.md, results.json (every number) and results.png (with
+matplotlib). What it showed is in docs/tiny_results.md and the README. On a machine with a GPU the
+trainers use it automatically (not measured: no GPU was available); the real-model recipe is in
+the README.
 """
+import argparse
+import contextlib
 import importlib.util
-import json
+import multiprocessing
 import os
-import random
 import sys
 import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 import torch
 
-from nanocausal import caugym, checkpoint, cli, data, evaluation, plot, tiny
+from nanocausal import cli, comparison, plot, tiny
+from nanocausal.preference import PreferenceConfig, train_preference
 from nanocausal.rl import RLConfig, train_rl
 from nanocausal.sft import SFTConfig, train_sft
-from nanocausal.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+METHODS = ("sft", "dpo", "kto", "ppo", "grpo")
+NAMES = {"sft": "SFT", "dpo": "SFT + DPO", "kto": "SFT + KTO", "ppo": "SFT + PPO", "grpo": "SFT + GRPO",
+         "control": "SFT + more SFT (control)"}
+# The fixed step budgets: steps of each method that took as long as one GRPO step on the 2-core
+# machine, calibrated once at the defaults (docs/tiny_results.md); DPO's and KTO's include their
+# share of sampling the preference data. A count that followed this run's timings would make the
+# table depend on the machine's load.
+STEPS_PER_GRPO_STEP = {"control": 12, "ppo": 0.65, "dpo": 3.9, "kto": 2.6}
+
+
+def method_list(text):
+    names = METHODS if text == "all" else tuple(m.strip() for m in text.split(","))
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method {unknown[0]!r}: expected all or some of {', '.join(METHODS)}")
+    return tuple(m for m in METHODS if m in names or m == "sft")  # SFT is every method's start
+
+
+def name_list(allowed):
+    def parse(text):
+        names = tuple(n.strip() for n in text.split(",") if n.strip())
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad[0]!r}: expected some of {', '.join(allowed)}")
+        return names
+    return parse
 
 
 def parse_args(argv):
     p = cli.parser_for(__doc__)
+    p.add_argument("--methods", type=method_list, default="sft,grpo",
+                   help="post-training methods to compare from the shared SFT start, comma-separated from "
+                        "sft, dpo, kto, ppo, grpo, or all (SFT always runs: it is every method's start; the "
+                        "same-compute SFT control always runs too)")
     p.add_argument("--base", default=os.path.join(ROOT, "data", "tiny-base"), help="the pretrained tiny base folder")
     p.add_argument("--out", default="runs/pipeline", help="output folder (data, checkpoints, results)")
+    p.add_argument("--queries", type=name_list(tiny.QUERIES), default="ATE",
+                   help="query types of the curriculum, comma-separated: ATE, ETT (docs/tiny_results.md: what ATE,ETT gave)")
     p.add_argument("--sft-examples", type=cli.positive_int, default=800, help="worked solutions for SFT (a few hundred, reused each epoch)")
     p.add_argument("--teacher-slip-rate", type=cli.non_negative_float, default=0.3,
                    help="share of the borrows the worked solutions forget, carrying the error to the answer "
@@ -66,101 +108,154 @@ def parse_args(argv):
     p.add_argument("--sft-steps", type=cli.positive_int, default=200, help="SFT optimiser steps (batch --batch-size)")
     p.add_argument("--batch-size", type=cli.positive_int, default=16, help="SFT examples per step")
     p.add_argument("--sft-lr", type=cli.non_negative_float, default=2e-3, help="SFT peak learning rate")
-    p.add_argument("--grpo-steps", type=cli.positive_int, default=40, help="GRPO steps (one rollout batch each)")
-    p.add_argument("--prompts-per-step", type=cli.positive_int, default=16, help="GRPO prompts per step")
-    p.add_argument("--group-size", type=cli.positive_int, default=8, help="GRPO completions per prompt")
+    p.add_argument("--grpo-steps", type=cli.positive_int, default=40,
+                   help="GRPO steps (one rollout batch each); every other method's budget is a fixed multiple of it")
+    p.add_argument("--prompts-per-step", type=cli.positive_int, default=16, help="GRPO and PPO prompts per step")
+    p.add_argument("--group-size", type=cli.positive_int, default=8, help="GRPO and PPO completions per prompt")
     p.add_argument("--grpo-mini-batches", type=cli.positive_int, default=4,
-                   help="optimiser steps per rollout batch (4: four updates of 4 groups each per step)")
+                   help="optimiser steps per rollout batch, GRPO and PPO (4: four updates of 4 groups each per step)")
     p.add_argument("--grpo-lr", type=cli.non_negative_float, default=3e-5,
-                   help="GRPO learning rate (constant after warmup, no KL; 1e-4 did not help, 2e-4 collapsed, docs/tiny_results.md)")
+                   help="GRPO and PPO learning rate (constant after warmup, no KL; 1e-4 did not help, 2e-4 collapsed, docs/tiny_results.md)")
     p.add_argument("--grpo-warmup", type=cli.non_negative_int, default=3,
-                   help="GRPO warmup steps (Adam's first updates move every weight by ~lr: unwarmed, they can wreck the SFT model)")
-    p.add_argument("--rl-kinds", default="effect",
-                   help="comma-separated question kinds GRPO rolls out on (effect, no path); the no-path groups are "
-                        "all correct from the start, so their advantages are 0 and they only cost rollout time")
-    p.add_argument("--control-steps", type=cli.positive_int, default=None,
-                   help="SFT steps of the same-compute control (default: 9 per GRPO step, calibrated once against "
-                        "GRPO's measured training time, docs/tiny_results.md)")
+                   help="GRPO and PPO warmup steps (Adam's first updates move every weight by ~lr: unwarmed, they can wreck the SFT model)")
+    p.add_argument("--rl-kinds", type=name_list(tiny.KINDS), default="effect",
+                   help="comma-separated question kinds the RL and preference methods see (effect, no path); the "
+                        "no-path replies are all correct from the start, so they teach nothing and only cost time")
     p.add_argument("--rollout-temperature", type=cli.non_negative_float, default=0.6,
-                   help="GRPO sampling temperature (0.6: the evaluation's, so RL optimises what is measured)")
+                   help="GRPO and PPO sampling temperature (0.6: the evaluation's, so RL optimises what is measured)")
+    p.add_argument("--ppo-steps", type=cli.positive_int, default=None,
+                   help=f"PPO steps (unset: {STEPS_PER_GRPO_STEP['ppo']} per GRPO step, the calibrated same compute)")
+    p.add_argument("--dpo-steps", type=cli.positive_int, default=None,
+                   help=f"DPO steps of --pref-batch-size pairs (unset: {STEPS_PER_GRPO_STEP['dpo']} per GRPO step)")
+    p.add_argument("--kto-steps", type=cli.positive_int, default=None,
+                   help=f"KTO steps of 2 x --pref-batch-size replies (unset: {STEPS_PER_GRPO_STEP['kto']} per GRPO step)")
+    p.add_argument("--control-steps", type=cli.positive_int, default=None,
+                   help=f"SFT steps of the same-compute control (unset: {STEPS_PER_GRPO_STEP['control']} per GRPO step)")
+    p.add_argument("--pref-prompts", type=cli.positive_int, default=1024,
+                   help="prompts the SFT model answers to make DPO's pairs and KTO's labels")
+    p.add_argument("--pref-samples", type=cli.positive_int, default=4, help="replies sampled per preference prompt")
+    p.add_argument("--pref-batch-size", type=cli.positive_int, default=16,
+                   help="DPO pairs per step (KTO: twice as many single replies, the same sequences)")
+    p.add_argument("--pref-lr", type=cli.non_negative_float, default=1e-5,
+                   help="DPO and KTO peak learning rate (cosine; 3e-5 and 1e-4 collapsed DPO, docs/tiny_results.md)")
+    p.add_argument("--pref-beta", type=cli.non_negative_float, default=0.1, help="DPO and KTO beta (the implicit KL strength)")
     p.add_argument("--test-problems", type=cli.positive_int, default=200, help="held-out problems of the base test set")
-    p.add_argument("--rephrased-problems", type=cli.non_negative_int, default=0,
-                   help="held-out problems in held-out wording (0: none; every model scored 0 %% on 100 of them, docs/tiny_results.md)")
+    p.add_argument("--variants", type=name_list(tiny.VARIANTS[1:]), default="omitted,redundant",
+                   help="held-out test variants beside the base set, comma-separated from rephrased, omitted, "
+                        "redundant, insufficient (nanocausal/tiny.py; no method trains on any)")
+    p.add_argument("--variant-problems", type=cli.positive_int, default=100, help="held-out problems per variant")
     p.add_argument("--eval-samples", type=cli.positive_int, default=2, help="samples per problem for sampled accuracy")
-    p.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
+    p.add_argument("--jobs", type=cli.positive_int, default=2,
+                   help="methods trained (and checkpoints scored) at once, each in its own process: they all start "
+                        "from the SFT checkpoint, so they are independent (2 for 2 cores; 1: one by one, in this process)")
+    p.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads per job")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, training and sampling")
     return p.parse_args(argv)
 
 
-CONTROL_STEPS_PER_GRPO_STEP = 9  # the same-compute control's SFT steps per GRPO step (calibration: docs/tiny_results.md)
+def budgets(args):
+    """{method: fixed steps}: the flag, or the calibrated multiple of --grpo-steps."""
+    given = {"ppo": args.ppo_steps, "dpo": args.dpo_steps, "kto": args.kto_steps, "control": args.control_steps}
+    return {"grpo": args.grpo_steps, **{m: given[m] or round(STEPS_PER_GRPO_STEP[m] * args.grpo_steps) for m in given}}
 
 
-def make_data(args, folder):
-    """Disjoint SFT, RL and test problems (different seeds; any repeated problem text is dropped)."""
-    n = args.test_problems
-    tests = {"base": tiny.make_problems(n, seed=args.seed + 100)}
-    if args.rephrased_problems:
-        tests["rephrased"] = tiny.make_problems(args.rephrased_problems, seed=args.seed + 101, rephrased=True)
-    seen = {it["problem"] for items in tests.values() for it in items}
-    fresh = lambda items: [it for it in items if it["problem"] not in seen]
-    sft = fresh(tiny.make_problems(args.sft_examples, seed=args.seed + 1))
-    # GRPO's answer-only problems are unlimited (fresh ones every step); the control continues SFT on
-    # the same --sft-examples worked solutions, which are the scarce resource.
-    kinds = set(args.rl_kinds.split(","))
-    rl = [it for it in fresh(tiny.make_problems(4 * args.grpo_steps * args.prompts_per_step + 100, seed=args.seed + 2))
-          if it["kind"] in kinds]
+def train_method(method, args, steps, data_dir, run_dir):
+    """Train one method from the SFT checkpoint; returns the TrainResult."""
+    sft_checkpoint = os.path.join(args.out, "sft", "checkpoint")
+    if method in ("grpo", "ppo"):
+        # GRPO: the group's mean is the baseline; PPO: a value head learns it (GAE with gamma = lam = 1,
+        # veRL's defaults: the one reward at the end reaches every token undiscounted, the borrow
+        # columns far from it included). The same prompts, samples and updates per step; no KL for
+        # either (no reference model).
+        return train_rl(RLConfig(
+            algo=method, model=sft_checkpoint, data=os.path.join(data_dir, "rl.jsonl"), steps=steps,
+            prompts_per_step=args.prompts_per_step, group_size=args.group_size, max_new_tokens=comparison.MAX_NEW_TOKENS,
+            temperature=args.rollout_temperature, micro_batch_size=64, mini_batches=args.grpo_mini_batches,
+            lr=args.grpo_lr, warmup_steps=args.grpo_warmup, kl_coef=0.0, lam=1.0, eval_every=0, overwrite=True,
+            seed=args.seed, save_every=steps, out_dir=run_dir))
+    if method in ("dpo", "kto"):  # KTO's batch: the same replies as DPO's, unpaired
+        return train_preference(PreferenceConfig(
+            algo=method, model=sft_checkpoint, data=os.path.join(data_dir, f"{method}.jsonl"), steps=steps,
+            batch_size=args.pref_batch_size * (2 if method == "kto" else 1), lr=args.pref_lr, beta=args.pref_beta,
+            warmup_steps=3, precompute_ref=True, max_length=512, save_every=steps, out_dir=run_dir,
+            log_every=10, eval_every=0, overwrite=True, seed=args.seed))
+    # the control: the same compute spent on more SFT, on the same worked solutions
+    return train_sft(SFTConfig(
+        model=sft_checkpoint, data=os.path.join(data_dir, "sft.jsonl"), steps=steps, batch_size=args.batch_size,
+        lr=args.sft_lr / 2, warmup_steps=0, save_every=steps, out_dir=run_dir, log_every=20, eval_every=0,
+        overwrite=True, seed=args.seed, max_length=512))
+
+
+def preference_prompts(args, seen):
+    """Fresh prompts of the RL kinds, none of them a test problem, for DPO's and KTO's data."""
+    items = tiny.make_problems(2 * args.pref_prompts, seed=args.seed + 4, queries=args.queries)
+    return [it for it in items if it["kind"] in args.rl_kinds and it["problem"] not in seen][:args.pref_prompts]
+
+
+@contextlib.contextmanager
+def log_traceback(log):
+    """A failing job's traceback goes to its log (the main process prints one line)."""
+    try:
+        yield
+    except Exception:
+        if log:
+            traceback.print_exc(file=log)
+        raise
+
+
+def job(kind, method, args, *rest):
+    """One stage in a worker process (--jobs > 1), its output in <out>/<method>/log.txt: ("train",
+    method) -> (wall seconds, RL history); ("preference",) -> (seconds, summary); ("score", method,
+    tests) -> (seconds, scores)."""
+    torch.set_num_threads(args.threads)
+    folder = os.path.join(args.out, method)
     os.makedirs(folder, exist_ok=True)
-    slips = random.Random(args.seed + 3)
-    as_sft = lambda items: [{"prompt": caugym.official_prompt(it["problem"]),
-                             "completion": tiny.solution(it, args.teacher_slip_rate, slips)} for it in items]
-    data.write_jsonl(os.path.join(folder, "sft.jsonl"), as_sft(sft))
-    data.write_jsonl(os.path.join(folder, "rl.jsonl"), [{"prompt": caugym.official_prompt(it["problem"]), "answer": it["answer"],
-                                                    "type": it["type"]} for it in rl])
-    for name, items in tests.items():
-        for it in items:
-            it["prompt"] = [{"role": "user", "content": caugym.official_prompt(it["problem"])}]
-    return tests
+    clock = time.time()
+    log = open(os.path.join(folder, "log.txt" if kind != "score" else "eval_log.txt"), "w") if args.jobs > 1 else None
+    with contextlib.redirect_stdout(log or sys.stdout), contextlib.redirect_stderr(log or sys.stderr), \
+            log_traceback(log):
+        if kind == "train":
+            steps, data_dir = rest
+            result = train_method(method, args, steps, data_dir, folder)
+            out = result.history if method in ("grpo", "ppo") else None
+        elif kind == "preference":
+            data_dir, seen = rest
+            out = comparison.preference_data(os.path.join(args.out, "sft", "checkpoint"), data_dir,
+                                             preference_prompts(args, seen), args.pref_samples, seed=args.seed + 4)
+        else:
+            out = comparison.score_checkpoint(os.path.join(folder, "checkpoint"), rest[0], args.eval_samples, args.seed)
+    if log:
+        log.close()
+    return time.time() - clock, out
 
 
-def score_checkpoint(path, tests, args):
-    """{test set: {"greedy" / "sampled": {kind: accuracy}}} of one checkpoint."""
-    model, tokenizer = checkpoint.load_model(path), Tokenizer.from_pretrained(path)
-    out = {}
-    for name, items in tests.items():
-        out[name] = {}
-        for mode, temperature, samples in (("greedy", 0.0, 1), ("sampled", 0.6, args.eval_samples)):
-            records = evaluation.evaluate(model, tokenizer, items, dataset=name, num_samples=samples,
-                                          temperature=temperature, top_p=0.95, max_new_tokens=120,
-                                          batch_size=100, seed=args.seed, progress=False)
-            out[name][mode] = evaluation.accuracy(records, by="kind")
-            out[name][mode]["samples"] = len(records)
-    return out
-
-
-def results_table(scores, tests):
-    kinds = list(tiny.KINDS) + ["overall"]
-    lines = []
-    for name, items in tests.items():
-        share = sum(it["kind"] == "no path" for it in items) / len(items)
-        constant = {"effect": 0.0, "no path": 1.0, "overall": share}
-        lines += [f"\n{name} test set ({len(items)} held-out problems; sampled: T=0.6, top_p=0.95)\n",
-                  "| model | decoding | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 2) + "|",
-                  "| constant answer | - | " + " | ".join(f"{100 * constant[k]:.1f}" for k in kinds) + " |"]
-        for model, by_set in scores.items():
-            for mode in ("greedy", "sampled"):
-                row = by_set[name][mode]
-                lines.append(f"| {model} | {mode} | " + " | ".join(f"{100 * row.get(k, 0.0):.1f}" for k in kinds) + " |")
-    return "\n".join(lines)
-
-
-def reward_curve(history, points=10):
-    rows = [row for row in history if "reward" in row]
-    if not rows:
-        return [], ""
-    every = max(1, len(rows) // points)
-    picked = [r for i, r in enumerate(rows) if i % every == 0 or i == len(rows) - 1]
-    curve = [(r["step"], round(float(r["reward"]), 3)) for r in picked]
-    return curve, "GRPO reward (mean over the step's rollouts): " + "  ".join(f"step {s}: {v:.2f}" for s, v in curve)
+def run_jobs(args, jobs, then=None):
+    """Run {name: (kind, method, *rest)} on --jobs worker processes (in order; in this process with
+    --jobs 1) and return {name: result}. then(name, result) may return more jobs to start (DPO and
+    KTO after their preference data)."""
+    results, pending = {}, dict(jobs)
+    if args.jobs == 1:
+        while pending:
+            name, spec = next(iter(pending.items()))
+            del pending[name]
+            results[name] = job(spec[0], spec[1], args, *spec[2:])
+            pending.update(then(name, results[name]) if then else {})
+        return results
+    # spawn: each worker imports torch afresh (forking a process that already ran torch is fragile)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = {pool.submit(job, spec[0], spec[1], args, *spec[2:]): name for name, spec in pending.items()}
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                name = running.pop(future)
+                try:
+                    results[name] = future.result()
+                except (ValueError, OSError, RuntimeError) as e:  # one line (cli.run_main), the traceback in the log
+                    raise ValueError(f"{name}: {e} (its log is in {args.out}/)") from e
+                print(f"  {name} done ({results[name][0]:.0f}s)")
+                for more, spec in (then(name, results[name]) if then else {}).items():
+                    running[pool.submit(job, spec[0], spec[1], args, *spec[2:])] = more
+    return results
 
 
 def main(argv=None):
@@ -169,63 +264,61 @@ def main(argv=None):
     started = time.time()
     if not os.path.isfile(os.path.join(args.base, "model.safetensors")):
         sys.exit(f"{args.base}: no model.safetensors (rebuild it with: python build_tiny_base.py --out {args.base})")
+    steps = budgets(args)
     data_dir = os.path.join(args.out, "data")
-    tests = make_data(args, data_dir)
-    sft_dir, grpo_dir, control_dir = (os.path.join(args.out, n) for n in ("sft", "grpo", "control"))
-    sft_data = os.path.join(data_dir, "sft.jsonl")
+    tests, seen = comparison.make_data(
+        data_dir, args.seed, args.sft_examples, rl_prompts=4 * args.grpo_steps * args.prompts_per_step + 100,
+        rl_kinds=args.rl_kinds, test_problems=args.test_problems, variant_problems=args.variant_problems,
+        variants=args.variants, queries=args.queries, slip_rate=args.teacher_slip_rate)
+    seconds = {}
 
-    print(f"[1/4] SFT: {args.sft_steps} steps x {args.batch_size} worked solutions")
-    sft = train_sft(SFTConfig(
-        model=args.base, data=sft_data, steps=args.sft_steps, batch_size=args.batch_size, lr=args.sft_lr,
-        warmup_steps=10, save_every=args.sft_steps, out_dir=sft_dir, log_every=20, eval_every=0, overwrite=True,
-        seed=args.seed, max_length=512))
-    sft_checkpoint = os.path.join(sft_dir, "checkpoint")
+    print(f"[1/3] SFT: {args.sft_steps} steps x {args.batch_size} worked solutions (every method's start)")
+    result = train_sft(SFTConfig(
+        model=args.base, data=os.path.join(data_dir, "sft.jsonl"), steps=args.sft_steps, batch_size=args.batch_size,
+        lr=args.sft_lr, warmup_steps=10, save_every=args.sft_steps, out_dir=os.path.join(args.out, "sft"),
+        log_every=20, eval_every=0, overwrite=True, seed=args.seed, max_length=512))
+    seconds["sft"] = result.wall_seconds
 
-    print(f"[2/4] GRPO: {args.grpo_steps} steps x {args.prompts_per_step} prompts x {args.group_size} samples")
-    grpo = train_rl(RLConfig(
-        algo="grpo", model=sft_checkpoint, data=os.path.join(data_dir, "rl.jsonl"), steps=args.grpo_steps,
-        prompts_per_step=args.prompts_per_step, group_size=args.group_size, max_new_tokens=120,
-        temperature=args.rollout_temperature, micro_batch_size=64, mini_batches=args.grpo_mini_batches,
-        lr=args.grpo_lr, warmup_steps=args.grpo_warmup, eval_every=0, overwrite=True, seed=args.seed,
-        save_every=args.grpo_steps, out_dir=grpo_dir))
+    methods = [m for m in args.methods if m != "sft"] + ["control"]
+    print(f"[2/3] from the SFT checkpoint, {args.jobs} at a time (logs: {args.out}/<method>/log.txt): "
+          + ", ".join(f"{NAMES[m]} {steps[m]} steps" for m in methods))
+    jobs = {m: ("train", m, steps[m], data_dir) for m in methods if m not in ("dpo", "kto")}
+    if "dpo" in methods or "kto" in methods:
+        # One batch of the SFT model's own replies, scored by the rule, for both (each budget counts
+        # the time it took: docs/tiny_results.md); DPO and KTO start when it is ready.
+        jobs = {"preference data": ("preference", "preference", data_dir, seen), **jobs}
+    after_preference = lambda name, _: {m: ("train", m, steps[m], data_dir) for m in ("dpo", "kto")
+                                        if m in methods} if name == "preference data" else {}
+    trained = run_jobs(args, jobs, then=after_preference)
+    preference = trained.pop("preference data", (None, None))[1]
+    histories = {m: history for m, (_, history) in trained.items() if history}
+    seconds.update({m: s for m, (s, _) in trained.items()})
 
-    # Same compute, fixed in steps: one GRPO step took as long as 9 SFT steps (the median of nine
-    # measured runs, docs/tiny_results.md). A count that followed this run's timings would make the
-    # table depend on the machine's load.
-    control_steps = args.control_steps or CONTROL_STEPS_PER_GRPO_STEP * args.grpo_steps
-    print(f"[3/4] control: {control_steps} more SFT steps (GRPO took {grpo.train_seconds:.0f}s this run, "
-          f"SFT {sft.train_seconds / args.sft_steps:.2f}s/step)")
-    control = train_sft(SFTConfig(
-        model=sft_checkpoint, data=sft_data, steps=control_steps, batch_size=args.batch_size, lr=args.sft_lr / 2,
-        warmup_steps=0, save_every=control_steps, out_dir=control_dir, log_every=20, eval_every=0, overwrite=True,
-        seed=args.seed, max_length=512))
-
-    print("[4/4] evaluation")
-    eval_started = time.time()
-    scores = {"SFT": score_checkpoint(sft_checkpoint, tests, args),
-              "SFT + GRPO": score_checkpoint(os.path.join(grpo_dir, "checkpoint"), tests, args),
-              "SFT + more SFT (control)": score_checkpoint(os.path.join(control_dir, "checkpoint"), tests, args)}
-    eval_seconds = time.time() - eval_started
-    curve, curve_text = reward_curve(grpo.history)
-    table = results_table(scores, tests)
-    timing = (f"wall time: SFT {sft.wall_seconds:.0f}s ({args.sft_steps} steps), GRPO {grpo.wall_seconds:.0f}s "
-              f"({args.grpo_steps} steps), control {control.wall_seconds:.0f}s "
-              f"({control_steps} steps), eval {eval_seconds:.0f}s, total {time.time() - started:.0f}s "
-              f"(torch threads {args.threads})")
-    report = f"{table}\n\n{curve_text}\n{timing}\n"
+    print(f"[3/3] evaluation of {len(methods) + 1} checkpoints on {', '.join(tests)}")
+    clock = time.time()
+    scored = run_jobs(args, {m: ("score", m, tests) for m in ["sft"] + methods})
+    scores = {NAMES[m]: scored[m][1] for m in ["sft"] + methods}
+    seconds["eval"] = time.time() - clock
+    seconds["total"] = time.time() - started
+    constant = comparison.constant_scores(tests)
+    curves = {NAMES[m]: comparison.reward_curve(histories[m]) for m in ("ppo", "grpo") if m in histories}
+    timing = ("wall time: " + ", ".join(f"{m} {s:.0f}s" + (f" ({steps[m]} steps)" if m in steps else "")
+                                        for m, s in seconds.items())
+              + f" ({args.jobs} jobs of {args.threads} torch thread{'s' if args.threads > 1 else ''})")
+    report = "\n".join([comparison.results_table(scores, constant, tests), ""]
+                       + [comparison.curve_text(name, c) for name, c in curves.items()] + [timing, ""])
     print(report)
+    results = {"args": vars(args), "steps": {"sft": args.sft_steps, **{m: steps[m] for m in methods}},
+               "run_dirs": {NAMES[m]: m for m in ["sft"] + methods},
+               "scores": scores, "constant_answer": constant, "reward_curves": curves,
+               "preference_data": preference, "seconds": seconds}
+    comparison.write_results(args.out, report, results)
     if importlib.util.find_spec("matplotlib"):
-        plot.plot_runs([sft_dir, grpo_dir, control_dir], os.path.join(args.out, "curves.png"),
-                       names=["SFT", "SFT + GRPO", "control"])
+        print(f"wrote {plot.plot_results(args.out)}")
     else:
-        print("(pip install matplotlib for the curves: python -m nanocausal.plot on the three run folders)")
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(report)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "scores": scores, "reward_curve": curve, "control_steps": control_steps,
-                   "seconds": {"sft": sft.wall_seconds, "grpo": grpo.wall_seconds, "control": control.wall_seconds,
-                               "eval": eval_seconds, "total": time.time() - started}}, f, indent=2)
-    return scores
+        print(f"(no matplotlib: pip install matplotlib, then python -m nanocausal.plot --results {args.out} "
+              f"draws results.png there)")
+    return results
 
 
 if __name__ == "__main__":

@@ -43,15 +43,19 @@ def load_dataset(spec, seed=0, tasks=caugym.TASKS, nodes=None, prompt_style="bas
     """One --data entry -> (name, items); an item is {prompt (messages), problem, answer, type, variant}.
 
     spec is a CauGym-format .json / .jsonl file (problem, answer, Type; or prompt, answer, type),
-    "gen:VARIANT:N" (N problems from nanocausal.problems.generate), "tiny:N" / "tiny-rephrased:N"
-    (the tiny curriculum), or a CaLM task file or folder of them (calm.load_dataset, prompted in
+    "gen:VARIANT:N" (N problems from nanocausal.problems.generate), "tiny:N" / "tiny-VARIANT:N"
+    (the tiny curriculum, tiny.VARIANTS), or a CaLM task file or folder of them (calm.load_dataset, prompted in
     CaLM's `prompt_style`)."""
     if os.path.isdir(spec) or calm.is_task_file(spec):
         return calm.load_dataset(spec, prompt_style)
-    if spec.startswith(("tiny:", "tiny-rephrased:")):
-        kind, n = spec.split(":")
-        items = tiny.make_problems(int(n), seed=seed, rephrased=kind == "tiny-rephrased")
-        return spec, [dict(item, prompt=[{"role": "user", "content": caugym.official_prompt(item["problem"])}])
+    if spec.startswith("tiny"):
+        name, _, n = spec.partition(":")
+        variant = name[len("tiny-"):] if name.startswith("tiny-") else "base"
+        if name not in ("tiny", "tiny-" + variant) or variant not in tiny.VARIANTS or not n.isdigit():
+            raise ValueError(f"--data {spec}: expected tiny:N or tiny-VARIANT:N with VARIANT one of "
+                             f"{', '.join(tiny.VARIANTS[1:])}")
+        items = tiny.make_problems(int(n), seed=seed, variant=variant)
+        return spec, [dict(item, prompt=[{"role": "user", "content": caugym.official_prompt(item["problem"], variant)}])
                       for item in items]
     if spec.startswith("gen:"):
         parts = spec.split(":")

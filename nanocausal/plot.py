@@ -3,6 +3,7 @@
     python -m nanocausal.plot runs/pipeline/grpo                    # -> runs/pipeline/grpo/curves.png
     python -m nanocausal.plot runs/a runs/b --out compare.png       # two runs overlaid
     python -m nanocausal.plot lr3e-5=runs/a lr1e-4=runs/b --smooth 0.8   # named runs, EMA-smoothed
+    python -m nanocausal.plot --results runs/pipeline                  # pipeline.py's results.png
 
 A RUN_DIR is a training out_dir (or a metrics.jsonl itself); NAME=RUN_DIR names it in the legend
 (default: the folder's name). Needs matplotlib (pip install matplotlib, or pip install -e '.[plot]');
@@ -93,6 +94,19 @@ def curve(rows, key, smooth=0.0):
     return steps, values
 
 
+def new_figure(width, height):
+    """A matplotlib Figure without pyplot: no global state, no display, the same under pipeline.py
+    as here. ValueError (one line) without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')") from None
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
 def plot_runs(run_dirs, out_png, names=None, smooth=0.0):
     """Write the curves of run_dirs (out_dirs, or metrics.jsonl files) to out_png, overlaid: one
     colour per run (the figure's legend), one line style per key (each panel's legend); names:
@@ -113,18 +127,10 @@ def plot_runs(run_dirs, out_png, names=None, smooth=0.0):
         raise ValueError(f"nothing to plot in {', '.join(metrics_path(d) for d in run_dirs)}: "
                          f"it logs {', '.join(sorted(logged))}; the panels read {', '.join(known)}")
 
-    try:  # after the checks of the data, which need no matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.lines import Line2D
-    except ImportError:
-        raise ValueError("plotting needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')") from None
-
-    # The figure without pyplot: no global state, no display, the same under pipeline.py as here.
     columns = 1 if len(panels) == 1 else 2
     grid_rows = math.ceil(len(panels) / columns)
-    figure = Figure(figsize=(6.5 * columns, 3.4 * grid_rows), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(6.5 * columns, 3.4 * grid_rows)  # after the checks of the data, which need no matplotlib
+    from matplotlib.lines import Line2D
     colours = [f"C{i % 10}" for i in range(len(runs))]
     for index, (title, keys) in enumerate(panels):
         axes = figure.add_subplot(grid_rows, columns, index + 1)
@@ -153,6 +159,46 @@ def plot_runs(run_dirs, out_png, names=None, smooth=0.0):
     return [title for title, _ in panels]
 
 
+def plot_results(pipeline_out, out_png=None):
+    """results.png of a pipeline.py run (its --out folder, holding results.json): on the left the
+    rollout reward per step of the RL methods (from their metrics.jsonl, EMA-smoothed 0.8 over the
+    raw values drawn faint), on the right every model's overall accuracy per test set, greedy
+    (hatched) and sampled, with the constant answer as a black line. Returns the PNG's path."""
+    with open(os.path.join(pipeline_out, "results.json")) as f:
+        results = json.load(f)
+    out_png = out_png or os.path.join(pipeline_out, "results.png")
+    figure = new_figure(15, 4.6)
+    rewards, bars = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    models = list(results["scores"])
+    colours = {model: f"C{i}" for i, model in enumerate(models)}  # one colour per model in both panels
+    for model in results["reward_curves"]:
+        rows = read_metrics(metrics_path(os.path.join(pipeline_out, results["run_dirs"][model])))
+        rewards.plot(*curve(rows, "reward"), color=colours[model], alpha=0.25, linewidth=1)
+        rewards.plot(*curve(rows, "reward", smooth=0.8), color=colours[model], linewidth=2, label=model)
+    rewards.set(title="RL rollout reward (correct + 0.1 x well-formed; faint: raw, bold: EMA 0.8)", xlabel="step")
+    rewards.legend(fontsize=8)
+    test_sets = list(results["constant_answer"])
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        for j, mode in enumerate(("greedy", "sampled")):
+            xs = [2 * k + j + (i - (len(models) - 1) / 2) * width for k in range(len(test_sets))]
+            heights = [100 * results["scores"][model][name][mode]["overall"] for name in test_sets]
+            bars.bar(xs, heights, width, color=colours[model], hatch="//" if mode == "greedy" else None,
+                     edgecolor="white", label=model if mode == "sampled" else None)
+    for k, name in enumerate(test_sets):
+        constant = 100 * results["constant_answer"][name]["overall"]
+        bars.hlines(constant, 2 * k - 0.5, 2 * k + 1.5, color="black", linewidth=1.5,
+                    label="constant answer" if k == 0 else None)
+    bars.set_xticks([2 * k + j for k in range(len(test_sets)) for j in range(2)],
+                    [f"{name}\n{mode}" for name in test_sets for mode in ("greedy", "sampled")], fontsize=8)
+    bars.set(title="overall accuracy (%) on held-out problems", ylim=(0, 100))
+    bars.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    for axes in (rewards, bars):
+        axes.grid(alpha=0.3)
+    figure.savefig(out_png, dpi=100)
+    return out_png
+
+
 def parse_run(text):
     """NAME=RUN_DIR, or RUN_DIR (an existing path holding "=" is a path)."""
     if "=" in text and not os.path.exists(text):
@@ -165,13 +211,20 @@ def parse_run(text):
 def main(argv=None):
     p = cli.parser_for(__doc__)
     p.prog = "python -m nanocausal.plot"
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR",
                    help="training out_dirs (or metrics.jsonl files) to overlay; NAME=RUN_DIR names one in the legend")
+    p.add_argument("--results", metavar="PIPELINE_OUT", default=None,
+                   help="instead: draw results.png of a pipeline.py run from its --out folder (rewards and accuracies)")
     p.add_argument("--out", default=None,
                    help="PNG to write (default: RUN_DIR/curves.png for one run, curves.png here for several)")
     p.add_argument("--smooth", type=float, default=0.0,
                    help="exponential moving average weight in [0, 1) for noisy curves such as RL rewards (0: raw)")
     args = p.parse_args(argv)
+    if args.results:
+        print(f"wrote {plot_results(args.results, args.out)}")
+        return
+    if not args.runs:
+        p.error("give RUN_DIRs to plot, or --results PIPELINE_OUT")
     parsed = [parse_run(text) for text in args.runs]
     run_dirs = [path for _, path in parsed]
     names = [name or run_name(path) for name, path in parsed]

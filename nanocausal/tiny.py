@@ -42,6 +42,7 @@ The tokenizer, the model and its pretraining are built by nanocausal/tiny_base.p
 import json
 import random
 
+from nanocausal.caugym import LACK
 from nanocausal.problem_text import PROVIDE   # the official answer-format line
 
 TINY_NAMES = ["smku", "eons", "arbu", "pgqh", "ahpi", "lsrx", "imah", "ojko", "wexo", "qlun",
@@ -52,6 +53,8 @@ PREAMBLE = ("Input Info: Imagine a self-contained, hypothetical world with only 
 PREAMBLE_REPHRASED = ("Input Info: Consider an isolated, imaginary world where only these conditions hold, "
                       "with no other factors or causal links: ")
 KINDS = ("effect", "no path")
+QUERIES = ("ATE", "ETT")
+VARIANTS = ("base", "rephrased", "omitted", "redundant", "insufficient")
 
 # ----------------------------------------------------------------------------- problems
 
@@ -60,8 +63,29 @@ def _sentence_case(name):
     return name[0].upper() + name[1:]
 
 
-def make_problem(rng, no_path_share=0.375, rephrased=False, easy_order=True):
-    """One tiny-curriculum item: dict(problem, answer, kind, numbers=(p_x, p_x') or None)."""
+def make_problem(rng, no_path_share=0.375, variant="base", easy_order=True, query="ATE"):
+    """One tiny-curriculum item: dict(problem, answer, type, kind, variant, numbers), where numbers
+    = (a, b) are the two shown probabilities the answer is a - b of (None without a path).
+
+    query: "ATE" (module docstring) or "ETT", the effect of treatment on the treated on the same
+    unconfounded graphs, E[Y_xf - Y_x | X = xf] = P(y|xf) - P(y|x) (factual minus counterfactual,
+    ../shared/docs/causal_tasks.md). Both list the statement of the value the question names (ATE:
+    "changed to x", ETT: "had been x") first, so ATE is first - second and ETT second - first: the
+    query type decides the order of the subtraction.
+
+    variant (the test variants of nanocausal.caugym, built as nanocausal.problems builds them):
+      base / rephrased  the official wording / held-out wording (PREAMBLE_REPHRASED, other questions);
+      omitted           no "Instruction:" line (the question alone says what is asked);
+      redundant         one more true statement that no formula of the question reads: the third
+                        node's probability, given one of its parents if it has one, at a random place;
+      insufficient      an effect item with one of its two needed statements removed: the answer is
+                        LACK_CONDITION (the prompt then carries the official hint, caugym.official_prompt).
+    The base and rephrased variants draw exactly the random numbers they always did, so the tiny
+    base's pretraining data stays what it was."""
+    if variant not in VARIANTS:
+        raise ValueError(f"tiny variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    if variant == "insufficient":
+        no_path_share = 0.0  # a problem without a path needs no numbers, so it cannot lack them
     names = rng.sample(TINY_NAMES, 3)
     while True:  # a random DAG over 3 nodes in topological order; every node on some edge (as CauGym)
         edges = [(i, j) for i in range(3) for j in range(i + 1, 3) if rng.random() < 0.6]
@@ -78,40 +102,62 @@ def make_problem(rng, no_path_share=0.375, rephrased=False, easy_order=True):
     ok = [(a, b) for a, b in pairs if reaches(a, b) == want_path
           and not any((w, a) in edges and (w, b) in edges for w in range(3))]
     if not ok:
-        return make_problem(rng, no_path_share, rephrased, easy_order)
+        return make_problem(rng, no_path_share, variant, easy_order, query)
     x, y = rng.choice(ok)
     x_value, y_value = rng.choice(["low", "high"]), rng.choice(["low", "high"])
     other = "high" if x_value == "low" else "low"
     edge_text = " ".join(f"{_sentence_case(names[a])} has a direct effect on {names[b]}." for a, b in edges)
+    statements = []
     if want_path:
         p_x, p_other = rng.randint(1, 9999) / 10000, rng.randint(1, 9999) / 10000
-        # Easy curriculum: the statement for the value X is changed to comes first, so the ATE is
-        # "first number - second number" (official problems list them in either order).
+        # Easy curriculum: the statement of the value the question names comes first (official
+        # problems list them in either order).
         shown = [(x_value, p_x), (other, p_other)]
         if not easy_order:
             rng.shuffle(shown)
-        stats = " ".join(f"For those with {names[x]} being {v}, the probability of {names[y]} being {y_value} "
-                         f"is {p:.4f}." for v, p in shown) + " "
-        value = round(p_x - p_other, 4)
-        answer = {"ANSWER": "Yes" if value >= 0.001 else "No", "PROB": f"{value + 0.0:.4f}"}
-        numbers = (p_x, p_other)
+        statements = [f"For those with {names[x]} being {v}, the probability of {names[y]} being {y_value} is {p:.4f}."
+                      for v, p in shown]
+        numbers = (p_x, p_other) if query == "ATE" else (p_other, p_x)
+        value = round(numbers[0] - numbers[1], 4)
+        yes = value >= 0.001 if query == "ATE" else value <= -0.001  # ETT: Yes iff the counterfactual is more likely
+        answer = json.dumps({"ANSWER": "Yes" if yes else "No", "PROB": f"{value + 0.0:.4f}"})
     else:
-        stats, numbers = "", None
-        answer = {"ANSWER": "No", "PROB": "0.0000"}
+        numbers, answer = None, json.dumps({"ANSWER": "No", "PROB": "0.0000"})
+    if variant == "redundant":
+        w = 3 - x - y
+        parents = [a for a, b in edges if b == w]
+        given = f"For those with {names[rng.choice(parents)]} being {rng.choice(['low', 'high'])}, the" if parents else "The"
+        statements.insert(rng.randint(0, len(statements)),
+                          f"{given} probability of {names[w]} being {rng.choice(['low', 'high'])} is "
+                          f"{rng.randint(1, 9999) / 10000:.4f}.")
+    elif variant == "insufficient":
+        statements.pop(rng.randrange(2))
+        answer = LACK
+    stats = " ".join(statements) + " " if statements else ""
+    rephrased = variant == "rephrased"
     preamble = PREAMBLE_REPHRASED if rephrased else PREAMBLE
-    question = (f"Would setting {names[x]} to {x_value} make {names[y]} more likely to be {y_value}?" if rephrased
-                else f"If {names[x]} is changed to be {x_value}, will {names[y]} be more likely to be {y_value}?")
-    problem = (f"{preamble}{edge_text}\n{stats}\n"
-               f"Instruction: Consider the average treatment effect (ATE) of {names[x]} on {names[y]}.\n"
-               f"Question: {question}\n{PROVIDE}")
-    return {"problem": problem, "answer": json.dumps(answer), "type": "ATE",
-            "kind": "effect" if want_path else "no path", "variant": "rephrased" if rephrased else "base",
-            "numbers": numbers}
+    if query == "ATE":
+        instruction = f"the average treatment effect (ATE) of {names[x]} on {names[y]}"
+        question = (f"Would setting {names[x]} to {x_value} make {names[y]} more likely to be {y_value}?" if rephrased
+                    else f"If {names[x]} is changed to be {x_value}, will {names[y]} be more likely to be {y_value}?")
+    else:
+        instruction = f"the effect of treatment on the treated (ETT) of {names[x]} on {names[y]}"
+        question = (f"Among those whose {names[x]} is {other}, had their {names[x]} been {x_value}, would the "
+                    f"{names[y]} have been more likely to be {y_value}?" if rephrased else
+                    f"For those with {names[x]} being {other}, if their {names[x]} had been {x_value}, would the "
+                    f"{names[y]} have been more likely to be {y_value}?")
+    instruction_line = "" if variant == "omitted" else f"Instruction: Consider {instruction}.\n"
+    problem = f"{preamble}{edge_text}\n{stats}\n{instruction_line}Question: {question}\n{PROVIDE}"
+    return {"problem": problem, "answer": answer, "type": query, "kind": "effect" if want_path else "no path",
+            "variant": variant, "numbers": numbers}
 
 
-def make_problems(n, seed, no_path_share=0.375, rephrased=False, easy_order=True):
+def make_problems(n, seed, no_path_share=0.375, variant="base", easy_order=True, queries=("ATE",)):
+    """n items from one seeded stream; with several queries each item draws its own (one query
+    draws nothing, so the ATE-only stream is what it always was)."""
     rng = random.Random(seed)
-    return [make_problem(rng, no_path_share, rephrased, easy_order) for _ in range(n)]
+    return [make_problem(rng, no_path_share, variant, easy_order, rng.choice(queries) if len(queries) > 1 else queries[0])
+            for _ in range(n)]
 
 
 def subtraction_columns(top, bottom, forget_borrow=lambda: False):
@@ -143,14 +189,14 @@ def solution(item, slip_rate=0.0, rng=None):
     if item["numbers"] is None:
         return "path: no\n" + json.dumps(answer)
     forget_borrow = (lambda: rng.random() < slip_rate) if slip_rate > 0 else (lambda: False)
-    p_x, p_other = item["numbers"]
-    if p_x >= p_other:
-        head = f"ATE = {p_x:.4f} - {p_other:.4f}"
-        columns, magnitude = subtraction_columns(p_x, p_other, forget_borrow)
+    a, b = item["numbers"]  # the answer is a - b
+    if a >= b:
+        head = f"{item['type']} = {a:.4f} - {b:.4f}"
+        columns, magnitude = subtraction_columns(a, b, forget_borrow)
         result = magnitude
     else:
-        head = f"ATE = {p_x:.4f} - {p_other:.4f} = -({p_other:.4f} - {p_x:.4f})"
-        columns, magnitude = subtraction_columns(p_other, p_x, forget_borrow)
+        head = f"{item['type']} = {a:.4f} - {b:.4f} = -({b:.4f} - {a:.4f})"
+        columns, magnitude = subtraction_columns(b, a, forget_borrow)
         result = "-" + magnitude if magnitude != "0.0000" else magnitude
     if slip_rate == 0:
         assert float(result) == float(answer["PROB"]), (result, answer)

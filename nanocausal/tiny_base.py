@@ -69,7 +69,7 @@ def train_tokenizer(out_dir, vocab_size=1000, n_texts=3000, seed=1234):
         pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    items = make_problems(n_texts, seed) + make_problems(n_texts // 4, seed + 1, rephrased=True)
+    items = make_problems(n_texts, seed) + make_problems(n_texts // 4, seed + 1, variant="rephrased")
     texts = [it["problem"] + "\nLet's think step by step." for it in items] + [solution(it) for it in items]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), max_token_length=48)
@@ -124,7 +124,7 @@ def pretraining_text(rng):
         head = f"{a:.4f} - {b:.4f}" + ("" if a >= b else f" = -({top:.4f} - {bottom:.4f})")
         result = magnitude if a >= b or magnitude == "0.0000" else "-" + magnitude
         return f"{head}\n{' '.join(columns)}\n= {result}"
-    item = make_problem(rng, no_path_share=0.2, rephrased=rng.random() < 0.2, easy_order=False)
+    item = make_problem(rng, no_path_share=0.2, variant="rephrased" if rng.random() < 0.2 else "base", easy_order=False)
     if kind < 0.7 or item["numbers"] is None:
         return item["problem"]
     shown = [float(t) for t in item["problem"].split("is ")[1:] if t[:1].isdigit() for t in [t[:6]]]

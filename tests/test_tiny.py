@@ -20,18 +20,45 @@ def tiny_folder(tmp_path_factory):
     return path
 
 
-def test_problems_are_solved_alike_by_the_official_solver():
-    items = tiny.make_problems(150, seed=3) + tiny.make_problems(50, seed=4, rephrased=True)
-    assert {it["kind"] for it in items} == set(tiny.KINDS)
+@pytest.mark.parametrize("variant", tiny.VARIANTS)
+def test_problems_of_every_variant_and_query_are_solved_alike_by_the_official_solver(variant):
+    """The causal engine's parser and exact solver (problem_text.solve) reads every tiny problem and
+    gives its answer: both queries, every variant (insufficient: LACK_CONDITION)."""
+    items = tiny.make_problems(120, seed=3, variant=variant, queries=tiny.QUERIES)
+    assert {it["type"] for it in items} == set(tiny.QUERIES)
+    assert {it["kind"] for it in items} == ({"effect"} if variant == "insufficient" else set(tiny.KINDS))
     for item in items:
-        assert json.loads(solve(item["problem"])) == json.loads(item["answer"]), item["problem"]
+        solved = solve(item["problem"])
+        if variant == "insufficient":
+            assert item["answer"] == solved == caugym.LACK, item["problem"]
+        else:
+            assert json.loads(solved) == json.loads(item["answer"]), item["problem"]
+        assert ("Instruction:" in item["problem"]) == (variant != "omitted")
+
+
+def test_variants_change_only_what_they_say():
+    """rephrased: other words; redundant: one more probability statement; insufficient: one fewer."""
+    count = lambda text: text.lower().count("the probability of")
+    for variant, extra in (("redundant", 1), ("insufficient", -1)):
+        for item in tiny.make_problems(50, seed=8, variant=variant):
+            assert count(item["problem"]) == (2 if item["kind"] == "effect" else 0) + extra, item["problem"]
+    assert all(tiny.PREAMBLE_REPHRASED in it["problem"] for it in tiny.make_problems(5, seed=8, variant="rephrased"))
+    # one query draws no random number for the choice: the ATE stream is what the tiny base was built on
+    assert tiny.make_problems(20, seed=9) == tiny.make_problems(20, seed=9, queries=("ATE",))
+    with pytest.raises(ValueError, match="tiny variant 'deconfounding'"):
+        tiny.make_problems(1, seed=0, variant="deconfounding")
 
 
 def test_worked_solution_ends_with_the_right_answer():
-    for item in tiny.make_problems(200, seed=5):
+    items = tiny.make_problems(200, seed=5, queries=tiny.QUERIES)
+    for item in items:
         text = tiny.solution(item)
         assert is_correct(text, item["answer"])
         assert text.endswith(item["answer"])
+    ett = next(it for it in items if it["type"] == "ETT" and it["kind"] == "effect")
+    # ETT = P(y | factual x) - P(y | the x the question names): the second shown number minus the first
+    first, second = (float(t[:6]) for t in ett["problem"].split(" is ")[1:3])
+    assert tiny.solution(ett).splitlines()[1].startswith(f"ETT = {second:.4f} - {first:.4f}")
 
 
 def test_column_subtraction_is_exact():
