@@ -73,27 +73,20 @@ NAMES = {"sft": "SFT", "dpo": "SFT + DPO", "kto": "SFT + KTO", "ppo": "SFT + PPO
 STEPS_PER_GRPO_STEP = {"control": 12, "ppo": 0.65, "dpo": 3.9, "kto": 2.6}
 
 
-def method_list(text):
-    names = METHODS if text == "all" else tuple(m.strip() for m in text.split(","))
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown method {unknown[0]!r}: expected all or some of {', '.join(METHODS)}")
-    return tuple(m for m in METHODS if m in names or m == "sft")  # SFT is every method's start
-
-
 def name_list(allowed):
+    """argparse type: comma-separated names from `allowed`, or "all" for every one, in allowed's order."""
     def parse(text):
-        names = tuple(n.strip() for n in text.split(",") if n.strip())
+        names = allowed if text == "all" else tuple(n.strip() for n in text.split(",") if n.strip())
         bad = [n for n in names if n not in allowed]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {bad[0]!r}: expected some of {', '.join(allowed)}")
-        return names
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown {bad[0] if bad else text!r}: expected all or some of {', '.join(allowed)}")
+        return tuple(n for n in allowed if n in names)
     return parse
 
 
 def parse_args(argv):
     p = cli.parser_for(__doc__)
-    p.add_argument("--methods", type=method_list, default="sft,grpo",
+    p.add_argument("--methods", type=name_list(METHODS), default="sft,grpo",
                    help="post-training methods to compare from the shared SFT start, comma-separated from "
                         "sft, dpo, kto, ppo, grpo, or all (SFT always runs: it is every method's start; the "
                         "same-compute SFT control always runs too)")
@@ -136,8 +129,9 @@ def parse_args(argv):
     p.add_argument("--pref-samples", type=cli.positive_int, default=4, help="replies sampled per preference prompt")
     p.add_argument("--pref-batch-size", type=cli.positive_int, default=16,
                    help="DPO pairs per step (KTO: twice as many single replies, the same sequences)")
-    p.add_argument("--pref-lr", type=cli.non_negative_float, default=1e-5,
-                   help="DPO and KTO peak learning rate (cosine; 3e-5 and 1e-4 collapsed DPO, docs/tiny_results.md)")
+    p.add_argument("--dpo-lr", type=cli.non_negative_float, default=5e-6,
+                   help="DPO peak learning rate (cosine; 1e-5 collapsed two seeds of three, docs/tiny_results.md)")
+    p.add_argument("--kto-lr", type=cli.non_negative_float, default=1e-5, help="KTO peak learning rate (cosine)")
     p.add_argument("--pref-beta", type=cli.non_negative_float, default=0.1, help="DPO and KTO beta (the implicit KL strength)")
     p.add_argument("--test-problems", type=cli.positive_int, default=200, help="held-out problems of the base test set")
     p.add_argument("--variants", type=name_list(tiny.VARIANTS[1:]), default="omitted,redundant",
@@ -150,7 +144,9 @@ def parse_args(argv):
                         "from the SFT checkpoint, so they are independent (2 for 2 cores; 1: one by one, in this process)")
     p.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads per job")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, training and sampling")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.methods = ("sft",) + tuple(m for m in args.methods if m != "sft")  # SFT is every method's start
+    return args
 
 
 def budgets(args):
@@ -176,7 +172,7 @@ def train_method(method, args, steps, data_dir, run_dir):
     if method in ("dpo", "kto"):  # KTO's batch: the same replies as DPO's, unpaired
         return train_preference(PreferenceConfig(
             algo=method, model=sft_checkpoint, data=os.path.join(data_dir, f"{method}.jsonl"), steps=steps,
-            batch_size=args.pref_batch_size * (2 if method == "kto" else 1), lr=args.pref_lr, beta=args.pref_beta,
+            batch_size=args.pref_batch_size * (2 if method == "kto" else 1), lr=args.dpo_lr if method == "dpo" else args.kto_lr, beta=args.pref_beta,
             warmup_steps=3, precompute_ref=True, max_length=512, save_every=steps, out_dir=run_dir,
             log_every=10, eval_every=0, overwrite=True, seed=args.seed))
     # the control: the same compute spent on more SFT, on the same worked solutions

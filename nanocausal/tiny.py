@@ -15,8 +15,14 @@ official base wording, with two kinds of item:
 - "no path": there is no directed path X -> ... -> Y, the problem shows no numbers, and the
   answer is {"ANSWER": "No", "PROB": "0.0000"}.
 
+A second query type, the effect of treatment on the treated (ETT), can join it (queries=): the
+same items, the subtraction the other way round (make_problem). And the test variants of CauGym
+(rephrased, omitted instruction, redundant or insufficient information) are built the way
+nanocausal.problems builds them, as held-out tests of what the model learned.
+
 The problems are genuine CauGym problems: nanocausal.problem_text.solve parses them and returns
-the same answer (tests/test_tiny.py checks it), and eval.py scores them with the official rule.
+the same answer, in every variant (tests/test_tiny.py checks it), and eval.py scores them with
+the official rule (`python eval.py --data tiny:200 tiny-redundant:100 ...`).
 
 The worked solution. A small transformer does not learn to state a 4-digit difference in one
 go (issue 7: 7 minutes of SFT never got one exactly right), but it does learn the school method,
