@@ -3,8 +3,8 @@ The paper's comparison at toy scale, on a laptop CPU: what do SFT, DPO, KTO, PPO
 a model's causal reasoning, in distribution and on held-out variants?
 
     python pipeline.py                      # SFT, GRPO and the same-compute control (laptop / CPU, no GPU,
-                                            # no internet; about 8 minutes on 2 cores, docs/tiny_results.md)
-    python pipeline.py --methods all        # all five methods from one SFT start (about 20 minutes)
+                                            # no internet; 395 s on 2 cores, docs/tiny_results.md)
+    python pipeline.py --methods all        # all five methods from one SFT start (14-21 minutes)
     python pipeline.py --methods sft,dpo,kto --variants omitted,redundant,insufficient
     python pipeline.py --teacher-slip-rate 0    # flawless worked solutions (there more SFT wins)
     python pipeline.py --sft-steps 60 --grpo-steps 10 --test-problems 50   # a smoke run of a few minutes
