@@ -16,6 +16,7 @@ from a file. Safetensors are read here with plain file reads, every offset check
 parameter name and shape checked against the config before it is copied into the model.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -68,6 +69,34 @@ def is_adapter(folder):
 def base_of(folder):
     """The base model a LoRA adapter folder was trained on (a hub id or a folder)."""
     return lora.read_adapter_config(folder)["base_model_name_or_path"]
+
+def file_sha256(path, chunk_bytes=16 * 1024**2) -> str:
+    """The SHA-256 of a file's bytes, read a chunk at a time (about 1-2 GB/s on one core)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(name_or_path) -> str:
+    """What a model *is*, by content rather than by path: the SHA-256 over the names and SHA-256s
+    of the files that define it (config, weights, adapter files, for a LoRA adapter its base's
+    too). A moved or renamed folder keeps its fingerprint; a folder whose weights were replaced
+    gets a new one. A plain file (a config.json of a random-weight model, a data file) is its own
+    SHA-256. Used by eval.py to refuse another model's answers and by --resume to compare paths."""
+    path = os.path.expanduser(os.fspath(name_or_path))
+    if os.path.isfile(path):
+        return file_sha256(path)
+    folder = resolve_model(path)
+    digest = hashlib.sha256()
+    names = sorted(n for n in os.listdir(folder) if n in ("config.json", lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS)
+                   or n.endswith(".safetensors") or n == "model.safetensors.index.json")
+    for name in names:
+        digest.update(f"{name} {file_sha256(os.path.join(folder, name))}\n".encode())
+    if is_adapter(folder):
+        digest.update(f"base {fingerprint(base_of(folder))}\n".encode())
+    return digest.hexdigest()
 
 # -----------------------------------------------------------------------------
 # Weights: safetensors in, safetensors out
