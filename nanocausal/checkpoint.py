@@ -8,17 +8,18 @@ here, plus what --resume needs:
     tokenizer.json, ...          the tokenizer files of the model it started from (TOKENIZER_FILES)
     value_head.safetensors       extra modules (PPO's value head), when there are any
     trainer_state.pt             optimiser state, step, data position, RNG states, the run's config
-    manifest.json                every file's size, written last: the folder is whole
+    manifest.json                every file's size and SHA-256, written last: the folder is whole
 
 trainer_state.pt holds tensors and plain Python types only and is read with
 torch.load(weights_only=True), which refuses to unpickle anything else: resuming never runs code
-from a file. Safetensors are read here with plain file reads, every offset checked, and every
-parameter name and shape checked against the config before it is copied into the model.
+from a file (under torchrun the optimiser shards are safetensors + JSON: distributed.py).
+Safetensors and JSON are read by nanocausal.safe_files, every offset checked, and every
+parameter name, shape and dtype checked against the config before it is copied into the model.
+Loading a folder that has a manifest first checks the SHA-256 of every file it reads (`verify`).
 """
 
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -27,9 +28,11 @@ import signal
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from nanocausal import lora
 from nanocausal.model import ModelConfig, Transformer
+from nanocausal.safe_files import read_json, read_safetensors, read_tensors, safetensors_files
 
 # The files of a checkpoint, one list each: what a hub download fetches and what a save copies.
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -70,6 +73,20 @@ def base_of(folder):
     """The base model a LoRA adapter folder was trained on (a hub id or a folder)."""
     return lora.read_adapter_config(folder)["base_model_name_or_path"]
 
+
+def adapter_base(folder) -> str:
+    """The folder of an adapter's base model, checked to be a full model. An adapter on top of an
+    adapter is refused rather than followed: nanocausal holds one adapter per layer (a second
+    would replace the first), and refusing it also ends a base that is the adapter itself or a
+    cycle of adapters with one line instead of a RecursionError."""
+    base = resolve_model(base_of(folder))
+    if is_adapter(base):
+        same = os.path.realpath(base) == os.path.realpath(folder)
+        raise ValueError(f"{os.path.join(folder, lora.ADAPTER_CONFIG)}: base_model_name_or_path names "
+                         + ("this adapter itself" if same else f"{base}, another LoRA adapter")
+                         + ": the base must be a full model (config.json + safetensors)")
+    return base
+
 def file_sha256(path, chunk_bytes=16 * 1024**2) -> str:
     """The SHA-256 of a file's bytes, read a chunk at a time (about 1-2 GB/s on one core)."""
     digest = hashlib.sha256()
@@ -95,7 +112,7 @@ def fingerprint(name_or_path) -> str:
     for name in names:
         digest.update(f"{name} {file_sha256(os.path.join(folder, name))}\n".encode())
     if is_adapter(folder):
-        digest.update(f"base {fingerprint(base_of(folder))}\n".encode())
+        digest.update(f"base {fingerprint(adapter_base(folder))}\n".encode())
     return digest.hexdigest()
 
 # -----------------------------------------------------------------------------
@@ -119,9 +136,12 @@ def load_model(name_or_path, dtype=None, device=None) -> Transformer:
         return random_model(name_or_path, dtype, device)
     path = resolve_model(name_or_path)
     if is_adapter(path):  # a LoRA adapter (ours or peft's): its base, with the adapters on top
-        model = load_model(base_of(path), dtype, device)
+        verify(path, [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS])
+        model = load_model(adapter_base(path), dtype, device)
         model.lora_base = base_of(path)
         return lora.load_adapter(model, path)
+    files = safetensors_files(path)
+    verify(path, ["config.json", "model.safetensors.index.json"] + [os.path.basename(f) for f in files])
     config = read_config(os.path.join(path, "config.json"))
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")
@@ -130,7 +150,7 @@ def load_model(name_or_path, dtype=None, device=None) -> Transformer:
 
     expected = {hf_name(n): p for n, p in model.named_parameters()}  # a tied head appears once, as embed_tokens
     loaded = set()
-    for file in safetensors_files(path):
+    for file in files:
         for key, tensor in read_safetensors(file, only=expected.keys() | {"lm_head.weight"}):
             if key == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # some tied checkpoints store the head too; it is the embedding
@@ -139,6 +159,9 @@ def load_model(name_or_path, dtype=None, device=None) -> Transformer:
             want = tuple(expected[key].shape)
             if tuple(tensor.shape) != want:
                 raise ValueError(f"{file}: tensor {key} has shape {tuple(tensor.shape)} but the config expects {want}")
+            if not tensor.dtype.is_floating_point:  # an integer tensor would be cast to float without a word
+                raise ValueError(f"{file}: tensor {key} holds {str(tensor.dtype).removeprefix('torch.')} values; "
+                                 f"a weight must be a floating-point tensor")
             # move, then convert: a bf16 checkpoint crosses to the GPU in bf16 (half the bytes of
             # converting first on the CPU) and is widened there
             _set_parameter(model, key, tensor.to(device).to(dtype))
@@ -155,11 +178,7 @@ def load_model(name_or_path, dtype=None, device=None) -> Transformer:
 
 def read_config(config_path) -> ModelConfig:
     """A config.json as a ModelConfig; errors name the file."""
-    with open(config_path) as f:
-        try:
-            return ModelConfig.from_dict(json.load(f), source=str(config_path))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    return ModelConfig.from_dict(read_json(config_path), source=str(config_path))
 
 
 def random_model(config_json, dtype=None, device=None, seed=0):
@@ -220,66 +239,6 @@ def save_model(model: Transformer, out_dir, max_shard_bytes=5 * 1024**3):
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def safetensors_files(path) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not os.path.isfile(file):
-                raise ValueError(f"{index} names {os.path.basename(file)}, which is not in {path}")
-        return files
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    raise ValueError(f"{path} is not a Hugging Face checkpoint: no model.safetensors or model.safetensors.index.json")
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(file, only=None):
-    """Yield (name, tensor) from a .safetensors file, reading each tensor straight into its memory.
-
-    The format is simple: 8 bytes (little-endian) giving the header's length, a JSON header mapping
-    each name to {dtype, shape, data_offsets}, then the raw bytes. Reading it with plain file reads
-    (no mmap) keeps peak memory at the size of the tensors we keep, and lets us check every offset
-    against the file's size, so a truncated or corrupted file fails loudly instead of half-loading.
-    Names outside `only` come back as meta tensors, so the caller can name them as unexpected.
-    """
-    file_size = os.path.getsize(file)
-    with open(file, "rb") as f:
-        try:
-            header_len = int.from_bytes(f.read(8), "little")
-            if not 0 < header_len <= file_size - 8:
-                raise ValueError(f"header length {header_len} does not fit a {file_size}-byte file")
-            header = json.loads(f.read(header_len))
-            header.pop("__metadata__", None)
-            data_start = 8 + header_len
-            entries = []
-            for name, info in header.items():
-                begin, end = info["data_offsets"]
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                shape = tuple(info["shape"])
-                nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-                if end - begin != nbytes or data_start + end > file_size:
-                    raise ValueError(f"tensor {name} needs bytes {begin}..{end} of the data but the file holds {file_size - data_start}")
-                entries.append((begin, name, dtype, shape, nbytes))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file} is truncated or corrupted: {e}") from None
-        for begin, name, dtype, shape, nbytes in sorted(entries):
-            if only is not None and name not in only:
-                yield name, torch.empty(shape, dtype=dtype, device="meta")
-                continue
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-            f.seek(data_start + begin)
-            if f.readinto(buffer.numpy()) != nbytes:
-                raise ValueError(f"{file} is truncated or corrupted: tensor {name} is cut short")
-            yield name, buffer.view(dtype).reshape(shape)
-
 # -----------------------------------------------------------------------------
 # Training checkpoints: the folder above plus trainer_state.pt, to resume exactly
 
@@ -333,23 +292,64 @@ def _fsync(path):
         os.close(fd)
 
 
-def is_complete(folder):
-    """True when `folder` holds a manifest and every file it lists, at the listed size."""
+def read_manifest(folder):
+    """manifest.json as {"step", "files": {name: bytes}, "sha256": {name: hex}} (sha256 absent in
+    checkpoints saved before it was recorded); one-line ValueError for anything else."""
     path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
-        return False
+    manifest = read_json(path)
+    files, hashes = manifest.get("files"), manifest.get("sha256", {})
+    if not (isinstance(files, dict) and all(type(n) is int for n in files.values()) and isinstance(hashes, dict)
+            and all(isinstance(h, str) for h in hashes.values())):
+        raise ValueError(f"{path}: expected 'files' (name -> size in bytes) and 'sha256' (name -> hex digest)")
+    return manifest
+
+
+def is_complete(folder):
+    """True when `folder` holds a manifest and every file it lists, at the listed size.
+
+    Sizes only, on purpose: crash recovery (recover) asks this of every leftover folder at the
+    start of every run and save, and a save interrupted by a crash shows as missing or short
+    files, never as same-size files with other bytes. Flipped bits are `verify`'s business, run
+    when a checkpoint is loaded."""
     try:
-        with open(path) as f:
-            files = json.load(f)["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        files = read_manifest(folder)["files"]
+    except (OSError, ValueError):
         return False
     return all(os.path.isfile(os.path.join(folder, n)) and os.path.getsize(os.path.join(folder, n)) == size
                for n, size in files.items())
 
 
+def verify(folder, names):
+    """Check the files `names` of a checkpoint folder against its manifest, before they are read:
+    each must be listed (a file added after the save is not part of the checkpoint), present, of
+    its size and of its SHA-256. A folder without a manifest (a downloaded model, a checkpoint
+    from before manifests) passes; names that exist neither on disk nor in the manifest are
+    skipped (model.safetensors.index.json of a one-file model). The error names the file.
+
+    Cost: one read of each file at file_sha256's speed, 1.4 GB/s on one core of a shared laptop
+    CPU (a 1 GB file, page cache warm: `python -c "from nanocausal.checkpoint import file_sha256;
+    file_sha256('f')"` timed), so resuming a 7B model in bf16 (15 GB of weights) adds about 11 s,
+    and its full-fine-tuning trainer_state.pt (AdamW's two float32 moments, 61 GB) about 45 s,
+    against a load that reads those bytes anyway. Under torchrun each rank verifies what it reads:
+    the weights, and its own optimiser shard."""
+    if not os.path.isfile(os.path.join(folder, MANIFEST)):
+        return
+    manifest = read_manifest(folder)
+    for name in names:
+        path = os.path.join(folder, name)
+        if name not in manifest["files"]:
+            if os.path.exists(path):
+                raise ValueError(f"{path} is not part of the checkpoint that was saved ({MANIFEST} does not list it)")
+            continue
+        if not os.path.isfile(path) or os.path.getsize(path) != manifest["files"][name]:
+            raise ValueError(f"{path} is missing or not the size {MANIFEST} records: the checkpoint is damaged")
+        if name in manifest["sha256"] and file_sha256(path) != manifest["sha256"][name]:
+            raise ValueError(f"{path}: its bytes are not the ones saved (SHA-256 differs from {MANIFEST}): the "
+                             f"file is corrupted")
+
+
 def saved_step(folder):
-    with open(os.path.join(folder, MANIFEST)) as f:
-        return json.load(f).get("step")
+    return read_manifest(folder).get("step")
 
 
 def recover(out_dir):
@@ -403,19 +403,48 @@ def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_st
     saved as <name>.safetensors beside the model.
 
     Crash-safe: everything is written into a fresh out_dir.tmp and fsynced, the manifest (every
-    file's size) last; then out_dir.tmp replaces out_dir by two renames. A kill at any moment
+    file's size and SHA-256) last; then out_dir.tmp replaces out_dir by two renames. A kill at any moment
     leaves either the old or the new checkpoint whole, and `recover` (run by the next save and at
-    the start of every run) completes or removes what is left over. keep > 1 keeps the previous
+    the start of every run) completes or removes what is left over. A write that fails (a full
+    disk) removes out_dir.tmp and raises one OSError naming out_dir; out_dir is untouched. keep > 1 keeps the previous
     keep - 1 checkpoints beside it as out_dir-STEP (e.g. checkpoint-000400).
 
     staged: a folder of files written before the call (every rank's optimiser shard and RNG state,
     under torchrun: distributed.save_checkpoint), moved into the checkpoint before its manifest.
     """
-    from safetensors.torch import save_file
-
     out_dir = out_dir.rstrip("/")
     tmp_dir, old_dir = out_dir + ".tmp", out_dir + ".old"
     recover(out_dir)
+    try:
+        _write_folder(tmp_dir, model, tokenizer_source, optimizer, trainer_state, extra_modules, staged)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save and safetensors raise their own
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # give the space back; out_dir was not touched
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise OSError(f"{out_dir}: the checkpoint could not be written ({reason}); the previous checkpoint, if any, "
+                      f"is kept as it was") from None
+    crash_point("manifest")
+    previous_step = saved_step(out_dir) if is_complete(out_dir) else None
+    if os.path.isdir(out_dir):
+        os.replace(out_dir, old_dir)
+    crash_point("moved_old")
+    os.replace(tmp_dir, out_dir)
+    _fsync(os.path.dirname(os.path.abspath(out_dir)))
+    crash_point("moved_new")
+    if keep > 1 and previous_step is not None:
+        os.replace(old_dir, f"{out_dir}-{previous_step:06d}")
+        kept = sorted(d for d in os.listdir(os.path.dirname(os.path.abspath(out_dir)))
+                      if d.startswith(os.path.basename(out_dir) + "-") and d.rsplit("-", 1)[1].isdigit())
+        for name in kept[:max(0, len(kept) - (keep - 1))]:
+            shutil.rmtree(os.path.join(os.path.dirname(os.path.abspath(out_dir)), name))
+    shutil.rmtree(old_dir, ignore_errors=True)
+    crash_point("removed_old")
+
+
+def _write_folder(tmp_dir, model, tokenizer_source, optimizer, trainer_state, extra_modules, staged):
+    """save_checkpoint's writing: every file into tmp_dir, fsynced, then the manifest (each file's
+    size and SHA-256, for `verify`; hashing re-reads what was just written, from the page cache)."""
+    from safetensors.torch import save_file
+
     save_model(model, tmp_dir)
     crash_point("weights")
     copy_tokenizer_files(tokenizer_source, tmp_dir)
@@ -436,25 +465,36 @@ def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_st
         _fsync(os.path.join(tmp_dir, name))
     with open(os.path.join(tmp_dir, MANIFEST), "w") as f:
         json.dump({"step": (trainer_state or {}).get("step"),
-                   "files": {n: os.path.getsize(os.path.join(tmp_dir, n)) for n in files}}, f, indent=1)
+                   "files": {n: os.path.getsize(os.path.join(tmp_dir, n)) for n in files},
+                   "sha256": {n: file_sha256(os.path.join(tmp_dir, n)) for n in files}}, f, indent=1)
     _fsync(os.path.join(tmp_dir, MANIFEST))
     _fsync(tmp_dir)
-    crash_point("manifest")
-    previous_step = saved_step(out_dir) if is_complete(out_dir) else None
-    if os.path.isdir(out_dir):
-        os.replace(out_dir, old_dir)
-    crash_point("moved_old")
-    os.replace(tmp_dir, out_dir)
-    _fsync(os.path.dirname(os.path.abspath(out_dir)))
-    crash_point("moved_new")
-    if keep > 1 and previous_step is not None:
-        os.replace(old_dir, f"{out_dir}-{previous_step:06d}")
-        kept = sorted(d for d in os.listdir(os.path.dirname(os.path.abspath(out_dir)))
-                      if d.startswith(os.path.basename(out_dir) + "-") and d.rsplit("-", 1)[1].isdigit())
-        for name in kept[:max(0, len(kept) - (keep - 1))]:
-            shutil.rmtree(os.path.join(os.path.dirname(os.path.abspath(out_dir)), name))
-    shutil.rmtree(old_dir, ignore_errors=True)
-    crash_point("removed_old")
+
+
+def check_optimizer_state(saved, optimizer, path):
+    """Refuse, naming the tensor, an optimiser state that does not fit `optimizer` (other groups,
+    another parameter count, a moment of another shape), before load_state_dict meets it deep
+    inside a torch traceback (or, for a same-size tensor of another shape, not at all)."""
+    try:
+        groups, state = saved["param_groups"], saved["state"]
+        if len(groups) != len(optimizer.param_groups):
+            raise ValueError(f"{len(groups)} parameter groups, the optimiser has {len(optimizer.param_groups)}")
+        params = {}
+        for i, (group, ours) in enumerate(zip(groups, optimizer.param_groups)):
+            if len(group["params"]) != len(ours["params"]):
+                raise ValueError(f"group {i} holds {len(group['params'])} parameters, the model's {len(ours['params'])}")
+            params.update(zip(group["params"], ours["params"]))
+        for index, values in state.items():
+            if index not in params:
+                raise ValueError(f"state for parameter {index}, which no group holds")
+            for key, value in values.items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != params[index].shape:
+                    raise ValueError(f"tensor state.{index}.{key} has shape {tuple(value.shape)}, its parameter "
+                                     f"{tuple(params[index].shape)}")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: the optimiser state is not one nanocausal saved ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: the optimiser state does not fit this model: {e}") from None
 
 
 def load_trainer_state(checkpoint_dir, optimizer=None):
@@ -462,14 +502,19 @@ def load_trainer_state(checkpoint_dir, optimizer=None):
     path = os.path.join(checkpoint_dir, "trainer_state.pt")
     if not os.path.isfile(path):
         raise ValueError(f"{checkpoint_dir} cannot be resumed: it has no trainer_state.pt")
+    verify(checkpoint_dir, ["trainer_state.pt"])
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain types
-        raise ValueError(f"{path}: not a trainer state nanocausal can read safely ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path}: not a trainer state nanocausal can read safely "
+                         f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+    if not (isinstance(saved, dict) and isinstance(saved.get("trainer_state"), dict) and "rng" in saved):
+        raise ValueError(f"{path}: not a trainer state nanocausal saved (expected optimizer, trainer_state and rng)")
     if optimizer is not None:
-        if saved["optimizer"] is None:  # sharded in the rng-rank / .distcp files (distributed.save_checkpoint)
+        if saved.get("optimizer") is None:  # sharded in optimizer-rankR files (distributed.save_checkpoint)
             raise ValueError(f"{checkpoint_dir} was saved by {saved['trainer_state'].get('world_size')} ranks: resume it "
                              f"under torchrun with that many processes")
+        check_optimizer_state(saved["optimizer"], optimizer, path)
         optimizer.load_state_dict(saved["optimizer"])
     set_rng_state(saved["rng"])
     return saved["trainer_state"]
@@ -477,8 +522,8 @@ def load_trainer_state(checkpoint_dir, optimizer=None):
 
 def load_module(module: nn.Module, checkpoint_dir, name):
     """Load <checkpoint_dir>/<name>.safetensors (written by save_checkpoint's extra_modules) into module."""
-    from safetensors.torch import load_file
-
     device = next(module.parameters()).device
-    module.load_state_dict(load_file(os.path.join(checkpoint_dir, f"{name}.safetensors"), device=str(device)))
+    verify(checkpoint_dir, [f"{name}.safetensors"])
+    tensors = read_tensors(os.path.join(checkpoint_dir, f"{name}.safetensors"))
+    module.load_state_dict({k: v.to(device) for k, v in tensors.items()})
     return module

@@ -144,15 +144,32 @@ def optimised_modules(model, extra_modules):
     return torch.nn.ModuleDict({"model": model, **extra_modules}) if extra_modules else model
 
 
+def shard_file_names(r):
+    """The files rank r adds to a checkpoint: its optimiser shard (tensors, and the rest as JSON)
+    and its RNG state."""
+    return [f"optimizer-rank{r}.safetensors", f"optimizer-rank{r}.json", f"rng-rank{r}.pt"]
+
+
+def local(t):
+    """This rank's part of a (possibly sharded) tensor: a DTensor's local shard, a tensor itself."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def save_checkpoint(ckpt_dir, model, tokenizer_source, optimizer, trainer_state, extra_modules=None, keep=1):
     """checkpoint.save_checkpoint under torchrun (every rank calls it). Every rank writes its shard
-    of the optimiser state (torch.distributed.checkpoint: one __R_0.distcp file per rank and a
-    .metadata) and its RNG state (rng-rankR.pt) into a staging folder; rank 0 then writes the
-    Hugging Face folder from the gathered weights, with the staged files moved in before its
-    manifest, so the save stays crash-safe."""
+    of the optimiser state into a staging folder: `get_optimizer_state_dict` gives it as
+    {"state": {parameter name: {"exp_avg": DTensor, ...}}, "param_groups": [...]}; the local
+    tensors go to optimizer-rankR.safetensors as "state.NAME.KEY", everything else (param_groups,
+    non-tensor state) to optimizer-rankR.json, and the RNG states to rng-rankR.pt (tensors and
+    plain types: read back with weights_only=True). No pickle anywhere, so a resume cannot run
+    code planted in a checkpoint (torch.distributed.checkpoint, used before, unpickles its
+    .metadata). Rank 0 then writes the Hugging Face folder from the gathered weights, with the
+    staged files moved in before its manifest, so the save stays crash-safe."""
+    import json
     import shutil
 
-    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     from nanocausal import checkpoint
@@ -161,9 +178,19 @@ def save_checkpoint(ckpt_dir, model, tokenizer_source, optimizer, trainer_state,
         shutil.rmtree(staging, ignore_errors=True)  # left over by a save that a crash interrupted
         os.makedirs(staging)
     barrier()
-    dcp.save({"optimizer": get_optimizer_state_dict(optimised_modules(model, extra_modules), optimizer)},
-             checkpoint_id=staging)
-    torch.save(checkpoint.rng_state(), os.path.join(staging, f"rng-rank{rank()}.pt"))
+    state = get_optimizer_state_dict(optimised_modules(model, extra_modules), optimizer)
+    tensors, plain = {}, {"state": {}, "param_groups": state["param_groups"]}
+    for name, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{name}.{key}"] = local(value).detach().contiguous().cpu()
+            else:
+                plain["state"].setdefault(name, {})[key] = value
+    tensors_file, json_file, rng_file = (os.path.join(staging, n) for n in shard_file_names(rank()))
+    save_file(tensors, tensors_file)
+    with open(json_file, "w") as f:
+        json.dump(plain, f)
+    torch.save(checkpoint.rng_state(), rng_file)
     copy = gathered_copy(model)
     extras = {name: full_state_dict(module) for name, module in (extra_modules or {}).items()}
     if is_main():
@@ -172,19 +199,78 @@ def save_checkpoint(ckpt_dir, model, tokenizer_source, optimizer, trainer_state,
     barrier()
 
 
+def fill_optimizer_state(template, folder):
+    """Copy this rank's saved shard into `template` (get_optimizer_state_dict of the fresh
+    optimiser: every tensor already there at its local shape), refusing with one line naming the
+    file and tensor anything that does not fit: a missing or extra tensor, another local shape or
+    dtype, other parameter groups. Returns the RNG state saved beside it."""
+    from nanocausal import checkpoint
+    from nanocausal.safe_files import read_json, read_tensors
+    tensors_name, json_name, rng_name = shard_file_names(rank())
+    checkpoint.verify(folder, [tensors_name, json_name, rng_name])
+    tensors_file, json_file, rng_file = (os.path.join(folder, n) for n in (tensors_name, json_name, rng_name))
+    for path in (tensors_file, json_file, rng_file):
+        if not os.path.isfile(path):
+            raise ValueError(f"{folder} cannot be resumed under torchrun: it has no {os.path.basename(path)}")
+    saved, plain = read_tensors(tensors_file), read_json(json_file)
+    expected = {}
+    for name, values in template["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                expected[f"state.{name}.{key}"] = local(value)
+            elif not (isinstance(plain.get("state"), dict) and key in plain["state"].get(name, {})):
+                raise ValueError(f"{json_file}: no value for state {name} {key}")
+            else:
+                values[key] = plain["state"][name][key]
+    for key in sorted(saved.keys() ^ expected.keys()):
+        raise ValueError(f"{tensors_file}: " + (f"unexpected tensor {key}" if key in saved else f"missing tensor {key}"))
+    for key, tensor in saved.items():
+        want = expected[key]
+        if tensor.shape != want.shape or tensor.dtype != want.dtype:
+            raise ValueError(f"{tensors_file}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')} "
+                             f"{tuple(tensor.shape)}, this rank's optimiser holds {str(want.dtype).removeprefix('torch.')}"
+                             f" {tuple(want.shape)}")
+        with torch.no_grad():
+            want.copy_(tensor)
+    groups = plain.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(template["param_groups"]) or any(
+            not isinstance(g, dict) or g.get("params") != t["params"] for g, t in zip(groups, template["param_groups"])):
+        raise ValueError(f"{json_file}: its param_groups do not hold this model's parameters in the same groups")
+    for group, ours in zip(groups, template["param_groups"]):
+        for key, value in ours.items():
+            if key not in group:
+                raise ValueError(f"{json_file}: param_groups lack {key!r}")
+            ours[key] = tuple(group[key]) if isinstance(value, tuple) else group[key]  # JSON has no tuples (betas)
+    try:
+        return torch.load(rng_file, weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain types
+        raise ValueError(f"{rng_file}: not an RNG state nanocausal can read safely "
+                         f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+
+
 def load_shards(folder, saved_world_size, model, extra_modules, optimizer):
-    """Restore what save_checkpoint wrote for this rank: its optimiser shard and RNG state."""
-    import torch.distributed.checkpoint as dcp
+    """Restore what save_checkpoint wrote for this rank: its optimiser shard and RNG state. When a
+    rank cannot (a damaged or foreign file), every rank stops with one line: they agree first, so
+    none is left waiting in a collective for the one that stopped."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     from nanocausal import checkpoint
     if saved_world_size != world_size():
         raise ValueError(f"{folder} was saved by {saved_world_size} processes: resume it with as many")
+    if any(n == ".metadata" or n.endswith(".distcp") for n in os.listdir(folder)):
+        raise ValueError(f"{folder} holds torch.distributed.checkpoint files (.metadata, .distcp), a format "
+                         f"nanocausal no longer reads because reading it unpickles: resume from a newer checkpoint")
     modules = optimised_modules(model, extra_modules)
-    state = {"optimizer": get_optimizer_state_dict(modules, optimizer)}
-    dcp.load(state, checkpoint_id=folder)
-    set_optimizer_state_dict(modules, optimizer, state["optimizer"])
-    checkpoint.set_rng_state(torch.load(os.path.join(folder, f"rng-rank{rank()}.pt"), weights_only=True))
+    template = get_optimizer_state_dict(modules, optimizer)  # initialises the state: every tensor at its shape
+    error, rng = None, None
+    try:
+        rng = fill_optimizer_state(template, folder)
+    except ValueError as e:
+        error = e
+    if all_sum(int(error is not None)):
+        raise error or ValueError(f"{folder}: another rank could not read its optimiser shard (its error is above)")
+    set_optimizer_state_dict(modules, optimizer, template)
+    checkpoint.set_rng_state(rng)
 
 # -----------------------------------------------------------------------------
 # The global batch

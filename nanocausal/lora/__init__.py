@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from nanocausal.model import Linear
+from nanocausal.safe_files import read_json, read_tensors
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a block's seven
 ADAPTER_CONFIG = "adapter_config.json"
@@ -120,9 +121,9 @@ def save_adapter(model, out_dir, base_model_name_or_path):
 
 
 def read_adapter_config(folder):
+    """adapter_config.json, checked: a LORA adapter we can load, whose base is named by a string."""
     path = os.path.join(folder, ADAPTER_CONFIG)
-    with open(path) as f:
-        config = json.load(f)
+    config = read_json(path)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r}; nanocausal loads LORA adapters only")
     for key in ("r", "lora_alpha", "target_modules", "base_model_name_or_path"):
@@ -130,6 +131,10 @@ def read_adapter_config(folder):
             raise ValueError(f"{path}: missing key {key!r}")
     if config.get("use_rslora") or config.get("use_dora") or config.get("bias", "none") != "none":
         raise ValueError(f"{path}: rsLoRA, DoRA and LoRA biases are not supported")
+    base = config["base_model_name_or_path"]
+    if not isinstance(base, str) or not base.strip():
+        raise ValueError(f"{path}: base_model_name_or_path must name the base model (a folder or hub id), "
+                         f"got {base!r}"[:300])
     targets = config["target_modules"]
     config["target_modules"] = [targets] if isinstance(targets, str) else list(targets)
     return config
@@ -138,14 +143,12 @@ def read_adapter_config(folder):
 def load_adapter(model, folder):
     """Add the adapters of a peft folder to `model` (its base) and load their weights; every tensor
     name and shape is checked against the model."""
-    from safetensors.torch import load_file
-
     config = read_adapter_config(folder)
     add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), config["target_modules"])
     path = os.path.join(folder, ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
         raise ValueError(f"{folder}: no {ADAPTER_WEIGHTS}")
-    saved = {k.replace(".default.", "."): v for k, v in load_file(path).items()}
+    saved = {k.replace(".default.", "."): v for k, v in read_tensors(path).items()}
     expected = {}
     for name, m in model.named_modules():
         if isinstance(m, Linear) and m.has_lora:
@@ -156,6 +159,9 @@ def load_adapter(model, folder):
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)} but the base model expects "
                              f"{tuple(expected[key].shape)}")
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{path}: tensor {key} holds {str(tensor.dtype).removeprefix('torch.')} values; an "
+                             f"adapter weight must be a floating-point tensor")
         with torch.no_grad():
             expected[key].copy_(tensor)
     missing = sorted(expected.keys() - saved.keys())

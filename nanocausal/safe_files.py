@@ -1,0 +1,133 @@
+"""Reading files that someone else may have written: JSON and safetensors, with no code path.
+
+Everything nanocausal reads from a checkpoint folder goes through here or through
+torch.load(weights_only=True). Neither can run code: JSON and safetensors are data formats, and
+we parse them ourselves with every length and offset checked. Errors are one line naming the
+file (and the tensor or key) and never quote the file's bytes, so pointing a loader at
+/etc/passwd prints nothing of it.
+"""
+import json
+import math
+import os
+
+import torch
+
+
+def read_json(path, expect=dict):
+    """A JSON file's value (checked to be of type `expect`); every failure is one ValueError naming
+    the file: bytes that are not UTF-8, invalid JSON, nesting too deep for Python's parser (a
+    100 000-deep [[[...]]] raises RecursionError, not JSONDecodeError)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to read") from None
+    if expect is not None and not isinstance(value, expect):
+        raise ValueError(f"{path}: expected a JSON {expect.__name__.replace('dict', 'object')}, "
+                         f"got {type(value).__name__}")
+    return value
+
+
+def is_plain_file_name(name):
+    """A name that stays inside the folder it is joined to: no separator, no '..', not absolute."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and os.path.basename(name) == name)
+
+
+def safetensors_files(path) -> list[str]:
+    """The weight files of a Hugging Face folder: model.safetensors, or the files that
+    model.safetensors.index.json names. The index must name plain file names of this folder:
+    a `../other/model.safetensors` or `/etc/passwd` would make the loader read outside it."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: expected a non-empty object 'weight_map' of tensor name -> file name")
+        for key, name in weight_map.items():
+            if not is_plain_file_name(name) or not name.endswith(".safetensors"):
+                raise ValueError(f"{index}: tensor {key} maps to {str(name)[:80]!r}, which is not a .safetensors file "
+                                 f"name inside {path}")
+        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not os.path.isfile(file):
+                raise ValueError(f"{index} names {os.path.basename(file)}, which is not in {path}")
+        return files
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise ValueError(f"{path} is not a Hugging Face checkpoint: no model.safetensors or model.safetensors.index.json")
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _header_entries(header, data_bytes):
+    """[(begin, name, dtype, shape, nbytes)] of a parsed header, sorted by begin; raises ValueError
+    (without the file name: the caller adds it) for anything a well-formed file cannot hold: a
+    negative or reversed range, a range of the wrong length or past the end, two tensors whose
+    bytes overlap (writing one would change the other, and a crafted file could alias them)."""
+    entries = []
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        shape = tuple(info["shape"])
+        if not all(type(n) is int and n >= 0 for n in (begin, end, *shape)):
+            raise ValueError(f"tensor {name}: offsets and shape must be non-negative integers")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - begin != nbytes or end > data_bytes:
+            raise ValueError(f"tensor {name} needs bytes {begin}..{end} of the data but the file holds {data_bytes}")
+        entries.append((begin, name, dtype, shape, nbytes))
+    entries.sort(key=lambda e: (e[0], e[4]))
+    for (begin, name, _, _, nbytes), following in zip(entries, entries[1:]):
+        if following[0] < begin + nbytes:
+            raise ValueError(f"tensors {name} and {following[1]} share bytes")
+    return entries
+
+
+def read_safetensors(file, only=None):
+    """Yield (name, tensor) from a .safetensors file, reading each tensor straight into its memory.
+
+    The format is simple: 8 bytes (little-endian) giving the header's length, a JSON header mapping
+    each name to {dtype, shape, data_offsets}, then the raw bytes. Reading it with plain file reads
+    (no mmap) keeps peak memory at the size of the tensors we keep, and lets us check every offset
+    against the file's size, so a truncated or corrupted file fails loudly instead of half-loading.
+    Names outside `only` come back as meta tensors, so the caller can name them as unexpected.
+    """
+    file_size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        try:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 0 < header_len <= file_size - 8:
+                raise ValueError("its first 8 bytes are not the length of a header inside the file")
+            header = json.loads(f.read(header_len).decode("utf-8"))
+            if not isinstance(header, dict):
+                raise ValueError("its header is not a JSON object")
+            header.pop("__metadata__", None)
+            data_start = 8 + header_len
+            entries = _header_entries(header, file_size - data_start)
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            reason = "the header is not UTF-8 JSON" if isinstance(e, (UnicodeDecodeError, json.JSONDecodeError)) \
+                else "the header is nested too deeply" if isinstance(e, RecursionError) else \
+                f"a header entry lacks or mistypes {e}" if isinstance(e, (KeyError, TypeError)) else str(e)
+            raise ValueError(f"{file} is not a safetensors file, or is truncated or corrupted: {reason}") from None
+        for begin, name, dtype, shape, nbytes in entries:
+            if only is not None and name not in only:
+                yield name, torch.empty(shape, dtype=dtype, device="meta")
+                continue
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+            f.seek(data_start + begin)
+            if f.readinto(buffer.numpy()) != nbytes:
+                raise ValueError(f"{file} is truncated or corrupted: tensor {name} is cut short")
+            yield name, buffer.view(dtype).reshape(shape)
+
+
+def read_tensors(file):
+    """{name: tensor} of a whole (small) .safetensors file, read by read_safetensors."""
+    return dict(read_safetensors(file))
