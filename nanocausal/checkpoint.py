@@ -497,17 +497,24 @@ def check_optimizer_state(saved, optimizer, path):
         raise ValueError(f"{path}: the optimiser state does not fit this model: {e}") from None
 
 
+def load_plain(path, what):
+    """torch.load(weights_only=True) of a file of tensors and plain types; anything else (a
+    pickled object: code would run) is refused in one line naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = "it holds objects other than tensors and plain types" if "Weights only load failed" in str(e) \
+            else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: not {what} nanocausal can read safely ({reason})") from None
+
+
 def load_trainer_state(checkpoint_dir, optimizer=None):
     """Restore the optimiser and RNG states saved by save_checkpoint; return its trainer_state dict."""
     path = os.path.join(checkpoint_dir, "trainer_state.pt")
     if not os.path.isfile(path):
         raise ValueError(f"{checkpoint_dir} cannot be resumed: it has no trainer_state.pt")
     verify(checkpoint_dir, ["trainer_state.pt"])
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses anything but tensors and plain types
-        raise ValueError(f"{path}: not a trainer state nanocausal can read safely "
-                         f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+    saved = load_plain(path, "a trainer state")
     if not (isinstance(saved, dict) and isinstance(saved.get("trainer_state"), dict) and "rng" in saved):
         raise ValueError(f"{path}: not a trainer state nanocausal saved (expected optimizer, trainer_state and rng)")
     if optimizer is not None:

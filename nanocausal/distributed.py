@@ -241,11 +241,7 @@ def fill_optimizer_state(template, folder):
             if key not in group:
                 raise ValueError(f"{json_file}: param_groups lack {key!r}")
             ours[key] = tuple(group[key]) if isinstance(value, tuple) else group[key]  # JSON has no tuples (betas)
-    try:
-        return torch.load(rng_file, weights_only=True)
-    except Exception as e:  # weights_only refuses anything but tensors and plain types
-        raise ValueError(f"{rng_file}: not an RNG state nanocausal can read safely "
-                         f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+    return checkpoint.load_plain(rng_file, "an RNG state")
 
 
 def load_shards(folder, saved_world_size, model, extra_modules, optimizer):
