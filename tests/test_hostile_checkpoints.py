@@ -180,6 +180,164 @@ def test_the_script_refuses_a_planted_trainer_state_in_one_line(tiny_chat_model,
     assert out.stderr.count("\n") == 1 and "trainer_state.pt: not a trainer state nanocausal can read" in out.stderr
 
 
+# --- verified loading: a bit flip of the right size ----------------------------------------------
+
+
+@pytest.fixture
+def saved(small_model, tmp_path):
+    """A 1-rank checkpoint of small_model after one step."""
+    train_and_save(str(small_model), tmp_path / "checkpoint", 1)
+    return tmp_path / "checkpoint"
+
+
+def flip_bit(path, offset_from_end=10):
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "trainer_state.pt", "config.json"])
+def test_a_flipped_bit_is_refused_on_resume_naming_the_file(saved, name):
+    flip_bit(saved / name, 3 if name == "config.json" else 10)  # config.json: inside its last number or key
+    assert checkpoint.is_complete(saved)  # crash recovery checks sizes only (a crash cuts files, it flips no bits)
+    with pytest.raises(ValueError, match=rf"{name}: its bytes are not the ones saved \(SHA-256 differs"):
+        resume(saved, 1)
+
+
+def test_a_file_added_after_the_save_is_refused_when_read(saved):
+    """A second weight file named by a planted index is not part of the saved checkpoint."""
+    shutil.copy(saved / "model.safetensors", saved / "model-00002-of-00002.safetensors")
+    (saved / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json is not part of the checkpoint that was saved"):
+        checkpoint.load_model(saved)
+
+
+def test_the_manifest_records_every_files_sha256(saved):
+    manifest = json.loads((saved / checkpoint.MANIFEST).read_text())
+    assert manifest["sha256"] == {n: checkpoint.file_sha256(saved / n) for n in manifest["files"]}
+    assert sorted(manifest["files"]) == sorted(n for n in os.listdir(saved) if n != checkpoint.MANIFEST)
+
+
+# --- crafted safetensors and JSON -------------------------------------------------------------------
+
+
+def rewrite_header(file, change):
+    """Rewrite a .safetensors file with change(header) applied (the data bytes kept as they are)."""
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    change(header)
+    text = json.dumps(header).encode()
+    file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def test_overlapping_and_negative_byte_ranges_are_refused(small_model, tmp_path):
+    folder = shutil.copytree(small_model, tmp_path / "m")
+    file = folder / "model.safetensors"
+    original = file.read_bytes()
+    a, b = "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight"
+
+    def alias(header):  # b's bytes are a's: writing one would change the other
+        header[b]["data_offsets"] = header[a]["data_offsets"]
+    rewrite_header(file, alias)
+    with pytest.raises(ValueError, match=rf"model.safetensors .*tensors model.layers.0.\S+ and model.layers.0.\S+ share bytes"):
+        checkpoint.load_model(folder)
+
+    def before_the_data(header):  # the old check (end - begin == size, end inside the file) passed this
+        begin, end = header[a]["data_offsets"]
+        header[a]["data_offsets"] = [-8, end - begin - 8]
+    file.write_bytes(original)
+    rewrite_header(file, before_the_data)
+    with pytest.raises(ValueError, match=rf"tensor {a}: offsets and shape must be non-negative integers"):
+        checkpoint.load_model(folder)
+
+
+def test_an_index_may_only_name_files_in_its_folder(small_model, tmp_path):
+    folder = shutil.copytree(small_model, tmp_path / "m")
+    shutil.copytree(small_model, tmp_path / "sibling")
+    names = checkpoint.load_model(folder).state_dict().keys()
+    os.rename(folder / "model.safetensors", folder / "model-00001-of-00001.safetensors")
+    for target in ["../sibling/model.safetensors", "/etc/passwd", "sub/model.safetensors"]:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {checkpoint.hf_name(n): target for n in names}}))
+        with pytest.raises(ValueError, match="which is not a .safetensors file name inside") as refused:
+            checkpoint.load_model(folder)
+        assert "root:" not in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_file_contents_are_never_printed(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"root:x:0:0:root:/root:/bin/bash\n" * 4)
+    with pytest.raises(ValueError, match="model.safetensors is not a safetensors file") as refused:
+        list(checkpoint.read_safetensors(tmp_path / "model.safetensors"))
+    assert "root" not in str(refused.value).replace(str(tmp_path), "")
+
+
+def test_integer_weights_for_a_float_parameter_are_refused(small_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+    folder = shutil.copytree(small_model, tmp_path / "m")
+    state = load_file(folder / "model.safetensors")
+    key = "model.norm.weight"
+    state[key] = torch.ones_like(state[key], dtype=torch.int32)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"model.safetensors: tensor {key} holds int32 values; a weight must be a "
+                                         rf"floating-point tensor"):
+        checkpoint.load_model(folder)
+
+
+@pytest.mark.parametrize("content, reason", [(b'{"hidden_size": "\xff\xfe"}', "not UTF-8 text"),
+                                             (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply")])
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json", "adapter_config.json"])
+def test_unreadable_json_is_one_line_naming_the_file(small_model, tmp_path, name, content, reason):
+    folder = shutil.copytree(small_model, tmp_path / "m")
+    (folder / name).write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{name}: {reason}") as refused:
+        checkpoint.load_model(folder)
+    assert "\n" not in str(refused.value)
+    if name == "adapter_config.json":  # and fingerprint reads it too
+        with pytest.raises(ValueError, match=rf"{name}: {reason}"):
+            checkpoint.fingerprint(folder)
+
+
+# --- the optimiser state and a full disk ------------------------------------------------------------
+
+
+def test_an_optimiser_tensor_of_the_wrong_shape_is_named(saved):
+    path = saved / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    moments = state["optimizer"]["state"][3]
+    moments["exp_avg"] = moments["exp_avg"].reshape(-1)[:-1].clone()  # one element short
+    torch.save(state, path)
+    resign(saved, "trainer_state.pt")
+    with pytest.raises(ValueError, match=r"trainer_state.pt: the optimiser state does not fit this model: tensor "
+                                         r"state.3.exp_avg has shape \(\d+,\), its parameter \([\d, ]+\)"):
+        resume(saved, 1)
+
+
+@pytest.mark.parametrize("writer", ["torch", "safetensors"])
+def test_a_full_disk_during_a_save_is_one_oserror_and_the_previous_checkpoint_stays(small_model, saved, monkeypatch,
+                                                                                     writer):
+    import safetensors.torch
+    before = {n: (saved / n).read_bytes() for n in os.listdir(saved)}
+    if writer == "torch":
+        def full(*args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4480 vs 4376")
+        monkeypatch.setattr(torch, "save", full)
+    else:
+        def full(*args, **kwargs):
+            raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                              "message: \"No space left on device\" })")
+        monkeypatch.setattr(safetensors.torch, "save_file", full)
+    model = checkpoint.load_model(small_model)
+    with pytest.raises(OSError, match=rf"{saved}: the checkpoint could not be written \(.*(unexpected pos|No space "
+                                      rf"left).*\); the previous checkpoint, if any, is kept") as refused:
+        checkpoint.save_checkpoint(str(saved), model, str(small_model), torch.optim.AdamW(model.parameters()),
+                                   {"step": 2})
+    assert "\n" not in str(refused.value)
+    assert {n: (saved / n).read_bytes() for n in os.listdir(saved)} == before
+    assert not os.path.exists(f"{saved}.tmp")
+
+
 if __name__ == "__main__":  # the 2-rank worker of test_no_payload_runs_on_a_two_rank_resume
     distributed.setup("cpu")
     results = hostile_resumes(sys.argv[1], sys.argv[2], distributed.world_size())
