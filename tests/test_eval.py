@@ -182,3 +182,24 @@ def test_greedy_responses_are_the_static_samplers_and_samples_do_not_depend_on_t
     other_seed = evaluation.evaluate(model, tokenizer, items, num_samples=2, temperature=1.0, top_p=1.0,
                                      max_new_tokens=40, batch_size=8, seed=6, progress=False)
     assert [r["response"] for r in other_seed] != runs[8]
+
+
+def test_the_model_is_compared_by_content_not_by_path(tmp_path):
+    """Another model's answers are not reused: a folder whose weights were replaced is refused,
+    the same model moved to another path resumes (nothing answered again)."""
+    from conftest import make_tiny_chat_model
+    from nanocausal.checkpoint import save_model
+    folder = make_tiny_chat_model(tmp_path / "model", max_positions=2048)  # room for the tiny prompts
+    config = EvalConfig(model=str(folder), data=["tiny:3"], max_new_tokens=2, batch_size=3, device="cpu",
+                        out=str(tmp_path / "out"))
+    first = evaluation.run(config)
+    lines = (tmp_path / "out" / "responses.jsonl").read_text()
+    moved = folder.rename(tmp_path / "moved")
+    assert evaluation.run(EvalConfig(**{**config.__dict__, "model": str(moved)}))["accuracy"] == first["accuracy"]
+    assert (tmp_path / "out" / "responses.jsonl").read_text() == lines  # every answer reused, none added
+    model = load_model(moved)
+    model.norm.weight.data.mul_(2)
+    save_model(model, moved)  # same path, other weights
+    with pytest.raises(ValueError, match=f"model {moved}: its files changed since those responses"):
+        evaluation.run(EvalConfig(**{**config.__dict__, "model": str(moved)}))
+    assert (tmp_path / "out" / "responses.jsonl").read_text() == lines

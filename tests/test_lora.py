@@ -4,12 +4,14 @@ learns with it (SFT, DPO, GRPO) and resumes exactly."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import make_hf_checkpoint, run_module, run_script, tiny_examples, write_jsonl
-from nanocausal import lora
+from conftest import ROOT, make_hf_checkpoint, run_module, run_script, tiny_examples, write_jsonl
+from nanocausal import checkpoint, lora
 from nanocausal.checkpoint import load_model
 from nanocausal.preference import PreferenceConfig, train_preference
 from nanocausal.rl import RLConfig, train_rl
@@ -210,3 +212,61 @@ def test_tokenizer_of_an_adapter_folder(sft_adapter, tiny_chat_model, tmp_path):
     assert Tokenizer.from_pretrained(folder).encode("hello") == Tokenizer.from_pretrained(tiny_chat_model).encode("hello")
     os.remove(folder / "tokenizer.json")  # a bare peft adapter: the base's tokenizer
     assert Tokenizer.from_pretrained(folder).encode("hello") == Tokenizer.from_pretrained(tiny_chat_model).encode("hello")
+
+
+def merge_cli(*args):
+    from nanocausal.lora.__main__ import main
+    return main(["merge", *map(str, args)])
+
+
+def test_merge_overwrites_nothing_it_was_not_asked_to(sft_adapter, tiny_chat_model, tmp_path):
+    folder = shutil.copytree(sft_adapter[0], tmp_path / "adapter")
+    adapter_bytes = {n: (folder / n).read_bytes() for n in os.listdir(folder)}
+    out = tmp_path / "merged"
+    # a model folder (a run's checkpoint: weights and its trainer state) is not replaced without --overwrite
+    shutil.copytree(tiny_chat_model, out)
+    (out / "trainer_state.pt").write_bytes(b"the old run's optimiser")
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    with pytest.raises(ValueError, match=f"{out} is not empty: pass --overwrite to replace it whole"):
+        merge_cli(folder, out)
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    merge_cli(folder, out, "--overwrite")  # replaced whole: nothing of the old folder stays beside the new weights
+    assert "trainer_state.pt" not in os.listdir(out) and not os.path.exists(f"{out}.tmp")
+    ids = ids_for(tiny_chat_model)
+    with torch.no_grad():
+        assert (load_model(folder)(ids) - load_model(out)(ids)).abs().max() <= 1e-5
+    # the adapter, its base, or a folder holding either: refused before anything is written
+    for target, role in [(folder, "is the adapter"), (tmp_path / "." / "adapter", "is the adapter"),
+                         (tiny_chat_model, "is its base model"), (tmp_path, "holds the adapter")]:
+        with pytest.raises(ValueError, match=role):
+            merge_cli(folder, target, "--overwrite")
+    assert {n: (folder / n).read_bytes() for n in os.listdir(folder)} == adapter_bytes
+    # a full model has nothing to merge
+    with pytest.raises(ValueError, match=f"{tiny_chat_model} is not a LoRA adapter folder"):
+        merge_cli(tiny_chat_model, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_refused_merge_is_one_line(sft_adapter, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "nanocausal.lora", "merge", str(sft_adapter[0]), str(sft_adapter[0])],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "is the adapter, which the merge reads" in out.stderr
+
+
+@pytest.mark.parametrize("base", ["itself", "cycle", None, 3])
+def test_an_adapter_whose_base_is_not_a_model_is_one_line(sft_adapter, tmp_path, base):
+    folder = shutil.copytree(sft_adapter[0], tmp_path / "a")
+    other = shutil.copytree(sft_adapter[0], tmp_path / "b")
+    for adapter in (folder, other):  # as a peft adapter from elsewhere: no manifest to catch the edit below
+        os.remove(adapter / checkpoint.MANIFEST)
+    config = json.loads((folder / lora.ADAPTER_CONFIG).read_text())
+    config["base_model_name_or_path"] = {"itself": str(folder), "cycle": str(other)}.get(base, base)
+    (folder / lora.ADAPTER_CONFIG).write_text(json.dumps(config))
+    (other / lora.ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": str(folder)}))
+    expected = {"itself": "base_model_name_or_path names this adapter itself",
+                "cycle": f"base_model_name_or_path names {other}, another LoRA adapter"}.get(
+        base, f"base_model_name_or_path must name the base model \\(a folder or hub id\\), got {base}")
+    for read in (load_model, checkpoint.fingerprint):
+        with pytest.raises(ValueError, match=expected) as refused:
+            read(folder)
+        assert "\n" not in str(refused.value)
