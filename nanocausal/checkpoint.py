@@ -32,7 +32,8 @@ from safetensors import SafetensorError
 
 from nanocausal import lora
 from nanocausal.model import ModelConfig, Transformer
-from nanocausal.safe_files import read_json, read_safetensors, read_tensors, safetensors_files
+from nanocausal.safe_files import (check_optimizer_state, load_plain, read_json, read_safetensors, read_tensors,
+                                   safetensors_files)
 
 # The files of a checkpoint, one list each: what a hub download fetches and what a save copies.
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -469,43 +470,6 @@ def _write_folder(tmp_dir, model, tokenizer_source, optimizer, trainer_state, ex
                    "sha256": {n: file_sha256(os.path.join(tmp_dir, n)) for n in files}}, f, indent=1)
     _fsync(os.path.join(tmp_dir, MANIFEST))
     _fsync(tmp_dir)
-
-
-def check_optimizer_state(saved, optimizer, path):
-    """Refuse, naming the tensor, an optimiser state that does not fit `optimizer` (other groups,
-    another parameter count, a moment of another shape), before load_state_dict meets it deep
-    inside a torch traceback (or, for a same-size tensor of another shape, not at all)."""
-    try:
-        groups, state = saved["param_groups"], saved["state"]
-        if len(groups) != len(optimizer.param_groups):
-            raise ValueError(f"{len(groups)} parameter groups, the optimiser has {len(optimizer.param_groups)}")
-        params = {}
-        for i, (group, ours) in enumerate(zip(groups, optimizer.param_groups)):
-            if len(group["params"]) != len(ours["params"]):
-                raise ValueError(f"group {i} holds {len(group['params'])} parameters, the model's {len(ours['params'])}")
-            params.update(zip(group["params"], ours["params"]))
-        for index, values in state.items():
-            if index not in params:
-                raise ValueError(f"state for parameter {index}, which no group holds")
-            for key, value in values.items():
-                if torch.is_tensor(value) and value.dim() > 0 and value.shape != params[index].shape:
-                    raise ValueError(f"tensor state.{index}.{key} has shape {tuple(value.shape)}, its parameter "
-                                     f"{tuple(params[index].shape)}")
-    except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: the optimiser state is not one nanocausal saved ({type(e).__name__}: {e})") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: the optimiser state does not fit this model: {e}") from None
-
-
-def load_plain(path, what):
-    """torch.load(weights_only=True) of a file of tensors and plain types; anything else (a
-    pickled object: code would run) is refused in one line naming the file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = "it holds objects other than tensors and plain types" if "Weights only load failed" in str(e) \
-            else (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path}: not {what} nanocausal can read safely ({reason})") from None
 
 
 def load_trainer_state(checkpoint_dir, optimizer=None):

@@ -1,8 +1,10 @@
-"""Reading files that someone else may have written: JSON and safetensors, with no code path.
+"""Reading files that someone else may have written: JSON, safetensors and torch.save files of
+tensors and plain types, with no code path.
 
-Everything nanocausal reads from a checkpoint folder goes through here or through
-torch.load(weights_only=True). Neither can run code: JSON and safetensors are data formats, and
-we parse them ourselves with every length and offset checked. Errors are one line naming the
+Everything nanocausal reads from a checkpoint folder goes through here. JSON and safetensors are
+data formats, parsed with every length and offset checked; a torch.save file is read with
+torch.load(weights_only=True), which unpickles tensors and plain types only (`load_plain`).
+What was read is checked against what it must fit (`check_optimizer_state`). Errors are one line naming the
 file (and the tensor or key) and never quote the file's bytes, so pointing a loader at
 /etc/passwd prints nothing of it.
 """
@@ -131,3 +133,40 @@ def read_safetensors(file, only=None):
 def read_tensors(file):
     """{name: tensor} of a whole (small) .safetensors file, read by read_safetensors."""
     return dict(read_safetensors(file))
+
+
+def check_optimizer_state(saved, optimizer, path):
+    """Refuse, naming the tensor, an optimiser state that does not fit `optimizer` (other groups,
+    another parameter count, a moment of another shape), before load_state_dict meets it deep
+    inside a torch traceback (or, for a same-size tensor of another shape, not at all)."""
+    try:
+        groups, state = saved["param_groups"], saved["state"]
+        if len(groups) != len(optimizer.param_groups):
+            raise ValueError(f"{len(groups)} parameter groups, the optimiser has {len(optimizer.param_groups)}")
+        params = {}
+        for i, (group, ours) in enumerate(zip(groups, optimizer.param_groups)):
+            if len(group["params"]) != len(ours["params"]):
+                raise ValueError(f"group {i} holds {len(group['params'])} parameters, the model's {len(ours['params'])}")
+            params.update(zip(group["params"], ours["params"]))
+        for index, values in state.items():
+            if index not in params:
+                raise ValueError(f"state for parameter {index}, which no group holds")
+            for key, value in values.items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != params[index].shape:
+                    raise ValueError(f"tensor state.{index}.{key} has shape {tuple(value.shape)}, its parameter "
+                                     f"{tuple(params[index].shape)}")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: the optimiser state is not one nanocausal saved ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: the optimiser state does not fit this model: {e}") from None
+
+
+def load_plain(path, what):
+    """torch.load(weights_only=True) of a file of tensors and plain types; anything else (a
+    pickled object: code would run) is refused in one line naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = "it holds objects other than tensors and plain types" if "Weights only load failed" in str(e) \
+            else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: not {what} nanocausal can read safely ({reason})") from None
