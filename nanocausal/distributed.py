@@ -263,7 +263,9 @@ def load_shards(folder, saved_world_size, model, extra_modules, optimizer):
         rng = fill_optimizer_state(template, folder)
     except ValueError as e:
         error = e
-    if all_sum(int(error is not None)):
+    failed = torch.tensor(int(error is not None), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(failed)  # (nccl reduces GPU tensors only)
+    if failed.item():
         raise error or ValueError(f"{folder}: another rank could not read its optimiser shard (its error is above)")
     set_optimizer_state_dict(modules, optimizer, template)
     checkpoint.set_rng_state(rng)
