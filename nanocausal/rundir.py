@@ -126,9 +126,11 @@ def claim(config, ckpt_dir):
     once the trainer has loaded its model and data) delete the earlier run."""
     lock(config.out_dir)
     refuse_symlinks(config.out_dir)
-    if not config.resume and holds_run(config, ckpt_dir):
-        if not config.overwrite:  # written since check(), by a process that has ended since
-            raise ValueError(f"{config.out_dir} already holds a run: pass --resume or --overwrite")
+    # a checkpoint saved since check() (by a process that has ended since) is not overwritten silently;
+    # --resume that found no checkpoint starts again, metrics.jsonl included
+    if not config.resume and os.path.isdir(ckpt_dir) and not config.overwrite:
+        raise ValueError(f"{config.out_dir} already holds a run: pass --resume or --overwrite")
+    if not config.resume and config.overwrite:
         for name in os.listdir(config.out_dir):
             if name == "checkpoint" or name.startswith("checkpoint-") or name == "metrics.jsonl":
                 path = os.path.join(config.out_dir, name)

@@ -224,12 +224,16 @@ def start_run(config: TrainConfig):
     alone touches out_dir, and the model comes back sharded (distributed.shard)."""
     config.device = distributed.setup(config.device)
     ckpt_dir = checkpoint_dir(config)
-    if distributed.is_main():
-        rundir.check(config, ckpt_dir)
-    distributed.barrier()
-    config.resume = config.resume and os.path.isdir(ckpt_dir)
-    source = ckpt_dir if config.resume else config.model
-    model = checkpoint.load_model(source, dtype=torch_dtype(config.dtype), device=config.device)
+    try:
+        if distributed.is_main():
+            rundir.check(config, ckpt_dir)  # locks out_dir when it exists: held until train() ends
+        distributed.barrier()
+        config.resume = config.resume and os.path.isdir(ckpt_dir)
+        source = ckpt_dir if config.resume else config.model
+        model = checkpoint.load_model(source, dtype=torch_dtype(config.dtype), device=config.device)
+    except BaseException:
+        rundir.release(config.out_dir)  # refused or unloadable: the out-dir is free again at once
+        raise
     if config.lora_rank > 0 and not lora.is_lora_model(model):  # a resumed LoRA run loads its adapters
         model.lora_base = os.path.abspath(config.model) if os.path.isdir(config.model) else config.model
         lora.add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)

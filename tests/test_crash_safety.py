@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script, tiny_examples, write_jsonl
-from nanocausal import checkpoint
+from nanocausal import checkpoint, rundir
 from nanocausal.checkpoint import load_model
 from nanocausal.sft import SFTConfig, train_sft
 
@@ -121,7 +122,7 @@ def test_sigterm_writes_a_checkpoint_then_exits_143(tiny_chat_model, sft_data, t
     last = rows_of(tmp_path)[-1]["step"]
     assert 3 <= last < 500 and checkpoint.saved_step(tmp_path / "checkpoint") == last
     assert f"stopped by SIGTERM at step {last}" in stdout
-    run_script("train_sft.py", *args[:-2], "--save-every", 500, "--steps", last + 2, "--resume")
+    run_script("train_sft.py", *args, "--steps", last + 2, "--resume")
     assert [row["step"] for row in rows_of(tmp_path)] == list(range(1, last + 3))
 
 
@@ -194,6 +195,109 @@ def test_an_out_dir_holding_a_run_needs_resume_or_overwrite(tiny_chat_model, sft
     assert resumed.steps == 3
     assert train_sft(SFTConfig(**{**config, "overwrite": True})).steps == 2
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def sft_config(model, data, out_dir, **fields):
+    return SFTConfig(**{"model": str(model), "data": str(data), "out_dir": str(out_dir), "device": "cpu", "steps": 2,
+                        "batch_size": 2, "eval_every": 0, "log_every": 1000, **fields})
+
+
+def test_a_moved_or_respelt_run_resumes_and_a_model_with_other_content_is_refused(tiny_chat_model, sft_data, tmp_path,
+                                                                                     monkeypatch):
+    """Paths are compared by what they hold (checkpoint.fingerprint, saved with the checkpoint):
+    a run copied elsewhere with its model and data, or named ./x instead of x, continues; the same
+    path holding other weights is refused naming `model`, out_dir never matters."""
+    shutil.copytree(tiny_chat_model, tmp_path / "a" / "model")
+    shutil.copy(sft_data, tmp_path / "a" / "sft.jsonl")
+    train_sft(sft_config(tmp_path / "a" / "model", tmp_path / "a" / "sft.jsonl", tmp_path / "a" / "run"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")  # moved, not copied: the saved paths name nothing now
+    moved = train_sft(sft_config(tmp_path / "b" / "model", tmp_path / "b" / "sft.jsonl", tmp_path / "b" / "run",
+                                 steps=3, resume=True))
+    assert moved.steps == 3
+    monkeypatch.chdir(tmp_path / "b")
+    assert train_sft(sft_config("./model", "sft.jsonl", "./run", steps=4, resume=True)).steps == 4
+    assert train_sft(sft_config("model", "./sft.jsonl", "run", steps=5, resume=True)).steps == 5
+    assert [row["step"] for row in rows_of(tmp_path / "b" / "run")] == [1, 2, 3, 4, 5]
+    model = load_model(tmp_path / "b" / "model")
+    with torch.no_grad():
+        model.embed_tokens.weight.add_(0.01)
+    checkpoint.save_model(model, tmp_path / "b" / "model")
+    with pytest.raises(ValueError, match=r"other settings than the run in run: model 'model' -> 'model' \(other content\)"):
+        train_sft(sft_config("model", "sft.jsonl", "run", steps=6, resume=True))
+
+
+def test_a_second_process_on_the_same_out_dir_is_refused_naming_the_first(tiny_chat_model, sft_data, tmp_path):
+    """An exclusive fcntl lock on out-dir/nanocausal.lock for the run's life (eval.py: its --out);
+    the one refused names the holder's pid. A kill -9 releases it (the kernel drops the lock)."""
+    args = sft_args(tiny_chat_model, sft_data, tmp_path / "run", steps=1000) + ["--save-every", 500]
+    first = subprocess.Popen([sys.executable, str(ROOT / "train_sft.py"), *map(str, args)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for_step(first, tmp_path / "run", 1)
+        second = run_script("train_sft.py", *args, "--resume", check=False)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert second.stderr.strip().splitlines()[-1].startswith(
+            f"error: {tmp_path / 'run'} is in use by another process (pid {first.pid}, holding ")
+        evaluation = run_script("eval.py", "--model", "oracle", "--data", "tiny:2", "--out", tmp_path / "run",
+                                check=False)
+        assert evaluation.returncode == 1 and f"in use by another process (pid {first.pid}" in evaluation.stderr
+    finally:
+        first.kill()
+        first.wait()
+    rundir.lock(tmp_path / "eval")  # this process holds an eval --out
+    try:
+        evaluation = run_script("eval.py", "--model", "oracle", "--data", "tiny:2", "--out", tmp_path / "eval",
+                                check=False)
+        assert evaluation.returncode == 1 and f"(pid {os.getpid()}, holding" in evaluation.stderr
+    finally:
+        rundir.release(tmp_path / "eval")
+    run_script("train_sft.py", *args, "--steps", 2, "--resume")  # the killed run's lock went with it
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoint"])
+def test_symlinks_in_an_out_dir_are_refused(tiny_chat_model, sft_data, tmp_path, name):
+    """Resuming would write through a symlinked metrics.jsonl (or checkpoint/) into its target."""
+    train_sft(sft_config(tiny_chat_model, sft_data, tmp_path / "run"))
+    os.rename(tmp_path / "run" / name, tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "run" / name)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    out = run_script("train_sft.py", *sft_args(tiny_chat_model, sft_data, tmp_path / "run", steps=3), "--resume",
+                     check=False)
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith(
+        f"error: {tmp_path / 'run' / name} is a symlink (to {tmp_path / 'elsewhere'})")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_nothing_is_created_or_cleared_before_the_run_can_start(tiny_chat_model, sft_data, tmp_path):
+    """--overwrite clears the earlier run only once model, data and settings are known good; a run
+    with a wrong --model creates no out-dir."""
+    with pytest.raises(ValueError, match="neither a checkpoint folder nor a hub id"):
+        train_sft(sft_config(tmp_path / "no-such-model", sft_data, tmp_path / "new"))
+    assert not os.path.exists(tmp_path / "new")
+    train_sft(sft_config(tiny_chat_model, sft_data, tmp_path / "run"))
+    before = (tmp_path / "run" / "metrics.jsonl").read_text(), checkpoint.saved_step(tmp_path / "run" / "checkpoint")
+    with pytest.raises(ValueError, match="neither a checkpoint folder nor a hub id"):
+        train_sft(sft_config(tmp_path / "no-such-model", sft_data, tmp_path / "run", overwrite=True))
+    bad_data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}])
+    with pytest.raises(ValueError, match="bad.jsonl:1: missing field 'completion'"):
+        train_sft(sft_config(tiny_chat_model, bad_data, tmp_path / "run", overwrite=True))
+    assert ((tmp_path / "run" / "metrics.jsonl").read_text(), checkpoint.saved_step(tmp_path / "run" / "checkpoint")) \
+        == before
+
+
+def test_lora_settings_cannot_change_on_resume(tiny_chat_model, sft_data, tmp_path):
+    train_sft(sft_config(tiny_chat_model, sft_data, tmp_path / "full"))
+    train_sft(sft_config(tiny_chat_model, sft_data, tmp_path / "lora", lora_rank=4))
+    for out_dir, rank, saved in (("full", 4, 0), ("lora", 0, 4), ("lora", 8, 4)):
+        for allow in (False, True):
+            with pytest.raises(ValueError, match=rf"^--resume: the run in .*{out_dir} has lora_rank {saved}, not {rank}: "
+                                                 r"LoRA settings and the algorithm cannot change on resume"):
+                train_sft(sft_config(tiny_chat_model, sft_data, tmp_path / out_dir, steps=3, resume=True,
+                                     lora_rank=rank, allow_changed_args=allow))
+    out = run_script("train_sft.py", *sft_args(tiny_chat_model, sft_data, tmp_path / "full", steps=3), "--resume",
+                     "--lora-rank", 4, check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "lora_rank 0, not 4" in out.stderr
 
 
 def test_sampling_a_broken_model_is_a_clear_error(tiny_chat_model):
