@@ -421,7 +421,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
                 if (step % config.save_every == 0 or step == config.steps or stop) and not bad_steps:
                     save()  # (never after a skipped update: the checkpoint stays at the last good step)
                 if stop:
-                    say(f"stopped by {signal.Signals(stop).name} at step {step}; "
+                    say(f"stopped at step {step} ({signal.Signals(stop).name}); "
                         f"{'checkpoint in ' + ckpt_dir if not bad_steps else rundir.good_checkpoint(ckpt_dir)}; "
                         f"rerun with --resume to continue" + ("; exit status 143" if stop == signal.SIGTERM else ""))
                     break
