@@ -217,8 +217,9 @@ def torch_dtype(name):
 
 def start_run(config: TrainConfig):
     """Check the run can start, then load the model it starts from (out_dir/checkpoint when
-    resuming, else config.model). Nothing is created or cleared here: the model must resolve and a
-    resumed run's settings must match its checkpoint's first (check_out_dir); train() claims
+    resuming, else config.model). Nothing is created or cleared here (an existing out_dir is only
+    locked, and a save a crash interrupted finished): the model must resolve and a resumed run's
+    settings must match its checkpoint's first (rundir.check); train() claims
     out_dir (lock, --overwrite's clearing) only once the trainer has built everything else.
     Under torchrun this joins the process group (config.device becomes this rank's GPU), rank 0
     alone touches out_dir, and the model comes back sharded (distributed.shard)."""
