@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from nanocausal import calm, caugym, checkpoint, data, distributed, problems, tiny
+from nanocausal import calm, caugym, checkpoint, data, distributed, problems, rundir, tiny
 from nanocausal.problem_text import solve
 from nanocausal.refill import generate_many
 from nanocausal.tokenizer import Tokenizer
@@ -344,7 +344,7 @@ def run(config: EvalConfig):
         datasets.append((name, items[:config.limit]))
     responses_path = os.path.join(config.out, "responses.jsonl")
     if distributed.is_main():
-        os.makedirs(config.out, exist_ok=True)
+        rundir.lock(config.out)  # (creates it) one eval.py writes an --out at a time, for its whole run
         check_same_run(config)  # before loading the model: a refusal should come at once
         fold_rank_files(responses_path)
     distributed.barrier()

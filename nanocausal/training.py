@@ -10,21 +10,25 @@ everything else, the same way for all five:
         metrics = step_fn(step)                                 (forward, backward, clip, AdamW)
         log the metrics to metrics.jsonl and the progress bar   (every --log-every steps printed)
         every --eval-every steps: official CauGym accuracy on held-out problems
-        every --save-every steps, at the end and on Ctrl-C: a checkpoint that resumes exactly
+        every --save-every steps, at the end and on Ctrl-C / SIGTERM: a checkpoint that resumes exactly
 
 Resuming (--resume) restores the optimiser, the RNG states, the data stream's position and the
 step from out_dir/checkpoint, and cuts metrics.jsonl back to that step, so an interrupted and
 resumed run equals an uninterrupted one (tests/test_train_offline.py, tests/test_train_rl.py),
 also after kill -9 (checkpoint.save_checkpoint is crash-safe: tests/test_crash_safety.py).
-A non-finite gradient skips its update; MAX_BAD_STEPS of them in a row stop the run, and no
-checkpoint is written after a skipped update. With LoRA (--lora-rank) the same loop trains the
+A kill -9 loses the steps since the last save (--save-every). SIGTERM (timeout, SLURM, Kubernetes)
+is a Ctrl-C: checkpoint after the current step, then exit status 143 (StopOnSignal).
+A non-finite gradient skips its update; MAX_BAD_STEPS of them in a row, or one at the last step,
+stop the run with a ValueError (exit 1) naming the good checkpoint left, and a checkpoint whose
+weights produced the non-finite loss is moved aside (diverged). The out-dir is checked before
+anything is written, locked for the run's life, and never written through a symlink (rundir.py);
+a resumed run's settings must match its checkpoint's (paths by content). With LoRA (--lora-rank) the same loop trains the
 adapters only (start_run adds them; make_optimizer sees only trainable parameters).
 """
 
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -33,7 +37,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from nanocausal import caugym, checkpoint, data, distributed, evaluation, lora, tracking
+from nanocausal import caugym, checkpoint, data, distributed, evaluation, lora, rundir, tracking
 
 
 def default_device():
@@ -98,11 +102,6 @@ class TrainConfig:
 
 MAX_BAD_STEPS = 3  # non-finite steps in a row before the loop gives up
 
-# Settings a resumed run may change without changing what it computes (the rest must match).
-RESUMABLE_CHANGES = {"steps", "device", "cpu_offload", "report_to", "run_name", "project", "activation_checkpointing", "log_every", "save_every", "keep", "resume",
-                     "overwrite", "allow_changed_args", "show_completions", "precompute_ref", "micro_batch_size", "micro_batch_tokens",
-                     "logits_chunk_size", "eval_every", "eval_data", "eval_problems", "eval_samples", "eval_batch_size",
-                     "eval_max_new_tokens", "eval_temperature", "eval_top_p"}
 
 
 @dataclass
@@ -217,53 +216,31 @@ def torch_dtype(name):
 
 
 def start_run(config: TrainConfig):
-    """Get out_dir ready and load the model the run starts from (out_dir/checkpoint when resuming,
-    else config.model). A save that a crash interrupted is completed or undone first; a new run
-    into an out_dir that already holds one needs --overwrite (or --resume), so nothing is lost.
+    """Check the run can start, then load the model it starts from (out_dir/checkpoint when
+    resuming, else config.model). Nothing is created or cleared here (an existing out_dir is only
+    locked, and a save a crash interrupted finished): the model must resolve and a resumed run's
+    settings must match its checkpoint's first (rundir.check); train() claims
+    out_dir (lock, --overwrite's clearing) only once the trainer has built everything else.
     Under torchrun this joins the process group (config.device becomes this rank's GPU), rank 0
     alone touches out_dir, and the model comes back sharded (distributed.shard)."""
     config.device = distributed.setup(config.device)
     ckpt_dir = checkpoint_dir(config)
-    if distributed.is_main():
-        prepare_out_dir(config, ckpt_dir)
-    distributed.barrier()
-    config.resume = config.resume and os.path.isdir(ckpt_dir)
-    source = ckpt_dir if config.resume else config.model
-    model = checkpoint.load_model(source, dtype=torch_dtype(config.dtype), device=config.device)
+    try:
+        if distributed.is_main():
+            rundir.check(config, ckpt_dir)  # locks out_dir when it exists: held until train() ends
+        distributed.barrier()
+        config.resume = config.resume and os.path.isdir(ckpt_dir)
+        source = ckpt_dir if config.resume else config.model
+        model = checkpoint.load_model(source, dtype=torch_dtype(config.dtype), device=config.device)
+    except BaseException:
+        rundir.release(config.out_dir)  # refused or unloadable: the out-dir is free again at once
+        raise
     if config.lora_rank > 0 and not lora.is_lora_model(model):  # a resumed LoRA run loads its adapters
         model.lora_base = os.path.abspath(config.model) if os.path.isdir(config.model) else config.model
         lora.add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
     if distributed.world_size() > 1:
         distributed.shard(model, config.device, config.cpu_offload)
     return model
-
-
-def prepare_out_dir(config: TrainConfig, ckpt_dir):
-    """Rank 0's part of start_run: finish an interrupted save, refuse or clear an earlier run."""
-    checkpoint.recover(ckpt_dir)
-    has_run = os.path.isdir(ckpt_dir) or os.path.isfile(os.path.join(config.out_dir, "metrics.jsonl"))
-    if config.resume and not os.path.isdir(ckpt_dir):
-        print(f"--resume: no checkpoint in {config.out_dir} yet, starting from step 0")
-        config.resume = False
-    elif has_run and not config.resume:
-        if not config.overwrite:
-            raise ValueError(f"{config.out_dir} already holds a run (checkpoint/ or metrics.jsonl): pass --resume to "
-                             f"continue it or --overwrite to start again")
-        for name in os.listdir(config.out_dir):
-            if name == "checkpoint" or name.startswith("checkpoint-") or name == "metrics.jsonl":
-                path = os.path.join(config.out_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
-def changed_settings(saved: dict, config: TrainConfig):
-    """The settings of `config` that differ from the saved run's and change what it computes."""
-    current = asdict(config)
-    return {k: (saved[k], current[k]) for k in current
-            if k in saved and k not in RESUMABLE_CHANGES and _plain(saved[k]) != _plain(current[k])}
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
 
 
 def checkpoint_dir(config: TrainConfig):
@@ -300,49 +277,34 @@ class MetricsLog:
             self.file.close()
 
 
-def keep_metrics_until(path, step):
-    """On resume, drop the log lines of steps after the checkpoint (they will be run again)."""
-    if not os.path.isfile(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                pass  # the last line of a killed run, cut mid-write
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
-class StopOnCtrlC:
-    """The first Ctrl-C asks the loop to stop after the current step (it then writes a checkpoint);
-    a second one interrupts at once. Stopping between steps, never inside one, is what makes the
-    checkpoint consistent: weights, optimiser and data position all belong to the same step."""
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (what `timeout`, SLURM, Kubernetes and torchrun send) asks the
+    loop to stop after the current step; it then writes a checkpoint. A second one interrupts at
+    once. Stopping between steps, never inside one, is what makes the checkpoint consistent:
+    weights, optimiser and data position all belong to the same step. After the checkpoint a
+    SIGTERM ends the process with status 143 (128 + 15, as if the signal had killed it: a
+    scheduler sees an unfinished run), a Ctrl-C returns normally (status 0)."""
 
     def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-        # torchrun answers a Ctrl-C by sending its workers SIGTERM (then SIGKILL 30 s later): under
-        # it SIGTERM also asks for a checkpoint (agreed(): every rank stops at the same step)
-        self.previous_term = signal.signal(signal.SIGTERM, self._handle) if distributed.world_size() > 1 else None
+        self.requested = 0  # the signal's number
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def agreed(self):
-        """Whether any rank was asked to stop (under torchrun all of them then stop at the same step)."""
-        return bool(distributed.all_max(int(self.requested)))
+        """The signal any rank got (SIGTERM over SIGINT), 0 for none: under torchrun every rank
+        then stops at the same step."""
+        return int(distributed.all_max(self.requested))
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to abort)")
+        self.requested = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
+              f"(send it again to abort)")
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-        if self.previous_term is not None:
-            signal.signal(signal.SIGTERM, self.previous_term)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def format_row(row):
@@ -370,20 +332,28 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
     metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
     step = 0
     main, ranks = distributed.is_main(), distributed.world_size()
+    if main:
+        rundir.claim(config, ckpt_dir)  # released when the loop ends, however it ends
+    fingerprints = None
     if config.resume:
+        # the optimiser as the trainer built it from this run's config: its hyperparameters (peak lr,
+        # weight decay; PPO's value head group its value_lr) win over the restored ones, which only
+        # differ under --allow-changed-args; the moments and step counts come from the checkpoint
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         state = checkpoint.load_trainer_state(ckpt_dir, optimizer if ranks == 1 else None)
         if ranks > 1 or state.get("world_size", 1) > 1:
             distributed.load_shards(ckpt_dir, state.get("world_size", 1), model, extra_modules, optimizer)
-        changed = changed_settings(state.get("config", {}), config)
-        if changed and not config.allow_changed_args:
-            raise ValueError(f"--resume with other settings than the run in {config.out_dir}: " + ", ".join(
-                f"{k} {saved!r} -> {now!r}" for k, (saved, now) in changed.items()) + " (pass --allow-changed-args "
-                "to resume anyway)")
+        for group, own in zip(optimizer.param_groups, settings):
+            group.update(own)
+        if not config.allow_changed_args:
+            fingerprints = state.get("fingerprints")  # (check_resume found the paths' content unchanged)
         data_stream.load_state_dict(state["data"])
         step = state["step"]
         if main:
-            keep_metrics_until(metrics_path, step)
+            rundir.keep_metrics_until(metrics_path, step)
             print(f"resumed from {ckpt_dir} at step {step}")
+    if fingerprints is None and main:
+        fingerprints = rundir.path_fingerprints(config)
     log = MetricsLog(metrics_path if main else None, resume=config.resume)
     tracker = tracking.start(config.report_to if main else "none", config.run_name, config.project, config.out_dir,
                              asdict(config))
@@ -407,9 +377,10 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
         for module in [model, *(extra_modules or {}).values()]:
             for name, p in module.named_parameters():
                 if not torch.isfinite(p).all():  # never overwrite the last good checkpoint with a broken one
-                    raise ValueError(f"step {step}: tensor {name} holds NaN or inf; not saved (the last good "
-                                     f"checkpoint is in {ckpt_dir})")
-        state = {"step": step, "data": data_stream.state_dict(), "config": asdict(config), "world_size": ranks}
+                    raise ValueError(f"step {step}: tensor {name} holds NaN or inf after the update; not saved, "
+                                     + rundir.good_checkpoint(ckpt_dir))
+        state = {"step": step, "data": data_stream.state_dict(), "config": asdict(config), "world_size": ranks,
+                 "fingerprints": fingerprints or {}}
         if ranks == 1:
             checkpoint.save_checkpoint(ckpt_dir, model, config.model, optimizer, state, extra_modules, keep=config.keep)
         else:
@@ -417,9 +388,9 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
 
     if problems and step == 0:
         evaluate_and_log()  # the starting point of the learning curve
-    train_seconds, bad_steps = 0.0, 0
+    train_seconds, bad_steps, stop = 0.0, 0, 0
     try:
-        with StopOnCtrlC() as interrupt:
+        with StopOnSignal() as interrupt:
             while step < config.steps:
                 factor = lr_factor(step, config.steps, config.warmup_steps, config.min_lr_ratio)
                 for group in optimizer.param_groups:
@@ -437,30 +408,56 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
                 progress.update(1)
                 if step % config.log_every == 0 or step == 1:
                     say(format_row(row))
-                # -- finiteness guard: optimizer_step skipped the update of a non-finite gradient; a few
-                # such steps in a row mean the run has diverged (a learning rate far too high, say)
+                # -- finiteness guard (see diverged): optimizer_step skipped the update of a non-finite
+                # gradient; a few such steps in a row, or one at the end, mean the run has diverged
                 broken = [k for k in ("loss", "grad_norm") if k in row and not math.isfinite(row[k])]
                 bad_steps = bad_steps + 1 if broken else 0
                 if broken:
                     say(f"step {step}: {' and '.join(broken)} not finite, update skipped")
-                if bad_steps == MAX_BAD_STEPS:
-                    raise ValueError(f"step {step}: {broken[0]} was not finite for {MAX_BAD_STEPS} steps in a row "
-                                     f"(learning rate too high?); stopped, the last good checkpoint is in {ckpt_dir}")
+                if bad_steps == MAX_BAD_STEPS or (bad_steps and step == config.steps):
+                    raise ValueError(diverged(ckpt_dir, step, bad_steps, broken[0], main))
                 if problems and (step % config.eval_every == 0 or step == config.steps):
                     evaluate_and_log()
                 stop = interrupt.agreed()
                 if (step % config.save_every == 0 or step == config.steps or stop) and not bad_steps:
                     save()  # (never after a skipped update: the checkpoint stays at the last good step)
                 if stop:
-                    say(f"stopped at step {step}; checkpoint in {ckpt_dir}; rerun with --resume to continue")
+                    say(f"stopped at step {step} ({signal.Signals(stop).name}); "
+                        f"{'checkpoint in ' + ckpt_dir if not bad_steps else rundir.good_checkpoint(ckpt_dir)}; "
+                        f"rerun with --resume to continue" + ("; exit status 143" if stop == signal.SIGTERM else ""))
                     break
-    finally:  # also when the finiteness guard stops the run: logs and trackers are closed
+    finally:  # also when the finiteness guard stops the run: logs and trackers are closed, out_dir unlocked
         progress.close()
         log.close()
         tracker.finish()
+        rundir.release(config.out_dir)
+    if stop == signal.SIGTERM:
+        raise SystemExit(128 + signal.SIGTERM)  # after the checkpoint: the scheduler sees an unfinished run
     model.eval()
     return TrainResult(model=model, history=log.rows, steps=step, train_seconds=train_seconds,
                        wall_seconds=time.time() - loop_started)
+
+
+def diverged(ckpt_dir, step, bad_steps, metric, main):
+    """The one-line message of a run stopped for divergence, after setting its bad checkpoint aside.
+
+    Which checkpoint is good? Finite loss and gradient at step k say nothing of the weights that
+    step k's update produced: at --lr 1e30 step 1 is finite and leaves finite weights of ~1e30,
+    whose loss at step 2 is NaN. The weights after step k are known good only once step k + 1
+    has computed a finite loss on them. Here the last bad_steps steps were all non-finite and their
+    updates skipped, so they all ran on the weights of step s = step - bad_steps: those weights
+    are the bad ones (a lone bad batch would have been followed by a finite step on the same
+    weights, clearing them). A checkpoint of step s holds exactly them: it is moved aside as
+    checkpoint-STEP-diverged and the newest earlier one kept by --keep takes its place
+    (rundir.set_aside_diverged). Any earlier checkpoint is good: the step after it was finite."""
+    bad_step = step - bad_steps
+    if main:
+        rundir.set_aside_diverged(ckpt_dir, bad_step)
+    aside = f" ({os.path.basename(ckpt_dir)}-{bad_step:06d}-diverged holds them)" \
+        if os.path.isdir(f"{ckpt_dir}-{bad_step:06d}-diverged") else ""
+    return (f"step {step}: {metric} was not finite" + (f" for {bad_steps} steps in a row" if bad_steps > 1 else "")
+            + (" at the end of the run" if bad_steps < MAX_BAD_STEPS else "") + ": the run diverged (learning rate too high?); "
+            f"the weights of step {bad_step} produced it{aside}; " + rundir.good_checkpoint(ckpt_dir))
 
 
 @torch.no_grad()

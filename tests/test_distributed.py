@@ -198,7 +198,7 @@ def test_eval_on_two_ranks_writes_the_responses_of_one(tiny_chat_model, tmp_path
                       for r in read_responses(folder / "responses.jsonl"))
     one = responses(tmp_path / "one")
     assert len(one) == 9 * (1 if temperature == 0 else 2) and responses(tmp_path / "two") == one
-    assert sorted(os.listdir(tmp_path / "two")) == ["responses.jsonl", "run.json", "summary.json"]
+    assert sorted(os.listdir(tmp_path / "two")) == ["nanocausal.lock", "responses.jsonl", "run.json", "summary.json"]
     with open(tmp_path / "one" / "summary.json") as f, open(tmp_path / "two" / "summary.json") as g:
         assert json.load(f)["accuracy"] == json.load(g)["accuracy"]
     # a killed 2-rank run: some problems in responses.jsonl, some only in rank 1's file (its last
@@ -208,4 +208,4 @@ def test_eval_on_two_ranks_writes_the_responses_of_one(tiny_chat_model, tmp_path
     (tmp_path / "two" / "responses-rank1.jsonl").write_text("".join(lines[len(lines) // 3:len(lines) // 2]) + '{"key": "cut')
     torchrun("eval.py", *args, "--out", tmp_path / "two")
     assert responses(tmp_path / "two") == one
-    assert sorted(os.listdir(tmp_path / "two")) == ["responses.jsonl", "run.json", "summary.json"]
+    assert sorted(os.listdir(tmp_path / "two")) == ["nanocausal.lock", "responses.jsonl", "run.json", "summary.json"]

@@ -197,3 +197,24 @@ def test_report_to_tensorboard_holds_the_metrics_jsonl_scalars(tiny_model, tmp_p
             if key not in ("step", "time") and isinstance(value, (int, float)):
                 got = {e.step: e.value for e in events.Scalars(key)}
                 assert got[row["step"]] == pytest.approx(value, rel=1e-6), key
+
+
+def test_allow_changed_args_applies_a_new_lr_and_value_lr(tiny_model, tmp_path, monkeypatch):
+    """--allow-changed-args with a new --lr / --value-lr: every parameter group of the resumed
+    optimiser follows the new settings (the restored peak lrs would otherwise win), PPO's value
+    head group its own value_lr; the moments still come from the checkpoint."""
+    flags = dict(algo="ppo", group_size=4, kl_coef=0.0, save_every=1)
+    run(tiny_model, tmp_path, steps=1, lr=1e-3, value_lr=1e-4, **flags)
+    seen = []
+    real = rl.training.optimizer_step
+
+    def recording(optimizer, clip):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        return real(optimizer, clip)
+
+    monkeypatch.setattr(rl.training, "optimizer_step", recording)
+    _, rows = run(tiny_model, tmp_path, steps=2, lr=2e-3, value_lr=5e-3, resume=True, allow_changed_args=True, **flags)
+    assert seen == [[2e-3, 2e-3, 5e-3]]  # min_lr_ratio 1, no warmup: the peak lrs themselves
+    assert [(r["step"], r["lr"]) for r in rows] == [(1, 1e-3), (2, 2e-3)]
+    with pytest.raises(ValueError, match=r"other settings .*lr 0\.002 -> 0\.004"):
+        run(tiny_model, tmp_path, steps=3, lr=4e-3, value_lr=5e-3, resume=True, **flags)

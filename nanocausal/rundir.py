@@ -1,0 +1,224 @@
+"""A run's out-dir, the checks before a run writes into it, and what the loop does to it besides
+saving: one process writes it at a time, nothing in it is followed through a symlink, nothing is
+created or cleared before the run is known to be able to start, a resumed run must match its
+checkpoint, a checkpoint whose weights diverged is moved aside.
+
+training.start_run calls check() before anything loads; training.train calls claim() once the
+trainer has built its model, optimiser and data, and release() when the loop ends.
+
+The lock is an exclusive advisory fcntl.flock on out_dir/nanocausal.lock, which holds the
+holder's pid. The kernel drops it when the process ends, however it ends (kill -9 included), so
+a crashed run never leaves a stale lock behind; a second process asking for it is refused at once
+with one line naming the holder. Train scripts (rank 0 under torchrun) hold it for the run's life,
+eval.py for its --out.
+"""
+import fcntl
+import json
+import os
+import shutil
+from dataclasses import asdict
+
+import torch
+
+from nanocausal import checkpoint
+
+LOCK_FILE = "nanocausal.lock"
+_held = {}  # real path of an out-dir -> the open lock file (this process holds the lock)
+
+
+def lock(out_dir):
+    """Create out_dir if needed and take its lock for this process (again: a no-op) until release()."""
+    key = os.path.realpath(out_dir)
+    if key in _held:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, LOCK_FILE)
+    try:  # O_NOFOLLOW: a lock file that is a symlink is refused, not followed
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise ValueError(f"{path} cannot be opened as a lock file (a symlink?): {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ValueError(f"{out_dir} is in use by another process (pid {holder}, holding {path}): wait for it to "
+                         f"end or use another out-dir") from None
+    os.ftruncate(fd, 0)  # the pid is written only once the lock is ours
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = fd
+
+
+def release(out_dir):
+    fd = _held.pop(os.path.realpath(out_dir), None)
+    if fd is not None:
+        os.close(fd)  # closing the file drops the flock
+
+
+def refuse_symlinks(out_dir):
+    """One line if anything a run writes in out_dir (metrics.jsonl, the lock file, checkpoint and
+    checkpoint-*, .tmp, .old) is a symlink: writing through it would change a file elsewhere."""
+    if not os.path.isdir(out_dir):
+        return
+    for name in sorted(os.listdir(out_dir)):
+        if name in ("metrics.jsonl", LOCK_FILE) or name.startswith("checkpoint"):
+            path = os.path.join(out_dir, name)
+            if os.path.islink(path):
+                raise ValueError(f"{path} is a symlink (to {os.readlink(path)}): a run writes only real files and "
+                                 f"folders in its out-dir; replace it with a copy or remove it")
+
+
+def set_aside_diverged(ckpt_dir, bad_step):
+    """ckpt_dir holds the weights of step bad_step, which then gave a non-finite loss: rename it
+    ckpt_dir-STEP-diverged (kept for inspection, outside --keep's rotation, which counts the names
+    ending in digits) and put the newest earlier checkpoint kept by --keep (ckpt_dir-STEP) in its
+    place. Returns the good checkpoint left (ckpt_dir, or None when none is)."""
+    if checkpoint.is_complete(ckpt_dir) and checkpoint.saved_step(ckpt_dir) == bad_step:
+        aside = f"{ckpt_dir}-{bad_step:06d}-diverged"
+        if os.path.isdir(aside):
+            shutil.rmtree(aside)
+        os.replace(ckpt_dir, aside)
+        parent, base = os.path.split(os.path.abspath(ckpt_dir))
+        kept = sorted(d for d in os.listdir(parent) if d.startswith(base + "-") and d.rsplit("-", 1)[1].isdigit())
+        if kept:
+            os.replace(os.path.join(parent, kept[-1]), ckpt_dir)
+    return ckpt_dir if checkpoint.is_complete(ckpt_dir) else None
+
+
+# Settings a resumed run may change without changing what it computes (the rest must match).
+RESUMABLE_CHANGES = {"steps", "device", "cpu_offload", "report_to", "run_name", "project", "activation_checkpointing", "log_every", "save_every", "keep", "resume",
+                     "overwrite", "allow_changed_args", "show_completions", "precompute_ref", "micro_batch_size", "micro_batch_tokens",
+                     "logits_chunk_size", "eval_every", "eval_data", "eval_problems", "eval_samples", "eval_batch_size",
+                     "eval_max_new_tokens", "eval_temperature", "eval_top_p", "out_dir"}  # out_dir: a run may move
+# Settings naming files or folders: compared by content, so a moved or respelt path resumes.
+PATH_SETTINGS = ("model", "data", "ref_model")
+# Settings a resumed run can never change, not even with --allow-changed-args.
+FIXED_ON_RESUME = {"lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "algo"}
+
+
+def check(config, ckpt_dir):
+    """Rank 0's checks before anything loads: config.model resolves; an existing out_dir is locked
+    (lock), holds no symlink, gets an interrupted save finished (checkpoint.recover), and is
+    refused if it holds a run unless --resume (with settings that match: check_resume) or
+    --overwrite."""
+    if not (str(config.model).endswith(".json") and os.path.isfile(config.model)):
+        checkpoint.resolve_model(config.model)  # a wrong --model fails before out_dir is touched
+    if os.path.isdir(config.out_dir):
+        lock(config.out_dir)  # held until train() ends (or the process does)
+        refuse_symlinks(config.out_dir)
+        checkpoint.recover(ckpt_dir)
+    if config.resume and not os.path.isdir(ckpt_dir):
+        print(f"--resume: no checkpoint in {config.out_dir} yet, starting from step 0")
+        config.resume = False
+    elif config.resume:
+        check_resume(config, ckpt_dir)
+    elif holds_run(config, ckpt_dir) and not config.overwrite:
+        raise ValueError(f"{config.out_dir} already holds a run (checkpoint/ or metrics.jsonl): pass --resume to "
+                         f"continue it or --overwrite to start again")
+
+
+def holds_run(config, ckpt_dir):
+    return os.path.isdir(ckpt_dir) or os.path.isfile(os.path.join(config.out_dir, "metrics.jsonl"))
+
+
+def claim(config, ckpt_dir):
+    """Rank 0, at the start of train(): create and lock out_dir, and for --overwrite (only now,
+    once the trainer has loaded its model and data) delete the earlier run."""
+    lock(config.out_dir)
+    refuse_symlinks(config.out_dir)
+    # a checkpoint saved since check() (by a process that has ended since) is not overwritten silently;
+    # --resume that found no checkpoint starts again, metrics.jsonl included
+    if not config.resume and os.path.isdir(ckpt_dir) and not config.overwrite:
+        raise ValueError(f"{config.out_dir} already holds a run: pass --resume or --overwrite")
+    if not config.resume and config.overwrite:
+        for name in os.listdir(config.out_dir):
+            if name == "checkpoint" or name.startswith("checkpoint-") or name == "metrics.jsonl":
+                path = os.path.join(config.out_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def check_resume(config, ckpt_dir):
+    """Refuse, before anything loads, to resume with settings that change the run (one line naming
+    each; --allow-changed-args lets them through) or that cannot change at all: LoRA's (the
+    checkpoint is an adapter folder or it is not) and the algorithm (its optimiser groups)."""
+    path = os.path.join(ckpt_dir, "trainer_state.pt")
+    try:  # mmap: the settings are read without reading the optimiser state
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["trainer_state"]
+    except Exception as e:
+        raise ValueError(f"{path}: not a trainer state nanocausal can read ({str(e).splitlines()[0]})") from None
+    changed = changed_settings(saved.get("config", {}), config, saved.get("fingerprints", {}))
+    fixed = [k for k in changed if k in FIXED_ON_RESUME]
+    if fixed:
+        raise ValueError(f"--resume: the run in {config.out_dir} has " + ", ".join(
+            f"{k} {changed[k][0]!r}, not {changed[k][1]!r}" for k in fixed) + ": LoRA settings and the algorithm "
+            "cannot change on resume (the checkpoint's weights and optimiser are built for them); use another --out-dir")
+    if changed and not config.allow_changed_args:
+        raise ValueError(f"--resume with other settings than the run in {config.out_dir}: " + ", ".join(
+            f"{k} {saved!r} -> {now!r}" + (" (other content)" if k in PATH_SETTINGS else "")
+            for k, (saved, now) in changed.items()) + " (pass --allow-changed-args "
+            "to resume anyway)")
+
+
+def changed_settings(saved: dict, config, fingerprints=None):
+    """The settings of `config` that differ from the saved run's and change what it computes. A
+    path setting (PATH_SETTINGS) is the same when it names the same content: a local path is
+    compared by checkpoint.fingerprint with the one saved (or, for a checkpoint that saved none,
+    by its resolved path, then by content while the old path exists); a hub id by its string."""
+    current, fingerprints = asdict(config), fingerprints or {}
+    changed = {}
+    for k in current:
+        if k not in saved or k in RESUMABLE_CHANGES:
+            continue
+        if k in PATH_SETTINGS:
+            same = same_content(saved[k], current[k], fingerprints.get(k))
+        else:
+            same = _plain(saved[k]) == _plain(current[k])
+        if not same:
+            changed[k] = (saved[k], current[k])
+    return changed
+
+
+def same_content(saved, now, saved_fingerprint=None):
+    if saved is None or now is None or not os.path.exists(os.path.expanduser(now)):
+        return saved == now  # unset, or a hub id
+    if saved_fingerprint is None:
+        if os.path.realpath(os.path.expanduser(saved)) == os.path.realpath(os.path.expanduser(now)):
+            return True
+        if not os.path.exists(os.path.expanduser(saved)):
+            return False
+        saved_fingerprint = checkpoint.fingerprint(saved)
+    return checkpoint.fingerprint(now) == saved_fingerprint
+
+
+def path_fingerprints(config):
+    """{setting: checkpoint.fingerprint} of the path settings naming local files or folders, saved
+    with every checkpoint (hashed once per run start: about a second per GB)."""
+    current = asdict(config)
+    return {k: checkpoint.fingerprint(current[k]) for k in PATH_SETTINGS
+            if current.get(k) and os.path.exists(os.path.expanduser(current[k]))}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def keep_metrics_until(path, step):
+    """On resume, drop the log lines of steps after the checkpoint (they will be run again)."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                pass  # the last line of a killed run, cut mid-write
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def good_checkpoint(ckpt_dir):
+    if checkpoint.is_complete(ckpt_dir):
+        return f"the last good checkpoint is {ckpt_dir} (step {checkpoint.saved_step(ckpt_dir)}; --resume continues from it)"
+    return f"no good checkpoint remains in {os.path.dirname(ckpt_dir) or '.'} (start again with --overwrite)"
