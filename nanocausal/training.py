@@ -22,8 +22,9 @@ A non-finite gradient skips its update; MAX_BAD_STEPS of them in a row, or one a
 stop the run with a ValueError (exit 1) naming the good checkpoint left, and a checkpoint whose
 weights produced the non-finite loss is moved aside (diverged). The out-dir is checked before
 anything is written, locked for the run's life, and never written through a symlink (rundir.py);
-a resumed run's settings must match its checkpoint's (paths by content). With LoRA (--lora-rank) the same loop trains the
-adapters only (start_run adds them; make_optimizer sees only trainable parameters).
+a resumed run's settings must match its checkpoint's (paths by content). With LoRA (--lora-rank)
+the same loop trains the adapters only (start_run adds them; make_optimizer sees only trainable
+parameters).
 """
 
 import json
@@ -101,7 +102,6 @@ class TrainConfig:
 
 
 MAX_BAD_STEPS = 3  # non-finite steps in a row before the loop gives up
-
 
 
 @dataclass
