@@ -9,12 +9,18 @@ What one step does (formulas in losses.py):
      temperature (top-p 1, top-k 0 unless asked) by continuous batching (refill.generate_many,
      rollout_slots rows at once), each prompt prefilled once and its KV cache shared by its group.
      The sampler's log-probs are kept as `sampler_logprobs`.
-  3. Rewards: rewards.reward = official correctness + format_weight * well-formed final answer.
+  3. Rewards: rewards.reward = official correctness + format_weight * well-formed final answer, or
+     named rewards with weights (--rewards, each logged as reward/NAME), plus DAPO's soft overlong
+     penalty (--overlong-buffer). --dynamic-sampling (DAPO) drops the groups whose rewards are all
+     equal and samples more prompts until the step has prompts_per_step informative groups.
   4. Advantages, in one place per algorithm (the GRPO and PPO classes below):
      GRPO: a completion's reward relative to its group, (r - mean) / (std + eps). Groups whose
        rewards are all equal have zero advantage: with beta = 0 they carry no gradient, so they are
        not even run through the model (their tokens still count in the normaliser, so the loss is
        unchanged). No reference model is loaded unless beta > 0.
+     Options (grpo_losses.py): --scale-rewards batch, --advantage-baseline rloo; in the loss
+       --importance-level sequence (GSPO), --objective cispo, --top-entropy-quantile, --entropy-coef;
+       --mask-truncated takes completions cut at max_new_tokens out of the loss.
      PPO: a value head (a linear layer on the final hidden state, starting at zero) estimates the
        return; the reward is the score on the last token minus kl_coef * (logp - ref_logp) on every
        token; GAE gives the advantages, whitened over the batch.
@@ -28,7 +34,7 @@ What one step does (formulas in losses.py):
      otherwise they are recomputed by the training forward under no_grad before the first pass.
      The gap between sampler and trainer, mean |sampler logp - trainer logp| over the trained
      completion tokens, is logged as sampler_logprob_gap (a sampler bug or a precision problem
-     shows up there first).
+     shows up there first), and the exact mean entropy of every trained completion token as entropy.
 The loop around the step (schedule, logging, evaluation, checkpoints, Ctrl-C, resume) is
 training.train, shared with SFT, DPO and KTO.
 
