@@ -219,3 +219,22 @@ def test_the_command_line_prints_pass_and_majority_with_several_samples(tmp_path
     assert "| task | pass@1 | pass@5 | maj@5 |" in out.stdout and "| overall | 100.0 | 100.0 | 100.0 |" in out.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["pass_and_majority"]["base"]["overall"]["pass@1"] == summary["accuracy"]["base"]["overall"]
+
+
+def test_periodic_evaluation_logs_pass_and_majority(monkeypatch):
+    """training.held_out_scores with --eval-samples 5 at a temperature: eval_acc (= pass@1), eval_pass@5 and
+    eval_maj@5 of the scored samples (the sampler is replaced by fixed replies)."""
+    import torch
+    from nanocausal import training
+    gold = '{"PROB": "0.5000"}'
+    replies = {"p": [gold, '{"PROB": "0.1"}', '{"PROB": "0.1"}', "x", "y"], "q": [gold] * 5}
+    records = [{"key": key, "index": i, "sample": s, "type": "ATE", "variant": "base", "answer": gold,
+                "response": r, "correct": protocol.is_correct(r, gold)}
+               for i, (key, responses) in enumerate(replies.items()) for s, r in enumerate(responses)]
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: records)
+    config = training.TrainConfig(device="cpu", eval_samples=5, eval_temperature=0.6, show_completions=0)
+    scores, _ = training.held_out_scores(torch.nn.Linear(1, 1), None, [], config)
+    assert scores["eval_acc"] == pytest.approx((1 / 5 + 1) / 2)
+    assert scores["eval_pass@5"] == 1.0 and scores["eval_maj@5"] == 0.5
+    greedy = training.TrainConfig(device="cpu", eval_samples=1, eval_temperature=0.0, show_completions=0)
+    assert set(training.held_out_scores(torch.nn.Linear(1, 1), None, [], greedy)[0]) == {"eval_acc", "eval_acc_ATE"}
