@@ -227,8 +227,8 @@ def micro_batch_loss(model, algorithm, mb, config: RLConfig, num_tokens, num_seq
     step. on_policy: the old log-probs are these very log-probs, detached (the ratio is exactly 1)."""
     mask = mb["completion_mask"]
     hidden = model.hidden_states(mb["input_ids"])
-    # The entropy of every completion token comes out of the same chunks as the log-probs (no extra
-    # pass over the logits); it is a metric, and the loss reads it only with an entropy option.
+    # The entropy of every completion token comes out of the same logits chunks as the log-probs (no
+    # second matmul with the head); a metric, read by the loss only with an entropy option.
     logprobs, entropies = token_logprobs(model, mb["input_ids"], None, mask, config.temperature,
                                         config.logits_chunk_size, hidden=hidden, return_entropy=True,
                                         entropy_grad=config.entropy_coef != 0)
