@@ -448,8 +448,8 @@ def run(config: EvalConfig):
         print(calm.format_table(calm_columns))
     for name, table in sampled.items():  # pass@1 is the accuracy above, per problem
         print(f"\n{name}, {expected} samples per problem:")
-        print(format_table({metric: {group: table[group][metric] for group in table}
-                            for metric in table["overall"]}))
+        print(format_table({metric: {group: table[group][metric] for group in table} for metric in table["overall"]},
+                           rows=[task for task in caugym.TASKS if task in table] + ["overall"]))
     summary = {"model": config.model, "protocol": {"num_samples": expected, "temperature": config.temperature,
                                                    "top_p": config.top_p, "top_k": config.top_k,
                                                    "max_new_tokens": config.max_new_tokens},
