@@ -269,3 +269,17 @@ def test_dynamic_sampling_trains_informative_groups(tiny_model, tmp_path, monkey
     # round 0 of step 1 samples what the default run sampled at step 1 (same seed, same prompt keys)
     assert rollouts[0][1] == default_rollouts[0][1]
     assert rollouts[0][-1]["prompt_keys"] == default_rollouts[0][-1]["prompt_keys"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--overlong-buffer", "200", "--max-new-tokens", "100"], "--overlong-buffer 200: expected 0 (off) to --max-new-tokens 100"),
+    (["--top-entropy-quantile", "0"], "--top-entropy-quantile 0.0: expected a fraction in (0, 1]"),
+    (["--rewards", "correct,speed"], "--rewards correct,speed: unknown speed"),
+    (["--rewards", "correct,format", "--reward-weights", "1"], "--reward-weights 1: expected 2 comma-separated numbers"),
+    (["--reward-weights", "1"], "--reward-weights needs --rewards"),
+    (["--dynamic-sampling", "--group-size", "1"], "--group-size must be >= 2"),
+])
+def test_bad_option_values_are_one_line_errors_before_anything_runs(tmp_path, flags, message):
+    out = run_script("train_rl.py", "--model", tmp_path / "no-model", "--out-dir", tmp_path / "out", *flags, check=False)
+    assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()
