@@ -28,7 +28,8 @@ answer). Ctrl-C writes a checkpoint; rerun the same command with --resume to con
 
 Where things are: the step (prompts, rollouts, rewards, advantages, update) is nanocausal/rl.py,
 where the GRPO and PPO classes hold everything that differs between the two; the rollouts and
-rewards nanocausal/rollout.py; the losses (each with its formula) nanocausal/losses.py; the loop
+rewards nanocausal/rollout.py; the losses (each with its formula) nanocausal/grpo_losses.py (GRPO and
+its options) and nanocausal/losses.py (PPO); the loop
 (schedule, logging, evaluation, checkpoints, Ctrl-C, resume) nanocausal/training.py. This file
 only turns flags into an RLConfig.
 
@@ -108,7 +109,7 @@ def build_parser(algo="grpo"):
     g.add_argument("--logits-chunk-size", type=cli.positive_int, default=d.logits_chunk_size,
                    help="completion tokens whose float32 logits exist at once (memory: this x vocabulary x 4 bytes, a few times)")
     if algo == "grpo":
-        g = parser.add_argument_group("GRPO (nanocausal.rl.GRPO: losses.group_advantages, losses.grpo_loss)")
+        g = parser.add_argument_group("GRPO (nanocausal.rl.GRPO: grpo_losses.group_advantages, grpo_losses.grpo_loss)")
         g.add_argument("--beta", type=cli.non_negative_float, default=d.beta,
                        help="weight of the k3 KL penalty to the reference (0: no reference model is loaded)")
         g.add_argument("--eps-low", type=cli.non_negative_float, default=d.eps_low, help="the ratio is clipped below at 1 - eps-low")
