@@ -116,6 +116,15 @@ def parse_args(argv):
                         "no-path replies are all correct from the start, so they teach nothing and only cost time")
     p.add_argument("--rollout-temperature", type=cli.non_negative_float, default=0.6,
                    help="GRPO and PPO sampling temperature (0.6: the evaluation's, so RL optimises what is measured)")
+    p.add_argument("--dynamic-sampling", action="store_true",
+                   help="GRPO stage: DAPO's dynamic sampling (drop all-equal-reward groups, roll out more prompts until "
+                        "the step has --prompts-per-step informative groups; README, docs/tiny_results.md)")
+    p.add_argument("--max-sampling-rounds", type=cli.positive_int, default=RLConfig.max_sampling_rounds,
+                   help="with --dynamic-sampling: at most this many rounds of prompts per GRPO step")
+    p.add_argument("--reuse-sft", action="store_true",
+                   help="skip SFT when <out>/sft/checkpoint exists (e.g. a link to another run's, same seed and flags): "
+                        "compare a GRPO option without training SFT again")
+    p.add_argument("--no-control", action="store_true", help="skip the same-compute SFT control")
     p.add_argument("--ppo-steps", type=cli.positive_int, default=None,
                    help=f"PPO steps (unset: {STEPS_PER_GRPO_STEP['ppo']} per GRPO step, the calibrated same compute)")
     p.add_argument("--dpo-steps", type=cli.positive_int, default=None,
@@ -168,7 +177,8 @@ def train_method(method, args, steps, data_dir, run_dir):
             prompts_per_step=args.prompts_per_step, group_size=args.group_size, max_new_tokens=comparison.MAX_NEW_TOKENS,
             temperature=args.rollout_temperature, micro_batch_size=64, mini_batches=args.grpo_mini_batches,
             lr=args.grpo_lr, warmup_steps=args.grpo_warmup, kl_coef=0.0, lam=1.0, eval_every=0, overwrite=True,
-            seed=args.seed, save_every=steps, out_dir=run_dir))
+            seed=args.seed, save_every=steps, out_dir=run_dir,
+            dynamic_sampling=args.dynamic_sampling and method == "grpo", max_sampling_rounds=args.max_sampling_rounds))
     if method in ("dpo", "kto"):  # KTO's batch: the same replies as DPO's, unpaired
         return train_preference(PreferenceConfig(
             algo=method, model=sft_checkpoint, data=os.path.join(data_dir, f"{method}.jsonl"), steps=steps,
@@ -268,14 +278,17 @@ def main(argv=None):
         variants=args.variants, queries=args.queries, slip_rate=args.teacher_slip_rate)
     seconds = {}
 
-    print(f"[1/3] SFT: {args.sft_steps} steps x {args.batch_size} worked solutions (every method's start)")
-    result = train_sft(SFTConfig(
-        model=args.base, data=os.path.join(data_dir, "sft.jsonl"), steps=args.sft_steps, batch_size=args.batch_size,
-        lr=args.sft_lr, warmup_steps=10, save_every=args.sft_steps, out_dir=os.path.join(args.out, "sft"),
-        log_every=20, eval_every=0, overwrite=True, seed=args.seed, max_length=512))
-    seconds["sft"] = result.wall_seconds
+    if args.reuse_sft and os.path.isdir(os.path.join(args.out, "sft", "checkpoint")):
+        print(f"[1/3] SFT: reusing {os.path.join(args.out, 'sft', 'checkpoint')}")
+    else:
+        print(f"[1/3] SFT: {args.sft_steps} steps x {args.batch_size} worked solutions (every method's start)")
+        result = train_sft(SFTConfig(
+            model=args.base, data=os.path.join(data_dir, "sft.jsonl"), steps=args.sft_steps, batch_size=args.batch_size,
+            lr=args.sft_lr, warmup_steps=10, save_every=args.sft_steps, out_dir=os.path.join(args.out, "sft"),
+            log_every=20, eval_every=0, overwrite=True, seed=args.seed, max_length=512))
+        seconds["sft"] = result.wall_seconds
 
-    methods = [m for m in args.methods if m != "sft"] + ["control"]
+    methods = [m for m in args.methods if m != "sft"] + ([] if args.no_control else ["control"])
     print(f"[2/3] from the SFT checkpoint, {args.jobs} at a time (logs: {args.out}/<method>/log.txt): "
           + ", ".join(f"{NAMES[m]} {steps[m]} steps" for m in methods))
     jobs = {m: ("train", m, steps[m], data_dir) for m in methods if m not in ("dpo", "kto")}

@@ -28,14 +28,16 @@ answer). Ctrl-C writes a checkpoint; rerun the same command with --resume to con
 
 Where things are: the step (prompts, rollouts, rewards, advantages, update) is nanocausal/rl.py,
 where the GRPO and PPO classes hold everything that differs between the two; the rollouts and
-rewards nanocausal/rollout.py; the losses (each with its formula) nanocausal/losses.py; the loop
+rewards nanocausal/rollout.py; the losses (each with its formula) nanocausal/grpo_losses.py (GRPO and
+its options) and nanocausal/losses.py (PPO); the loop
 (schedule, logging, evaluation, checkpoints, Ctrl-C, resume) nanocausal/training.py. This file
 only turns flags into an RLConfig.
 
 Every step logs, to the progress bar and out-dir/metrics.jsonl: reward, accuracy, format rate,
 the share of groups with all-equal rewards, completion lengths, KL to the reference (when one is
-loaded), clip fraction, entropy (estimated on every 8th completion token), generation vs
-training time and tokens/s. Every --eval-every
+loaded), clip fraction, entropy (the exact mean over every completion token), generation vs
+training time and tokens/s, the share of loss tokens from truncated completions (truncated_loss_tokens).
+Every --eval-every
 steps: official accuracy on held-out generated problems, and a few completions printed.
 
 Several GPUs: the same flags under torchrun (FSDP2; README "More GPUs"); each rank samples
@@ -43,9 +45,9 @@ its share of the prompts, the batch is global:
     torchrun --standalone --nproc-per-node 8 train_rl.py --algo grpo --model out/sft/checkpoint ...
 
 Not implemented: a separate inference engine (vLLM) or asynchronous rollouts, packing
-several sequences into one row, learned reward models (rewards are rules), re-sampling groups
-with all-equal rewards (DAPO's dynamic sampling), refreshing the reference model, and a PPO value
-model separate from the policy (the value head shares the policy's trunk and starts at zero).
+several sequences into one row, learned reward models (rewards are rules), refreshing the
+reference model, and a PPO value model separate from the policy (the value head shares the
+policy's trunk and starts at zero).
 """
 import argparse
 
@@ -79,6 +81,22 @@ def build_parser(algo="grpo"):
     g.add_argument("--format-weight", type=float, default=d.format_weight,
                    help="reward = correct + this * (the response ends with a well-formed answer)")
     g.add_argument("--strict", action="store_true", help="score only the last answer of a response (the official rule accepts any)")
+    g.add_argument("--rewards", default=None, help="comma-separated named rewards (nanocausal.rewards.REWARDS: correct, "
+                   "correct_strict, format, lack_condition, length) summed with --reward-weights and logged one by one "
+                   "as reward/NAME; default: correct + format-weight * format")
+    g.add_argument("--reward-weights", default=None, help="comma-separated weights of --rewards (default: 1 each)")
+    g.add_argument("--mask-truncated", action="store_true",
+                   help="completions cut at max-new-tokens carry no loss (they still count in their group's advantages)")
+    g.add_argument("--overlong-buffer", type=cli.non_negative_int, default=d.overlong_buffer,
+                   help="DAPO's soft overlong penalty: the reward falls linearly to -overlong-penalty over the last this "
+                        "many tokens of max-new-tokens (0: off)")
+    g.add_argument("--overlong-penalty", type=cli.non_negative_float, default=d.overlong_penalty,
+                   help="the overlong penalty at max-new-tokens")
+    g.add_argument("--dynamic-sampling", action="store_true",
+                   help="DAPO: drop groups whose rewards are all equal and roll out prompts-per-step more prompts until "
+                        "the step has prompts-per-step informative groups (or max-sampling-rounds rounds)")
+    g.add_argument("--max-sampling-rounds", type=cli.positive_int, default=d.max_sampling_rounds,
+                   help="with --dynamic-sampling: at most this many rounds of prompts per step")
     g = parser.add_argument_group("update")
     g.add_argument("--ppo-epochs", "--num-iterations", type=cli.positive_int, default=d.ppo_epochs,
                    help="passes over each rollout batch (1: strictly on-policy)")
@@ -91,7 +109,7 @@ def build_parser(algo="grpo"):
     g.add_argument("--logits-chunk-size", type=cli.positive_int, default=d.logits_chunk_size,
                    help="completion tokens whose float32 logits exist at once (memory: this x vocabulary x 4 bytes, a few times)")
     if algo == "grpo":
-        g = parser.add_argument_group("GRPO (nanocausal.rl.GRPO: losses.group_advantages, losses.grpo_loss)")
+        g = parser.add_argument_group("GRPO (nanocausal.rl.GRPO: grpo_losses.group_advantages, grpo_losses.grpo_loss)")
         g.add_argument("--beta", type=cli.non_negative_float, default=d.beta,
                        help="weight of the k3 KL penalty to the reference (0: no reference model is loaded)")
         g.add_argument("--eps-low", type=cli.non_negative_float, default=d.eps_low, help="the ratio is clipped below at 1 - eps-low")
@@ -101,6 +119,20 @@ def build_parser(algo="grpo"):
                        help="token_mean: every token of the step weighs the same (DAPO); sequence_mean: the GRPO paper; "
                             "constant: divide by max-new-tokens (Dr. GRPO)")
         g.add_argument("--no-std-scaling", action="store_true", help="advantages r - mean without dividing by the group's std (Dr. GRPO)")
+        g.add_argument("--scale-rewards", default=d.scale_rewards, choices=("group", "batch", "none"),
+                       help="divide advantages by the std of the group's rewards, of the step's, or not at all")
+        g.add_argument("--advantage-baseline", default=d.advantage_baseline, choices=("mean", "rloo"),
+                       help="subtract the group's mean reward, or the mean of the other completions (RLOO)")
+        g.add_argument("--importance-level", default=d.importance_level, choices=("token", "sequence"),
+                       help="token: one ratio per token (GRPO); sequence: the length-normalised sequence ratio, "
+                            "clipped per completion (GSPO; pair it with --aggregation sequence_mean)")
+        g.add_argument("--objective", default=d.objective, choices=("clip", "cispo"),
+                       help="clip: PPO's clipped surrogate; cispo: REINFORCE weighted by the detached ratio capped at "
+                            "1 + eps-high (MiniMax-M1's CISPO: no token loses its gradient)")
+        g.add_argument("--entropy-coef", type=float, default=d.entropy_coef,
+                       help="entropy bonus: minus this times the mean token entropy is added to the loss")
+        g.add_argument("--top-entropy-quantile", type=float, default=d.top_entropy_quantile,
+                       help="only this top fraction of each micro-batch's tokens by entropy carries the policy loss (1: all)")
     else:
         g = parser.add_argument_group("PPO (nanocausal.rl.PPO: losses.ppo_rewards, gae, whiten, ppo_loss)")
         g.add_argument("--kl-coef", type=cli.non_negative_float, default=d.kl_coef,

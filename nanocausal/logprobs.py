@@ -25,7 +25,7 @@ def _chunk_logprobs(hidden, weight, targets, temperature, with_entropy=True):
 
 
 def token_logprobs(model: Transformer, input_ids, attention_mask, completion_mask, temperature=1.0,
-                   chunk_size=1024, hidden=None, return_entropy=False):
+                   chunk_size=1024, hidden=None, return_entropy=False, entropy_grad=False):
     """log p(input_ids[b, t] | input_ids[b, :t]) at every position where completion_mask is 1.
 
     input_ids, attention_mask, completion_mask: (B, T); completion_mask marks the target tokens
@@ -39,6 +39,7 @@ def token_logprobs(model: Transformer, input_ids, attention_mask, completion_mas
     positions skips most of the head's FLOPs). `temperature` divides the logits, as the sampler
     does, so the log-probs are those of the distribution actually sampled from.
     `hidden` may be passed when the caller already ran `model.hidden_states` (e.g. for a value head).
+    The entropy is detached unless entropy_grad (an entropy bonus in the loss differentiates it).
     """
     if hidden is None:
         hidden = model.hidden_states(input_ids, attention_mask)
@@ -56,7 +57,7 @@ def token_logprobs(model: Transformer, input_ids, attention_mask, completion_mas
             lp, ent = _chunk_logprobs(*args)
         logprob_chunks.append(lp)
         if return_entropy:
-            entropy_chunks.append(ent.detach())
+            entropy_chunks.append(ent if entropy_grad else ent.detach())
     out = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
     entropy = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
     if targets.numel():

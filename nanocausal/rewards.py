@@ -7,6 +7,11 @@ or LACK_CONDITION when that is the gold answer. The official rule accepts any an
 anywhere in the reply, which RL learns to exploit by printing several guesses; strict=True
 judges correctness on the LAST answer of the response only (for LACK_CONDITION: only a response
 whose last answer is it).
+
+Several rewards can be combined instead (`parse_rewards`, train_rl.py --rewards / --reward-weights):
+plain functions (response, answer) -> float from REWARDS, summed with weights and logged one by
+one; the default (no --rewards) is the reward above, and the official correctness rule stays the
+evaluation metric whatever the training reward.
 """
 import json
 import re
@@ -64,3 +69,48 @@ def reward(response, answer, format_weight=0.1, strict=False):
     else:
         correct = is_correct(response, answer)
     return float(correct) + format_weight * format_ok(response, answer)
+
+# -----------------------------------------------------------------------------
+# Several rewards, by name: --rewards correct,format --reward-weights 1,0.1
+
+
+def lack_condition(response, answer):
+    """1.0 when the response's final answer says LACK_CONDITION exactly when the gold answer is
+    LACK_CONDITION (it recognises a problem that cannot be solved, and only such a problem)."""
+    return float((last_answer(response)[0] == "lack") == (answer.strip() == LACK))
+
+
+def length(response, answer):
+    """Minus the response's length in thousands of characters: a mild push towards short replies
+    (the overlong penalty, --overlong-buffer, is the token-budget one)."""
+    return -len(response) / 1000
+
+
+REWARDS = {
+    "correct": lambda response, answer: float(is_correct(response, answer)),  # the official rule
+    "correct_strict": lambda response, answer: reward(response, answer, 0.0, strict=True),  # the last answer only
+    "format": format_ok,
+    "lack_condition": lack_condition,
+    "length": length,
+}
+
+
+def parse_rewards(names, weights=None):
+    """'correct,format' and '1,0.1' -> [(name, function, weight)]; weights default to 1 each. A
+    reward is a plain function (response, answer) -> float; add yours to REWARDS."""
+    names = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in names if n not in REWARDS]
+    if not names or unknown:
+        raise ValueError(f"--rewards {','.join(names)}: unknown {', '.join(unknown) or 'empty list'}; expected a "
+                         f"comma-separated list of {', '.join(REWARDS)}")
+    if weights is None:
+        values = [1.0] * len(names)
+    else:
+        try:
+            values = [float(w) for w in weights.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != len(names):
+            raise ValueError(f"--reward-weights {weights}: expected {len(names)} comma-separated numbers, one per "
+                             f"reward of --rewards {','.join(names)}")
+    return [(name, REWARDS[name], weight) for name, weight in zip(names, values)]

@@ -9,12 +9,18 @@ What one step does (formulas in losses.py):
      temperature (top-p 1, top-k 0 unless asked) by continuous batching (refill.generate_many,
      rollout_slots rows at once), each prompt prefilled once and its KV cache shared by its group.
      The sampler's log-probs are kept as `sampler_logprobs`.
-  3. Rewards: rewards.reward = official correctness + format_weight * well-formed final answer.
+  3. Rewards: rewards.reward = official correctness + format_weight * well-formed final answer, or
+     named rewards with weights (--rewards, each logged as reward/NAME), plus DAPO's soft overlong
+     penalty (--overlong-buffer). --dynamic-sampling (DAPO) drops the groups whose rewards are all
+     equal and samples more prompts until the step has prompts_per_step informative groups.
   4. Advantages, in one place per algorithm (the GRPO and PPO classes below):
      GRPO: a completion's reward relative to its group, (r - mean) / (std + eps). Groups whose
        rewards are all equal have zero advantage: with beta = 0 they carry no gradient, so they are
        not even run through the model (their tokens still count in the normaliser, so the loss is
        unchanged). No reference model is loaded unless beta > 0.
+     Options (grpo_losses.py): --scale-rewards batch, --advantage-baseline rloo; in the loss
+       --importance-level sequence (GSPO), --objective cispo, --top-entropy-quantile, --entropy-coef;
+       --mask-truncated takes completions cut at max_new_tokens out of the loss.
      PPO: a value head (a linear layer on the final hidden state, starting at zero) estimates the
        return; the reward is the score on the last token minus kl_coef * (logp - ref_logp) on every
        token; GAE gives the advantages, whitened over the batch.
@@ -28,7 +34,7 @@ What one step does (formulas in losses.py):
      otherwise they are recomputed by the training forward under no_grad before the first pass.
      The gap between sampler and trainer, mean |sampler logp - trainer logp| over the trained
      completion tokens, is logged as sampler_logprob_gap (a sampler bug or a precision problem
-     shows up there first).
+     shows up there first), and the exact mean entropy of every trained completion token as entropy.
 The loop around the step (schedule, logging, evaluation, checkpoints, Ctrl-C, resume) is
 training.train, shared with SFT, DPO and KTO.
 
@@ -53,8 +59,11 @@ import torch.nn as nn
 
 from nanocausal import checkpoint, distributed, lora, training
 from nanocausal.logprobs import token_logprobs
-from nanocausal.losses import gae, group_advantages, grpo_loss, ppo_loss, ppo_rewards, whiten
-from nanocausal.rollout import assemble, prompt_stream, rollout, row_micro_batches, score
+from nanocausal.grpo_losses import group_advantages, grpo_loss, overlong_penalty
+from nanocausal.losses import gae, ppo_loss, ppo_rewards, whiten
+from nanocausal.rewards import parse_rewards
+from nanocausal.rollout import (assemble, assemble_groups, groups_of, informative, prompt_stream, rollout,
+                                row_micro_batches, score)
 from nanocausal.tokenizer import Tokenizer
 from nanocausal.training import TrainConfig, autocast
 
@@ -73,6 +82,13 @@ class RLConfig(TrainConfig):
     top_k: int = 0
     format_weight: float = 0.1
     strict: bool = False  # score only the last answer of a response
+    rewards: str | None = None  # e.g. "correct,format": named rewards (rewards.REWARDS) instead of the default
+    reward_weights: str | None = None  # e.g. "1,0.1" (default: 1 each)
+    mask_truncated: bool = False  # completions cut at max_new_tokens carry no loss (TRL mask_truncated_completions)
+    overlong_buffer: int = 0  # DAPO's soft overlong penalty over the last this many tokens of the budget (0: off)
+    overlong_penalty: float = 1.0  # ... reaching -this at max_new_tokens
+    dynamic_sampling: bool = False  # DAPO: drop all-equal-reward groups, roll out more prompts to refill the step
+    max_sampling_rounds: int = 4  # ... at most this many rounds of prompts_per_step prompts per step
     # update
     ppo_epochs: int = 1  # passes over each rollout batch (1: strictly on-policy)
     mini_batches: int = 1  # optimiser steps per pass
@@ -84,7 +100,13 @@ class RLConfig(TrainConfig):
     eps_low: float = 0.2
     eps_high: float = 0.2
     aggregation: str = "token_mean"  # token_mean (DAPO), sequence_mean (GRPO paper), constant (Dr. GRPO)
-    no_std_scaling: bool = False  # advantages r - mean (Dr. GRPO)
+    no_std_scaling: bool = False  # advantages r - mean (Dr. GRPO); the same as scale_rewards="none"
+    scale_rewards: str = "group"  # group (GRPO), batch (TRL scale_rewards="batch"), none (Dr. GRPO)
+    advantage_baseline: str = "mean"  # mean (GRPO) or rloo (leave-one-out)
+    importance_level: str = "token"  # token (GRPO) or sequence (GSPO)
+    objective: str = "clip"  # clip (PPO/GRPO) or cispo (clipped, detached importance weight on REINFORCE)
+    entropy_coef: float = 0.0  # entropy bonus
+    top_entropy_quantile: float = 1.0  # only this top fraction of tokens by entropy carries the policy loss
     # PPO
     kl_coef: float = 0.05
     clip_range: float = 0.2
@@ -141,11 +163,13 @@ class GRPO:
 
     def __init__(self, config: RLConfig, ref_model):
         self.config, self.ref_model = config, ref_model
-        self.trains_every_row = config.beta != 0  # else zero-advantage rows are skipped
+        # else zero-advantage rows are skipped (only the KL term and the entropy bonus give them a gradient)
+        self.trains_every_row = config.beta != 0 or config.entropy_coef != 0
 
     def advantages(self, batch, rewards):
         config = self.config
-        batch["advantages"] = group_advantages(rewards, config.group_size, scale_by_std=not config.no_std_scaling)
+        batch["advantages"] = group_advantages(rewards, config.group_size, baseline=config.advantage_baseline,
+                                               scale="none" if config.no_std_scaling else config.scale_rewards)
         if self.ref_model is not None:
             batch["ref_logprobs"] = score_tokens(self.ref_model, batch, config)
         return {}
@@ -155,7 +179,9 @@ class GRPO:
         loss, metrics = grpo_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["completion_mask"],
                                   mb.get("ref_logprobs"), c.beta, c.eps_low, c.eps_high, c.aggregation,
                                   max_completion_length=c.max_new_tokens, num_items_in_batch=num_tokens,
-                                  num_sequences=num_sequences)
+                                  num_sequences=num_sequences, importance_level=c.importance_level,
+                                  objective=c.objective, entropies=mb.get("entropies"), entropy_coef=c.entropy_coef,
+                                  top_entropy_quantile=c.top_entropy_quantile)
         metrics["clip_fraction"] = metrics.pop("clip_region")
         return loss, metrics
 
@@ -201,20 +227,19 @@ def micro_batch_loss(model, algorithm, mb, config: RLConfig, num_tokens, num_seq
     step. on_policy: the old log-probs are these very log-probs, detached (the ratio is exactly 1)."""
     mask = mb["completion_mask"]
     hidden = model.hidden_states(mb["input_ids"])
-    logprobs = token_logprobs(model, mb["input_ids"], None, mask, config.temperature, config.logits_chunk_size,
-                              hidden=hidden)
+    # The entropy of every completion token comes out of the same logits chunks as the log-probs (no
+    # second matmul with the head); a metric, read by the loss only with an entropy option.
+    logprobs, entropies = token_logprobs(model, mb["input_ids"], None, mask, config.temperature,
+                                        config.logits_chunk_size, hidden=hidden, return_entropy=True,
+                                        entropy_grad=config.entropy_coef != 0)
+    mb = {**mb, "entropies": entropies}
     if on_policy:
-        mb = {**mb, "old_logprobs": logprobs.detach()}
+        mb["old_logprobs"] = logprobs.detach()
     loss, metrics = algorithm.loss(mb, logprobs, hidden, num_tokens, num_sequences)
     with torch.no_grad():
         gap = (logprobs.detach().float() - mb["sampler_logprobs"]).abs() * mask
         metrics["sampler_logprob_gap"] = gap.sum() / mask.sum().clamp(min=1)
-        # The entropy is only a metric, and it costs three passes over (tokens x vocabulary), as much
-        # as the log-probs: estimate it on every 8th completion token (each row's first included).
-        sampled = mask.bool() & ((mask.cumsum(1) - 1) % 8 == 0)
-        _, entropy = token_logprobs(model, mb["input_ids"], None, sampled, config.temperature,
-                                    config.logits_chunk_size, hidden=hidden.detach(), return_entropy=True)
-        metrics["entropy"] = entropy[sampled].mean()
+        metrics["entropy"] = (entropies.detach() * mask).sum() / mask.sum().clamp(min=1)
     return loss, metrics
 
 
@@ -231,6 +256,7 @@ def update(model, algorithm, optimizer, batch, config: RLConfig, step):
     trained = batch["advantages"].view(len(mask), -1).ne(0).any(1)
     if algorithm.trains_every_row:
         trained[:] = True
+    trained &= mask.bool().any(1)  # a masked truncated row has no loss token
     trained = trained.tolist()
     sums, weight, grad_norms, tokens = {}, 0.0, [], 0
     own = set(distributed.share(list(range(len(mask)))))  # this rank's rows: those of its prompts
@@ -273,9 +299,35 @@ def rollout_metrics(scores, batch, group_size):
     return {"reward": rewards.mean(), "reward_std": rewards.std() if len(rewards) > 1 else 0.0,
             **{name: scores[key].mean() for name, key in (("accuracy", "correct"), ("format_rate", "format_ok"))
                if key in scores},
+            **{key: scores[key].mean() for key in scores if key.startswith("reward/") or key == "overlong_penalty"},
             **({"equal_reward_groups": (grouped == grouped[:, :1]).all(1).float().mean()} if group_size > 1 else {}),
             "completion_len": lengths.mean(), "completion_len_max": lengths.max(),
             "truncated": float(np.mean(batch["truncated"]))}
+
+
+def check_config(config: RLConfig):
+    """The settings no flag type can check alone, before anything is loaded or written."""
+    if config.algo == "grpo" and config.group_size < 2:
+        raise ValueError("--group-size must be >= 2 for GRPO: advantages compare completions of the same prompt")
+    if not 0 <= config.overlong_buffer <= config.max_new_tokens:
+        raise ValueError(f"--overlong-buffer {config.overlong_buffer}: expected 0 (off) to --max-new-tokens "
+                         f"{config.max_new_tokens} (the last tokens of the budget over which the penalty grows)")
+    if not 0 < config.top_entropy_quantile <= 1:
+        raise ValueError(f"--top-entropy-quantile {config.top_entropy_quantile}: expected a fraction in (0, 1]")
+    if config.dynamic_sampling and config.group_size < 2:
+        raise ValueError("--dynamic-sampling needs --group-size >= 2: it keeps the groups whose rewards differ")
+    if config.max_sampling_rounds < 1:
+        raise ValueError(f"--max-sampling-rounds {config.max_sampling_rounds}: expected >= 1")
+    for name, value, allowed in [("scale-rewards", config.scale_rewards, ("group", "batch", "none")),
+                                 ("advantage-baseline", config.advantage_baseline, ("mean", "rloo")),
+                                 ("importance-level", config.importance_level, ("token", "sequence")),
+                                 ("objective", config.objective, ("clip", "cispo"))]:
+        if value not in allowed:
+            raise ValueError(f"--{name} {value}: expected one of {', '.join(allowed)}")
+    if config.rewards:
+        parse_rewards(config.rewards, config.reward_weights)
+    elif config.reward_weights:
+        raise ValueError("--reward-weights needs --rewards (the names of the rewards they weigh)")
 
 
 def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainResult:
@@ -283,8 +335,7 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
     -> float replaces the causal reward and `examples` (dicts with prompt_ids, plus what reward_fn
     reads) the prompts: with both, the loop runs on token ids alone and needs no tokenizer (the
     tests do this)."""
-    if config.algo == "grpo" and config.group_size < 2:
-        raise ValueError("--group-size must be >= 2 for GRPO: advantages compare completions of the same prompt")
+    check_config(config)
     torch.manual_seed(config.seed)
     model = training.start_run(config)
     device = config.device  # (under torchrun start_run sets this rank's GPU)
@@ -311,10 +362,13 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
     stream = prompt_stream(config.seed, model.config.max_position_embeddings - config.max_new_tokens, tokenizer,
                            examples, config.data, config.tasks, config.variant, config.nodes)
 
-    def step_fn(step):
-        # -- 1-3. prompts, rollouts (random streams keyed by the step's seed and each prompt), rewards
+    reward_terms = parse_rewards(config.rewards, config.reward_weights) if config.rewards else None
+    seconds = {}
+
+    def sample(step_examples, first_key, step):
+        """One sampling round: the rollout batch of step_examples (prompt keys from first_key on, so a
+        refill round's prompts draw fresh random streams) and its scores."""
         started = time.time()
-        step_examples = stream.next(config.prompts_per_step)
         mine = distributed.share(list(range(len(step_examples))))  # every prompt, in one process
         prompts = [step_examples[i]["prompt_ids"] for i in mine]
         generator = model if ranks == 1 else distributed.gathered_copy(
@@ -322,7 +376,8 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
         with autocast(device):
             batch = rollout(generator, prompts, config.group_size, config.max_new_tokens, config.temperature,
                             config.top_p, config.top_k, config.seed * 100_003 + step, eos_token_ids, pad_token_id,
-                            tokenizer.vocab_size if tokenizer else None, slots=config.rollout_slots, prompt_keys=mine)
+                            tokenizer.vocab_size if tokenizer else None, slots=config.rollout_slots,
+                            prompt_keys=[first_key + i for i in mine])
         if ranks > 1:  # every rank assembles the step's whole batch from the rows all ranks sampled
             del generator
             mask = batch["completion_mask"].bool()
@@ -331,22 +386,69 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
             completions, logprobs, truncated = ([x for part in parts for x in part[i]] for i in range(3))
             batch = assemble([ex["prompt_ids"] for ex in step_examples for _ in range(config.group_size)], completions,
                              logprobs, truncated, pad_token_id, device)
-        generation_s = training.seconds_since(started, device)
+        seconds["generation_s"] = seconds.get("generation_s", 0.0) + training.seconds_since(started, device)
         started = time.time()
         row_examples = [ex for ex in step_examples for _ in range(config.group_size)]
-        scores = {k: v.to(device) for k, v in score(row_examples, batch["completions"], tokenizer,
-                                                   config.format_weight, config.strict, reward_fn).items()}
-        reward_s = time.time() - started
+        scores = score(row_examples, batch["completions"], tokenizer, config.format_weight, config.strict, reward_fn,
+                       reward_terms)
+        if config.overlong_buffer:
+            scores["overlong_penalty"] = overlong_penalty([len(c) for c in batch["completions"]],
+                                                          config.max_new_tokens, config.overlong_buffer,
+                                                          config.overlong_penalty)
+            scores["reward"] = scores["reward"] + scores["overlong_penalty"]
+        seconds["reward_s"] = seconds.get("reward_s", 0.0) + time.time() - started
+        return batch, {k: v.to(device) for k, v in scores.items()}
+
+    def step_fn(step):
+        # -- 1-3. prompts, rollouts (random streams keyed by the step's seed and each prompt), rewards
+        seconds.clear()
+        step_examples = stream.next(config.prompts_per_step)
+        batch, scores = sample(step_examples, 0, step)
+        sampled_batch, sampled_scores, refill = batch, scores, {}
+        if config.dynamic_sampling:
+            batch, scores, sampled_batch, sampled_scores, refill = dynamic_sampling(step_examples, batch, scores, step)
+        if config.mask_truncated:  # the rows stay in their groups' statistics; their tokens leave the loss
+            batch["completion_mask"][torch.tensor(batch["truncated"], device=device, dtype=torch.bool)] = 0
+        truncated_rows = torch.tensor(batch["truncated"], device=device, dtype=torch.bool)
+        loss_tokens = batch["completion_mask"].sum(1).float()
         # -- 4-5. advantages, then the update
         started = time.time()
         metrics = algorithm.advantages(batch, scores["reward"])
         update_metrics, train_tokens = update(model, algorithm, optimizer, batch, config, step)
         training_s = training.seconds_since(started, device)
-        generated = sum(len(c) for c in batch["completions"])
-        return {**rollout_metrics(scores, batch, config.group_size), **metrics, **update_metrics,
-                "generation_s": round(generation_s, 3), "reward_s": round(reward_s, 3),
-                "training_s": round(training_s, 3), "generation_tokens_per_s": round(generated / generation_s, 1),
+        generated = sum(len(c) for c in sampled_batch["completions"])
+        return {**rollout_metrics(sampled_scores, sampled_batch, config.group_size), **refill, **metrics,
+                "truncated_loss_tokens": loss_tokens[truncated_rows].sum() / loss_tokens.sum().clamp(min=1),
+                **update_metrics, "generation_s": round(seconds["generation_s"], 3),
+                "reward_s": round(seconds["reward_s"], 3), "training_s": round(training_s, 3),
+                "generation_tokens_per_s": round(generated / seconds["generation_s"], 1),
                 "training_tokens_per_s": round(train_tokens / training_s, 1)}
+
+    def dynamic_sampling(examples, batch, scores, step):
+        """DAPO's dynamic sampling: groups whose rewards are all equal (no advantage, no gradient) are
+        dropped and prompts_per_step more prompts are rolled out, until prompts_per_step informative
+        groups are kept or max_sampling_rounds rounds are done; then the step trains the first
+        prompts_per_step kept groups, topped up with dropped ones (which add tokens to the normaliser
+        but no gradient) when the rounds ran out. The counts are global (every rank holds every
+        group). Returns the step's batch and scores, every sampled row's (for the log), and the counts."""
+        size, n = config.group_size, config.prompts_per_step
+        first_batch, first_scores = batch, scores
+        sampled = groups_of(batch, examples, scores, size)
+        rounds = 1
+        while sum(map(informative, sampled)) < n and rounds < config.max_sampling_rounds:
+            examples = stream.next(n)
+            more_batch, more_scores = sample(examples, rounds * n, step)
+            sampled += groups_of(more_batch, examples, more_scores, size)
+            rounds += 1
+        kept = [g for g in sampled if informative(g)]
+        chosen = (kept + [g for g in sampled if not informative(g)])[:n]
+        batch, scores = assemble_groups(chosen, pad_token_id, device)
+        if rounds > 1:
+            sampled_batch, sampled_scores = assemble_groups(sampled, pad_token_id, device)
+        else:
+            sampled_batch, sampled_scores = first_batch, first_scores
+        return batch, scores, sampled_batch, sampled_scores, {
+            "sampling_rounds": rounds, "prompts_drawn": rounds * n, "groups_kept": min(len(kept), n)}
 
     return training.train(config, model, optimizer, step_fn, stream, tokenizer,
                           extra_modules={"value_head": value_head} if value_head is not None else None,

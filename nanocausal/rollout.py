@@ -107,17 +107,26 @@ def assemble(row_prompts, completions, sampled_logprobs, truncated, pad_token_id
             "old_logprobs": old_logprobs.to(device), "completions": completions, "truncated": truncated}
 
 
-def score(examples, completions, tokenizer=None, format_weight=0.1, strict=False, reward_fn=None):
+def score(examples, completions, tokenizer=None, format_weight=0.1, strict=False, reward_fn=None, reward_terms=None):
     """Rewards (R,) and, for the causal reward, whether each answer is officially correct and well
     formed. reward_fn(example, completion_ids) -> float replaces the causal reward (the tests'
-    trivially learnable one, which needs no tokenizer)."""
+    trivially learnable one, which needs no tokenizer). reward_terms, [(name, function, weight)]
+    from rewards.parse_rewards: reward = sum of weight * function(response, answer), each term's
+    values kept as "reward/<name>"."""
     if reward_fn is not None:
         return {"reward": torch.tensor([float(reward_fn(ex, ids)) for ex, ids in zip(examples, completions)])}
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
     pairs = list(zip(examples, texts))
-    return {"reward": torch.tensor([reward(t, ex["answer"], format_weight, strict) for ex, t in pairs]),
-            "correct": torch.tensor([float(caugym.is_correct(t, ex["answer"])) for ex, t in pairs]),
-            "format_ok": torch.tensor([format_ok(t, ex["answer"]) for ex, t in pairs])}
+    scores = {"correct": torch.tensor([float(caugym.is_correct(t, ex["answer"])) for ex, t in pairs]),
+              "format_ok": torch.tensor([format_ok(t, ex["answer"]) for ex, t in pairs])}
+    if reward_terms is None:
+        scores["reward"] = torch.tensor([reward(t, ex["answer"], format_weight, strict) for ex, t in pairs])
+        return scores
+    scores["reward"] = torch.zeros(len(pairs))
+    for name, function, weight in reward_terms:
+        scores[f"reward/{name}"] = torch.tensor([float(function(t, ex["answer"])) for ex, t in pairs])
+        scores["reward"] += weight * scores[f"reward/{name}"]
+    return scores
 
 
 def row_micro_batches(batch, rows, size, max_tokens=0):
@@ -139,3 +148,33 @@ def row_micro_batches(batch, rows, size, max_tokens=0):
         index = torch.tensor(chunk, device=batch["input_ids"].device)
         width = max(last[r] for r in chunk) + 1
         yield index, {k: v[index, :width] if v.dim() == 2 else v[index] for k, v in batch.items() if torch.is_tensor(v)}
+
+# -----------------------------------------------------------------------------
+# Groups: what dynamic sampling keeps or drops
+
+
+def groups_of(batch, examples, scores, group_size):
+    """The rollout batch cut into its groups (one per prompt), each a dict: example, and per row
+    completions, sampler log-probs, truncated, and every score. assemble_groups puts kept groups
+    from several sampling rounds back into one batch."""
+    mask = batch["completion_mask"].bool()
+    logprobs = [row[m].tolist() for row, m in zip(batch["old_logprobs"], mask)]
+    rows = lambda values, g: values[g * group_size:(g + 1) * group_size]  # noqa: E731
+    return [{"example": example, "completions": rows(batch["completions"], g), "logprobs": rows(logprobs, g),
+             "truncated": rows(batch["truncated"], g), "scores": {k: rows(v, g) for k, v in scores.items()}}
+            for g, example in enumerate(examples)]
+
+
+def informative(group):
+    """A group whose rewards are not all equal: it has a nonzero advantage (DAPO's filter)."""
+    rewards = group["scores"]["reward"]
+    return bool((rewards != rewards[0]).any())
+
+
+def assemble_groups(groups, pad_token_id, device):
+    """(rollout batch, scores) of the rows of `groups`, in order (a group's rows stay contiguous)."""
+    rows = lambda key: [x for g in groups for x in g[key]]  # noqa: E731
+    prompt_ids = [g["example"]["prompt_ids"] for g in groups for _ in g["completions"]]
+    batch = assemble(prompt_ids, rows("completions"), rows("logprobs"), rows("truncated"), pad_token_id, device)
+    scores = {k: torch.cat([g["scores"][k] for g in groups]) for k in groups[0]["scores"]}
+    return batch, scores

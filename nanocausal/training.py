@@ -464,8 +464,8 @@ def diverged(ckpt_dir, step, bad_steps, metric, main):
 def held_out_scores(model, tokenizer, problems, config: TrainConfig, write=print):
     """Official CauGym accuracy on the held-out problems, through nanocausal.evaluation (the
     sampler, the evaluation flags' sampling settings, the official rule):
-    ({"eval_acc": overall, "eval_acc_ATE": ..., ...}, the scored records); prints
-    config.show_completions replies."""
+    ({"eval_acc": overall, "eval_acc_ATE": ..., ...}, the scored records; with eval_samples = n > 1
+    also eval_pass@n and eval_maj@n, eval_acc being pass@1); prints config.show_completions replies."""
     was_training = model.training
     model.eval()
     ranks = distributed.world_size()
@@ -486,4 +486,7 @@ def held_out_scores(model, tokenizer, problems, config: TrainConfig, write=print
               f"{'correct' if record['correct'] else 'wrong'}:\n{record['response'][-600:]}")
     scores = {("eval_acc" if group == "overall" else f"eval_acc_{group}"): value
               for group, value in evaluation.accuracy(records).items()}
+    if config.eval_samples > 1 and config.eval_temperature > 0:  # does RL sharpen pass@1 or widen coverage?
+        overall = evaluation.pass_and_majority(records, config.eval_samples)["overall"]
+        scores.update({f"eval_{name}": value for name, value in overall.items() if name != "pass@1"})
     return scores, records

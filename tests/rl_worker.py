@@ -2,13 +2,16 @@
 as tests/test_train_rl.py runs them in-process, but as a script, so that torchrun can start it on
 several ranks:
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/rl_worker.py MODEL OUT grpo 3 [--resume]
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/rl_worker.py MODEL OUT grpo|ppo|grpo-dynamic 3 [--resume]
 """
+import os
 import sys
 
 import torch
 
-from nanocausal.rl import RLConfig, train_rl
+# run as a script, sys.path[0] is tests/: put this checkout's library first, not an installed copy
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nanocausal.rl import RLConfig, train_rl  # noqa: E402
 
 
 def ends_with_3(example, completion_ids):
@@ -23,9 +26,11 @@ def prompts(n=16, vocab=16, seed=0):
 
 if __name__ == "__main__":
     model, out_dir, algo, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    dynamic_sampling = algo == "grpo-dynamic"  # GRPO with DAPO's dynamic sampling: refill rounds on every rank
+    algo = "grpo" if dynamic_sampling else algo
     resume = "--resume" in sys.argv
     config = RLConfig(model=model, out_dir=out_dir, algo=algo, device="cpu", eval_every=0, prompts_per_step=8,
                       group_size=4 if algo == "grpo" else 1, max_new_tokens=4, micro_batch_size=3, warmup_steps=0,
                       steps=steps, lr=3e-3, min_lr_ratio=1.0, log_every=100, mini_batches=2, save_every=2,
-                      resume=resume, overwrite=not resume)
+                      resume=resume, overwrite=not resume, dynamic_sampling=dynamic_sampling, max_sampling_rounds=3)
     train_rl(config, reward_fn=ends_with_3, examples=prompts())

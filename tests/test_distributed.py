@@ -111,7 +111,7 @@ def rl_model(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "grpo-dynamic"])
 def test_rl_on_two_ranks_equals_one(rl_model, tmp_path, algo):
     """GRPO and PPO with a learnable reward (tests/rl_worker.py: the real train_rl, token-id prompts):
     the same rollouts on both (per-prompt seeds), two mini-batches (the off-policy old log-probs;
@@ -121,6 +121,9 @@ def test_rl_on_two_ranks_equals_one(rl_model, tmp_path, algo):
     rows = metrics(tmp_path / "one")
     if algo == "grpo":
         assert any(0 < r["equal_reward_groups"] < 1 for r in rows)  # some groups had something to learn
+    if algo == "grpo-dynamic":  # refill rounds happened, counted over both ranks' groups
+        assert any(r["sampling_rounds"] > 1 for r in rows) and all(r["prompts_drawn"] == 8 * r["sampling_rounds"]
+                                                                   for r in rows)
     assert_same_run(tmp_path / "one", tmp_path / "two")
     if algo == "ppo":
         heads = [load_file(tmp_path / run / "checkpoint" / "value_head.safetensors") for run in ("one", "two")]

@@ -203,3 +203,59 @@ def test_the_model_is_compared_by_content_not_by_path(tmp_path):
     with pytest.raises(ValueError, match=f"model {moved}: its files changed since those responses"):
         evaluation.run(EvalConfig(**{**config.__dict__, "model": str(moved)}))
     assert (tmp_path / "out" / "responses.jsonl").read_text() == lines
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    """pass@k = the share of the C(n, k) subsets of k samples that hold a correct one, counted here."""
+    from itertools import combinations
+    for n in range(1, 7):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                subsets = list(combinations([True] * c + [False] * (n - c), k))
+                assert evaluation.pass_at_k(n, c, k) == pytest.approx(sum(map(any, subsets)) / len(subsets))
+
+
+def test_pass_and_majority_by_hand():
+    gold, lack = '{"ANSWER": "Yes", "PROB": "0.5000"}', protocol.LACK
+    right, wrong, other = '{"PROB": "0.5001"}', '{"PROB": "0.7"}', '{"PROB": "0.9"}'
+    problems = {("a", "ATE", gold): [right, wrong, wrong, other, right],  # c = 2; votes 0.5001 x2, 0.7 x2: tie, first
+                ("b", "ATE", gold): [wrong, wrong, right, "no answer", other],  # c = 1; majority 0.7: wrong
+                ("c", "PN", lack): ["LACK_CONDITION", wrong, "LACK_CONDITION", "x", "y"]}  # c = 2; lack wins
+    records = [{"key": key, "sample": i, "type": task, "answer": answer, "response": response,
+                "correct": protocol.is_correct(response, answer)}
+               for (key, task, answer), responses in problems.items() for i, response in enumerate(responses)]
+    table = evaluation.pass_and_majority(records, 5)
+    p5 = {c: evaluation.pass_at_k(5, c, 5) for c in (1, 2)}
+    assert table["ATE"] == pytest.approx({"pass@1": (2 / 5 + 1 / 5) / 2, "pass@5": (p5[2] + p5[1]) / 2, "maj@5": 0.5})
+    assert table["PN"] == pytest.approx({"pass@1": 2 / 5, "pass@5": 1.0, "maj@5": 1.0})
+    assert table["overall"]["pass@1"] == pytest.approx(evaluation.accuracy(records)["overall"])  # = today's accuracy
+    assert table["overall"]["maj@5"] == pytest.approx(2 / 3)
+    assert evaluation.pass_and_majority(records, 2)["overall"]["pass@2"] == pytest.approx(
+        (evaluation.pass_at_k(5, 2, 2) * 2 + evaluation.pass_at_k(5, 1, 2)) / 3)
+
+
+def test_the_command_line_prints_pass_and_majority_with_several_samples(tmp_path):
+    out = run_script("eval.py", "--model", "oracle", "--data", caugym("base.json"), "--per-task", 1,
+                     "--num-samples", 5, "--out", tmp_path / "run")
+    assert "| task | pass@1 | pass@5 | maj@5 |" in out.stdout and "| overall | 100.0 | 100.0 | 100.0 |" in out.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["pass_and_majority"]["base"]["overall"]["pass@1"] == summary["accuracy"]["base"]["overall"]
+
+
+def test_periodic_evaluation_logs_pass_and_majority(monkeypatch):
+    """training.held_out_scores with --eval-samples 5 at a temperature: eval_acc (= pass@1), eval_pass@5 and
+    eval_maj@5 of the scored samples (the sampler is replaced by fixed replies)."""
+    import torch
+    from nanocausal import training
+    gold = '{"PROB": "0.5000"}'
+    replies = {"p": [gold, '{"PROB": "0.1"}', '{"PROB": "0.1"}', "x", "y"], "q": [gold] * 5}
+    records = [{"key": key, "index": i, "sample": s, "type": "ATE", "variant": "base", "answer": gold,
+                "response": r, "correct": protocol.is_correct(r, gold)}
+               for i, (key, responses) in enumerate(replies.items()) for s, r in enumerate(responses)]
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: records)
+    config = training.TrainConfig(device="cpu", eval_samples=5, eval_temperature=0.6, show_completions=0)
+    scores, _ = training.held_out_scores(torch.nn.Linear(1, 1), None, [], config)
+    assert scores["eval_acc"] == pytest.approx((1 / 5 + 1) / 2)
+    assert scores["eval_pass@5"] == 1.0 and scores["eval_maj@5"] == 0.5
+    greedy = training.TrainConfig(device="cpu", eval_samples=1, eval_temperature=0.0, show_completions=0)
+    assert set(training.held_out_scores(torch.nn.Linear(1, 1), None, [], greedy)[0]) == {"eval_acc", "eval_acc_ATE"}

@@ -18,8 +18,8 @@ from collections import defaultdict
 import pytest
 import torch
 
-from nanocausal.losses import (dpo_loss, gae, group_advantages, grpo_loss, kto_loss, ppo_loss, ppo_rewards,
-                               sft_loss, whiten)
+from nanocausal.grpo_losses import group_advantages, grpo_loss
+from nanocausal.losses import dpo_loss, gae, kto_loss, ppo_loss, ppo_rewards, sft_loss, whiten
 
 
 def sigmoid(x):
@@ -169,7 +169,7 @@ def test_group_advantages_by_hand():
     std = math.sqrt(sum((r - 0.5) ** 2 for r in [1, 0, 0, 1]) / 3)  # ddof = 1
     expected = [0.5 / (std + 1e-4), -0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.5 / (std + 1e-4), 0, 0, 0, 0]
     torch.testing.assert_close(advantages, torch.tensor(expected))
-    unscaled = group_advantages(rewards, group_size=4, scale_by_std=False)
+    unscaled = group_advantages(rewards, group_size=4, scale="none")
     torch.testing.assert_close(unscaled, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
     with pytest.raises(ValueError, match="group_size"):
         group_advantages(rewards, group_size=3)
@@ -472,13 +472,16 @@ def test_kto_matches_trl():
 
 def trl_group_advantages(rewards, num_generations, scale_rewards):
     """TRL 1.16's advantage computation. It sits inline in GRPOTrainer._generate_and_score_completions
-    (trl/trainer/grpo_trainer.py, lines 2765-2787, multi_objective_aggregation="sum_then_normalize"), which
+    (trl/trainer/grpo_trainer.py, lines 2763-2787, multi_objective_aggregation="sum_then_normalize"), which
     needs a model, a sampler and reward functions, so its lines are reproduced here; nanstd is TRL's own."""
     from trl.trainer.utils import nanstd
     mean_grouped_rewards = torch.nanmean(rewards.view(-1, num_generations), dim=1)
     mean_grouped_rewards = mean_grouped_rewards.repeat_interleave(num_generations, dim=0)
-    std_rewards = nanstd(rewards.view(-1, num_generations), dim=1)
-    std_rewards = std_rewards.repeat_interleave(num_generations, dim=0)
+    if scale_rewards == "batch":
+        std_rewards = nanstd(rewards).expand_as(rewards)
+    else:
+        std_rewards = nanstd(rewards.view(-1, num_generations), dim=1)
+        std_rewards = std_rewards.repeat_interleave(num_generations, dim=0)
     advantages = rewards - mean_grouped_rewards
     if scale_rewards != "none":
         advantages = advantages / (std_rewards + 1e-4)
@@ -490,23 +493,28 @@ def test_group_advantages_match_trl():
     generator = torch.Generator().manual_seed(6)
     rewards = torch.randn(24, generator=generator)
     rewards[8:12] = 1.0  # a group with no signal
-    for scale_by_std, scale_rewards in [(True, "group"), (False, "none")]:
-        torch.testing.assert_close(group_advantages(rewards, 4, scale_by_std=scale_by_std),
+    for scale_rewards in ("group", "batch", "none"):
+        torch.testing.assert_close(group_advantages(rewards, 4, scale=scale_rewards),
                                    trl_group_advantages(rewards, 4, scale_rewards), atol=1e-5, rtol=0)
 
 
 def trl_grpo_loss(per_token_logps, old_logps, ref_logps, advantages, completion_mask, loss_type, beta, eps_low,
-                  eps_high, max_completion_length, num_items_in_batch, accumulation_steps=1):
+                  eps_high, max_completion_length, num_items_in_batch, accumulation_steps=1, importance_level="token",
+                  entropies=None, top_entropy_quantile=1.0, entropy_coef=0.0):
+    entropies = torch.zeros_like(per_token_logps) if entropies is None else entropies
     fake_self = types.SimpleNamespace(
         model=types.SimpleNamespace(training=True), accelerator=fake_accelerator(),
         args=types.SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=accumulation_steps),
-        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (per_token_logps,
-                                                                     torch.zeros_like(per_token_logps), None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (per_token_logps, entropies, None),
+        top_entropy_quantile=top_entropy_quantile, off_policy_mask_threshold=None,
+        importance_sampling_level=importance_level, beta=beta, entropy_coef=entropy_coef, use_adaptive_entropy=False,
         loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False,
         vllm_importance_sampling_correction=False, current_gradient_accumulation_steps=accumulation_steps,
-        max_completion_length=max_completion_length, _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        max_completion_length=max_completion_length, _entropy_bonus_enabled=entropy_coef != 0.0, aux_loss_enabled=False,
         _metrics=defaultdict(lambda: defaultdict(list)))
+    from trl.trainer.grpo_trainer import GRPOTrainer
+    fake_self.accelerator.pad_across_processes = lambda tensor, *args, **kwargs: tensor
+    fake_self.get_high_entropy_mask = lambda *args: GRPOTrainer.get_high_entropy_mask(fake_self, *args)
     batch_size, length = per_token_logps.shape
     inputs = {"prompt_ids": torch.zeros(batch_size, 1, dtype=torch.long),
               "prompt_mask": torch.ones(batch_size, 1, dtype=torch.long),

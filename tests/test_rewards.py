@@ -71,3 +71,29 @@ def test_reward_lenient_and_strict():
     assert reward(f"LACK_CONDITION\n{right}", LACK) == pytest.approx(1.0)         # lenient: substring
     assert reward(f"LACK_CONDITION\n{right}", LACK, strict=True) == pytest.approx(0.0)
     assert reward(f"{right}\nLACK_CONDITION", GOLD, strict=True) == pytest.approx(0.0)
+
+
+def test_named_rewards_weighted_and_logged_one_by_one():
+    from nanocausal.rewards import REWARDS, lack_condition, parse_rewards
+    from nanocausal.rollout import score
+    assert lack_condition("so LACK_CONDITION", LACK) == 1.0 and lack_condition('{"PROB": "0.1"}', LACK) == 0.0
+    assert lack_condition('{"PROB": "0.1"}', GOLD) == 1.0 and lack_condition("LACK_CONDITION", GOLD) == 0.0
+    terms = parse_rewards("correct,format,length", "1,0.1,0.5")
+    assert [(name, weight) for name, _, weight in terms] == [("correct", 1.0), ("format", 0.1), ("length", 0.5)]
+    responses = ['x {"ANSWER": "Yes", "PROB": "0.1234"}', '{"ANSWER": "Yes", "PROB": "0.9"} more', "LACK_CONDITION"]
+
+    class Decode:  # a stand-in tokenizer: the "ids" are the text
+        decode = staticmethod(lambda ids, skip_special_tokens: ids)
+    scores = score([{"answer": GOLD}] * 3, responses, Decode, reward_terms=terms)
+    expected = [1 + 0.1 * 1 - 0.5 * len(responses[0]) / 1000, 0 + 0 - 0.5 * len(responses[1]) / 1000,
+                0 + 0 - 0.5 * len(responses[2]) / 1000]
+    assert scores["reward"].tolist() == pytest.approx(expected)
+    assert scores["reward/correct"].tolist() == [1, 0, 0] and scores["reward/format"].tolist() == [1, 0, 0]
+    # the default (no terms) is the official reward, and "correct,format" with weights 1, 0.1 equals it
+    default = score([{"answer": GOLD}] * 3, responses, Decode)["reward"]
+    same = score([{"answer": GOLD}] * 3, responses, Decode, reward_terms=parse_rewards("correct,format", "1,0.1"))
+    assert default.tolist() == pytest.approx(same["reward"].tolist())
+    assert set(REWARDS) >= {"correct", "format", "lack_condition", "length"}
+    for names, weights in [("correct,nope", None), ("", None), ("correct,format", "1"), ("correct", "x")]:
+        with pytest.raises(ValueError, match="--re"):
+            parse_rewards(names, weights)

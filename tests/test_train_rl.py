@@ -218,3 +218,89 @@ def test_allow_changed_args_applies_a_new_lr_and_value_lr(tiny_model, tmp_path, 
     assert [(r["step"], r["lr"]) for r in rows] == [(1, 1e-3), (2, 2e-3)]
     with pytest.raises(ValueError, match=r"other settings .*lr 0\.002 -> 0\.004"):
         run(tiny_model, tmp_path, steps=3, lr=4e-3, value_lr=5e-3, resume=True, **flags)
+
+
+# -----------------------------------------------------------------------------
+# Truncated completions and dynamic sampling (issue #29)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_with_eos(tmp_path_factory):
+    """The tiny model with TARGET as its EOS: a completion either ends with it or is cut at max_new_tokens."""
+    path = tmp_path_factory.mktemp("tiny-rl-eos")
+    make_hf_checkpoint(path, "qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       num_key_value_heads=2, eos_token_id=TARGET)
+    return path
+
+
+def spy_on(monkeypatch, name):
+    """Record the arguments of every call of rl.<name> (tensors cloned), then call it."""
+    calls, real = [], getattr(rl, name)
+
+    def spy(*args, **kwargs):
+        calls.append([a.clone() if torch.is_tensor(a) else a for a in args] + [kwargs])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(rl, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("mask_truncated", [False, True])
+def test_truncated_completions_masked_or_counted(tiny_model_with_eos, tmp_path, monkeypatch, mask_truncated):
+    """max_new_tokens 3 cuts most completions. --mask-truncated: no loss token comes from a truncated row
+    (the batch's mask, every loss call's normaliser, the log); without it the log shows their share."""
+    updates, losses = spy_on(monkeypatch, "update"), spy_on(monkeypatch, "grpo_loss")
+    _, rows = run(tiny_model_with_eos, tmp_path, steps=1, group_size=4, lr=1e-2, max_new_tokens=3,
+                  mask_truncated=mask_truncated)
+    batch = updates[0][3]
+    truncated = torch.tensor(batch["truncated"])
+    lengths = torch.tensor([len(c) for c in batch["completions"]])
+    assert rows[0]["truncated"] == truncated.float().mean().item() > 0.5
+    mask = batch["completion_mask"]
+    if mask_truncated:
+        assert mask[truncated].sum() == 0 and torch.equal(mask[~truncated].sum(1), lengths[~truncated])
+        assert rows[0]["truncated_loss_tokens"] == 0
+        assert all(call[-1]["num_items_in_batch"] == lengths[~truncated].sum() for call in losses)
+        assert all(call[3].sum() > 0 for call in losses)  # masked rows are not even run
+    else:
+        share = lengths[truncated].sum() / lengths.sum()
+        assert rows[0]["truncated_loss_tokens"] == pytest.approx(share.item()) and share > 0.5
+        assert all(call[-1]["num_items_in_batch"] == lengths.sum() for call in losses)
+
+
+def test_dynamic_sampling_trains_informative_groups(tiny_model, tmp_path, monkeypatch):
+    """Groups of 2 rarely differ here (the reward is 1 for ~1 completion in 16): every step trains
+    prompts_per_step informative groups, or says how many it found in max_sampling_rounds rounds; the
+    first round samples exactly what the default run samples (the same random streams)."""
+    default_rollouts = spy_on(monkeypatch, "rollout")
+    run(tiny_model, tmp_path / "default", steps=1, group_size=2, lr=1e-2)
+    monkeypatch.undo()
+    rollouts, updates = spy_on(monkeypatch, "rollout"), spy_on(monkeypatch, "update")
+    _, rows = run(tiny_model, tmp_path / "dynamic", steps=3, group_size=2, lr=1e-2, dynamic_sampling=True,
+                  max_sampling_rounds=6)
+    assert rows[0]["sampling_rounds"] > 1  # the first round alone did not fill the step
+    assert sum(r["sampling_rounds"] for r in rows) == len(rollouts)
+    for row, call in zip(rows, updates):
+        batch = call[3]
+        assert row["prompts_drawn"] == 8 * row["sampling_rounds"]
+        assert len(batch["completions"]) == 8 * 2  # always prompts_per_step groups
+        differs = [a != b for a, b in zip(batch["advantages"][0::2].tolist(), batch["advantages"][1::2].tolist())]
+        kept = row["groups_kept"]
+        assert differs == [True] * kept + [False] * (8 - kept)  # informative groups first, then the top-up
+        assert kept == 8 or row["sampling_rounds"] == 6
+    # round 0 of step 1 samples what the default run sampled at step 1 (same seed, same prompt keys)
+    assert rollouts[0][1] == default_rollouts[0][1]
+    assert rollouts[0][-1]["prompt_keys"] == default_rollouts[0][-1]["prompt_keys"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--overlong-buffer", "200", "--max-new-tokens", "100"], "--overlong-buffer 200: expected 0 (off) to --max-new-tokens 100"),
+    (["--top-entropy-quantile", "0"], "--top-entropy-quantile 0.0: expected a fraction in (0, 1]"),
+    (["--rewards", "correct,speed"], "--rewards correct,speed: unknown speed"),
+    (["--rewards", "correct,format", "--reward-weights", "1"], "--reward-weights 1: expected 2 comma-separated numbers"),
+    (["--reward-weights", "1"], "--reward-weights needs --rewards"),
+    (["--dynamic-sampling", "--group-size", "1"], "--group-size must be >= 2"),
+])
+def test_bad_option_values_are_one_line_errors_before_anything_runs(tmp_path, flags, message):
+    out = run_script("train_rl.py", "--model", tmp_path / "no-model", "--out-dir", tmp_path / "out", *flags, check=False)
+    assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()
