@@ -18,7 +18,6 @@ import os
 import shutil
 from dataclasses import asdict
 
-import torch
 
 from nanocausal import checkpoint
 
@@ -142,10 +141,10 @@ def check_resume(config, ckpt_dir):
     each; --allow-changed-args lets them through) or that cannot change at all: LoRA's (the
     checkpoint is an adapter folder or it is not) and the algorithm (its optimiser groups)."""
     path = os.path.join(ckpt_dir, "trainer_state.pt")
-    try:  # mmap: the settings are read without reading the optimiser state
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["trainer_state"]
-    except Exception as e:
-        raise ValueError(f"{path}: not a trainer state nanocausal can read ({str(e).splitlines()[0]})") from None
+    saved = checkpoint.load_plain(path, "a trainer state", mmap=True)  # mmap: the optimiser state stays on disk
+    if not (isinstance(saved, dict) and isinstance(saved.get("trainer_state"), dict)):
+        raise ValueError(f"{path}: not a trainer state nanocausal saved (expected a trainer_state dict)")
+    saved = saved["trainer_state"]
     changed = changed_settings(saved.get("config", {}), config, saved.get("fingerprints", {}))
     fixed = [k for k in changed if k in FIXED_ON_RESUME]
     if fixed:

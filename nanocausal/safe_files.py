@@ -161,11 +161,12 @@ def check_optimizer_state(saved, optimizer, path):
         raise ValueError(f"{path}: the optimiser state does not fit this model: {e}") from None
 
 
-def load_plain(path, what):
+def load_plain(path, what, mmap=False):
     """torch.load(weights_only=True) of a file of tensors and plain types; anything else (a
-    pickled object: code would run) is refused in one line naming the file."""
+    pickled object: code would run) is refused in one line naming the file. mmap: tensors are
+    read from disk only when touched."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         reason = "it holds objects other than tensors and plain types" if "Weights only load failed" in str(e) \
             else (str(e).strip().splitlines() or [type(e).__name__])[0]

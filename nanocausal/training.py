@@ -134,7 +134,10 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):  # (closure: torch's signature; FSDP's state-dict helpers call step(closure=None))
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:

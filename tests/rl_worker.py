@@ -4,14 +4,11 @@ several ranks:
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/rl_worker.py MODEL OUT grpo|ppo|grpo-dynamic 3 [--resume]
 """
-import os
 import sys
 
 import torch
 
-# run as a script, sys.path[0] is tests/: put this checkout's library first, not an installed copy
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanocausal.rl import RLConfig, train_rl  # noqa: E402
+from nanocausal.rl import RLConfig, train_rl
 
 
 def ends_with_3(example, completion_ids):

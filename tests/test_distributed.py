@@ -23,6 +23,10 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 # What differs between a 1-rank and a 2-rank row: the rank count and the clock.
 NOT_COMPARED = {"world_size", "time", "step_s", "tokens_per_s", "generation_s", "reward_s", "training_s",
                 "generation_tokens_per_s", "training_tokens_per_s"}
+# The workers import this checkout's nanocausal (tests/rl_worker.py runs from tests/, where an installed
+# copy elsewhere would otherwise win) and use one thread each (2 ranks on 2 cores).
+WORKER_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+              "OMP_NUM_THREADS": "1"}
 
 
 def torchrun_command(script, nproc=2):
@@ -33,7 +37,7 @@ def torchrun_command(script, nproc=2):
 
 def torchrun(script, *args, nproc=2):
     out = subprocess.run(torchrun_command(script, nproc) + [str(a) for a in args], capture_output=True, text=True,
-                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         cwd=ROOT, env=WORKER_ENV)
     if out.returncode != 0:
         raise AssertionError(f"torchrun {script} exited {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
     return out
@@ -172,7 +176,7 @@ def test_ctrl_c_on_one_rank_stops_both_after_a_checkpoint(tiny_chat_model, datas
     out_dir = tmp_path / "run"
     process = subprocess.Popen(torchrun_command("train_sft.py") + [str(a) for a in offline_args(
         tiny_chat_model, datasets["sft"], out_dir, steps=100000)] + ["--save-every", "100000"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=WORKER_ENV)
     metrics_path = out_dir / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics_path.is_file() and metrics_path.read_text().count("\n") >= 3):

@@ -99,3 +99,19 @@ def test_adamw_with_float32_moments_equals_torch_and_keeps_bf16_weights_bf16():
     optimizer.step()
     assert isinstance(optimizer, AdamW) and model.weight.dtype == torch.bfloat16
     assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())
+
+
+def test_the_bf16_adamw_gives_its_state_to_fsdps_helpers():
+    """A torchrun resume builds its template with get_optimizer_state_dict, which creates a fresh
+    optimiser's state by calling step(closure=None): our float32-moment AdamW (bf16 weights) takes
+    torch's signature, and its moments come out float32."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from nanocausal.training import AdamW
+    model = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    before = model.weight.detach().clone()
+    optimizer = make_optimizer(model, lr=1e-3)
+    assert isinstance(optimizer, AdamW)
+    state = get_optimizer_state_dict(model, optimizer)["state"]
+    assert state["weight"]["exp_avg"].dtype == torch.float32 and state["weight"]["exp_avg"].shape == (3, 4)
+    assert torch.equal(model.weight, before)  # (its step had zero gradients: the weights did not move)
