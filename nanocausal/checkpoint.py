@@ -99,8 +99,8 @@ def file_sha256(path, chunk_bytes=16 * 1024**2) -> str:
 
 def fingerprint(name_or_path) -> str:
     """What a model *is*, by content rather than by path: the SHA-256 over the names and SHA-256s
-    of the files that define it (config, weights, adapter files, for a LoRA adapter its base's
-    too). A moved or renamed folder keeps its fingerprint; a folder whose weights were replaced
+    of the files that define it (config, weights, adapter and tokenizer files, chat template; for
+    a LoRA adapter its base's too). A moved or renamed folder keeps its fingerprint; a folder whose weights were replaced
     gets a new one. A plain file (a config.json of a random-weight model, a data file) is its own
     SHA-256. Used by eval.py to refuse another model's answers and by --resume to compare paths."""
     path = os.path.expanduser(os.fspath(name_or_path))
@@ -108,8 +108,7 @@ def fingerprint(name_or_path) -> str:
         return file_sha256(path)
     folder = resolve_model(path)
     digest = hashlib.sha256()
-    names = sorted(n for n in os.listdir(folder) if n in ("config.json", lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS)
-                   or n.endswith(".safetensors") or n == "model.safetensors.index.json")
+    names = sorted(n for n in os.listdir(folder) if n.endswith((".json", ".safetensors", ".jinja")) and n != MANIFEST)
     for name in names:
         digest.update(f"{name} {file_sha256(os.path.join(folder, name))}\n".encode())
     if is_adapter(folder):
