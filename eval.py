@@ -73,16 +73,16 @@ def build_parser():
     g.add_argument("--num-samples", type=cli.positive_int, default=EvalConfig.num_samples, help="samples per problem (official: 5)")
     g.add_argument("--temperature", type=cli.non_negative_float, default=EvalConfig.temperature,
                    help="sampling temperature (official: 0.6; 0 = greedy, one sample)")
-    g.add_argument("--top-p", type=float, default=EvalConfig.top_p, help="nucleus sampling mass (official: 0.95)")
+    g.add_argument("--top-p", type=cli.top_p, default=EvalConfig.top_p, help="nucleus sampling mass (official: 0.95)")
     g.add_argument("--top-k", type=cli.non_negative_int, default=0, help="keep only the k most likely tokens (0 = off, as official)")
     g.add_argument("--max-new-tokens", type=cli.positive_int, default=EvalConfig.max_new_tokens,
                    help="longest reply in tokens (official: 8192; lower it on a CPU and say so)")
     g = parser.add_argument_group("running")
     g.add_argument("--batch-size", type=cli.positive_int, default=EvalConfig.batch_size, help="problems decoded at once by continuous batching: batch-size * num-samples rows, a finished row taking the next waiting problem")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (and generation seed of gen:/tiny: sets)")
+    g.add_argument("--seed", type=cli.seed, default=0, help="sampling seed (and generation seed of gen:/tiny: sets)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
+    g.add_argument("--device", type=cli.device, default=None, help="cuda, cpu, mps (default: the best available)")
     g.add_argument("--out", default=EvalConfig.out, help="folder for responses.jsonl and summary.json")
     return parser
 
