@@ -11,6 +11,8 @@ import math
 import os
 import sys
 
+import jinja2
+
 from nanocausal import caugym, tracking
 
 
@@ -357,8 +359,14 @@ def run_main(main):
             return main()
         try:
             return main()
-        except (ValueError, OSError, KeyError) as e:
-            message = str(e) if not isinstance(e, KeyError) else f"missing key {e}"
+        except (ValueError, OSError, KeyError, RecursionError, jinja2.TemplateError) as e:
+            # (not RuntimeError, TypeError, ...: from torch or our code those are bugs, and keep their traceback)
+            if isinstance(e, KeyError):
+                message = f"missing key {e}"
+            elif isinstance(e, RecursionError):
+                message = "input nested too deeply to read (RecursionError)"
+            else:
+                message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the library wrote
             sys.exit(f"error: {message} (NANOCAUSAL_DEBUG=1 for the traceback)")
     finally:
         distributed.teardown()  # under torchrun: leave the process group cleanly

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from nanocausal import calm, caugym, checkpoint, data, distributed, problems, tiny
+from nanocausal import calm, caugym, checkpoint, cli, data, distributed, memory_plan, problems, tiny
 from nanocausal.problem_text import solve
 from nanocausal.refill import generate_many
 from nanocausal.tokenizer import Tokenizer
@@ -262,6 +262,38 @@ class EvalConfig:
     dtype: str | None = None  # default: bfloat16 on GPU, float32 on CPU
     device: str | None = None  # default: the best available
 
+    def __post_init__(self):  # a library user's config is checked as eval.py's flags are
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("--model must be a Hugging Face folder, a hub id, 'oracle' or 'gold'")
+        if isinstance(self.data, str) or not self.data or not all(isinstance(d, str) for d in self.data):
+            raise ValueError("--data must be a list of data set names (files, folders, gen:VARIANT:N, tiny:N)")
+        cli.check_numbers(self, {"temperature": cli.non_negative_float, "top_p": cli.top_p})
+        cli.check_seed(self.seed)
+        for name in ("num_samples", "max_new_tokens", "batch_size") + (("per_task",) if self.per_task is not None else ()) \
+                + (("limit",) if self.limit is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.device is not None and cli.device_name_problem(self.device):
+            raise ValueError(f"--device {cli.device_name_problem(self.device)}")
+
+
+def check_prompts_fit(tokenizer, context, datasets):
+    """Every prompt renders with the model's chat template and leaves room for a reply in its
+    context; else a ValueError naming the item (its file and line, or its --data entry and index).
+    A too-long prompt is refused before the run, not skipped: accuracy over a silently smaller set
+    would not be the protocol's number (lower --limit or --per-task, or drop the item)."""
+    for _, spec, items in datasets:
+        for i, item in enumerate(items):
+            where = item.get("_where") or f"--data {spec}: item {i}"
+            try:
+                length = len(tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if length >= context:
+                raise ValueError(f"{where}: the prompt is {length} tokens, the model's whole context is {context}: "
+                                 f"no room for a reply")
+
 
 def load_model_and_tokenizer(config: EvalConfig):
     if config.model in PSEUDO_MODELS:
@@ -323,6 +355,8 @@ def run(config: EvalConfig):
     (its replies do not depend on which rank answers: sample_key); it appends them to its own
     responses-rankR.jsonl, which rank 0 folds into responses.jsonl at the end (and at the start
     of a resumed run, after a kill). Rank 0 alone prints and writes summary.json."""
+    if config.device is not None and config.model not in PSEUDO_MODELS and cli.device_problem(config.device):
+        raise ValueError(cli.device_problem(config.device))
     config.device = distributed.setup(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, ranks = distributed.rank(), distributed.world_size()
     datasets = []
@@ -331,7 +365,11 @@ def run(config: EvalConfig):
                                    prompt_style=config.prompt_style)
         if config.per_task is not None:
             items = per_task_slice(items, config.per_task)
-        datasets.append((name, items[:config.limit]))
+        datasets.append((name, spec, items[:config.limit]))
+    if config.model not in PSEUDO_MODELS:  # everything checked before anything is written
+        check_prompts_fit(Tokenizer.from_pretrained(config.model),
+                          memory_plan.meta_model(config.model).config.max_position_embeddings, datasets)
+    datasets = [(name, items) for name, _, items in datasets]
     responses_path = os.path.join(config.out, "responses.jsonl")
     if distributed.is_main():
         os.makedirs(config.out, exist_ok=True)
