@@ -295,6 +295,8 @@ class Tokenizer:
             self.chat_templates = {"default": named}
         else:
             self.chat_templates = {}
+        for name in self.chat_templates:  # a template that does not compile is refused at load
+            self._template(name)
 
         # Every id that ends a reply, the tokenizer's own eos first (see the module docstring).
         ids = [self.token_to_id(self.special_tokens["eos_token"])] if "eos_token" in self.special_tokens else []
@@ -361,13 +363,7 @@ class Tokenizer:
         name = "tool_use" if tools is not None and "tool_use" in self.chat_templates else "default"
         if name not in self.chat_templates:
             raise ValueError(f"{self.folder}: no 'default' chat template among {sorted(self.chat_templates)}")
-        where = f"{self.template_file}" + ("" if name == "default" else f" (chat template {name!r})")
-        try:
-            template = _compile_template(self.chat_templates[name])
-        except jinja2.TemplateSyntaxError as e:
-            raise ValueError(f"{where}: chat template line {e.lineno}: {e.message}") from None
-        except (jinja2.TemplateError, RecursionError, MemoryError) as e:
-            raise ValueError(f"{where}: the chat template cannot be compiled ({type(e).__name__}: {e})") from None
+        template, where = self._template(name)
         template.environment.budget.reset()
         try:
             return template.render(messages=[self._normalise(m) for m in messages], tools=tools,
@@ -379,6 +375,16 @@ class Tokenizer:
         except Exception as e:  # the template's own bug on this input (e.g. a content that is no string)
             raise ValueError(f"{where}: the chat template failed on this conversation ({type(e).__name__}: "
                              f"{str(e)[:200]})") from None
+
+    def _template(self, name):
+        """The compiled chat template `name` and the file it came from (for error messages)."""
+        where = f"{self.template_file}" + ("" if name == "default" else f" (chat template {name!r})")
+        try:
+            return _compile_template(self.chat_templates[name]), where
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"{where}: chat template line {e.lineno}: {e.message}") from None
+        except (jinja2.TemplateError, RecursionError, MemoryError) as e:
+            raise ValueError(f"{where}: the chat template cannot be compiled ({type(e).__name__}: {e})") from None
 
     def apply_chat_template(self, messages, add_generation_prompt=True, **template_kwargs):
         """Ids of the rendered conversation; identical to transformers'
