@@ -119,7 +119,7 @@ def test_a_damaged_line_is_skipped_and_the_lines_after_it_kept(tmp_path, capsys)
 
 @pytest.mark.parametrize("change, named", [(dict(temperature=0.0), "temperature 0.6 -> 0.0"),
                                            (dict(max_new_tokens=64), "max_new_tokens 8192 -> 64"),
-                                           (dict(model="data/tiny-base"), "model 'oracle' -> 'data/tiny-base'")])
+                                           (dict(model="gold"), "model 'oracle' -> 'gold'")])
 def test_resuming_into_another_runs_responses_is_refused(tmp_path, change, named):
     config = EvalConfig(model="oracle", data=[caugym("base.json")], per_task=1, num_samples=1, out=str(tmp_path))
     evaluation.run(config)
