@@ -194,7 +194,7 @@ COMPONENT_FLAGS = {"weights": "--model / --dtype / --lora-rank", "gradients": "-
                    "reference": "--lora-rank / --precompute-ref / --beta / --kl-coef",
                    "rollout_copy": "--model / --dtype", "fsdp_unsharded": "--model",
                    "kv_cache": "--prompts-per-step / --group-size / --rollout-slots / --max-new-tokens",
-                   "prefill_cache": "--prompts-per-step / --rollout-slots", "logits_chunk": "--logits-chunk-size"}
+                   "prefill_cache": "--prompts-per-step / --rollout-slots"}
 
 
 def available_bytes(device):
@@ -218,8 +218,8 @@ def available_bytes(device):
 def check_fits(config, algo):
     """Refuse, before anything is allocated or written, a run this machine cannot hold: a --device
     it lacks, or one whose certain bytes (those the plan knows exactly: weights, gradients, AdamW
-    state, reference, rollout copy, KV cache, logits chunk; not the activations, which follow the
-    real sequence lengths) exceed the memory available now. A ValueError of one line naming the
+    state, reference, rollout copy, KV cache; not the activations nor the logits chunk, which follow
+    the real sequence lengths) exceed the memory available now. A ValueError of one line naming the
     flags of the largest components; on the CPU, torchrun's ranks share one machine's RAM."""
     problem = cli.device_problem(config.device)
     if problem:
@@ -229,12 +229,12 @@ def check_fits(config, algo):
         return
     gpus = int(os.environ.get("WORLD_SIZE", "1"))
     result = plan(config, algo, gpu_memory_gib=available / GIB, gpus=gpus)
-    certain = {k: v for k, v in result["bytes"].items() if k != "activations"}
+    certain = {k: v for k, v in result["bytes"].items() if k not in ("activations", "logits_chunk")}
     sharing = 1 if str(config.device).startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     phases = [sum(certain.get(k, 0) for k in ("weights", "optimizer", "reference", "value_model", "rollout_copy",
                                                  "kv_cache", "prefill_cache")),
               sum(certain.get(k, 0) for k in ("weights", "optimizer", "reference", "value_model", "rollout_copy",
-                                                 "gradients", "fsdp_unsharded", "logits_chunk"))]
+                                                 "gradients", "fsdp_unsharded"))]
     needed = max(phases) * sharing
     if needed > available:
         largest = sorted((k for k in certain if certain[k] and k in COMPONENT_FLAGS), key=certain.get, reverse=True)[:2]
