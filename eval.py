@@ -68,7 +68,7 @@ def build_parser():
                    help="CaLM prompt style of CaLM tasks (CaLM-Lite's: basic)")
     g.add_argument("--limit", type=cli.positive_int, default=None, help="keep only the first N problems of each data set")
     g.add_argument("--tasks", type=cli.task_list, default=caugym.TASKS, help="comma-separated tasks of the generated sets (gen:...)")
-    g.add_argument("--nodes", type=cli.positive_int, default=None, help="graph size of the generated sets (default: the variant's)")
+    g.add_argument("--nodes", type=cli.graph_size, default=None, help="graph size of the generated sets (default: the variant's)")
     g = parser.add_argument_group("the protocol (official defaults)")
     g.add_argument("--num-samples", type=cli.positive_int, default=EvalConfig.num_samples, help="samples per problem (official: 5)")
     g.add_argument("--temperature", type=cli.non_negative_float, default=EvalConfig.temperature,

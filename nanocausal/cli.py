@@ -201,6 +201,14 @@ def variant_list(text):
     return text
 
 
+def graph_size(text):
+    """--nodes of one size N (eval.py's generated sets): an integer the generator can draw, 2..16."""
+    value = _int(text)
+    if not 2 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"must be a graph size in 2..16, got {text}")
+    return value
+
+
 def graph_sizes(text):
     """--nodes: N or LO-HI, graph sizes the generator can draw (2..16)."""
     from nanocausal import problems

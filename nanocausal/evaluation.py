@@ -200,12 +200,12 @@ def read_responses(path):
     the lines after it; a (problem, sample) answered twice keeps its last answer."""
     records = {}
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, "rb") as f:  # decoded line by line: one damaged line never hides the others
             for line_number, line in enumerate(f, start=1):
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.decode("utf-8"))
                     records[(record["key"], record["sample"])] = record
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
                     if line.strip():
                         print(f"{path}:{line_number}: not a response record, skipped (that problem is answered again)")
     return list(records.values())

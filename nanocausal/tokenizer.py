@@ -263,6 +263,9 @@ class Tokenizer:
             raise ValueError(f"{tokenizer_file}: not a valid tokenizer.json ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         config = _read_json(os.path.join(folder, "tokenizer_config.json"))
         legacy_map = _read_json(os.path.join(folder, "special_tokens_map.json"))
+        for name, value in (("tokenizer_config.json", config), ("special_tokens_map.json", legacy_map)):
+            if not isinstance(value, dict):
+                raise ValueError(f"{os.path.join(folder, name)}: expected a JSON object, got {type(value).__name__}")
 
         # Special-token strings (bos_token, eos_token, ..., plus model-specific ones such as
         # image_token): the template sees them as variables, like transformers' special_tokens_map.
@@ -301,8 +304,14 @@ class Tokenizer:
         # Every id that ends a reply, the tokenizer's own eos first (see the module docstring).
         ids = [self.token_to_id(self.special_tokens["eos_token"])] if "eos_token" in self.special_tokens else []
         for name in ("generation_config.json", "config.json"):
-            eos = _read_json(os.path.join(folder, name)).get("eos_token_id")
-            ids += eos if isinstance(eos, list) else [eos]
+            settings = _read_json(os.path.join(folder, name))
+            eos = settings.get("eos_token_id") if isinstance(settings, dict) else None
+            eos = eos if isinstance(eos, list) else [eos]
+            if any(i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size)
+                   for i in eos):
+                raise ValueError(f"{os.path.join(folder, name)}: 'eos_token_id' must be token ids (integers below "
+                                 f"{self.vocab_size}), got {eos}")
+            ids += eos
         # A pad token only ever follows the end of a sequence, so emitting one ends the reply too.
         # This is what keeps <|endoftext|> a stop token for Qwen2.5 folders that ship no
         # generation_config.json (Qwen's own generation_config lists it as an eos).
