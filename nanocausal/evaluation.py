@@ -47,25 +47,37 @@ def load_dataset(spec, seed=0, tasks=caugym.TASKS, nodes=None, prompt_style="bas
     (the tiny curriculum, tiny.VARIANTS), or a CaLM task file or folder of them (calm.load_dataset, prompted in
     CaLM's `prompt_style`)."""
     if os.path.isdir(spec) or calm.is_task_file(spec):
-        return calm.load_dataset(spec, prompt_style)
+        try:
+            return calm.load_dataset(spec, prompt_style)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--data {spec}: a file that is not UTF-8 text (byte {e.object[e.start]:#04x} "
+                             f"at offset {e.start})") from None
     if spec.startswith("tiny"):
         name, _, n = spec.partition(":")
         variant = name[len("tiny-"):] if name.startswith("tiny-") else "base"
-        if name not in ("tiny", "tiny-" + variant) or variant not in tiny.VARIANTS or not n.isdigit():
+        if name not in ("tiny", "tiny-" + variant) or variant not in tiny.VARIANTS or not _count_ok(n):
             raise ValueError(f"--data {spec}: expected tiny:N or tiny-VARIANT:N with VARIANT one of "
-                             f"{', '.join(tiny.VARIANTS[1:])}")
+                             f"{', '.join(tiny.VARIANTS[1:])} and N in 1..{MAX_GENERATED:,}")
         items = tiny.make_problems(int(n), seed=seed, variant=variant)
         return spec, [dict(item, prompt=[{"role": "user", "content": caugym.official_prompt(item["problem"], variant)}])
                       for item in items]
     if spec.startswith("gen:"):
         parts = spec.split(":")
-        if len(parts) != 3 or parts[1] not in caugym.VARIANTS or not parts[2].isdigit():
-            raise ValueError(f"--data {spec}: expected gen:VARIANT:N with VARIANT one of {', '.join(caugym.VARIANTS)}")
+        if len(parts) != 3 or parts[1] not in caugym.VARIANTS or not _count_ok(parts[2]):
+            raise ValueError(f"--data {spec}: expected gen:VARIANT:N with VARIANT one of {', '.join(caugym.VARIANTS)} "
+                             f"and N in 1..{MAX_GENERATED:,}")
         rows = problems.generate(int(parts[2]), tasks=tasks, variant=parts[1], nodes=nodes, seed=seed)
         return spec, [dict(row, prompt=[{"role": "user", "content": caugym.official_prompt(row["problem"], parts[1])}])
                       for row in rows]
     name = os.path.splitext(os.path.basename(spec))[0]
     return name, data.load_examples(spec, "rl")
+
+
+MAX_GENERATED = 1_000_000  # problems of one generated set (the CauGym test sets have 700)
+
+
+def _count_ok(text):
+    return text.isdigit() and 1 <= int(text) <= MAX_GENERATED
 
 
 def per_task_slice(items, per_task):

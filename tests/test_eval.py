@@ -182,3 +182,9 @@ def test_greedy_responses_are_the_static_samplers_and_samples_do_not_depend_on_t
     other_seed = evaluation.evaluate(model, tokenizer, items, num_samples=2, temperature=1.0, top_p=1.0,
                                      max_new_tokens=40, batch_size=8, seed=6, progress=False)
     assert [r["response"] for r in other_seed] != runs[8]
+
+
+@pytest.mark.parametrize("spec", ["tiny:0", "tiny:99999999999", "gen:base:0", "gen:base:99999999999", "gen:nope:3"])
+def test_generated_sets_of_absurd_size_are_refused_by_their_data_entry(spec):
+    with pytest.raises(ValueError, match=f"--data {spec}: expected"):
+        evaluation.load_dataset(spec)
