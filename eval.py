@@ -12,7 +12,11 @@ eval/sample_generate.py + eval/sample_evaluate.py; see ../shared/data/caugym/REA
 
 It prints a table (rows: the seven tasks and overall; columns: the data sets), writes every
 response to <out>/responses.jsonl and the scores to <out>/summary.json. Rerunning the same command
-resumes: problems whose samples are already in responses.jsonl are skipped.
+resumes: problems whose samples are already in responses.jsonl are skipped. Everything is checked
+before anything is written (flags, --device, the data files, the model, and that every prompt fits
+the model's context: a longer one is refused with its file and line, not skipped, since accuracy
+over a silently smaller set is not the protocol's number), so a refused command never blocks its
+corrected rerun.
 
 `--model oracle` answers with nanocausal.problem_text.solve (the symbolic solver): it must score 100 %, an
 upper bound and a check of the whole pipeline (prompts, files, scoring).

@@ -41,6 +41,10 @@ optimizer state, reference, gradients, activations, logits chunk). The total is 
 optimizer and KV cache are exact (tests/test_memory_plan.py compares them with the real tensors
 after a real step); activations are an estimate of what autograd saves (SDPA and allocator
 workspaces, fragmentation not included): read the total with ~15 % to spare.
+
+Before a run starts, the trainers call check_fits: a run whose exact components alone exceed the
+memory available now (free GPU memory, or the RAM the kernel calls available) is refused in one
+line naming the flags of its largest parts, instead of being killed by the OOM killer mid-way.
 """
 import json
 import os

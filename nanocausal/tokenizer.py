@@ -23,6 +23,10 @@ generation_config.json lists both <|im_end|> and <|endoftext|>, Llama 3.1's thre
 Training on a reply. `encode_chat_completion` returns prompt + completion ids and a mask that is 1
 on the completion only, its end-of-turn token included: the model must learn to say the answer
 *and* to stop; a reply trained without its EOS never ends at sampling time.
+
+Untrusted templates. A template from the hub is a program: it renders in Jinja's immutable sandbox
+with a budget of operations and characters per render (see "The chat template's sandbox" below),
+so a template that loops forever or builds a 10 GB string is refused in one line naming its file.
 """
 import functools
 import json
