@@ -17,7 +17,11 @@ pass@1 or widened coverage (evaluation.pass_and_majority).
 
 It prints a table (rows: the seven tasks and overall; columns: the data sets), writes every
 response to <out>/responses.jsonl and the scores to <out>/summary.json. Rerunning the same command
-resumes: problems whose samples are already in responses.jsonl are skipped.
+resumes: problems whose samples are already in responses.jsonl are skipped. Everything is checked
+before anything is written (flags, --device, the data files, the model, and that every prompt fits
+the model's context: a longer one is refused with its file and line, not skipped, since accuracy
+over a silently smaller set is not the protocol's number), so a refused command never blocks its
+corrected rerun.
 
 `--model oracle` answers with nanocausal.problem_text.solve (the symbolic solver): it must score 100 %, an
 upper bound and a check of the whole pipeline (prompts, files, scoring).
@@ -73,21 +77,21 @@ def build_parser():
                    help="CaLM prompt style of CaLM tasks (CaLM-Lite's: basic)")
     g.add_argument("--limit", type=cli.positive_int, default=None, help="keep only the first N problems of each data set")
     g.add_argument("--tasks", type=cli.task_list, default=caugym.TASKS, help="comma-separated tasks of the generated sets (gen:...)")
-    g.add_argument("--nodes", type=cli.positive_int, default=None, help="graph size of the generated sets (default: the variant's)")
+    g.add_argument("--nodes", type=cli.graph_size, default=None, help="graph size of the generated sets (default: the variant's)")
     g = parser.add_argument_group("the protocol (official defaults)")
     g.add_argument("--num-samples", type=cli.positive_int, default=EvalConfig.num_samples, help="samples per problem (official: 5)")
     g.add_argument("--temperature", type=cli.non_negative_float, default=EvalConfig.temperature,
                    help="sampling temperature (official: 0.6; 0 = greedy, one sample)")
-    g.add_argument("--top-p", type=float, default=EvalConfig.top_p, help="nucleus sampling mass (official: 0.95)")
+    g.add_argument("--top-p", type=cli.top_p, default=EvalConfig.top_p, help="nucleus sampling mass (official: 0.95)")
     g.add_argument("--top-k", type=cli.non_negative_int, default=0, help="keep only the k most likely tokens (0 = off, as official)")
     g.add_argument("--max-new-tokens", type=cli.positive_int, default=EvalConfig.max_new_tokens,
                    help="longest reply in tokens (official: 8192; lower it on a CPU and say so)")
     g = parser.add_argument_group("running")
     g.add_argument("--batch-size", type=cli.positive_int, default=EvalConfig.batch_size, help="problems decoded at once by continuous batching: batch-size * num-samples rows, a finished row taking the next waiting problem")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (and generation seed of gen:/tiny: sets)")
+    g.add_argument("--seed", type=cli.seed, default=0, help="sampling seed (and generation seed of gen:/tiny: sets)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
+    g.add_argument("--device", type=cli.device, default=None, help="cuda, cpu, mps (default: the best available)")
     g.add_argument("--out", default=EvalConfig.out, help="folder for responses.jsonl and summary.json")
     return parser
 

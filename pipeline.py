@@ -95,7 +95,7 @@ def parse_args(argv):
     p.add_argument("--queries", type=name_list(tiny.QUERIES), default="ATE",
                    help="query types of the curriculum, comma-separated: ATE, ETT (docs/tiny_results.md: what ATE,ETT gave)")
     p.add_argument("--sft-examples", type=cli.positive_int, default=800, help="worked solutions for SFT (a few hundred, reused each epoch)")
-    p.add_argument("--teacher-slip-rate", type=cli.non_negative_float, default=0.3,
+    p.add_argument("--teacher-slip-rate", type=cli.probability, default=0.3,
                    help="share of the borrows the worked solutions forget, carrying the error to the answer "
                         "(a careless teacher; 0: flawless solutions)")
     p.add_argument("--sft-steps", type=cli.positive_int, default=200, help="SFT optimiser steps (batch --batch-size)")
@@ -114,7 +114,7 @@ def parse_args(argv):
     p.add_argument("--rl-kinds", type=name_list(tiny.KINDS), default="effect",
                    help="comma-separated question kinds the RL and preference methods see (effect, no path); the "
                         "no-path replies are all correct from the start, so they teach nothing and only cost time")
-    p.add_argument("--rollout-temperature", type=cli.non_negative_float, default=0.6,
+    p.add_argument("--rollout-temperature", type=cli.positive_float, default=0.6,
                    help="GRPO and PPO sampling temperature (0.6: the evaluation's, so RL optimises what is measured)")
     p.add_argument("--dynamic-sampling", action="store_true",
                    help="GRPO stage: DAPO's dynamic sampling (drop all-equal-reward groups, roll out more prompts until "
@@ -152,7 +152,7 @@ def parse_args(argv):
                    help="methods trained (and checkpoints scored) at once, each in its own process: they all start "
                         "from the SFT checkpoint, so they are independent (2 for 2 cores; 1: one by one, in this process)")
     p.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads per job")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, training and sampling")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seed of the data, training and sampling")
     args = p.parse_args(argv)
     args.methods = ("sft",) + tuple(m for m in args.methods if m != "sft")  # SFT is every method's start
     return args

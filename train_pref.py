@@ -37,10 +37,10 @@ def build_parser():
     g.add_argument("--algo", choices=["dpo", "kto"], default="dpo",
                    help="dpo: pairs (prompt, chosen, rejected); kto: (prompt, completion, label)")
     g.add_argument("--beta", type=cli.non_negative_float, default=PreferenceConfig.beta,
-                   help="strength of the implicit KL penalty (DPO/KTO beta)")
+                   help="strength of the implicit KL penalty (DPO/KTO beta; > 0 for IPO, whose target is 1 / (2 beta))")
     g.add_argument("--loss-type", choices=["sigmoid", "ipo"], default="sigmoid", help="DPO loss: the paper's sigmoid, or IPO")
-    g.add_argument("--label-smoothing", type=cli.non_negative_float, default=0.0,
-                   help="DPO: probability that a preference label is flipped (cDPO)")
+    g.add_argument("--label-smoothing", type=cli.number_in(0, 0.5), default=0.0,
+                   help="DPO: probability that a preference label is flipped (cDPO), in [0, 0.5]")
     g.add_argument("--desirable-weight", type=cli.non_negative_float, default=1.0, help="KTO: lambda_D, weight of desirable examples")
     g.add_argument("--undesirable-weight", type=cli.non_negative_float, default=1.0,
                    help="KTO: lambda_U, weight of undesirable examples")

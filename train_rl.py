@@ -71,14 +71,14 @@ def build_parser(algo="grpo"):
     g.add_argument("--rollout-slots", type=cli.positive_int, default=d.rollout_slots,
                    help="rows decoded at once (default: prompts-per-step * group-size, all of them); fewer bound the "
                         "KV cache, and a finished group's rows take the next waiting prompt (continuous batching)")
-    g.add_argument("--temperature", type=cli.non_negative_float, default=d.temperature,
+    g.add_argument("--temperature", type=cli.positive_float, default=d.temperature,
                    help="sampling temperature; the log-probs of the loss use the same one")
-    g.add_argument("--top-p", type=float, default=d.top_p,
+    g.add_argument("--top-p", type=cli.top_p, default=d.top_p,
                    help="nucleus sampling threshold (1: the full distribution, as the policy gradient assumes; below 1 the "
                         "sampler's log-probs are the truncated distribution's and the on-policy ratio is no longer 1)")
     g.add_argument("--top-k", type=cli.non_negative_int, default=d.top_k,
                    help="sample among the k most likely tokens only (0: all; see --top-p for what truncation does to the ratio)")
-    g.add_argument("--format-weight", type=float, default=d.format_weight,
+    g.add_argument("--format-weight", type=cli.finite_float, default=d.format_weight,
                    help="reward = correct + this * (the response ends with a well-formed answer)")
     g.add_argument("--strict", action="store_true", help="score only the last answer of a response (the official rule accepts any)")
     g.add_argument("--rewards", default=None, help="comma-separated named rewards (nanocausal.rewards.REWARDS: correct, "
@@ -112,7 +112,7 @@ def build_parser(algo="grpo"):
         g = parser.add_argument_group("GRPO (nanocausal.rl.GRPO: grpo_losses.group_advantages, grpo_losses.grpo_loss)")
         g.add_argument("--beta", type=cli.non_negative_float, default=d.beta,
                        help="weight of the k3 KL penalty to the reference (0: no reference model is loaded)")
-        g.add_argument("--eps-low", type=cli.non_negative_float, default=d.eps_low, help="the ratio is clipped below at 1 - eps-low")
+        g.add_argument("--eps-low", type=cli.probability, default=d.eps_low, help="the ratio is clipped below at 1 - eps-low (in [0, 1])")
         g.add_argument("--eps-high", type=cli.non_negative_float, default=d.eps_high,
                        help="the ratio is clipped above at 1 + eps-high (0.28: DAPO's clip-higher)")
         g.add_argument("--aggregation", default=d.aggregation, choices=("token_mean", "sequence_mean", "constant"),
@@ -143,8 +143,8 @@ def build_parser(algo="grpo"):
         g.add_argument("--value-coef", type=cli.non_negative_float, default=d.value_coef, help="weight of the value loss")
         g.add_argument("--value-lr", type=cli.non_negative_float, default=d.value_lr,
                        help="learning rate of the value head (a fresh layer: it must move faster than the policy)")
-        g.add_argument("--gamma", type=cli.non_negative_float, default=d.gamma, help="discount of GAE")
-        g.add_argument("--lam", type=cli.non_negative_float, default=d.lam, help="lambda of GAE (0: one-step TD, 1: Monte Carlo)")
+        g.add_argument("--gamma", type=cli.probability, default=d.gamma, help="discount of GAE")
+        g.add_argument("--lam", type=cli.probability, default=d.lam, help="lambda of GAE (0: one-step TD, 1: Monte Carlo)")
     cli.add_train_args(parser, d)
     parser.set_defaults(out_dir=f"out/{algo}")
     return parser

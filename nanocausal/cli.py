@@ -7,8 +7,11 @@ field of the config is read from the flag of the same name (--grad-accum -> grad
 """
 import argparse
 import dataclasses
+import math
 import os
 import sys
+
+import jinja2
 
 from nanocausal import caugym, tracking
 
@@ -17,32 +20,160 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """--help prints the script's docstring as written and each flag's default."""
 
 
-def parser_for(doc):
-    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with errors of one line (the flag and what was expected), like every other error
+    of the scripts; --help still prints the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parser_for(doc, prog=None):
+    return ArgumentParser(prog=prog, description=doc, formatter_class=HelpFormatter)
 
 # -----------------------------------------------------------------------------
-# Argument types: a bad value is refused by argparse with the flag's name
+# Argument types: a bad value is refused by argparse with the flag's name. Every number must be
+# finite (inf or nan in a learning rate or a temperature poisons a run silently), and lie in the
+# range its formula allows: a probability in [0, 1], top-p in (0, 1], ...
 
 
 def positive_int(text):
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
 def non_negative_int(text):
-    value = int(text)
+    value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
-def non_negative_float(text):
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+MAX_SEED = 2**63  # numpy's and torch's generators take any seed in [0, 2**63)
+
+
+def seed(text):
+    value = _int(text)
+    if not 0 <= value < MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text}")
     return value
+
+
+def _int(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def number_in(low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """The argparse type of a finite float in the interval from low to high (open at an end when
+    low_open / high_open); its `interval` text ("in [0, 1]", ">= 0") is what errors say."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        problem = out_of_range(value, parse)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        return value
+    parse.bounds = (low, high, low_open, high_open)
+    parse.__name__ = "number"
+    return parse
+
+
+def interval_text(number_type):
+    """" >= 0", " in (0, 1]", ... ("" when any finite number will do)."""
+    low, high, low_open, high_open = number_type.bounds
+    if high == math.inf:
+        return "" if low == -math.inf else f" {'>' if low_open else '>='} {low:g}"
+    return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def out_of_range(value, number_type):
+    """None when `value` is a finite number within number_type's bounds, else what it must be."""
+    low, high, low_open, high_open = number_type.bounds
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            value < low or value > high or (low_open and value == low) or (high_open and value == high):
+        return f"must be a finite number{interval_text(number_type)}"
+    return None
+
+
+finite_float = number_in()
+non_negative_float = number_in(0)
+positive_float = number_in(0, low_open=True)
+probability = number_in(0, 1)  # a share, a ratio, GAE's gamma and lambda, dropout...
+top_p = number_in(0, 1, low_open=True)  # nucleus mass: 0 keeps no token at all
+below_one = number_in(0, 1, high_open=True)  # dropout: 1 drops everything
+
+
+def check_numbers(config, bounds):
+    """The config-side twin of the flag types: a ValueError naming the setting (as its flag) when
+    a field of `config` is not a finite number in its range. bounds: {field: number type}."""
+    for name, number_type in bounds.items():
+        problem = out_of_range(getattr(config, name), number_type)
+        if problem:
+            raise ValueError(f"--{name.replace('_', '-')} {problem}, got {getattr(config, name)!r}")
+
+
+def check_seed(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_SEED:
+        raise ValueError(f"--seed must be an integer in [0, 2**63), got {value!r}")
+
+
+def device(text):
+    """--device: cpu, cuda, cuda:N or mps. Whether this machine has it is checked when a run starts
+    (device_problem), not here: --plan may plan a GPU run on a laptop."""
+    problem = device_name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def device_name_problem(text):
+    """None when `text` names a kind of device nanocausal runs on, else what was expected."""
+    import torch
+    try:
+        kind = torch.device(text).type
+    except (RuntimeError, TypeError):
+        kind = None
+    return None if kind in ("cpu", "cuda", "mps") else f"expected cpu, cuda, cuda:N or mps, got {text!r}"
+
+
+def device_problem(text):
+    """None when this machine has the device `text`, else why not (one line naming --device)."""
+    import torch
+    problem = device_name_problem(text)
+    if problem:
+        return f"--device {problem}"
+    dev = torch.device(text)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {text}: this machine has no CUDA GPU (use --device cpu)"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"--device {text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {text}: MPS is not available on this machine"
+    return None
+
+
+# The number fields every trainer's config shares (TrainConfig), with the ranges of their flags.
+def train_number_bounds():
+    return {"lr": non_negative_float, "min_lr_ratio": probability, "weight_decay": non_negative_float,
+            "clip": non_negative_float, "lora_alpha": non_negative_float, "lora_dropout": below_one,
+            "eval_temperature": non_negative_float, "eval_top_p": top_p}
+
+
+def check_train_config(config, bounds):
+    """A trainer config's __post_init__ check: its numbers (train_number_bounds() and `bounds`),
+    its seed and its device's name; a ValueError naming the setting as its flag."""
+    check_numbers(config, {**train_number_bounds(), **bounds})
+    check_seed(config.seed)
+    problem = device_name_problem(str(config.device))
+    if problem:
+        raise ValueError(f"--device {problem}")
 
 
 def report_backends(text):
@@ -61,6 +192,32 @@ def task_list(text):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of {','.join(caugym.TASKS)}, got {text}")
     return tasks
 
+
+def variant_list(text):
+    """--variant: one variant, or a comma-separated mix of them."""
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    if not variants or any(v not in caugym.VARIANTS for v in variants):
+        raise argparse.ArgumentTypeError(f"expected one or a comma-separated mix of {','.join(caugym.VARIANTS)}, got {text}")
+    return text
+
+
+def graph_size(text):
+    """--nodes of one size N (eval.py's generated sets): an integer the generator can draw, 2..16."""
+    value = _int(text)
+    if not 2 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"must be a graph size in 2..16, got {text}")
+    return value
+
+
+def graph_sizes(text):
+    """--nodes: N or LO-HI, graph sizes the generator can draw (2..16)."""
+    from nanocausal import problems
+    try:
+        problems.node_range(text, "base")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
 # -----------------------------------------------------------------------------
 # The flags every trainer shares (defaults from its config class)
 
@@ -70,9 +227,9 @@ def add_model_args(parser, defaults, model_help="hub id or local Hugging Face fo
     g.add_argument("--model", default=defaults.model, help=model_help)
     g.add_argument("--tasks", type=task_list, default=defaults.tasks,
                    help="comma-separated causal tasks of generated problems (ATE,CDE,ETT,NDE,NIE,PN,PS)")
-    g.add_argument("--variant", default=defaults.variant,
+    g.add_argument("--variant", type=variant_list, default=defaults.variant,
                    help=f"problem variant of generated problems ({', '.join(caugym.VARIANTS)}; RL: a comma-separated mix)")
-    g.add_argument("--nodes", default=defaults.nodes,
+    g.add_argument("--nodes", type=graph_sizes, default=defaults.nodes,
                    help="graph sizes of generated problems: N or LO-HI (default: the generator's, 3-5 nodes for base)")
     return g
 
@@ -83,19 +240,19 @@ def add_optimisation_args(parser, defaults):
     g.add_argument("--lr", type=non_negative_float, default=defaults.lr, help="peak learning rate of AdamW")
     g.add_argument("--warmup-steps", type=non_negative_int, default=defaults.warmup_steps,
                    help="linear warmup steps before the cosine decay")
-    g.add_argument("--min-lr-ratio", type=non_negative_float, default=defaults.min_lr_ratio,
+    g.add_argument("--min-lr-ratio", type=probability, default=defaults.min_lr_ratio,
                    help="the cosine decays to this fraction of --lr (1: constant)")
     g.add_argument("--weight-decay", type=non_negative_float, default=defaults.weight_decay,
                    help="AdamW weight decay (on matrices only)")
     g.add_argument("--clip", type=non_negative_float, default=defaults.clip,
                    help="clip the gradient norm to this value (0: no clipping)")
-    g.add_argument("--seed", type=int, default=defaults.seed, help="seed of the data, its order, the sampler and the model's randomness")
+    g.add_argument("--seed", type=seed, default=defaults.seed, help="seed of the data, its order, the sampler and the model's randomness")
     return g
 
 
 def add_hardware_args(parser, defaults):
     g = parser.add_argument_group("hardware")
-    g.add_argument("--device", default=defaults.device, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--device", type=device, default=defaults.device, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16"],
                    help="weight dtype; float32 weights + bf16 autocast on CUDA is the standard mixed precision")
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
@@ -107,7 +264,7 @@ def add_hardware_args(parser, defaults):
                    help="print the memory plan (bytes by component, from the shapes alone: --model may be a config.json) "
                         "and exit without training")
     g.add_argument("--json", action="store_true", help="with --plan: print it as JSON")
-    g.add_argument("--gpu-memory-gib", type=non_negative_float, default=None,
+    g.add_argument("--gpu-memory-gib", type=positive_float, default=None,
                    help="with --plan: the GPU's memory (default: the current GPU's, else 80)")
     g.add_argument("--plan-gpus", type=positive_int, default=int(os.environ.get("WORLD_SIZE", "1")),
                    help="with --plan: the GPUs of a torchrun run (FSDP shards weights, gradients and the optimiser "
@@ -118,7 +275,7 @@ def add_hardware_args(parser, defaults):
     g.add_argument("--lora-rank", type=non_negative_int, default=defaults.lora_rank,
                    help="rank r of the adapters (0: full fine-tuning); with LoRA use about 10x the full-fine-tuning lr")
     g.add_argument("--lora-alpha", type=non_negative_float, default=defaults.lora_alpha, help="the adapters' scale is alpha / r")
-    g.add_argument("--lora-dropout", type=non_negative_float, default=defaults.lora_dropout, help="dropout on the adapters' input")
+    g.add_argument("--lora-dropout", type=below_one, default=defaults.lora_dropout, help="dropout on the adapters' input")
     g.add_argument("--lora-targets", type=lambda text: tuple(t.strip() for t in text.split(",") if t.strip()),
                    default=defaults.lora_targets, help="comma-separated linear layers of each block that get adapters")
     return g
@@ -136,7 +293,7 @@ def add_eval_args(parser, defaults):
                    help="generation budget per sample")
     g.add_argument("--eval-temperature", type=non_negative_float, default=defaults.eval_temperature,
                    help="sampling temperature, 0 = greedy (official: 0.6)")
-    g.add_argument("--eval-top-p", type=float, default=defaults.eval_top_p, help="nucleus sampling threshold (official: 0.95)")
+    g.add_argument("--eval-top-p", type=top_p, default=defaults.eval_top_p, help="nucleus sampling threshold (official: 0.95)")
     g.add_argument("--show-completions", type=non_negative_int, default=defaults.show_completions,
                    help="evaluation completions printed each time")
     return g
@@ -210,8 +367,14 @@ def run_main(main):
             return main()
         try:
             return main()
-        except (ValueError, OSError, KeyError) as e:
-            message = str(e) if not isinstance(e, KeyError) else f"missing key {e}"
+        except (ValueError, OSError, KeyError, RecursionError, jinja2.TemplateError) as e:
+            # (not RuntimeError, TypeError, ...: from torch or our code those are bugs, and keep their traceback)
+            if isinstance(e, KeyError):
+                message = f"missing key {e}"
+            elif isinstance(e, RecursionError):
+                message = "input nested too deeply to read (RecursionError)"
+            else:
+                message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the library wrote
             sys.exit(f"error: {message} (NANOCAUSAL_DEBUG=1 for the traceback)")
     finally:
         distributed.teardown()  # under torchrun: leave the process group cleanly

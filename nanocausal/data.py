@@ -29,6 +29,7 @@ exact next batch.
 """
 
 import json
+import math
 import os
 
 import numpy as np
@@ -55,29 +56,41 @@ def read_records(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
     records = []
+    try:
+        located = _read_located(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    for record, where in located:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        records.append({**record, "_where": where})
+    return records
+
+
+def _read_located(path):
+    """[(JSON value, "file:line N" or "file: item N")] of a .json list or a .jsonl file."""
     with open(path, encoding="utf-8") as f:
         if path.endswith(".json"):
             try:
                 items = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}: JSON nested too deeply to read") from None
             if not isinstance(items, list):
                 raise ValueError(f"{path}: expected a JSON list of examples, got a {type(items).__name__}")
-            located = [(item, f"{path}: item {i}") for i, item in enumerate(items)]
-        else:
-            located = []
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue  # a trailing blank line is not an example
-                try:
-                    located.append((json.loads(line), f"{path}:{line_number}"))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
-    for record, where in located:
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        records.append({**record, "_where": where})
-    return records
+            return [(item, f"{path}: item {i}") for i, item in enumerate(items)]
+        located = []
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # a trailing blank line is not an example
+            try:
+                located.append((json.loads(line), f"{path}:{line_number}"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{line_number}: JSON nested too deeply to read") from None
+        return located
 
 
 def _caugym_variant(path):
@@ -92,6 +105,8 @@ def normalise(record, kind, variant="base"):
     where = record["_where"]
     example = dict(record)
     if "problem" in record and "prompt" not in record:
+        if not isinstance(record["problem"], str):
+            raise ValueError(f"{where}: field 'problem' must be a string, got {type(record['problem']).__name__}")
         example["prompt"] = caugym.official_prompt(record["problem"], record.get("variant", variant))
         example.setdefault("type", record.get("Type"))
         example.setdefault("variant", record.get("variant", variant))
@@ -104,18 +119,37 @@ def normalise(record, kind, variant="base"):
             example[field] = completion_text(example[field], where, field)
     if kind == "kto" and not isinstance(example["label"], bool):
         raise ValueError(f"{where}: field 'label' must be true or false, got {example['label']!r}")
-    if kind == "rl" and not isinstance(example["answer"], str):
-        raise ValueError(f"{where}: field 'answer' must be a string such as '{{\"PROB\": \"0.1234\"}}'")
+    if kind == "rl":
+        check_answer(example["answer"], where)
     return example
+
+
+def check_answer(answer, where="answer"):
+    """A gold answer scores responses (caugym.is_correct): it must be LACK_CONDITION or an answer
+    JSON with a finite PROB, such as '{"ANSWER": "Yes", "PROB": "0.1234"}'; refused at load, with
+    its file and line, rather than in the middle of a run."""
+    expected = f"field 'answer' must be \"{caugym.LACK}\" or a JSON string such as '{{\"PROB\": \"0.1234\"}}'"
+    if not isinstance(answer, str):
+        raise ValueError(f"{where}: {expected}, got {type(answer).__name__}")
+    if answer.strip() == caugym.LACK:
+        return
+    try:
+        prob = caugym.gold_prob(answer)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        raise ValueError(f"{where}: {expected}, got {answer[:80]!r}") from None
+    if not math.isfinite(prob):
+        raise ValueError(f"{where}: field 'answer' has a PROB that is not a finite number: {answer[:80]!r}")
 
 
 def prompt_messages(prompt, where="prompt"):
     """A prompt string (the user message) or a list of messages -> a list of messages."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                   and isinstance(m.get("content"), str) for m in prompt):
         return prompt
-    raise ValueError(f"{where}: field 'prompt' must be a string or a list of {{\"role\", \"content\"}} messages")
+    raise ValueError(f"{where}: field 'prompt' must be a string or a list of {{\"role\", \"content\"}} messages "
+                     f"whose role and content are strings")
 
 
 def completion_text(completion, where="completion", field="completion"):
@@ -161,7 +195,10 @@ def write_jsonl(path, rows):
 
 
 def _encode(tokenizer, example, completion, max_length, what):
-    ids, completion_mask = tokenizer.encode_chat_completion(example["prompt"], completion)
+    try:
+        ids, completion_mask = tokenizer.encode_chat_completion(example["prompt"], completion)
+    except ValueError as e:  # the chat template refused or failed on this example
+        raise ValueError(f"{example['_where']}: {e}") from None
     if max_length is not None and len(ids) > max_length:
         raise ValueError(f"{example['_where']}: prompt + {what} is {len(ids)} tokens, longer than the "
                          f"context of {max_length} tokens (raise --max-length, or drop the example)")
@@ -199,7 +236,10 @@ def tokenize(examples, tokenizer, kind, max_length=None, progress=True):
             rows.append({"ids": ids, "completion_mask": mask, "label": example["label"],
                          "kl_ids": kl_ids, "kl_mask": kl_mask})
         elif kind == "rl":
-            prompt_ids = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True)
+            try:
+                prompt_ids = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True)
+            except ValueError as e:
+                raise ValueError(f"{example['_where']}: {e}") from None
             if max_length is not None and len(prompt_ids) >= max_length:
                 raise ValueError(f"{example['_where']}: prompt is {len(prompt_ids)} tokens, no room left in the "
                                  f"context of {max_length} tokens")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from nanocausal import calm, caugym, checkpoint, data, distributed, problems, rundir, tiny
+from nanocausal import calm, caugym, checkpoint, cli, data, distributed, memory_plan, problems, rundir, tiny
 from nanocausal.problem_text import solve
 from nanocausal.rewards import last_answer
 from nanocausal.refill import generate_many
@@ -48,25 +48,37 @@ def load_dataset(spec, seed=0, tasks=caugym.TASKS, nodes=None, prompt_style="bas
     (the tiny curriculum, tiny.VARIANTS), or a CaLM task file or folder of them (calm.load_dataset, prompted in
     CaLM's `prompt_style`)."""
     if os.path.isdir(spec) or calm.is_task_file(spec):
-        return calm.load_dataset(spec, prompt_style)
+        try:
+            return calm.load_dataset(spec, prompt_style)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--data {spec}: a file that is not UTF-8 text (byte {e.object[e.start]:#04x} "
+                             f"at offset {e.start})") from None
     if spec.startswith("tiny"):
         name, _, n = spec.partition(":")
         variant = name[len("tiny-"):] if name.startswith("tiny-") else "base"
-        if name not in ("tiny", "tiny-" + variant) or variant not in tiny.VARIANTS or not n.isdigit():
+        if name not in ("tiny", "tiny-" + variant) or variant not in tiny.VARIANTS or not _count_ok(n):
             raise ValueError(f"--data {spec}: expected tiny:N or tiny-VARIANT:N with VARIANT one of "
-                             f"{', '.join(tiny.VARIANTS[1:])}")
+                             f"{', '.join(tiny.VARIANTS[1:])} and N in 1..{MAX_GENERATED:,}")
         items = tiny.make_problems(int(n), seed=seed, variant=variant)
         return spec, [dict(item, prompt=[{"role": "user", "content": caugym.official_prompt(item["problem"], variant)}])
                       for item in items]
     if spec.startswith("gen:"):
         parts = spec.split(":")
-        if len(parts) != 3 or parts[1] not in caugym.VARIANTS or not parts[2].isdigit():
-            raise ValueError(f"--data {spec}: expected gen:VARIANT:N with VARIANT one of {', '.join(caugym.VARIANTS)}")
+        if len(parts) != 3 or parts[1] not in caugym.VARIANTS or not _count_ok(parts[2]):
+            raise ValueError(f"--data {spec}: expected gen:VARIANT:N with VARIANT one of {', '.join(caugym.VARIANTS)} "
+                             f"and N in 1..{MAX_GENERATED:,}")
         rows = problems.generate(int(parts[2]), tasks=tasks, variant=parts[1], nodes=nodes, seed=seed)
         return spec, [dict(row, prompt=[{"role": "user", "content": caugym.official_prompt(row["problem"], parts[1])}])
                       for row in rows]
     name = os.path.splitext(os.path.basename(spec))[0]
     return name, data.load_examples(spec, "rl")
+
+
+MAX_GENERATED = 1_000_000  # problems of one generated set (the CauGym test sets have 700)
+
+
+def _count_ok(text):
+    return text.isdigit() and 1 <= int(text) <= MAX_GENERATED
 
 
 def per_task_slice(items, per_task):
@@ -261,12 +273,12 @@ def read_responses(path):
     the lines after it; a (problem, sample) answered twice keeps its last answer."""
     records = {}
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, "rb") as f:  # decoded line by line: one damaged line never hides the others
             for line_number, line in enumerate(f, start=1):
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.decode("utf-8"))
                     records[(record["key"], record["sample"])] = record
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
                     if line.strip():
                         print(f"{path}:{line_number}: not a response record, skipped (that problem is answered again)")
     return list(records.values())
@@ -322,6 +334,38 @@ class EvalConfig:
     seed: int = 0
     dtype: str | None = None  # default: bfloat16 on GPU, float32 on CPU
     device: str | None = None  # default: the best available
+
+    def __post_init__(self):  # a library user's config is checked as eval.py's flags are
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("--model must be a Hugging Face folder, a hub id, 'oracle' or 'gold'")
+        if isinstance(self.data, str) or not self.data or not all(isinstance(d, str) for d in self.data):
+            raise ValueError("--data must be a list of data set names (files, folders, gen:VARIANT:N, tiny:N)")
+        cli.check_numbers(self, {"temperature": cli.non_negative_float, "top_p": cli.top_p})
+        cli.check_seed(self.seed)
+        for name in ("num_samples", "max_new_tokens", "batch_size") + (("per_task",) if self.per_task is not None else ()) \
+                + (("limit",) if self.limit is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.device is not None and cli.device_name_problem(self.device):
+            raise ValueError(f"--device {cli.device_name_problem(self.device)}")
+
+
+def check_prompts_fit(tokenizer, context, datasets):
+    """Every prompt renders with the model's chat template and leaves room for a reply in its
+    context; else a ValueError naming the item (its file and line, or its --data entry and index).
+    A too-long prompt is refused before the run, not skipped: accuracy over a silently smaller set
+    would not be the protocol's number (lower --limit or --per-task, or drop the item)."""
+    for _, spec, items in datasets:
+        for i, item in enumerate(items):
+            where = item.get("_where") or f"--data {spec}: item {i}"
+            try:
+                length = len(tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if length >= context:
+                raise ValueError(f"{where}: the prompt is {length} tokens, the model's whole context is {context}: "
+                                 f"no room for a reply")
 
 
 def load_model_and_tokenizer(config: EvalConfig):
@@ -394,6 +438,8 @@ def run(config: EvalConfig):
     (its replies do not depend on which rank answers: sample_key); it appends them to its own
     responses-rankR.jsonl, which rank 0 folds into responses.jsonl at the end (and at the start
     of a resumed run, after a kill). Rank 0 alone prints and writes summary.json."""
+    if config.device is not None and config.model not in PSEUDO_MODELS and cli.device_problem(config.device):
+        raise ValueError(cli.device_problem(config.device))
     config.device = distributed.setup(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, ranks = distributed.rank(), distributed.world_size()
     datasets = []
@@ -402,7 +448,11 @@ def run(config: EvalConfig):
                                    prompt_style=config.prompt_style)
         if config.per_task is not None:
             items = per_task_slice(items, config.per_task)
-        datasets.append((name, items[:config.limit]))
+        datasets.append((name, spec, items[:config.limit]))
+    if config.model not in PSEUDO_MODELS:  # everything checked before anything is written
+        check_prompts_fit(Tokenizer.from_pretrained(config.model),
+                          memory_plan.meta_model(config.model).config.max_position_embeddings, datasets)
+    datasets = [(name, items) for name, _, items in datasets]
     responses_path = os.path.join(config.out, "responses.jsonl")
     if distributed.is_main():
         rundir.lock(config.out)  # (creates it) one eval.py writes an --out at a time, for its whole run

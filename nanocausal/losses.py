@@ -128,6 +128,8 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                              "(completion token counts, (B,)) to average the log-ratios per token, as TRL does")
         if label_smoothing != 0.0:
             raise ValueError(f"label_smoothing={label_smoothing} applies to loss_type='sigmoid' only, not 'ipo'")
+        if not beta > 0:  # the target margin 1 / (2 beta) needs beta > 0
+            raise ValueError(f"dpo_loss(loss_type='ipo') needs beta > 0 (its target margin is 1 / (2 beta)), got {beta}")
         chosen_avg = chosen_logratios / chosen_lengths.float().clamp(min=1.0)
         rejected_avg = rejected_logratios / rejected_lengths.float().clamp(min=1.0)
         losses = (chosen_avg - rejected_avg - 1 / (2 * beta)) ** 2

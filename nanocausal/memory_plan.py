@@ -41,13 +41,17 @@ optimizer state, reference, gradients, activations, logits chunk). The total is 
 optimizer and KV cache are exact (tests/test_memory_plan.py compares them with the real tensors
 after a real step); activations are an estimate of what autograd saves (SDPA and allocator
 workspaces, fragmentation not included): read the total with ~15 % to spare.
+
+Before a run starts, the trainers call check_fits: a run whose exact components alone exceed the
+memory available now (free GPU memory, or the RAM the kernel calls available) is refused in one
+line naming the flags of its largest parts, instead of being killed by the OOM killer mid-way.
 """
 import json
 import os
 
 import torch
 
-from nanocausal import checkpoint, lora
+from nanocausal import checkpoint, cli, lora
 from nanocausal.model import Transformer
 
 GIB = 2**30
@@ -187,3 +191,57 @@ def report(config, algo, as_json=False, prompt_tokens=512, gpu_memory_gib=None, 
     result = plan(config, algo, prompt_tokens, gpu_memory_gib, gpus)
     print(json.dumps(result, indent=2) if as_json else format_plan(result))
     return result
+
+
+# Which flags make each component large: named when a run cannot fit.
+COMPONENT_FLAGS = {"weights": "--model / --dtype / --lora-rank", "gradients": "--lora-rank", "optimizer": "--lora-rank",
+                   "reference": "--lora-rank / --precompute-ref / --beta / --kl-coef",
+                   "rollout_copy": "--model / --dtype", "fsdp_unsharded": "--model",
+                   "kv_cache": "--prompts-per-step / --group-size / --rollout-slots / --max-new-tokens",
+                   "prefill_cache": "--prompts-per-step / --rollout-slots"}
+
+
+def available_bytes(device):
+    """Memory a run may still take on `device`: the GPU's free memory, or the RAM the kernel reports
+    as available (MemAvailable: free plus reclaimable caches) on a CPU; None when unknown."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(config, algo):
+    """Refuse, before anything is allocated or written, a run this machine cannot hold: a --device
+    it lacks, or one whose certain bytes (those the plan knows exactly: weights, gradients, AdamW
+    state, reference, rollout copy, KV cache; not the activations nor the logits chunk, which follow
+    the real sequence lengths) exceed the memory available now. A ValueError of one line naming the
+    flags of the largest components; on the CPU, torchrun's ranks share one machine's RAM."""
+    problem = cli.device_problem(config.device)
+    if problem:
+        raise ValueError(problem)
+    available = available_bytes(config.device)
+    if available is None:
+        return
+    gpus = int(os.environ.get("WORLD_SIZE", "1"))
+    result = plan(config, algo, gpu_memory_gib=available / GIB, gpus=gpus)
+    certain = {k: v for k, v in result["bytes"].items() if k not in ("activations", "logits_chunk")}
+    sharing = 1 if str(config.device).startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    phases = [sum(certain.get(k, 0) for k in ("weights", "optimizer", "reference", "value_model", "rollout_copy",
+                                                 "kv_cache", "prefill_cache")),
+              sum(certain.get(k, 0) for k in ("weights", "optimizer", "reference", "value_model", "rollout_copy",
+                                                 "gradients", "fsdp_unsharded"))]
+    needed = max(phases) * sharing
+    if needed > available:
+        largest = sorted((k for k in certain if certain[k] and k in COMPONENT_FLAGS), key=certain.get, reverse=True)[:2]
+        parts = ", ".join(f"{k} {certain[k] / GIB:.1f} GiB ({COMPONENT_FLAGS[k]})" for k in largest)
+        raise ValueError(f"this run needs at least {needed / GIB:.1f} GiB on {config.device} but {available / GIB:.1f} GiB "
+                         f"is available: {parts}; make them smaller (--plan prints the whole plan)")

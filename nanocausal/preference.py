@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from nanocausal import checkpoint, data, distributed, lora, training
+from nanocausal import checkpoint, cli, data, distributed, lora, memory_plan, training
 from nanocausal.logprobs import sequence_logprobs
 from nanocausal.losses import dpo_loss, kto_loss
 from nanocausal.sft import SFTConfig, load_rows, offline_step_fn
@@ -41,6 +41,15 @@ class PreferenceConfig(SFTConfig):
     precompute_ref: bool = False  # score every example with the reference once, then free it
     lr: float = 5e-7
     out_dir: str = "out/dpo"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.algo not in ("dpo", "kto") or self.loss_type not in ("sigmoid", "ipo"):
+            raise ValueError(f"--algo must be dpo or kto and --loss-type sigmoid or ipo, got {self.algo!r}, {self.loss_type!r}")
+        cli.check_numbers(self, {"beta": cli.non_negative_float, "label_smoothing": cli.number_in(0, 0.5),
+                                 "desirable_weight": cli.non_negative_float, "undesirable_weight": cli.non_negative_float})
+        if self.algo == "dpo" and self.loss_type == "ipo" and self.beta <= 0:
+            raise ValueError(f"--beta must be > 0 with --loss-type ipo (its target margin is 1 / (2 beta)), got {self.beta}")
 
 
 class Reference:
@@ -139,6 +148,7 @@ def train_preference(config: PreferenceConfig) -> training.TrainResult:
     """DPO or KTO (config.algo) from config.model against a frozen copy of it (or config.ref_model)."""
     torch.manual_seed(config.seed)
     tokenizer = Tokenizer.from_pretrained(config.model)
+    memory_plan.check_fits(config, config.algo)
     policy = training.start_run(config)
     if lora.is_lora_model(policy) and config.ref_model is None:
         reference = Reference(policy, config.device)

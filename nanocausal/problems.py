@@ -15,7 +15,6 @@ arguments give the same problems, byte for byte. `generate` returns them as plai
 
 This module is the top of the chain caugym <- scm <- problem_text <- solutions <- problems.
 """
-import argparse
 import json
 import random
 import sys
@@ -161,12 +160,14 @@ def _as_list(value, allowed, what):
     return items
 
 
-def _node_range(nodes, variant):
+def node_range(nodes, variant):
     """The (lo, hi) graph size of `variant`: the default by variant, or nodes as int, (lo, hi) or "lo-hi"."""
     if nodes is None:
         return (3, 5) if variant in BASE_STYLE else (8, 8)
     if isinstance(nodes, str):
         lo, _, hi = nodes.partition("-")
+        if not (lo.strip().isdigit() and (hi or lo).strip().isdigit()):
+            raise ValueError(f"nodes must be N or LO-HI (graph sizes in 2..16), got {nodes!r}")
         nodes = (int(lo), int(hi or lo))
     lo, hi = (nodes, nodes) if isinstance(nodes, int) else tuple(nodes)
     if not 2 <= lo <= hi <= 16:
@@ -180,7 +181,13 @@ def problems(n, tasks=TASKS, variant="base", nodes=None, seed=0, split="train", 
     the variants; every `questions_per_model` items share one causal model, drawn from the seed
     string f"{split}/{seed}/{k}", so different splits (or seeds) never share a model."""
     tasks, variants = _as_list(tasks, TASKS, "task"), _as_list(variant, VARIANTS, "variant")
-    sizes = {v: _node_range(nodes, v) for v in variants}
+    sizes = {v: node_range(nodes, v) for v in variants}
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"the number of problems must be an integer >= 0, got {n!r}")
+    if isinstance(questions_per_model, bool) or not isinstance(questions_per_model, int) or questions_per_model < 1:
+        raise ValueError(f"questions_per_model must be a positive integer, got {questions_per_model!r}")
+    if zero_share is not None and not (isinstance(zero_share, (int, float)) and 0 <= zero_share <= 1):
+        raise ValueError(f"zero_share must be a share in [0, 1], got {zero_share!r}")
     out = []
     for i in range(n):
         task, var = tasks[i % len(tasks)], variants[(i // len(tasks)) % len(variants)]
@@ -234,37 +241,48 @@ def dataset_rows(items, fmt, seed=0, lack_hint=None):
 
 def main(argv=None):
     """The command line (module docstring); argv=None reads sys.argv."""
-    ap = argparse.ArgumentParser(prog="python -m nanocausal.problems", description=(
+    from nanocausal import cli  # (cli is a script helper; the generator itself needs none of it)
+    ap = cli.ArgumentParser(prog="python -m nanocausal.problems", description=(
         "Write CauGym-style causal problems as JSONL (sft: prompt/completion, dpo: prompt/chosen/rejected, "
         "kto: prompt/completion/label, rl: prompt/answer/type/variant), or solve problems from a file."))
     ap.add_argument("--format", choices=("sft", "dpo", "kto", "rl"), default="sft", help="dataset layout")
-    ap.add_argument("--n", type=int, default=1000, help="number of items")
+    ap.add_argument("--n", type=cli.non_negative_int, default=1000, help="number of items")
     ap.add_argument("--out", default="-", help="output JSONL path ('-' = stdout)")
-    ap.add_argument("--tasks", default=",".join(TASKS), help="comma list of tasks, e.g. ATE,PN")
-    ap.add_argument("--variant", default="base", help=f"comma list of variants: {', '.join(VARIANTS)}")
-    ap.add_argument("--nodes", default=None, help="graph size: N or LO-HI (default 3-5 base style, else 8)")
+    ap.add_argument("--tasks", type=cli.task_list, default=",".join(TASKS), help="comma list of tasks, e.g. ATE,PN")
+    ap.add_argument("--variant", type=cli.variant_list, default="base", help=f"comma list of variants: {', '.join(VARIANTS)}")
+    ap.add_argument("--nodes", type=cli.graph_sizes, default=None, help="graph size: N or LO-HI (default 3-5 base style, else 8)")
     ap.add_argument("--style", choices=("base", "generated"), default=None, help="text format (default by variant)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed")
+    ap.add_argument("--seed", type=cli.seed, default=0, help="random seed")
     ap.add_argument("--split", default="train", help="split name; different splits never share a causal model")
-    ap.add_argument("--questions-per-model", type=int, default=20, help="questions asked of each causal model")
-    ap.add_argument("--zero-share", type=float, default=None, help="share of ATE-NIE items with answer 0")
+    ap.add_argument("--questions-per-model", type=cli.positive_int, default=20, help="questions asked of each causal model")
+    ap.add_argument("--zero-share", type=cli.probability, default=None, help="share of ATE-NIE items with answer 0")
     ap.add_argument("--lack-hint-all", action="store_true", help="add the LACK_CONDITION hint to every prompt")
     ap.add_argument("--solve", metavar="PATH", help="solve the problems in a .json/.jsonl file (key problem or "
                     "prompt) and print one answer per line")
     args = ap.parse_args(argv)
     if args.solve:
         try:
-            text = open(args.solve).read()
+            with open(args.solve, encoding="utf-8") as f:
+                text = f.read()
         except OSError as e:
             ap.error(f"cannot read {args.solve}: {e.strerror}")
+        except UnicodeDecodeError as e:
+            ap.error(f"{args.solve}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})")
         try:
             data = json.loads(text) if text.lstrip().startswith("[") else \
                 [json.loads(ln) for ln in text.splitlines() if ln.strip()]
         except json.JSONDecodeError as e:
             ap.error(f"{args.solve}: not JSON or JSONL ({e.msg}, line {e.lineno})")
+        except RecursionError:
+            ap.error(f"{args.solve}: JSON nested too deeply to read")
+        if not isinstance(data, list):
+            ap.error(f"{args.solve}: expected a JSON list or JSONL")
         for i, row in enumerate(data):
+            text = row.get("problem", row.get("prompt")) if isinstance(row, dict) else row
+            if not isinstance(text, str):
+                ap.error(f"{args.solve}: item {i}: expected a problem text (a string, or an object with key problem or prompt)")
             try:
-                print(solve(row.get("problem", row.get("prompt")) if isinstance(row, dict) else row))
+                print(solve(text))
             except ValueError as e:
                 ap.error(f"{args.solve}: item {i}: {e}")
         return

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nanocausal import checkpoint, distributed, lora, training
+from nanocausal import checkpoint, cli, distributed, lora, memory_plan, training
 from nanocausal.logprobs import token_logprobs
 from nanocausal.grpo_losses import group_advantages, grpo_loss, overlong_penalty
 from nanocausal.losses import gae, ppo_loss, ppo_rewards, whiten
@@ -126,6 +126,16 @@ class RLConfig(TrainConfig):
     show_completions: int = 2
     save_every: int = 50
     out_dir: str = "out/grpo"
+
+    def __post_init__(self):  # a library user's config is checked as the flags are: one line naming the setting
+        super().__post_init__()
+        if self.algo not in ("grpo", "ppo"):
+            raise ValueError(f"--algo must be grpo or ppo, got {self.algo!r}")
+        nn, share = cli.non_negative_float, cli.probability
+        cli.check_train_config(self, {
+            "temperature": cli.positive_float, "top_p": cli.top_p, "format_weight": cli.finite_float, "beta": nn,
+            "eps_low": share, "eps_high": nn, "kl_coef": nn, "clip_range": nn, "clip_range_value": nn,
+            "value_coef": nn, "value_lr": nn, "gamma": share, "lam": share})
 
 
 @torch.no_grad()
@@ -337,6 +347,7 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
     tests do this)."""
     check_config(config)
     torch.manual_seed(config.seed)
+    memory_plan.check_fits(config, config.algo)
     model = training.start_run(config)
     device = config.device  # (under torchrun start_run sets this rank's GPU)
     ranks = distributed.world_size()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanocausal import data, distributed, training
+from nanocausal import cli, data, distributed, memory_plan, training
 from nanocausal.logprobs import token_logprobs
 from nanocausal.losses import sft_loss
 from nanocausal.tokenizer import Tokenizer
@@ -33,6 +33,10 @@ class SFTConfig(TrainConfig):
     grad_accum: int = 1  # micro-batches per optimiser step
     micro_batch_tokens: int = 0  # also at most this many padded tokens per micro-batch; 0: no limit
     out_dir: str = "out/sft"
+
+    def __post_init__(self):  # a library user's config is checked as the flags are: one line naming the setting
+        super().__post_init__()
+        cli.check_train_config(self, {})
 
 
 def load_rows(config: SFTConfig, tokenizer, kind, max_length):
@@ -83,6 +87,7 @@ def train_sft(config: SFTConfig) -> training.TrainResult:
     """Fine-tune config.model on the completions of config.data (or generated problems)."""
     torch.manual_seed(config.seed)
     tokenizer = Tokenizer.from_pretrained(config.model)
+    memory_plan.check_fits(config, "sft")
     model = training.start_run(config)
     max_length = min(config.max_length, model.config.max_position_embeddings)
     rows = load_rows(config, tokenizer, "sft", max_length)

@@ -23,15 +23,21 @@ generation_config.json lists both <|im_end|> and <|endoftext|>, Llama 3.1's thre
 Training on a reply. `encode_chat_completion` returns prompt + completion ids and a mask that is 1
 on the completion only, its end-of-turn token included: the model must learn to say the answer
 *and* to stop; a reply trained without its EOS never ends at sampling time.
+
+Untrusted templates. A template from the hub is a program: it renders in Jinja's immutable sandbox
+with a budget of operations and characters per render (see "The chat template's sandbox" below),
+so a template that loops forever or builds a 10 GB string is refused in one line naming its file.
 """
 import functools
 import json
 import os
+import re
 from datetime import datetime
 
 import jinja2
+from jinja2 import nodes
 from jinja2.ext import Extension
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from tokenizers import Tokenizer as _HFTokenizer
 
 from nanocausal.checkpoint import TOKENIZER_FILES, base_of, is_adapter, resolve
@@ -45,11 +51,21 @@ REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 def _read_json(path):
     if not os.path.exists(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        try:
+    return read_json_file(path)
+
+
+def read_json_file(path):
+    """A JSON file's value, or a ValueError of one line naming the file (and line) when it is not
+    valid JSON, not UTF-8, or nested too deeply for Python's parser."""
+    try:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to read") from None
 
 
 def _token_string(value):
@@ -82,14 +98,155 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+# -----------------------------------------------------------------------------
+# The chat template's sandbox: templates come from the hub, so they are untrusted programs.
+#
+# Jinja's immutable sandbox forbids attribute tricks and mutating the inputs, but not a template
+# that runs forever ({% for i in range(99999) %}{% for j in range(99999) %}) or allocates 10 GB
+# ({{ 'x' * 10**10 }}). So every render gets a budget, checked *before* the work is done:
+#   - operations: each loop iteration, call and output piece costs 1; at most MAX_TEMPLATE_OPERATIONS
+#     (a real template spends tens to thousands), which bounds the time;
+#   - characters: every string or list the template builds (output, ~ and +, *, %, filter and method
+#     results) is charged its length; at most MAX_TEMPLATE_CHARS in all, which bounds the memory.
+#     Operations whose result can be far larger than their inputs (* and **, padding widths,
+#     replace, join, indent) are refused from their arguments before they run.
+# Over budget is a SecurityError; Tokenizer.render_chat turns any failure of the template into
+# one line naming the template's file. Real templates never come near these limits.
+MAX_TEMPLATE_OPERATIONS = 1_000_000
+MAX_TEMPLATE_CHARS = 50_000_000
+MAX_TEMPLATE_INT_ARGUMENT = 100_000  # widths and counts passed to filters and methods (range's own limit)
+MAX_TEMPLATE_INT_BITS = 4096  # the result of **
+_HUGE_FORMAT_WIDTH = re.compile(r"\d{6,}")  # in a format string: a width of a million or more
+
+
+class _Budget(Extension):
+    """The per-render budget (module comment above); the sandbox's hooks and the calls that
+    _BoundedSandbox._parse inserts into the template spend it. render_chat resets it."""
+
+    def __init__(self, environment):
+        super().__init__(environment)
+        self.reset()
+
+    def reset(self):
+        self.operations, self.chars = 0, 0
+
+    def spend(self, operations=1):
+        self.operations += operations
+        if self.operations > MAX_TEMPLATE_OPERATIONS:
+            raise SecurityError(f"the template ran more than {MAX_TEMPLATE_OPERATIONS:,} operations")
+
+    def charge(self, size):
+        self.chars += size
+        if self.chars > MAX_TEMPLATE_CHARS:
+            raise SecurityError(f"the template built more than {MAX_TEMPLATE_CHARS:,} characters")
+
+    def charge_value(self, value):
+        if isinstance(value, (str, list, tuple, dict)):
+            self.charge(len(value))
+        return value
+
+    def iterate(self, iterable):  # wraps every {% for %}'s iterable
+        for item in iterable:
+            self.spend()
+            yield item
+
+    def emit(self, value):  # wraps every piece of output, {% set %} blocks included
+        self.spend()
+        self.charge(len(str(value)))
+        return value
+
+    def text(self, value):  # wraps every operand of ~
+        value = str(value)
+        self.charge(len(value))
+        return value
+
+    def check_arguments(self, name, owner, args, kwargs):
+        """Refuse, before it runs, a filter or method call whose result would be too large."""
+        values = list(args) + list(kwargs.values())
+        if any(isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_TEMPLATE_INT_ARGUMENT for v in values):
+            raise SecurityError(f"{name}: an integer argument over {MAX_TEMPLATE_INT_ARGUMENT:,}")
+        texts = [v for v in [owner] + values if isinstance(v, str)]
+        if name in ("format", "format_map", "do_format") and any(_HUGE_FORMAT_WIDTH.search(t) for t in texts[:1]):
+            raise SecurityError(f"{name}: a format width of a million or more")
+        estimate = 0
+        if name in ("replace", "do_replace") and len(texts) >= 3:  # the text, old, new
+            estimate = texts[0].count(texts[1]) * len(texts[2]) if texts[1] else len(texts[0]) * len(texts[2])
+        elif name in ("join", "do_join"):
+            sep = owner if isinstance(owner, str) else next((v for v in values[2:] if isinstance(v, str)), "")
+            items = next((v for v in values if hasattr(v, "__len__") and not isinstance(v, str)), ())
+            estimate = len(sep) * len(items)
+        elif name == "do_indent" and args and isinstance(args[0], str):
+            width = args[1] if len(args) > 1 else kwargs.get("width", 4)
+            pad = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+            estimate = pad * (args[0].count("\n") + 1)
+        self.charge(estimate)
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox with a budget (module comment above)."""
+    intercepted_binops = frozenset(["*", "**", "+", "%"])
+
+    @property
+    def budget(self):
+        return self.extensions[_Budget.identifier]
+
+    def _parse(self, source, name, filename):
+        """Jinja's syntax tree, with the budget's calls around every loop's iterable, every piece of
+        output and every operand of ~ (the three things the sandbox's own hooks do not see)."""
+        tree = super()._parse(source, name, filename)
+        budget = self.budget
+        for node in list(tree.find_all(nodes.For)):
+            node.iter = budget.call_method("iterate", [node.iter], lineno=node.lineno)
+        for node in list(tree.find_all(nodes.Output)):
+            node.nodes = [budget.call_method("emit", [child], lineno=node.lineno) for child in node.nodes]
+        for node in list(tree.find_all(nodes.Concat)):
+            node.nodes = [budget.call_method("text", [child], lineno=node.lineno) for child in node.nodes]
+        tree.set_environment(self)
+        return tree
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: B902 (jinja's signature)
+        __self.budget.spend()
+        target = getattr(__obj, "__wrapped__", __obj)  # str.format comes wrapped by the sandbox
+        if getattr(target, "__self__", None) is __self.budget:  # the budget's own calls (_parse)
+            return __obj(*args)  # (without the _loop_vars / _block_vars jinja passes to every call)
+        __self.budget.check_arguments(getattr(target, "__name__", ""), getattr(target, "__self__", None), args, kwargs)
+        return __self.budget.charge_value(super().call(__context, __obj, *args, **kwargs))
+
+    def call_binop(self, context, operator, left, right):
+        budget = self.budget
+        if operator == "*":
+            for sequence, count in ((left, right), (right, left)):
+                if isinstance(sequence, (str, list, tuple)) and isinstance(count, int):
+                    budget.charge(len(sequence) * max(count, 0))
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+            if right * abs(left).bit_length() > MAX_TEMPLATE_INT_BITS:
+                raise SecurityError(f"{left} ** {right}: a number of more than {MAX_TEMPLATE_INT_BITS} bits")
+        elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+            budget.charge(len(left) + len(right))
+        elif operator == "%" and isinstance(left, str):
+            budget.check_arguments("format", left, right if isinstance(right, tuple) else (right,), {})
+        return budget.charge_value(super().call_binop(context, operator, left, right))
+
+
+def _bounded_filter(budget, function):
+    """A filter that checks its arguments and pays for its result (filters bypass sandbox.call)."""
+    @functools.wraps(function)  # keeps jinja's pass_context / pass_eval_context marks
+    def bounded(*args, **kwargs):
+        budget.spend()
+        budget.check_arguments(getattr(function, "__name__", ""), None, args, kwargs)
+        return budget.charge_value(function(*args, **kwargs))
+    return bounded
+
+
 @functools.lru_cache(maxsize=16)
 def _compile_template(source):
-    # Templates come from the hub, so they are untrusted code: the immutable sandbox forbids attribute
-    # tricks and mutating the inputs. trim_blocks/lstrip_blocks drop the newline and indentation around
-    # {% ... %} lines, exactly as transformers renders (templates are written for these settings).
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    """The template's compiled program, or a jinja2 TemplateSyntaxError / SecurityError.
+    trim_blocks/lstrip_blocks drop the newline and indentation around {% ... %} lines, exactly as
+    transformers renders (templates are written for these settings)."""
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
+                          extensions=[_GenerationTag, jinja2.ext.loopcontrols, _Budget])
     env.filters["tojson"] = _tojson
+    env.filters = {name: _bounded_filter(env.budget, f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
@@ -104,9 +261,15 @@ class Tokenizer:
         if not os.path.exists(tokenizer_file):
             raise FileNotFoundError(f"{folder}: no tokenizer.json (nanocausal reads the fast-tokenizer file only)")
         self.folder = folder
-        self._tokenizer = _HFTokenizer.from_file(tokenizer_file)
+        try:
+            self._tokenizer = _HFTokenizer.from_file(tokenizer_file)
+        except Exception as e:  # the Rust library raises a bare Exception for any bad file
+            raise ValueError(f"{tokenizer_file}: not a valid tokenizer.json ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         config = _read_json(os.path.join(folder, "tokenizer_config.json"))
         legacy_map = _read_json(os.path.join(folder, "special_tokens_map.json"))
+        for name, value in (("tokenizer_config.json", config), ("special_tokens_map.json", legacy_map)):
+            if not isinstance(value, dict):
+                raise ValueError(f"{os.path.join(folder, name)}: expected a JSON object, got {type(value).__name__}")
 
         # Special-token strings (bos_token, eos_token, ..., plus model-specific ones such as
         # image_token): the template sees them as variables, like transformers' special_tokens_map.
@@ -118,21 +281,41 @@ class Tokenizer:
 
         # The chat template: chat_template.jinja takes priority (newer transformers save it there).
         template_file = os.path.join(folder, "chat_template.jinja")
+        config_file = os.path.join(folder, "tokenizer_config.json")
+        self.template_file = template_file if os.path.exists(template_file) else config_file  # for error messages
+        named = config.get("chat_template")
         if os.path.exists(template_file):
-            with open(template_file, encoding="utf-8") as f:
-                self.chat_templates = {"default": f.read()}
-        elif isinstance(config.get("chat_template"), list):  # named templates: [{"name", "template"}]
-            self.chat_templates = {t["name"]: t["template"] for t in config["chat_template"]}
-        elif config.get("chat_template"):
-            self.chat_templates = {"default": config["chat_template"]}
+            try:
+                with open(template_file, encoding="utf-8") as f:
+                    self.chat_templates = {"default": f.read()}
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{template_file}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+        elif isinstance(named, list):  # named templates: [{"name", "template"}]
+            if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                       for t in named):
+                raise ValueError(f"{config_file}: 'chat_template' must be a string or a list of "
+                                 f"{{\"name\", \"template\"}} objects")
+            self.chat_templates = {t["name"]: t["template"] for t in named}
+        elif named and not isinstance(named, str):
+            raise ValueError(f"{config_file}: 'chat_template' must be a string, got {type(named).__name__}")
+        elif named:
+            self.chat_templates = {"default": named}
         else:
             self.chat_templates = {}
+        for name in self.chat_templates:  # a template that does not compile is refused at load
+            self._template(name)
 
         # Every id that ends a reply, the tokenizer's own eos first (see the module docstring).
         ids = [self.token_to_id(self.special_tokens["eos_token"])] if "eos_token" in self.special_tokens else []
         for name in ("generation_config.json", "config.json"):
-            eos = _read_json(os.path.join(folder, name)).get("eos_token_id")
-            ids += eos if isinstance(eos, list) else [eos]
+            settings = _read_json(os.path.join(folder, name))
+            eos = settings.get("eos_token_id") if isinstance(settings, dict) else None
+            eos = eos if isinstance(eos, list) else [eos]
+            if any(i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size)
+                   for i in eos):
+                raise ValueError(f"{os.path.join(folder, name)}: 'eos_token_id' must be token ids (integers below "
+                                 f"{self.vocab_size}), got {eos}")
+            ids += eos
         # A pad token only ever follows the end of a sequence, so emitting one ends the reply too.
         # This is what keeps <|endoftext|> a stop token for Qwen2.5 folders that ship no
         # generation_config.json (Qwen's own generation_config lists it as an eos).
@@ -193,11 +376,28 @@ class Tokenizer:
         name = "tool_use" if tools is not None and "tool_use" in self.chat_templates else "default"
         if name not in self.chat_templates:
             raise ValueError(f"{self.folder}: no 'default' chat template among {sorted(self.chat_templates)}")
-        template = _compile_template(self.chat_templates[name])
-        return template.render(messages=[self._normalise(m) for m in messages], tools=tools,
-                               documents=template_kwargs.pop("documents", None),
-                               add_generation_prompt=add_generation_prompt,
-                               **{**self.special_tokens, **template_kwargs})
+        template, where = self._template(name)
+        template.environment.budget.reset()
+        try:
+            return template.render(messages=[self._normalise(m) for m in messages], tools=tools,
+                                   documents=template_kwargs.pop("documents", None),
+                                   add_generation_prompt=add_generation_prompt,
+                                   **{**self.special_tokens, **template_kwargs})
+        except jinja2.TemplateError as e:  # raise_exception(...), a sandbox refusal, an over-budget render
+            raise ValueError(f"{where}: the chat template refused this conversation: {e}") from None
+        except Exception as e:  # the template's own bug on this input (e.g. a content that is no string)
+            raise ValueError(f"{where}: the chat template failed on this conversation ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from None
+
+    def _template(self, name):
+        """The compiled chat template `name` and the file it came from (for error messages)."""
+        where = f"{self.template_file}" + ("" if name == "default" else f" (chat template {name!r})")
+        try:
+            return _compile_template(self.chat_templates[name]), where
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"{where}: chat template line {e.lineno}: {e.message}") from None
+        except (jinja2.TemplateError, RecursionError, MemoryError) as e:
+            raise ValueError(f"{where}: the chat template cannot be compiled ({type(e).__name__}: {e})") from None
 
     def apply_chat_template(self, messages, add_generation_prompt=True, **template_kwargs):
         """Ids of the rendered conversation; identical to transformers'

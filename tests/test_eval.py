@@ -119,7 +119,7 @@ def test_a_damaged_line_is_skipped_and_the_lines_after_it_kept(tmp_path, capsys)
 
 @pytest.mark.parametrize("change, named", [(dict(temperature=0.0), "temperature 0.6 -> 0.0"),
                                            (dict(max_new_tokens=64), "max_new_tokens 8192 -> 64"),
-                                           (dict(model="data/tiny-base"), "model 'oracle' -> 'data/tiny-base'")])
+                                           (dict(model="gold"), "model 'oracle' -> 'gold'")])
 def test_resuming_into_another_runs_responses_is_refused(tmp_path, change, named):
     config = EvalConfig(model="oracle", data=[caugym("base.json")], per_task=1, num_samples=1, out=str(tmp_path))
     evaluation.run(config)
@@ -259,3 +259,9 @@ def test_periodic_evaluation_logs_pass_and_majority(monkeypatch):
     assert scores["eval_pass@5"] == 1.0 and scores["eval_maj@5"] == 0.5
     greedy = training.TrainConfig(device="cpu", eval_samples=1, eval_temperature=0.0, show_completions=0)
     assert set(training.held_out_scores(torch.nn.Linear(1, 1), None, [], greedy)[0]) == {"eval_acc", "eval_acc_ATE"}
+
+
+@pytest.mark.parametrize("spec", ["tiny:0", "tiny:99999999999", "gen:base:0", "gen:base:99999999999", "gen:nope:3"])
+def test_generated_sets_of_absurd_size_are_refused_by_their_data_entry(spec):
+    with pytest.raises(ValueError, match=f"--data {spec}: expected"):
+        evaluation.load_dataset(spec)

@@ -97,3 +97,11 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--solve", str(problems_file)])
     assert "item 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, named", [(dict(n=-1), "number of problems"), (dict(n=3, questions_per_model=0), "questions_per_model"),
+                                           (dict(n=3, zero_share=2.0), "zero_share"), (dict(n=3, nodes="x"), "nodes"),
+                                           (dict(n=3, nodes="1-40"), "nodes must lie in 2..16")])
+def test_generator_arguments_are_checked_before_any_work(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        problems(**kwargs)

@@ -246,3 +246,47 @@ def test_bad_folders_give_one_clear_line(tmp_path, shared_dir):
     folder = make_folder(tmp_path, shared_dir / "tokenizers" / "qwen2.5", {"chat_template": None})
     with pytest.raises(ValueError, match="no chat template"):
         Tokenizer.from_pretrained(str(folder)).apply_chat_template(CONVERSATIONS["single_turn"])
+
+
+HOSTILE_TEMPLATES = {  # template -> what the one-line refusal says
+    "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}": "operations",
+    "{% set s = 'x' * 99999 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}": "operations",
+    "{{ 'x' * 10**10 }}": "characters",
+    "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}": "characters",
+    "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}": "characters",
+    "{% set x %}{% for i in range(99999) %}{% for j in range(99) %}yyyyyyyyyyyyyyyyyy{% endfor %}{% endfor %}"
+    "{% endset %}": "operations",
+    "{{ 'x'.ljust(10**10) }}": "integer argument", "{{ 'x'|center(10**9) }}": "integer argument",
+    "{{ '{:>9999999999}'.format('x') }}": "format width", "{{ '%9999999999s' % 'x' }}": "format width",
+    "{% set a = 'a' * 99999 %}{{ a.replace('a', 'b' * 99999) }}": "characters",
+    "{% set a = '\n' * 99999 %}{{ a|indent(99999) }}": "characters",
+    "{{ 2 ** 100000 }}": "bits",
+    "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}": "RecursionError",
+    "{{ ''.__class__.__mro__ }}": "unsafe",
+}
+
+
+@pytest.mark.parametrize("template", HOSTILE_TEMPLATES)
+def test_hostile_templates_are_refused_in_one_line_naming_the_file(tmp_path, shared_dir, template):
+    folder = make_folder(tmp_path, shared_dir / "tokenizers" / "qwen2.5", {})
+    (folder / "chat_template.jinja").write_text(template)
+    with pytest.raises(ValueError) as refused:
+        Tokenizer.from_pretrained(str(folder)).render_chat(CONVERSATIONS["single_turn"])
+    message = str(refused.value)
+    assert message.startswith(f"{folder / 'chat_template.jinja'}: ") and HOSTILE_TEMPLATES[template] in message
+    assert "\n" not in message
+
+
+def test_template_syntax_errors_name_the_file_and_line_at_load(tmp_path, shared_dir):
+    folder = make_folder(tmp_path, shared_dir / "tokenizers" / "qwen2.5", {"chat_template": "{{ x }}\n{% for %}"})
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: chat template line 2: "):
+        Tokenizer.from_pretrained(str(folder))
+
+
+def test_a_budget_is_per_render_not_per_template(qwen25):
+    # Many renders of a real template never add up to a refusal: each render starts from zero.
+    ours, theirs = qwen25
+    conversation = CONVERSATIONS["multi_turn_system"] * 20
+    for _ in range(50):
+        assert ours.render_chat(conversation) == theirs.apply_chat_template(conversation, tokenize=False,
+                                                                            add_generation_prompt=True)

@@ -233,7 +233,7 @@ def test_every_flag_has_help(script):
 @pytest.mark.parametrize("flags, message", [(["--batch-size", "-2"], "--batch-size: must be a positive integer"),
                                             (["--grad-accum", "0"], "--grad-accum: must be a positive integer"),
                                             (["--steps", "0"], "--steps: must be a positive integer"),
-                                            (["--lr", "nan"], "--lr: must be a number >= 0")])
+                                            (["--lr", "nan"], "--lr: must be a finite number >= 0")])
 def test_nonsensical_numbers_are_refused_by_name(flags, message):
     out = run_script("train_sft.py", *flags, check=False)
     assert out.returncode == 2 and message in out.stderr
