@@ -42,6 +42,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from nanocausal.checkpoint import TOKENIZER_FILES, base_of, is_adapter, resolve
 from nanocausal.lora import ADAPTER_CONFIG
+from nanocausal.safe_files import read_json
 
 # Names under which a message's reasoning may be passed; templates read `reasoning_content`
 # (Qwen3) or `thinking` (gpt-oss). transformers fills both from whichever is given.
@@ -49,23 +50,8 @@ REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
 def _read_json(path):
-    if not os.path.exists(path):
-        return {}
-    return read_json_file(path)
-
-
-def read_json_file(path):
-    """A JSON file's value, or a ValueError of one line naming the file (and line) when it is not
-    valid JSON, not UTF-8, or nested too deeply for Python's parser."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: JSON nested too deeply to read") from None
+    """A tokenizer config file's object ({} when the file is absent); errors are one line naming it."""
+    return read_json(path) if os.path.exists(path) else {}
 
 
 def _token_string(value):
@@ -267,9 +253,6 @@ class Tokenizer:
             raise ValueError(f"{tokenizer_file}: not a valid tokenizer.json ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         config = _read_json(os.path.join(folder, "tokenizer_config.json"))
         legacy_map = _read_json(os.path.join(folder, "special_tokens_map.json"))
-        for name, value in (("tokenizer_config.json", config), ("special_tokens_map.json", legacy_map)):
-            if not isinstance(value, dict):
-                raise ValueError(f"{os.path.join(folder, name)}: expected a JSON object, got {type(value).__name__}")
 
         # Special-token strings (bos_token, eos_token, ..., plus model-specific ones such as
         # image_token): the template sees them as variables, like transformers' special_tokens_map.
