@@ -129,9 +129,9 @@ def build_parser(algo="grpo"):
         g.add_argument("--objective", default=d.objective, choices=("clip", "cispo"),
                        help="clip: PPO's clipped surrogate; cispo: REINFORCE weighted by the detached ratio capped at "
                             "1 + eps-high (MiniMax-M1's CISPO: no token loses its gradient)")
-        g.add_argument("--entropy-coef", type=float, default=d.entropy_coef,
+        g.add_argument("--entropy-coef", type=cli.finite_float, default=d.entropy_coef,
                        help="entropy bonus: minus this times the mean token entropy is added to the loss")
-        g.add_argument("--top-entropy-quantile", type=float, default=d.top_entropy_quantile,
+        g.add_argument("--top-entropy-quantile", type=cli.number_in(0, 1, low_open=True), default=d.top_entropy_quantile,
                        help="only this top fraction of each micro-batch's tokens by entropy carries the policy loss (1: all)")
     else:
         g = parser.add_argument_group("PPO (nanocausal.rl.PPO: losses.ppo_rewards, gae, whiten, ppo_loss)")

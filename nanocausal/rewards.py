@@ -14,6 +14,7 @@ one; the default (no --rewards) is the reward above, and the official correctnes
 evaluation metric whatever the training reward.
 """
 import json
+import math
 import re
 
 from nanocausal.caugym import ANSWER_SPAN, LACK, answer_prob, is_correct, prob_matches
@@ -110,7 +111,7 @@ def parse_rewards(names, weights=None):
             values = [float(w) for w in weights.split(",")]
         except ValueError:
             values = []
-        if len(values) != len(names):
-            raise ValueError(f"--reward-weights {weights}: expected {len(names)} comma-separated numbers, one per "
-                             f"reward of --rewards {','.join(names)}")
+        if len(values) != len(names) or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"--reward-weights {weights}: expected {len(names)} comma-separated finite numbers, one "
+                             f"per reward of --rewards {','.join(names)}")
     return [(name, REWARDS[name], weight) for name, weight in zip(names, values)]

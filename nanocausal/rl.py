@@ -370,8 +370,14 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
     extra_groups = [{"params": list(value_head.parameters()), "lr": config.value_lr, "weight_decay": 0.0}] \
         if value_head is not None else []
     optimizer = training.make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, extra_groups=extra_groups)
-    stream = prompt_stream(config.seed, model.config.max_position_embeddings - config.max_new_tokens, tokenizer,
+    context = model.config.max_position_embeddings
+    if config.max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {config.max_new_tokens} leaves no room for a prompt in the context of "
+                         f"{config.model} ({context} tokens, max_position_embeddings)")
+    stream = prompt_stream(config.seed, context - config.max_new_tokens, tokenizer,
                            examples, config.data, config.tasks, config.variant, config.nodes)
+    if not config.resume:
+        stream.ready()  # the first chunk of prompts, read (and checked) before the run writes anything
 
     reward_terms = parse_rewards(config.rewards, config.reward_weights) if config.rewards else None
     seconds = {}

@@ -32,11 +32,15 @@ class PromptStream:
         self.chunk, self.position = chunk, {"chunk": 0, "index": 0}
         self.current = None
 
+    def ready(self):
+        """Read the current chunk now (a bad prompt fails here, before a run writes anything)."""
+        if self.current is None:
+            self.current = self.chunk(self.position["chunk"])
+
     def next(self, n):
         out = []
         while len(out) < n:
-            if self.current is None:
-                self.current = self.chunk(self.position["chunk"])
+            self.ready()
             take = self.current[self.position["index"]:self.position["index"] + n - len(out)]
             out += take
             self.position["index"] += len(take)

@@ -39,6 +39,7 @@ def run_problems(*args):
     ("train_sft.py", "--weight-decay", "inf"), ("train_sft.py", "--lora-alpha", "inf"),
     ("train_sft.py", "--seed", "-1"), ("train_sft.py", "--seed", str(2**70)), ("train_sft.py", "--device", "tpu"),
     ("eval.py", "--top-p", "2"), ("eval.py", "--temperature", "nan"),
+    ("train_rl.py", "--entropy-coef", "inf"), ("train_rl.py", "--top-entropy-quantile", "0"),
 ])
 def test_bad_numbers_are_refused_by_the_flag(tmp_path, script, flag, value):
     args = ["--model", "oracle", "--data", "tiny:2"] if script == "eval.py" else ["--model", tmp_path / "none"]
@@ -195,3 +196,17 @@ def test_broken_tokenizer_files_name_the_file(tiny_chat_model, tmp_path, name, c
     out = run_script("train_sft.py", "--model", model, "--device", "cpu", "--num-train", 4, "--batch-size", 2,
                      "--out-dir", tmp_path / "out", check=False)
     refused(out, named, name)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--max-new-tokens", 1024], "--max-new-tokens 1024 leaves no room for a prompt"),  # tiny-base: 512 positions
+    (["--max-new-tokens", 100], "item 8: prompt is 465 tokens, no room left in the context of 412"),  # CauGym prompts
+    (["--rewards", "correct,format", "--reward-weights", "1,nan"], "--reward-weights 1,nan"),
+])
+def test_rl_prompts_and_rewards_are_checked_before_the_run_writes(tmp_path, flags, named):
+    """The generated prompts (their first chunk) and the reward weights are checked before the run
+    creates its out-dir: the corrected command then starts without --overwrite."""
+    out = run_script("train_rl.py", "--model", ROOT / "data" / "tiny-base", "--device", "cpu", *flags,
+                     "--out-dir", tmp_path / "out", check=False)
+    refused(out, named)
+    assert not (tmp_path / "out").exists()
