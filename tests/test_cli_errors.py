@@ -146,7 +146,7 @@ def test_a_gold_answer_that_is_not_answer_json_is_refused_at_load(tiny_chat_mode
     with pytest.raises(ValueError, match=r"rl.jsonl:2: field 'answer' must be"):
         data.load_examples(path, "rl")
     out = run_script("train_rl.py", "--model", tiny_chat_model, "--device", "cpu", "--data", path,
-                     "--out-dir", tmp_path / "out", check=False)
+                     "--max-new-tokens", 16, "--out-dir", tmp_path / "out", check=False)
     refused(out, "rl.jsonl:2", "'answer'")
     out = run_script("eval.py", "--model", "oracle", "--data", path, "--out", tmp_path / "eval", check=False)
     refused(out, "rl.jsonl:2")

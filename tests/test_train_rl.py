@@ -294,9 +294,9 @@ def test_dynamic_sampling_trains_informative_groups(tiny_model, tmp_path, monkey
 
 @pytest.mark.parametrize("flags, message", [
     (["--overlong-buffer", "200", "--max-new-tokens", "100"], "--overlong-buffer 200: expected 0 (off) to --max-new-tokens 100"),
-    (["--top-entropy-quantile", "0"], "--top-entropy-quantile 0.0: expected a fraction in (0, 1]"),
+    (["--top-entropy-quantile", "0"], "--top-entropy-quantile: must be a finite number in (0, 1]"),
     (["--rewards", "correct,speed"], "--rewards correct,speed: unknown speed"),
-    (["--rewards", "correct,format", "--reward-weights", "1"], "--reward-weights 1: expected 2 comma-separated numbers"),
+    (["--rewards", "correct,format", "--reward-weights", "1"], "--reward-weights 1: expected 2 comma-separated finite numbers"),
     (["--reward-weights", "1"], "--reward-weights needs --rewards"),
     (["--dynamic-sampling", "--group-size", "1"], "--group-size must be >= 2"),
 ])
