@@ -6,7 +6,7 @@ entropy bonus, and DAPO's soft overlong penalty.
 Conventions are those of nanocausal/losses.py (float32 arithmetic, masked positions selected away
 with torch.where, losses normalised over the whole optimiser step when given its totals); every
 function returns plain tensors, the loss returns `(loss, metrics)`. "TRL" means huggingface/trl
-1.16; tests/test_losses.py runs TRL's own GRPOTrainer._compute_loss on the same tensors for every
+1.16; tests/test_grpo_losses.py runs TRL's own GRPOTrainer._compute_loss on the same tensors for every
 option TRL has.
 """
 
