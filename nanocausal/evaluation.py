@@ -410,10 +410,10 @@ def open_to_append(path):
     return f
 
 
-def check_same_run(config: EvalConfig):
-    """Write <out>/run.json, or refuse to resume into responses made with other settings."""
+def check_same_run(config: EvalConfig, settings, write=True):
+    """Refuse to resume into responses made with other settings (`settings`: run_settings), then
+    (write) record them in <out>/run.json."""
     path = os.path.join(config.out, "run.json")
-    settings = run_settings(config)
     if os.path.isfile(path) and os.path.isfile(os.path.join(config.out, "responses.jsonl")):
         saved = checkpoint.read_json(path)
         # by content when run.json recorded it (the path may differ: a moved folder), else by path
@@ -426,8 +426,9 @@ def check_same_run(config: EvalConfig):
         if changed:
             raise ValueError(f"{config.out} holds responses of another run ({', '.join(changed)}): "
                              f"choose another --out, or delete {config.out}")
-    with open(path, "w") as f:
-        json.dump(settings, f, indent=2)
+    if write:
+        with open(path, "w") as f:
+            json.dump(settings, f, indent=2)
 
 
 def run(config: EvalConfig):
@@ -454,12 +455,16 @@ def run(config: EvalConfig):
                           memory_plan.meta_model(config.model).config.max_position_embeddings, datasets)
     datasets = [(name, items) for name, _, items in datasets]
     responses_path = os.path.join(config.out, "responses.jsonl")
+    settings = run_settings(config) if distributed.is_main() else None
+    if distributed.is_main() and os.path.isdir(config.out):
+        rundir.lock(config.out)  # one eval.py writes an --out at a time, for its whole run
+        check_same_run(config, settings, write=False)  # a refusal comes before the model loads
+    model, tokenizer = load_model_and_tokenizer(config)  # (a broken model fails before anything is written)
     if distributed.is_main():
-        rundir.lock(config.out)  # (creates it) one eval.py writes an --out at a time, for its whole run
-        check_same_run(config)  # before loading the model: a refusal should come at once
+        rundir.lock(config.out)  # (creates it; a no-op when held already)
+        check_same_run(config, settings)
         fold_rank_files(responses_path)
     distributed.barrier()
-    model, tokenizer = load_model_and_tokenizer(config)
     expected = 1 if config.temperature == 0 else config.num_samples
     samples_per_key = defaultdict(int)
     previous = read_responses(responses_path)

@@ -30,6 +30,8 @@ def lock(out_dir):
     key = os.path.realpath(out_dir)
     if key in _held:
         return
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir} exists and is not a folder: choose another output folder")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, LOCK_FILE)
     try:  # O_NOFOLLOW: a lock file that is a symlink is refused, not followed

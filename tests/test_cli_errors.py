@@ -210,3 +210,19 @@ def test_rl_prompts_and_rewards_are_checked_before_the_run_writes(tmp_path, flag
                      "--out-dir", tmp_path / "out", check=False)
     refused(out, named)
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_of_a_folder_without_weights_writes_nothing(tmp_path):
+    """A checkpoint someone else made (config and tokenizer, weights only as pytorch_model.bin) is
+    refused when it loads, before eval creates --out; an --out that is a file is refused by name."""
+    folder = tmp_path / "foreign"
+    shutil.copytree(ROOT / "data" / "tiny-base", folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.rename(folder / "pytorch_model.bin")
+    out = run_script("eval.py", "--model", folder, "--data", "tiny:2", "--device", "cpu", "--out", tmp_path / "out",
+                     check=False)
+    refused(out, str(folder), "no model.safetensors")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("x")
+    refused(run_script("eval.py", "--model", "oracle", "--data", "tiny:2", "--out", tmp_path / "file", check=False),
+            f"{tmp_path / 'file'} exists and is not a folder")
