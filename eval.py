@@ -13,7 +13,7 @@ eval/sample_generate.py + eval/sample_evaluate.py; see ../shared/data/caugym/REA
 With several samples per problem (--num-samples n > 1, at a temperature > 0) it also prints, per
 task, pass@1 (the accuracy above), pass@n (Chen et al. 2021's unbiased estimator: some sample is
 right) and maj@n (the majority vote on the final answers' PROB is right): whether training sharpened
-pass@1 or widened coverage (evaluation.pass_and_majority).
+pass@1 or widened coverage (nanocausal/pass_at_k.py).
 
 It prints a table (rows: the seven tasks and overall; columns: the data sets), writes every
 response to <out>/responses.jsonl and the scores to <out>/summary.json. Rerunning the same command

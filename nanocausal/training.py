@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from nanocausal import caugym, checkpoint, data, distributed, evaluation, lora, rundir, tracking
+from nanocausal import caugym, checkpoint, data, distributed, evaluation, lora, pass_at_k, rundir, tracking
 
 
 def default_device():
@@ -490,6 +490,6 @@ def held_out_scores(model, tokenizer, problems, config: TrainConfig, write=print
     scores = {("eval_acc" if group == "overall" else f"eval_acc_{group}"): value
               for group, value in evaluation.accuracy(records).items()}
     if config.eval_samples > 1 and config.eval_temperature > 0:  # does RL sharpen pass@1 or widen coverage?
-        overall = evaluation.pass_and_majority(records, config.eval_samples)["overall"]
+        overall = pass_at_k.pass_and_majority(records, config.eval_samples)["overall"]
         scores.update({f"eval_{name}": value for name, value in overall.items() if name != "pass@1"})
     return scores, records

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_script
-from nanocausal import caugym as protocol, evaluation, tiny
+from nanocausal import caugym as protocol, evaluation, pass_at_k, tiny
 from nanocausal.checkpoint import load_model
 from nanocausal.evaluation import EvalConfig
 from nanocausal.tokenizer import Tokenizer
@@ -212,7 +212,7 @@ def test_pass_at_k_is_the_unbiased_estimator():
         for c in range(n + 1):
             for k in range(1, n + 1):
                 subsets = list(combinations([True] * c + [False] * (n - c), k))
-                assert evaluation.pass_at_k(n, c, k) == pytest.approx(sum(map(any, subsets)) / len(subsets))
+                assert pass_at_k.pass_at_k(n, c, k) == pytest.approx(sum(map(any, subsets)) / len(subsets))
 
 
 def test_pass_and_majority_by_hand():
@@ -224,14 +224,14 @@ def test_pass_and_majority_by_hand():
     records = [{"key": key, "sample": i, "type": task, "answer": answer, "response": response,
                 "correct": protocol.is_correct(response, answer)}
                for (key, task, answer), responses in problems.items() for i, response in enumerate(responses)]
-    table = evaluation.pass_and_majority(records, 5)
-    p5 = {c: evaluation.pass_at_k(5, c, 5) for c in (1, 2)}
+    table = pass_at_k.pass_and_majority(records, 5)
+    p5 = {c: pass_at_k.pass_at_k(5, c, 5) for c in (1, 2)}
     assert table["ATE"] == pytest.approx({"pass@1": (2 / 5 + 1 / 5) / 2, "pass@5": (p5[2] + p5[1]) / 2, "maj@5": 0.5})
     assert table["PN"] == pytest.approx({"pass@1": 2 / 5, "pass@5": 1.0, "maj@5": 1.0})
     assert table["overall"]["pass@1"] == pytest.approx(evaluation.accuracy(records)["overall"])  # = today's accuracy
     assert table["overall"]["maj@5"] == pytest.approx(2 / 3)
-    assert evaluation.pass_and_majority(records, 2)["overall"]["pass@2"] == pytest.approx(
-        (evaluation.pass_at_k(5, 2, 2) * 2 + evaluation.pass_at_k(5, 1, 2)) / 3)
+    assert pass_at_k.pass_and_majority(records, 2)["overall"]["pass@2"] == pytest.approx(
+        (pass_at_k.pass_at_k(5, 2, 2) * 2 + pass_at_k.pass_at_k(5, 1, 2)) / 3)
 
 
 def test_the_command_line_prints_pass_and_majority_with_several_samples(tmp_path):
