@@ -170,7 +170,7 @@ def environment(ctx):
     name = torch.cuda.get_device_name() if ctx.cuda else "cpu"
     ctx.hbm = ctx.args.hbm_tb_s or roofline.from_device_name(roofline.PEAK_HBM_TB_S, name)
     ctx.tflops = ctx.args.peak_tflops or roofline.from_device_name(roofline.PEAK_BF16_TFLOPS, name)
-    out = {"device": name, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version() if ctx.cuda else None,
+    out = {"device": name, "torch": torch.__version__, "package": os.path.dirname(checkpoint.__file__), "cudnn": torch.backends.cudnn.version() if ctx.cuda else None,
            "peak_hbm_tb_s": ctx.hbm, "peak_bf16_tflops": ctx.tflops, "budget_s": ctx.args.budget_s}
     return out, f"{name}, torch {torch.__version__}, HBM peak {ctx.hbm or '-'} TB/s, bf16 peak {ctx.tflops or '-'} TFLOP/s"
 
@@ -396,6 +396,10 @@ class Context:
         self.hbm = self.tflops = None
         self.loaded = (None, None)
 
+    def estimate(self, seconds):
+        """A section's estimated cost here: the smoke runs every section, whatever its GPU estimate."""
+        return seconds if self.cuda else 0
+
     def left(self):
         return self.args.budget_s - (time.perf_counter() - self.started)
 
@@ -429,8 +433,7 @@ def main():
     ctx = Context(args, tempfile.mkdtemp(prefix="gpu_check_"))
     report, rows = {"sections": {}}, []
     for name, estimate, run in SECTIONS:
-        cost = estimate if ctx.cuda else 0  # the smoke runs every section
-        if cost > ctx.left():
+        if ctx.estimate(estimate) > ctx.left():
             entry = {"status": "skipped: budget", "estimate_s": estimate, "left_s": round(ctx.left(), 1)}
             summary = f"skipped: budget ({estimate} s estimated, {ctx.left():.0f} s left)"
         else:

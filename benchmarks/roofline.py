@@ -11,14 +11,18 @@ Training FLOPs of one row of T tokens (padding included: it runs) of which N are
   layers      the matmul weights of a block, W = C(H + 2K)D + HDC + 3CF per layer (q, k, v, o,
               gate, up, down; biases and norms are not matmuls). Forward 2TW; backward 2TW for the
               input gradients and, when the weights train, 2TW for their gradients: 6TW for full
-              fine-tuning, 4TW for LoRA's frozen base. Activation checkpointing runs the forward
-              once more in backward: + 2TW.
-  LoRA        an adapted (a -> b) Linear adds A (a x r) and B (r x b): r(a + b) trained weights per
-              layer per target, 6Tr(a + b) (forward, input and weight gradients; + 2Tr(a + b) recomputed).
+              fine-tuning, 4TW for LoRA's frozen base. With LoRA the embedding is frozen too, so the
+              first block's q, k, v send no gradient back: 2T(C(H + 2K)D + Cr per adapter on them) less.
+  LoRA        an adapted (a -> b) Linear adds A (a x r) and B (r x b): r(a + b) trained weights,
+              6Tr(a + b) (forward, input and weight gradients).
+  recompute   activation checkpointing runs each block's forward again in backward, but torch's
+              non-reentrant checkpoint stops once backward has every tensor it saved: the block's
+              last matmul (down_proj, or the B of an adapter on it), whose output only feeds the
+              residual add, is not run again: 2T(W + adapters - FC, or - rC).
   attention   a query at position t attends to t + 1 keys: QK^T and PV are 2HD(t + 1) each, so a
               causal row is 4HD * T(T + 1)/2 forward per layer, twice that in backward (dQ, dK from
-              dS; dV, dP), and once more when recomputed. (Flash's backward also recomputes QK^T:
-              counted as algorithmic FLOPs, that is not counted.)
+              dS; dV, dP); + 4HD * T(T + 1)/2 when recomputed. (Flash's backward also recomputes
+              QK^T: algorithmic FLOPs are counted, that kernel-internal recompute is not.)
   head        logprobs.token_logprobs sends only the N hidden states that predict a completion token
               (positions prompt-1 .. T-2) through the head: 2NCV forward, recomputed once in backward
               (its chunks are checkpointed), 2NCV for the input gradient and 2NCV for the weight's
@@ -61,12 +65,17 @@ def lora_weights_per_block(c, rank, targets):
 def training_flops(c, rows, lora_rank=0, lora_targets=(), checkpointing=False):
     """FLOPs of one forward + backward over `rows`, a list of (tokens, completion_tokens) per row
     (module docstring). lora_rank 0: full fine-tuning (every weight trains, the head too)."""
-    recompute = 1 if checkpointing else 0
-    weight_passes = (4 if lora_rank else 6) + 2 * recompute  # forward, input grads, (weight grads), recompute
+    C, F, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    W, qkv = block_matmul_weights(c), C * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
     adapter = lora_weights_per_block(c, lora_rank, lora_targets) if lora_rank else 0
-    per_token = c.num_hidden_layers * (weight_passes * block_matmul_weights(c) + (6 + 2 * recompute) * adapter)
-    head_per_token = (6 if lora_rank else 8) * c.hidden_size * c.vocab_size
-    attention_per_pair = c.num_hidden_layers * 4 * c.num_attention_heads * c.head_dim * (3 + recompute)
+    # the block's last matmul only feeds the residual add: non-reentrant checkpointing stops before it
+    last = lora_rank * C if "down_proj" in lora_targets and lora_rank else F * C
+    recomputed = (W + adapter - last) if checkpointing else 0
+    per_token = L * (2 * recomputed + ((4 if lora_rank else 6) * W + 6 * adapter))
+    if lora_rank:  # the first block's q, k, v read the frozen embedding: no gradient to send back to it
+        per_token -= 2 * (qkv + C * lora_rank * sum(t in ("q_proj", "k_proj", "v_proj") for t in lora_targets))
+    head_per_token = (6 if lora_rank else 8) * C * c.vocab_size
+    attention_per_pair = L * 4 * c.num_attention_heads * c.head_dim * (3 + (1 if checkpointing else 0))
     return sum(tokens * per_token + completion * head_per_token + attention_per_pair * tokens * (tokens + 1) // 2
                for tokens, completion in rows)
 
