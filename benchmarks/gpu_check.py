@@ -4,40 +4,50 @@ weight models of real shape (benchmarks/configs/: no hub access needed), written
 to one JSON file. It runs from a plain copy of the repository (no install: it puts the repository
 root on sys.path itself).
 
-    python benchmarks/gpu_check.py --out gpu_check.json --budget-s 420   # one H100 / H200
+    python benchmarks/gpu_check.py --out gpu_check.json --budget-s 450   # one H100 / H200
     python benchmarks/gpu_check.py --cpu-smoke --out smoke.json             # any CPU: tiny shapes
 
 Why it is built this way. A GPU lease is minutes long, so nothing may lose what was measured:
 every section runs in its own try (its error is recorded in one line plus a traceback tail and the
 next section runs), the JSON is rewritten atomically (a temporary file, then os.replace) after each
 section, so a run killed at any moment leaves every finished section on disk, and a section whose
-estimated cost no longer fits --budget-s is recorded as "skipped: budget" instead of started.
-The cheap correctness sections come first, then the real command lines, then the timings.
+estimated cost (SECTIONS: guesses, never yet measured on a GPU) no longer fits --budget-s is
+recorded as "skipped: budget" instead of started. Correctness comes first, the 7B sections last.
 
 Sections (on --cpu-smoke the same code at tiny shapes; "-" where a figure needs CUDA):
-  environment      device, torch, cuDNN, the peaks used (from the device name, roofline.py)
-  logits_parity    one random 1.5B model built on the CPU in float32, copied to the device in
-                   float32 and bf16: max |logits - CPU logits| (the same model: built once)
+  environment      device, torch, cuDNN, the package's path, the peaks (from the device name, roofline.py)
+  logits_parity    one random 1.5B model built on the CPU in float32, moved to the device in float32
+                   and bf16: max |logits - CPU logits| (one model: CPU and CUDA generators differ)
   attention        the SDPA ops the profiler saw in prefill and, apart, in decode (refill.generate_many,
                    eager), and generation under sdpa_kernel([FLASH, EFFICIENT, CUDNN]): any fused
-                   kernel is acceptable, cuDNN included (torch 2.11 prefers it on sm90); only the math
-                   fallback is not
+                   kernel is acceptable in either phase, cuDNN included (torch 2.11 prefers it on
+                   sm90); only the math fallback is not
   graph_vs_eager   greedy tokens of the CUDA-graph decode == eager decode at the same widths (the
                    graph's buckets); eager at exact widths is compared by per-token log-probs
                    (bf16 near-ties may flip a token: |diff| <= LOGPROB_TOLERANCE on the common prefix)
-  capture_cost     seconds to capture each bucket's graph, for two successive generate_many calls
+  decode_1.5B/7B   refill.generate_many tokens/s at batch 1 and 64, graph and eager, the decode loop
+                   alone timed with CUDA events (no capture, no first step at a width, no prefill),
+                   and the HBM share: roofline.decode_step_bytes / time against the device's peak
+  capture_cost     seconds per bucket to capture its graph, in two successive generate_many calls
                    (graphs live for one call): what keeping them across calls would save
-  pipeline_smoke   python pipeline.py's smoke run on CUDA: SFT and GRPO accuracy beside the CPU figures
-  train_sft_cli,   the real command lines, as subprocesses with timeouts, on a random-weight folder of
-  train_rl_cli     the 1.5B shape cut to CLI_LAYERS layers + data/tiny-base's tokenizer: 2 steps each
-  decode_1.5B/7B   refill.generate_many tokens/s at batch 1 and 64, graph and eager (eager at bucket
-                   widths: a width cuDNN has planned once, not one new plan per step), the decode loop
-                   alone timed with CUDA events (no capture, no first-use step, no prefill), and the
-                   HBM share: roofline.decode_step_bytes / time against the peak for the device
   grpo_1.5B/7B     one GRPO step (full fine-tuning, bf16; LoRA r32 on 7B): peak memory against the
                    memory plan, training tokens/s, MFU from roofline.training_flops
+  train_sft_cli,   the real command lines, as subprocesses with timeouts, on a random-weight folder of
+  train_rl_cli     the 1.5B shape cut to CLI_LAYERS blocks + data/tiny-base's tokenizer, LoRA r16
+  pipeline_smoke   python pipeline.py's smoke run on CUDA: SFT and GRPO accuracy beside CPU_PIPELINE
+
+cuDNN attention builds an execution plan per new shape. Eager decode attends to one more column
+each step, so eager decode is timed at the graphs' bucketed widths (refill.EAGER_USES_GRAPH_WIDTHS:
+one plan per bucket). TORCH_CUDNN_SDPA_AVOID_RECOMPILE cannot help: torch applies it only without
+an attention bias and with BSHD-contiguous q, k, v (aten/src/ATen/native/cudnn/MHA.cpp), and a
+decode step passes a mask.
+
+Nothing here saves a checkpoint in process: the training loop saves at its last step whatever
+save_every says, so grpo() replaces checkpoint.save_checkpoint by a no-op. The command lines, which
+cannot be patched, train LoRA adapters: their checkpoint is a few MB.
 """
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -47,9 +57,6 @@ import time
 import traceback
 from contextlib import contextmanager
 
-# cuDNN attention builds an execution plan per new shape; this asks torch to reuse one across key
-# lengths where it can (must be set before torch is imported). Decode is also timed at bucketed widths.
-os.environ.setdefault("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]  # no install needed: the package and roofline.py from this copy
@@ -170,8 +177,8 @@ def environment(ctx):
     name = torch.cuda.get_device_name() if ctx.cuda else "cpu"
     ctx.hbm = ctx.args.hbm_tb_s or roofline.from_device_name(roofline.PEAK_HBM_TB_S, name)
     ctx.tflops = ctx.args.peak_tflops or roofline.from_device_name(roofline.PEAK_BF16_TFLOPS, name)
-    out = {"device": name, "torch": torch.__version__, "package": os.path.dirname(checkpoint.__file__), "cudnn": torch.backends.cudnn.version() if ctx.cuda else None,
-           "peak_hbm_tb_s": ctx.hbm, "peak_bf16_tflops": ctx.tflops, "budget_s": ctx.args.budget_s}
+    out = {"device": name, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version() if ctx.cuda else None,
+           "package": os.path.dirname(checkpoint.__file__), "peak_hbm_tb_s": ctx.hbm, "peak_bf16_tflops": ctx.tflops, "budget_s": ctx.args.budget_s}
     return out, f"{name}, torch {torch.__version__}, HBM peak {ctx.hbm or '-'} TB/s, bf16 peak {ctx.tflops or '-'} TFLOP/s"
 
 
@@ -183,6 +190,7 @@ def logits_parity(ctx):
         expected = reference(ids).float()
         for dtype in (torch.float32, torch.bfloat16):  # Module.to moves the model itself: float32 first
             model = reference.to(ctx.device, dtype)
+            model.reset_rope()  # .to(dtype) cast the rotary frequencies too; load_model keeps them float32
             out[str(dtype).removeprefix("torch.")] = (model(ids.to(ctx.device)).float().cpu() - expected).abs().max().item()
             reference = model.to("cpu")
     return out, " / ".join(f"{k} {v:.2e}" for k, v in out.items())
@@ -261,17 +269,18 @@ def cli_model(ctx):
 def run_command(ctx, argv, timeout):
     """A real command line as a subprocess; its last output lines are kept."""
     env = dict(os.environ, PYTHONPATH=ROOT, **({} if ctx.cuda else {"OMP_NUM_THREADS": "1"}))
+    ctx.release()  # the trainers check free GPU memory before they start
     started = time.perf_counter()
     timeout = max(5, min(timeout, ctx.left() - 5))
     try:
         done = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         rc, text = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, text = f"timeout {timeout:.0f} s", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+    except subprocess.TimeoutExpired as e:  # its output may come back as bytes even with text=True
+        rc, text = f"timeout {timeout:.0f} s", e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout
     out = {"command": " ".join(argv), "returncode": rc, "seconds": time.perf_counter() - started,
-           "tail": text.strip().splitlines()[-8:]}
+           "tail": (text or "").strip().splitlines()[-8:]}
     if rc != 0:
-        raise RuntimeError(f"{argv[0]} exited {rc}: {out['tail'][-1] if out['tail'] else ''}")
+        raise RuntimeError(f"{argv[0]} exited {rc}: " + " | ".join(out["tail"][-3:]))
     return out
 
 
@@ -279,7 +288,7 @@ def train_sft_cli(ctx):
     out_dir = os.path.join(ctx.scratch, "sft-cli")
     out = run_command(ctx, ["train_sft.py", "--model", cli_model(ctx), "--out-dir", out_dir, "--steps", "2",
                             "--num-train", "8", "--batch-size", "4", "--tasks", "ATE", "--device", ctx.device,
-                            "--dtype", "bfloat16", "--eval-every", "0"], 240)
+                            "--dtype", "bfloat16", "--lora-rank", "16", "--eval-every", "0"], 240)
     return out, f"exit 0 in {out['seconds']:.0f} s ({CLI_LAYERS if ctx.cuda else TINY['num_hidden_layers']} layers)"
 
 
@@ -288,7 +297,7 @@ def train_rl_cli(ctx):
     out = run_command(ctx, ["train_rl.py", "--algo", "grpo", "--model", cli_model(ctx), "--out-dir", out_dir,
                             "--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens",
                             "64" if ctx.cuda else "8", "--tasks", "ATE", "--device", ctx.device, "--dtype", "bfloat16",
-                            "--eval-every", "0"], 240)
+                            "--lora-rank", "16", "--eval-every", "0"], 240)
     return out, f"exit 0 in {out['seconds']:.0f} s"
 
 
@@ -316,7 +325,7 @@ def pipeline_accuracy(results):
 
 
 def decode(ctx, name):
-    model, c, out = ctx.model(name), None, {}
+    model, out = ctx.model(name), {}
     c = model.config
     parameters = sum(p.numel() for p in model.parameters())
     weight_bytes = model.embed_tokens.weight.element_size()
@@ -347,8 +356,8 @@ def grpo(ctx, name, rank):
                       group_size=4 if smoke else 8, max_new_tokens=new_tokens, micro_batch_size=8, lr=1e-5,
                       warmup_steps=0, eval_every=0, save_every=1_000_000, lora_rank=rank, activation_checkpointing=True)
     examples = [{"prompt_ids": [(i * 13 + j) % 200 + 1 for j in range(prompt_tokens)]} for i in range(64)]
+    ctx.release()  # the peak below is this step's alone
     if ctx.cuda:
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     with patched(checkpoint, "save_checkpoint", lambda *args, **kwargs: None):
         result = train_rl(config, reward_fn=lambda example, ids: float(sum(ids) % 2), examples=examples)
@@ -369,18 +378,18 @@ def grpo(ctx, name, rank):
     return out, f"peak {peak_text}, {out['training_tokens_per_s']:,.0f} train tok/s, MFU {mfu}"
 
 
-# (name, estimated seconds on one H100/H200, function): correctness first, then command lines, then timings
+# (name, estimated seconds on one H100/H200, function), in the order they run
 SECTIONS = [
     ("environment", 2, environment),
     ("logits_parity", 60, logits_parity),
     ("attention", 30, attention),
     ("graph_vs_eager", 20, graph_vs_eager),
-    ("capture_cost", 20, capture_cost),
-    ("pipeline_smoke", 240, pipeline_smoke),
-    ("train_sft_cli", 45, train_sft_cli),
-    ("train_rl_cli", 45, train_rl_cli),
     ("decode_1.5B", 30, lambda ctx: decode(ctx, SMALL)),
+    ("capture_cost", 20, capture_cost),
     ("grpo_1.5B_full", 45, lambda ctx: grpo(ctx, SMALL, 0)),
+    ("train_sft_cli", 40, train_sft_cli),
+    ("train_rl_cli", 40, train_rl_cli),
+    ("pipeline_smoke", 240, pipeline_smoke),
     ("decode_7B", 60, lambda ctx: decode(ctx, LARGE)),
     ("grpo_7B_lora_r32", 75, lambda ctx: grpo(ctx, LARGE, 32)),
 ]
@@ -396,6 +405,13 @@ class Context:
         self.hbm = self.tflops = None
         self.loaded = (None, None)
 
+    def release(self):
+        """Free the kept model and hand the allocator's cache back."""
+        self.loaded = (None, None)
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
     def estimate(self, seconds):
         """A section's estimated cost here: the smoke runs every section, whatever its GPU estimate."""
         return seconds if self.cuda else 0
@@ -409,9 +425,7 @@ class Context:
     def model(self, name):
         """The bf16 model of a shape on the device (float32 on the CPU), kept for the next section."""
         if self.loaded[0] != name:
-            self.loaded = (None, None)
-            if self.cuda:
-                torch.cuda.empty_cache()
+            self.release()
             self.loaded = (name, checkpoint.random_model(self.shape(name), torch.bfloat16 if self.cuda else None,
                                                          self.device))
         return self.loaded[1]
@@ -421,7 +435,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: check that everything runs")
     parser.add_argument("--out", default="gpu_check.json", help="the JSON, rewritten after every section")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="skip a section whose estimate would end past this")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="skip a section whose estimate would end past this")
     parser.add_argument("--hbm-tb-s", type=float, default=None, help="peak HBM TB/s (default: from the device name)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s (default: from the name)")
     parser.add_argument("--new-tokens", type=int, default=256, help="decode steps per speed measurement")
