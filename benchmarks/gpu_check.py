@@ -12,7 +12,8 @@ every section runs in its own try (its error is recorded in one line plus a trac
 next section runs), the JSON is rewritten atomically (a temporary file, then os.replace) after each
 section, so a run killed at any moment leaves every finished section on disk, and a section whose
 estimated cost (SECTIONS: guesses, never yet measured on a GPU) no longer fits --budget-s is
-recorded as "skipped: budget" instead of started. Correctness comes first, the 7B sections last.
+recorded as "skipped: budget" instead of started. The correctness rows come first, then the
+command lines and the pipeline (the only learning check a lease can run), the timings last.
 
 Sections (on --cpu-smoke the same code at tiny shapes; "-" where a figure needs CUDA):
   environment      device, torch, cuDNN, the package's path, the peaks (from the device name, roofline.py)
@@ -25,6 +26,9 @@ Sections (on --cpu-smoke the same code at tiny shapes; "-" where a figure needs 
   graph_vs_eager   greedy tokens of the CUDA-graph decode == eager decode at the same widths (the
                    graph's buckets); eager at exact widths is compared by per-token log-probs
                    (bf16 near-ties may flip a token: |diff| <= LOGPROB_TOLERANCE on the common prefix)
+  train_sft_cli,   the real command lines, as subprocesses with timeouts, on a random-weight folder of
+  train_rl_cli     the 1.5B shape cut to CLI_LAYERS blocks + data/tiny-base's tokenizer, LoRA r16
+  pipeline_smoke   python pipeline.py's smoke run on CUDA: SFT and GRPO accuracy beside CPU_PIPELINE
   decode_1.5B/7B   refill.generate_many tokens/s at batch 1 and 64, graph and eager, the decode loop
                    alone timed with CUDA events (no capture, no first step at a width, no prefill),
                    and the HBM share: roofline.decode_step_bytes / time against the device's peak
@@ -32,9 +36,6 @@ Sections (on --cpu-smoke the same code at tiny shapes; "-" where a figure needs 
                    (graphs live for one call): what keeping them across calls would save
   grpo_1.5B/7B     one GRPO step (full fine-tuning, bf16; LoRA r32 on 7B): peak memory against the
                    memory plan, training tokens/s, MFU from roofline.training_flops
-  train_sft_cli,   the real command lines, as subprocesses with timeouts, on a random-weight folder of
-  train_rl_cli     the 1.5B shape cut to CLI_LAYERS blocks + data/tiny-base's tokenizer, LoRA r16
-  pipeline_smoke   python pipeline.py's smoke run on CUDA: SFT and GRPO accuracy beside CPU_PIPELINE
 
 cuDNN attention builds an execution plan per new shape. Eager decode attends to one more column
 each step, so eager decode is timed at the graphs' bucketed widths (refill.EAGER_USES_GRAPH_WIDTHS:
@@ -260,8 +261,9 @@ def cli_model(ctx):
     data/tiny-base's tokenizer (644 ids: any vocabulary >= that holds them)."""
     folder = os.path.join(ctx.scratch, "cli-model")
     if not os.path.isdir(folder):
-        model = checkpoint.random_model(ctx.shape(SMALL, layers=CLI_LAYERS), dtype=torch.bfloat16)
+        model = checkpoint.random_model(ctx.shape(SMALL, layers=CLI_LAYERS), torch.bfloat16, ctx.device)  # GPU: fast draws
         checkpoint.save_model(model, folder)
+        del model
         checkpoint.copy_tokenizer_files(os.path.join(ROOT, "data", "tiny-base"), folder)
     return folder
 
@@ -384,14 +386,14 @@ SECTIONS = [
     ("logits_parity", 60, logits_parity),
     ("attention", 30, attention),
     ("graph_vs_eager", 20, graph_vs_eager),
-    ("decode_1.5B", 30, lambda ctx: decode(ctx, SMALL)),
-    ("capture_cost", 20, capture_cost),
-    ("grpo_1.5B_full", 45, lambda ctx: grpo(ctx, SMALL, 0)),
-    ("train_sft_cli", 40, train_sft_cli),
     ("train_rl_cli", 40, train_rl_cli),
-    ("pipeline_smoke", 240, pipeline_smoke),
-    ("decode_7B", 60, lambda ctx: decode(ctx, LARGE)),
+    ("train_sft_cli", 40, train_sft_cli),
+    ("pipeline_smoke", 150, pipeline_smoke),
+    ("decode_1.5B", 30, lambda ctx: decode(ctx, SMALL)),
+    ("grpo_1.5B_full", 45, lambda ctx: grpo(ctx, SMALL, 0)),
+    ("capture_cost", 20, capture_cost),
     ("grpo_7B_lora_r32", 75, lambda ctx: grpo(ctx, LARGE, 32)),
+    ("decode_7B", 60, lambda ctx: decode(ctx, LARGE)),
 ]
 
 
