@@ -51,6 +51,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -447,7 +448,7 @@ def main():
     if args.cpu_smoke:
         torch.set_num_threads(1)  # tiny ops: threads only contend on a busy machine
     ctx = Context(args, tempfile.mkdtemp(prefix="gpu_check_"))
-    report, rows = {"sections": {}}, []
+    report = {"sections": {}}
     for name, estimate, run in SECTIONS:
         if ctx.estimate(estimate) > ctx.left():
             entry = {"status": "skipped: budget", "estimate_s": estimate, "left_s": round(ctx.left(), 1)}
@@ -463,8 +464,8 @@ def main():
             entry["seconds"] = round(time.perf_counter() - started, 2)
         report["sections"][name] = entry
         write_json(args.out, report)
-        rows.append((name, summary))
         print(f"{name:<16}  {summary}", flush=True)
+    shutil.rmtree(ctx.scratch, ignore_errors=True)
     print(f"written: {args.out}")
 
 

@@ -84,6 +84,7 @@ def test_a_section_that_fails_is_recorded_and_the_next_one_runs(tmp_path, monkey
                                                 ("too_long", 10**6, lambda ctx: calls.append(2))])
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--cpu-smoke", "--out", str(tmp_path / "c.json")])
     monkeypatch.setattr(gpu_check.Context, "estimate", lambda self, seconds: seconds)  # as on a GPU
+    monkeypatch.setattr(gpu_check.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "scratch"))
     threads = torch.get_num_threads()
     gpu_check.main()
     sections = json.loads((tmp_path / "c.json").read_text())["sections"]
