@@ -31,7 +31,8 @@ Sections (on --cpu-smoke the same code at tiny shapes; "-" where a figure needs 
   pipeline_smoke   python pipeline.py's smoke run on CUDA: SFT and GRPO accuracy beside CPU_PIPELINE
   decode_1.5B/7B   refill.generate_many tokens/s at batch 1 and 64, graph and eager, the decode loop
                    alone timed with CUDA events (no capture, no first step at a width, no prefill),
-                   and the HBM share: roofline.decode_step_bytes / time against the device's peak
+                   and the HBM share: roofline.decode_step_bytes / time against the device's peak;
+                   1.5B also with float32 master weights under bf16 autocast (decode reads bf16 copies)
   capture_cost     seconds per bucket to capture its graph, in two successive generate_many calls
                    (graphs live for one call): what keeping them across calls would save
   grpo_1.5B/7B     one GRPO step (full fine-tuning, bf16; LoRA r32 on 7B): peak memory against the
@@ -327,23 +328,32 @@ def pipeline_accuracy(results):
             for model, by_set in results["scores"].items()}
 
 
+def decode_row(ctx, model, batch, graph, read_bytes=None):
+    """Tokens/s and HBM share of greedy decoding, the decode steps alone (timed_steps), at the
+    graphs' widths; read_bytes: the weights' bytes per element read (default: their own size)."""
+    c, parameters = model.config, sum(p.numel() for p in model.parameters())
+    element = read_bytes or model.embed_tokens.weight.element_size()
+    with timed_steps(ctx.device) as timer, patched(refill, "EAGER_USES_GRAPH_WIDTHS", True):
+        greedy(model, prompts_of(batch, 128), ctx.args.new_tokens if ctx.cuda else 8, graph)
+    steps = [(tag[1], s) for tag, s in timer.seconds() if tag[0] == "replay"]
+    seconds = sum(s for _, s in steps)
+    read = sum(roofline.decode_step_bytes(c, parameters, batch, width, element, 2 if ctx.cuda else 4) for width, _ in steps)
+    return {"tokens_per_s": batch * len(steps) / seconds, "step_ms": 1000 * seconds / len(steps),
+            "bytes_per_s": read / seconds, "hbm_share": read / seconds / (ctx.hbm * 1e12) if ctx.hbm else None}
+
+
 def decode(ctx, name):
-    model, out = ctx.model(name), {}
-    c = model.config
-    parameters = sum(p.numel() for p in model.parameters())
-    weight_bytes = model.embed_tokens.weight.element_size()
-    new_tokens = ctx.args.new_tokens if ctx.cuda else 8
-    for batch in (1, 64) if ctx.cuda else (2,):
-        for graph in (True, False) if ctx.cuda else (False,):
-            with timed_steps(ctx.device) as timer, patched(refill, "EAGER_USES_GRAPH_WIDTHS", True):
-                greedy(model, prompts_of(batch, 128), new_tokens, graph)
-            steps = [(tag[1], s) for tag, s in timer.seconds() if tag[0] == "replay"]
-            seconds = sum(s for _, s in steps)
-            read = sum(roofline.decode_step_bytes(c, parameters, batch, width, weight_bytes, weight_bytes)
-                       for width, _ in steps)
-            key = f"batch {batch} {'graph' if graph else 'eager'}"
-            out[key] = {"tokens_per_s": batch * len(steps) / seconds, "step_ms": 1000 * seconds / len(steps),
-                        "bytes_per_s": read / seconds, "hbm_share": read / seconds / (ctx.hbm * 1e12) if ctx.hbm else None}
+    """decode_row at batch 1 and 64, graph and eager; for the 1.5B also float32 master weights under
+    bf16 autocast at batch 1, whose decode reads bf16 copies (sampling.compute_dtype_weights): the
+    same speed as bf16 weights when no weight is cast per step."""
+    out = {f"batch {batch} {'graph' if graph else 'eager'}": decode_row(ctx, ctx.model(name), batch, graph)
+           for batch in ((1, 64) if ctx.cuda else (2,)) for graph in ((True, False) if ctx.cuda else (False,))}
+    if name == SMALL:
+        ctx.release()
+        model = checkpoint.random_model(ctx.shape(name), device=ctx.device)
+        with torch.autocast(ctx.device, dtype=torch.bfloat16):
+            out["batch 1 float32 weights + autocast"] = decode_row(ctx, model, 1, ctx.cuda, read_bytes=2)
+        del model
     rows = ", ".join(f"{k} {v['tokens_per_s']:,.0f} tok/s" + (f" {100 * v['hbm_share']:.0f} % HBM" if v["hbm_share"] else "")
                      for k, v in out.items())
     return out, rows
@@ -390,7 +400,7 @@ SECTIONS = [
     ("train_rl_cli", 40, train_rl_cli),
     ("train_sft_cli", 40, train_sft_cli),
     ("pipeline_smoke", 150, pipeline_smoke),
-    ("decode_1.5B", 30, lambda ctx: decode(ctx, SMALL)),
+    ("decode_1.5B", 40, lambda ctx: decode(ctx, SMALL)),
     ("grpo_1.5B_full", 45, lambda ctx: grpo(ctx, SMALL, 0)),
     ("capture_cost", 20, capture_cost),
     ("grpo_7B_lora_r32", 75, lambda ctx: grpo(ctx, LARGE, 32)),
