@@ -182,15 +182,15 @@ def read_config(config_path) -> ModelConfig:
 
 
 def random_model(config_json, dtype=None, device=None, seed=0):
-    """A model of the shape a config.json describes (../shared/configs/ holds real ones) with
-    random weights (Transformer.init_weights). For memory plans, GPU checks and benchmarks where
-    the weights cannot be downloaded; it knows no language."""
-    with torch.device(device or "cpu"):
-        model = Transformer(read_config(config_json))
-    generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
-    model.init_weights(generator=generator).to(dtype or torch.float32)
+    """A random-weight model (init_weights) of a config.json's shape, built on the meta device, made in `dtype`
+    on `device` (no float32 copy, no default init). CPU and CUDA generators differ: build on CPU, then copy."""
+    with torch.device("meta"):
+        model = Transformer(read_config(config_json)).to(dtype or torch.float32)
+    model.to_empty(device=device or "cpu")
+    if model.config.tie_word_embeddings:  # to_empty gives each module its own tensor
+        model.lm_head.weight = model.embed_tokens.weight
     model.reset_rope()
-    return model.eval()
+    return model.init_weights(generator=torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)).eval()
 
 
 def _set_parameter(model: nn.Module, hf_key: str, tensor: torch.Tensor):

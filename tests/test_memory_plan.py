@@ -74,15 +74,6 @@ def test_the_plan_equals_the_real_tensors_after_a_step(tmp_path, monkeypatch, dt
         assert all(torch.isfinite(p).all() for p in saved.parameters())
 
 
-def test_the_gpu_check_runs_on_cpu_at_tiny_shapes(tmp_path):
-    """benchmarks/gpu_check.py --cpu-smoke: every line of the GPU check runs, and it writes its JSON."""
-    out = run_script("benchmarks/gpu_check.py", "--cpu-smoke", "--out", tmp_path / "check.json")
-    report = json.loads((tmp_path / "check.json").read_text())
-    assert report["logits_max_abs_diff"]["float32"] == 0.0 and report["logits_max_abs_diff"]["bfloat16"] < 0.05
-    assert report["attention_kernels"]["prefill"] and report["decode"] and report["grpo"]
-    assert "GRPO step tiny full bf16" in out.stdout
-
-
 def test_the_plan_per_gpu_of_a_torchrun_run(shared_dir):
     """--plan-gpus 8: FSDP divides weights, gradients, optimizer by 8; each rank decodes its share of the
     prompts with a full bf16 copy of the weights that lives in the generation phase only; the gathered
