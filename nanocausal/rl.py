@@ -50,8 +50,7 @@ off-policy old log-probs, PPO's old values) still run every row on every rank, w
 what makes PPO's whitening global. The value head is its own FSDP unit.
 """
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -62,8 +61,7 @@ from nanocausal.logprobs import token_logprobs
 from nanocausal.grpo_losses import group_advantages, grpo_loss, overlong_penalty
 from nanocausal.losses import gae, ppo_loss, ppo_rewards, whiten
 from nanocausal.rewards import parse_rewards
-from nanocausal.rollout import (assemble, assemble_groups, groups_of, informative, prompt_stream, rollout,
-                                row_micro_batches, score)
+from nanocausal.rollout import assemble, assemble_groups, groups_of, informative, prompt_stream, rollout, score
 from nanocausal.tokenizer import Tokenizer
 from nanocausal.training import TrainConfig, autocast
 
@@ -138,22 +136,39 @@ class RLConfig(TrainConfig):
             "value_coef": nn, "value_lr": nn, "gamma": share, "lam": share})
 
 
+# -----------------------------------------------------------------------------
+# Scoring passes: every row of the rollouts, micro-batch by micro-batch, without gradient
+
+
 @torch.no_grad()
-def score_tokens(model, batch, config: RLConfig, value_head=None, policy=False):
-    """(R, T) log-probs of the completion tokens under `model` (the reference; with LoRA the policy
-    with its adapters off; policy=True: the policy itself, adapters on), or, with a value head, the
-    values of the policy (PPO's old values), micro-batch by micro-batch."""
-    out = torch.zeros_like(batch["old_logprobs"])
-    for index, mb in row_micro_batches(batch, range(len(batch["input_ids"])), config.micro_batch_size,
-                                       config.micro_batch_tokens):
-        with autocast(config.device), lora.disabled(model) if value_head is None and not policy else nullcontext():
-            if value_head is None:
-                scores = token_logprobs(model, mb["input_ids"], None, mb["completion_mask"], config.temperature,
-                                        config.logits_chunk_size)
-            else:
-                scores = values_of(value_head, model.hidden_states(mb["input_ids"]))
+def per_token(rollouts, config: RLConfig, score_fn):
+    """(R, T) float32 of score_fn(micro-batch) -> (B, width) over every rollout row."""
+    out = torch.zeros_like(rollouts.sampler_logprobs)
+    for index, mb in rollouts.micro_batches(range(len(out)), config.micro_batch_size, config.micro_batch_tokens):
+        with autocast(config.device):
+            scores = score_fn(mb)
         out[index, :scores.shape[1]] = scores.float()
     return out
+
+
+def completion_logprobs(model, mb, config: RLConfig):
+    return token_logprobs(model, mb.input_ids, None, mb.completion_mask, config.temperature, config.logits_chunk_size)
+
+
+def reference_logprobs(ref_model, rollouts, config: RLConfig):
+    """The reference's log-probs of the completion tokens (with LoRA: the policy, adapters off)."""
+    with lora.disabled(ref_model):
+        return per_token(rollouts, config, lambda mb: completion_logprobs(ref_model, mb, config))
+
+
+def policy_logprobs(model, rollouts, config: RLConfig):
+    """The policy's log-probs before the update, by the training forward: the ratio's "old" policy."""
+    return per_token(rollouts, config, lambda mb: completion_logprobs(model, mb, config))
+
+
+def old_values(model, value_head, rollouts, config: RLConfig):
+    """PPO: the value head's estimates before the update."""
+    return per_token(rollouts, config, lambda mb: values_of(value_head, model.hidden_states(mb.input_ids)))
 
 
 def values_of(value_head, hidden):
@@ -164,34 +179,32 @@ def values_of(value_head, hidden):
     return torch.cat([torch.zeros_like(values[:, :1]), values], dim=1)
 
 # -----------------------------------------------------------------------------
-# The two algorithms: what each adds to a rollout batch, and its loss
+# The two algorithms. What one provides to the step (GRPO and PPO alike):
+#   value_head                      a module trained beside the policy (its checkpoint too), or None
+#   advantages(rollouts, rewards)   -> {Rollouts field: tensor}: "advantages" (PPO: and "returns")
+#   loss(mb, logprobs, old_logprobs, entropies, hidden, num_tokens, num_sequences) -> (loss, metrics)
+#                                   one micro-batch's loss, normalised over its whole optimiser step
 
 
 class GRPO:
-    """Group-relative advantages (losses.group_advantages) and the clipped GRPO loss (losses.grpo_loss)."""
+    """Group-relative advantages (grpo_losses.group_advantages) and the clipped GRPO loss (grpo_loss)."""
     value_head = None
 
-    def __init__(self, config: RLConfig, ref_model):
-        self.config, self.ref_model = config, ref_model
-        # else zero-advantage rows are skipped (only the KL term and the entropy bonus give them a gradient)
-        self.trains_every_row = config.beta != 0 or config.entropy_coef != 0
+    def __init__(self, config: RLConfig):
+        self.config = config
 
-    def advantages(self, batch, rewards):
+    def advantages(self, rollouts, rewards):
         config = self.config
-        batch["advantages"] = group_advantages(rewards, config.group_size, baseline=config.advantage_baseline,
-                                               scale="none" if config.no_std_scaling else config.scale_rewards)
-        if self.ref_model is not None:
-            batch["ref_logprobs"] = score_tokens(self.ref_model, batch, config)
-        return {}
+        return {"advantages": group_advantages(rewards, config.group_size, baseline=config.advantage_baseline,
+                                               scale="none" if config.no_std_scaling else config.scale_rewards)}
 
-    def loss(self, mb, logprobs, hidden, num_tokens, num_sequences):
+    def loss(self, mb, logprobs, old_logprobs, entropies, hidden, num_tokens, num_sequences):
         c = self.config
-        loss, metrics = grpo_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["completion_mask"],
-                                  mb.get("ref_logprobs"), c.beta, c.eps_low, c.eps_high, c.aggregation,
-                                  max_completion_length=c.max_new_tokens, num_items_in_batch=num_tokens,
-                                  num_sequences=num_sequences, importance_level=c.importance_level,
-                                  objective=c.objective, entropies=mb.get("entropies"), entropy_coef=c.entropy_coef,
-                                  top_entropy_quantile=c.top_entropy_quantile)
+        loss, metrics = grpo_loss(logprobs, old_logprobs, mb.advantages, mb.completion_mask, mb.ref_logprobs, c.beta,
+                                  c.eps_low, c.eps_high, c.aggregation, max_completion_length=c.max_new_tokens,
+                                  num_items_in_batch=num_tokens, num_sequences=num_sequences,
+                                  importance_level=c.importance_level, objective=c.objective, entropies=entropies,
+                                  entropy_coef=c.entropy_coef, top_entropy_quantile=c.top_entropy_quantile)
         metrics["clip_fraction"] = metrics.pop("clip_region")
         return loss, metrics
 
@@ -199,103 +212,90 @@ class GRPO:
 class PPO:
     """Per-token rewards with a KL penalty (losses.ppo_rewards), GAE on a value head's estimates
     (losses.gae), whitened advantages (losses.whiten), the clipped PPO loss (losses.ppo_loss)."""
-    trains_every_row = True
 
-    def __init__(self, config: RLConfig, ref_model, policy):
-        self.config, self.ref_model, self.policy = config, ref_model, policy
-        self.value_head = nn.Linear(policy.config.hidden_size, 1).to(config.device)
+    def __init__(self, config: RLConfig, hidden_size):
+        self.config = config
+        self.value_head = nn.Linear(hidden_size, 1).to(config.device)
         nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)
 
-    def advantages(self, batch, rewards):
-        """Returns the rollout's KL to the reference (k1, token mean) when there is one."""
-        config, mask = self.config, batch["completion_mask"]
-        batch["old_values"] = score_tokens(self.policy, batch, config, self.value_head)
-        ref_logprobs = score_tokens(self.ref_model, batch, config) if self.ref_model is not None else batch["old_logprobs"]
-        token_rewards = ppo_rewards(rewards, batch["old_logprobs"], ref_logprobs, mask, config.kl_coef)
+    def advantages(self, rollouts, rewards):
+        """Reads old_values and ref_logprobs; the reward's KL penalty compares the sampler's log-probs
+        with the reference's (none without a reference: kl_coef is 0 then)."""
+        config, mask = self.config, rollouts.completion_mask
+        ref = rollouts.sampler_logprobs if rollouts.ref_logprobs is None else rollouts.ref_logprobs
+        token_rewards = ppo_rewards(rewards, rollouts.sampler_logprobs, ref, mask, config.kl_coef)
         first = int(mask.argmax(1).min())  # no completion starts earlier: GAE need not walk the prompts
-        advantages, returns = gae(token_rewards[:, first:], batch["old_values"][:, first:], mask[:, first:],
+        advantages, returns = gae(token_rewards[:, first:], rollouts.old_values[:, first:], mask[:, first:],
                                   config.gamma, config.lam)
-        batch["advantages"] = torch.zeros_like(token_rewards)
-        batch["returns"] = torch.zeros_like(token_rewards)
-        batch["advantages"][:, first:] = whiten(advantages, mask[:, first:])
-        batch["returns"][:, first:] = returns
-        kl = (batch["old_logprobs"] - ref_logprobs)[mask.bool()].mean()
-        return {"kl": kl} if self.ref_model is not None else {}
+        out = {"advantages": torch.zeros_like(token_rewards), "returns": torch.zeros_like(token_rewards)}
+        out["advantages"][:, first:] = whiten(advantages, mask[:, first:])
+        out["returns"][:, first:] = returns
+        return out
 
-    def loss(self, mb, logprobs, hidden, num_tokens, num_sequences):
+    def loss(self, mb, logprobs, old_logprobs, entropies, hidden, num_tokens, num_sequences):
         c = self.config
-        return ppo_loss(logprobs, mb["old_logprobs"], mb["advantages"], values_of(self.value_head, hidden),
-                        mb["old_values"], mb["returns"], mb["completion_mask"], c.clip_range, c.clip_range_value,
-                        c.value_coef, num_items_in_batch=num_tokens)
+        return ppo_loss(logprobs, old_logprobs, mb.advantages, values_of(self.value_head, hidden), mb.old_values,
+                        mb.returns, mb.completion_mask, c.clip_range, c.clip_range_value, c.value_coef,
+                        num_items_in_batch=num_tokens)
 
 # -----------------------------------------------------------------------------
 # The update
 
 
-def micro_batch_loss(model, algorithm, mb, config: RLConfig, num_tokens, num_sequences, on_policy=False):
+def micro_batch_loss(model, algorithm, mb, config: RLConfig, num_tokens, num_sequences):
     """The loss of one micro-batch, normalised by the token (sequence) count of its whole optimiser
-    step. on_policy: the old log-probs are these very log-probs, detached (the ratio is exactly 1)."""
-    mask = mb["completion_mask"]
-    hidden = model.hidden_states(mb["input_ids"])
+    step. Strictly on-policy (mb.old_logprobs None) the old log-probs are these very log-probs,
+    detached: the ratio is exactly 1."""
+    mask = mb.completion_mask
+    hidden = model.hidden_states(mb.input_ids)
     # The entropy of every completion token comes out of the same logits chunks as the log-probs (no
     # second matmul with the head); a metric, read by the loss only with an entropy option.
-    logprobs, entropies = token_logprobs(model, mb["input_ids"], None, mask, config.temperature,
+    logprobs, entropies = token_logprobs(model, mb.input_ids, None, mask, config.temperature,
                                         config.logits_chunk_size, hidden=hidden, return_entropy=True,
                                         entropy_grad=config.entropy_coef != 0)
-    mb = {**mb, "entropies": entropies}
-    if on_policy:
-        mb["old_logprobs"] = logprobs.detach()
-    loss, metrics = algorithm.loss(mb, logprobs, hidden, num_tokens, num_sequences)
+    old_logprobs = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs
+    loss, metrics = algorithm.loss(mb, logprobs, old_logprobs, entropies, hidden, num_tokens, num_sequences)
     with torch.no_grad():
-        gap = (logprobs.detach().float() - mb["sampler_logprobs"]).abs() * mask
+        gap = (logprobs.detach().float() - mb.sampler_logprobs).abs() * mask
         metrics["sampler_logprob_gap"] = gap.sum() / mask.sum().clamp(min=1)
         metrics["entropy"] = (entropies.detach() * mask).sum() / mask.sum().clamp(min=1)
     return loss, metrics
 
 
-def update(model, algorithm, optimizer, batch, config: RLConfig, step):
+def update(model, algorithm, optimizer, rollouts, config: RLConfig, step):
     """config.ppo_epochs passes over the rollouts, config.mini_batches optimiser steps each; returns
     the metrics (token-weighted means over every micro-batch) and the number of tokens run through."""
-    mask = batch["completion_mask"]
-    on_policy = config.ppo_epochs == 1 and config.mini_batches == 1
-    batch["sampler_logprobs"] = batch["old_logprobs"]
-    if not on_policy:  # the policy before this update, as the training forward computes it
-        batch["old_logprobs"] = score_tokens(model, batch, config, policy=True)
-    # Rows whose advantage is zero everywhere add nothing to the GRPO loss when beta = 0 (nor to its
-    # gradient): skip their forward/backward. The normaliser below still counts their tokens.
-    trained = batch["advantages"].view(len(mask), -1).ne(0).any(1)
-    if algorithm.trains_every_row:
-        trained[:] = True
-    trained &= mask.bool().any(1)  # a masked truncated row has no loss token
-    trained = trained.tolist()
-    sums, weight, grad_norms, tokens = {}, 0.0, [], 0
+    mask = rollouts.completion_mask
+    # Rows whose advantage is zero everywhere add nothing to the GRPO loss (nor to its gradient)
+    # unless a KL term or an entropy bonus reads them: skip their forward/backward. The normaliser
+    # below still counts their tokens. A masked truncated row has no loss token at all.
+    every_row = config.algo == "ppo" or config.beta != 0 or config.entropy_coef != 0
+    trained = ((rollouts.advantages.view(len(mask), -1).ne(0).any(1) | every_row) & mask.bool().any(1)).tolist()
+    sums, grad_norms, tokens = {}, [], 0
     own = set(distributed.share(list(range(len(mask)))))  # this rank's rows: those of its prompts
     for epoch in range(config.ppo_epochs):
         order = np.random.default_rng([config.seed, step, epoch]).permutation(len(mask))
         for mini_batch in np.array_split(order, config.mini_batches):
             num_tokens = mask[mini_batch].sum()  # of the whole step, on every rank
             rows = [r for r in mini_batch.tolist() if trained[r] and r in own]
-            chunks = list(row_micro_batches(batch, rows, config.micro_batch_size, config.micro_batch_tokens))
-            filler = next(row_micro_batches(batch, [min(own)], 1)) if distributed.world_size() > 1 else None
+            chunks = list(rollouts.micro_batches(rows, config.micro_batch_size, config.micro_batch_tokens))
+            filler = next(rollouts.micro_batches([min(own)], 1)) if distributed.world_size() > 1 else None
             for (_, mb), scale in distributed.pad_to_longest(chunks, filler):
                 with autocast(config.device):
-                    loss, metrics = micro_batch_loss(model, algorithm, mb, config, num_tokens, len(mini_batch),
-                                                     on_policy)
+                    loss, metrics = micro_batch_loss(model, algorithm, mb, config, num_tokens, len(mini_batch))
                 (loss * scale).backward()
                 if not scale:
                     continue
                 n = metrics.pop("num_tokens")
-                for k, v in metrics.items():
+                for k, v in {**metrics, "loss_tokens": 1.0}.items():
                     sums[k] = sums.get(k, 0.0) + v * n
-                weight = weight + n
-                tokens += mb["input_ids"].numel()
+                tokens += mb.input_ids.numel()
             grad_norms.append(training.optimizer_step(optimizer, config.clip))
-    names = sorted(set().union(*distributed.all_objects(sorted(sums))))  # a rank that trained no row has none
-    sums = {k: distributed.all_sum(torch.as_tensor(sums.get(k, 0.0), device=mask.device).float()) for k in names}
-    weight, tokens = distributed.all_sum(torch.as_tensor(weight, device=mask.device).float()), distributed.all_sum(tokens)
+    sums = distributed.all_sums(sums, mask.device)  # over every rank's micro-batches
+    weight = sums.pop("loss_tokens", None)
     metrics = {k: v / weight for k, v in sums.items()}
     metrics["grad_norm"] = torch.stack(grad_norms).mean()
-    return metrics, tokens
+    return metrics, distributed.all_sum(tokens)
 
 # -----------------------------------------------------------------------------
 # The step and the run
@@ -304,7 +304,7 @@ def update(model, algorithm, optimizer, batch, config: RLConfig, step):
 def rollout_metrics(scores, batch, group_size):
     """What the log shows of a rollout batch: reward, accuracy, format rate, equal-reward groups, lengths."""
     rewards = scores["reward"]
-    lengths = torch.tensor([len(c) for c in batch["completions"]], dtype=torch.float32)
+    lengths = torch.tensor([len(c) for c in batch.completions], dtype=torch.float32)
     grouped = rewards.view(-1, group_size)
     return {"reward": rewards.mean(), "reward_std": rewards.std() if len(rewards) > 1 else 0.0,
             **{name: scores[key].mean() for name, key in (("accuracy", "correct"), ("format_rate", "format_ok"))
@@ -312,7 +312,7 @@ def rollout_metrics(scores, batch, group_size):
             **{key: scores[key].mean() for key in scores if key.startswith("reward/") or key == "overlong_penalty"},
             **({"equal_reward_groups": (grouped == grouped[:, :1]).all(1).float().mean()} if group_size > 1 else {}),
             "completion_len": lengths.mean(), "completion_len_max": lengths.max(),
-            "truncated": float(np.mean(batch["truncated"]))}
+            "truncated": float(np.mean(batch.truncated))}
 
 
 def check_config(config: RLConfig):
@@ -361,7 +361,7 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
             checkpoint.load_model(config.model, dtype=ref_dtype, device=device).requires_grad_(False)
         if ranks > 1 and ref_model is not model:
             distributed.shard(ref_model, device, config.cpu_offload)
-    algorithm = GRPO(config, ref_model) if config.algo == "grpo" else PPO(config, ref_model, model)
+    algorithm = GRPO(config) if config.algo == "grpo" else PPO(config, model.config.hidden_size)
     value_head = algorithm.value_head
     if value_head is not None and config.resume:
         checkpoint.load_module(value_head, training.checkpoint_dir(config), "value_head")
@@ -380,66 +380,81 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
         stream.ready()  # the first chunk of prompts, read (and checked) before the run writes anything
 
     reward_terms = parse_rewards(config.rewards, config.reward_weights) if config.rewards else None
-    seconds = {}
+    on_policy = config.ppo_epochs == 1 and config.mini_batches == 1  # the old policy is the one being trained
+    timing = {}  # of the step's sampling rounds: seconds, generated tokens
+
+    def step_fn(step):
+        """One step: rollouts -> rewards -> advantages -> loss -> optimiser steps. Returns its
+        metrics: what training.train logs."""
+        timing.clear()
+        rollouts, scores, sampled_metrics = sample_step(step)  # 1-3. prompts, rollouts, rewards
+        started = time.time()
+        # 4. what the loss compares against, then the advantages
+        if value_head is not None:
+            rollouts.old_values = old_values(model, value_head, rollouts, config)
+        if ref_model is not None:
+            rollouts.ref_logprobs = reference_logprobs(ref_model, rollouts, config)
+        if not on_policy:
+            rollouts.old_logprobs = policy_logprobs(model, rollouts, config)
+        rollouts = replace(rollouts, **algorithm.advantages(rollouts, scores["reward"]))
+        # 5. the loss and the optimiser steps
+        update_metrics, train_tokens = update(model, algorithm, optimizer, rollouts, config, step)
+        training_s = training.seconds_since(started, device)
+        mask = rollouts.completion_mask.bool()
+        kl = {"kl": (rollouts.sampler_logprobs - rollouts.ref_logprobs)[mask].mean()} \
+            if config.algo == "ppo" and ref_model is not None else {}  # PPO's reward penalty, as sampled
+        return {**sampled_metrics, **kl, **update_metrics, "generation_s": round(timing["generation_s"], 3),
+                "reward_s": round(timing["reward_s"], 3), "training_s": round(training_s, 3),
+                "generation_tokens_per_s": round(timing["generated_tokens"] / timing["generation_s"], 1),
+                "training_tokens_per_s": round(train_tokens / training_s, 1)}
+
+    def sample_step(step):
+        """The step's rollouts (with --dynamic-sampling: its informative groups), their scores, and
+        the rollout's metrics."""
+        step_examples = stream.next(config.prompts_per_step)
+        rollouts, scores = sample(step_examples, 0, step)
+        sampled_rollouts, sampled_scores, refill = rollouts, scores, {}
+        if config.dynamic_sampling:
+            rollouts, scores, sampled_rollouts, sampled_scores, refill = dynamic_sampling(step_examples, rollouts,
+                                                                                          scores, step)
+        truncated = torch.tensor(rollouts.truncated, device=device, dtype=torch.bool)
+        if config.mask_truncated:  # the rows stay in their groups' statistics; their tokens leave the loss
+            rollouts.completion_mask[truncated] = 0
+        loss_tokens = rollouts.completion_mask.sum(1).float()
+        return rollouts, scores, {
+            **rollout_metrics(sampled_scores, sampled_rollouts, config.group_size), **refill,
+            "truncated_loss_tokens": loss_tokens[truncated].sum() / loss_tokens.sum().clamp(min=1)}
 
     def sample(step_examples, first_key, step):
-        """One sampling round: the rollout batch of step_examples (prompt keys from first_key on, so a
-        refill round's prompts draw fresh random streams) and its scores."""
+        """One sampling round: the rollouts of step_examples (prompt keys from first_key on, so a
+        refill round's prompts draw fresh random streams) and their scores."""
         started = time.time()
         mine = distributed.share(list(range(len(step_examples))))  # every prompt, in one process
         prompts = [step_examples[i]["prompt_ids"] for i in mine]
         generator = model if ranks == 1 else distributed.gathered_copy(
             model, on_every_rank=True, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None)
         with autocast(device):
-            batch = rollout(generator, prompts, config.group_size, config.max_new_tokens, config.temperature,
-                            config.top_p, config.top_k, config.seed * 100_003 + step, eos_token_ids, pad_token_id,
-                            tokenizer.vocab_size if tokenizer else None, slots=config.rollout_slots,
-                            prompt_keys=[first_key + i for i in mine])
-        if ranks > 1:  # every rank assembles the step's whole batch from the rows all ranks sampled
-            del generator
-            mask = batch["completion_mask"].bool()
-            parts = distributed.all_objects((batch["completions"], [row[m].tolist() for row, m in
-                                                                   zip(batch["old_logprobs"], mask)], batch["truncated"]))
-            completions, logprobs, truncated = ([x for part in parts for x in part[i]] for i in range(3))
-            batch = assemble([ex["prompt_ids"] for ex in step_examples for _ in range(config.group_size)], completions,
-                             logprobs, truncated, pad_token_id, device)
-        seconds["generation_s"] = seconds.get("generation_s", 0.0) + training.seconds_since(started, device)
-        started = time.time()
+            rollouts = rollout(generator, prompts, config.group_size, config.max_new_tokens, config.temperature,
+                               config.top_p, config.top_k, config.seed * 100_003 + step, eos_token_ids, pad_token_id,
+                               tokenizer.vocab_size if tokenizer else None, slots=config.rollout_slots,
+                               prompt_keys=[first_key + i for i in mine])
         row_examples = [ex for ex in step_examples for _ in range(config.group_size)]
-        scores = score(row_examples, batch["completions"], tokenizer, config.format_weight, config.strict, reward_fn,
+        if ranks > 1:  # every rank assembles the step's whole rollouts from the rows all ranks sampled
+            del generator
+            rollouts = assemble([ex["prompt_ids"] for ex in row_examples], *distributed.all_lists(
+                rollouts.completions, rollouts.sampled_logprob_lists(), rollouts.truncated), pad_token_id, device)
+        timing["generation_s"] = timing.get("generation_s", 0.0) + training.seconds_since(started, device)
+        timing["generated_tokens"] = timing.get("generated_tokens", 0) + sum(len(c) for c in rollouts.completions)
+        started = time.time()
+        scores = score(row_examples, rollouts.completions, tokenizer, config.format_weight, config.strict, reward_fn,
                        reward_terms)
         if config.overlong_buffer:
-            scores["overlong_penalty"] = overlong_penalty([len(c) for c in batch["completions"]],
+            scores["overlong_penalty"] = overlong_penalty([len(c) for c in rollouts.completions],
                                                           config.max_new_tokens, config.overlong_buffer,
                                                           config.overlong_penalty)
             scores["reward"] = scores["reward"] + scores["overlong_penalty"]
-        seconds["reward_s"] = seconds.get("reward_s", 0.0) + time.time() - started
-        return batch, {k: v.to(device) for k, v in scores.items()}
-
-    def step_fn(step):
-        # -- 1-3. prompts, rollouts (random streams keyed by the step's seed and each prompt), rewards
-        seconds.clear()
-        step_examples = stream.next(config.prompts_per_step)
-        batch, scores = sample(step_examples, 0, step)
-        sampled_batch, sampled_scores, refill = batch, scores, {}
-        if config.dynamic_sampling:
-            batch, scores, sampled_batch, sampled_scores, refill = dynamic_sampling(step_examples, batch, scores, step)
-        if config.mask_truncated:  # the rows stay in their groups' statistics; their tokens leave the loss
-            batch["completion_mask"][torch.tensor(batch["truncated"], device=device, dtype=torch.bool)] = 0
-        truncated_rows = torch.tensor(batch["truncated"], device=device, dtype=torch.bool)
-        loss_tokens = batch["completion_mask"].sum(1).float()
-        # -- 4-5. advantages, then the update
-        started = time.time()
-        metrics = algorithm.advantages(batch, scores["reward"])
-        update_metrics, train_tokens = update(model, algorithm, optimizer, batch, config, step)
-        training_s = training.seconds_since(started, device)
-        generated = sum(len(c) for c in sampled_batch["completions"])
-        return {**rollout_metrics(sampled_scores, sampled_batch, config.group_size), **refill, **metrics,
-                "truncated_loss_tokens": loss_tokens[truncated_rows].sum() / loss_tokens.sum().clamp(min=1),
-                **update_metrics, "generation_s": round(seconds["generation_s"], 3),
-                "reward_s": round(seconds["reward_s"], 3), "training_s": round(training_s, 3),
-                "generation_tokens_per_s": round(generated / seconds["generation_s"], 1),
-                "training_tokens_per_s": round(train_tokens / training_s, 1)}
+        timing["reward_s"] = timing.get("reward_s", 0.0) + time.time() - started
+        return rollouts, {k: v.to(device) for k, v in scores.items()}
 
     def dynamic_sampling(examples, batch, scores, step):
         """DAPO's dynamic sampling: groups whose rewards are all equal (no advantage, no gradient) are

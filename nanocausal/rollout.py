@@ -1,16 +1,9 @@
 """What online RL needs before any loss: a resumable stream of prompts, rollouts sampled from the
 policy with the log-prob of every token, their rewards, and micro-batches of the rollout rows.
-
-A rollout batch holds R = prompts * group_size rows, right-padded prompt + completion:
-
-    input_ids        (R, T)  the prompt then the sampled completion (EOS included), then padding
-    completion_mask  (R, T)  1 on the completion tokens: the only positions any RL loss reads
-    old_logprobs     (R, T)  the sampler's log-prob of each completion token (0 elsewhere): the
-                             "old" policy of the ratio, so an on-policy update needs no extra pass
-    completions      R lists of completion ids; truncated: R bools (hit max_new_tokens)
-
-Row r continues prompt r // group_size: a GRPO group is group_size contiguous rows.
+The rollout batch is `Rollouts` (its fields are documented there, and nowhere else).
 """
+from dataclasses import dataclass, fields
+
 import numpy as np
 import torch
 
@@ -78,11 +71,70 @@ def prompt_stream(seed, max_prompt_length, tokenizer=None, examples=None, path=N
 # Rollouts and rewards
 
 
+@dataclass
+class Rollouts:
+    """One step's rollout batch: R = prompts * group_size rows, right-padded prompt + completion.
+    Row r continues prompt r // group_size: a GRPO group is group_size contiguous rows. Every
+    (R, T) tensor is float32, 0 outside the completion tokens.
+
+    Sampled (rollout.rollout / assemble):
+      input_ids         (R, T)  the prompt then the sampled completion (EOS included), then padding
+      completion_mask   (R, T)  1 on the completion tokens: the only positions any RL loss reads
+      sampler_logprobs  (R, T)  the sampler's log-prob of each completion token. Never the "old"
+                                policy of the ratio (the sampler's bf16 one-token path rounds
+                                otherwise than the training forward): only logged, as the gap
+                                |sampler - trainer|, and PPO's reward penalty reads it
+      completions       R lists of completion ids;  truncated: R bools (cut at max_new_tokens)
+    Added by the step (rl.py), before the update:
+      ref_logprobs      (R, T)  the reference's log-probs (rl.reference_logprobs), when there is one
+      old_logprobs      (R, T)  the policy's before this update, by the training forward under
+                                no_grad (rl.policy_logprobs); None strictly on-policy (one epoch, one
+                                mini-batch): the loss then uses its own log-probs, detached (ratio 1)
+      old_values        (R, T)  PPO: the value head's estimates before the update (rl.old_values)
+      advantages        (R,) GRPO (one per completion) or (R, T) PPO (GAE, whitened)
+      returns           (R, T)  PPO: the value targets
+    """
+    input_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    sampler_logprobs: torch.Tensor
+    completions: list
+    truncated: list
+    ref_logprobs: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def sampled_logprob_lists(self):
+        """Each row's sampler log-probs of its completion tokens (what assemble takes back)."""
+        return [row[m].tolist() for row, m in zip(self.sampler_logprobs, self.completion_mask.bool())]
+
+    def micro_batches(self, rows, size, max_tokens=0):
+        """Yield (row index, micro-batch as Rollouts) for `rows` sorted by length and cut
+        (data.cut) into at most `size` rows and max_tokens padded tokens, each trimmed to its
+        longest row. Rows are right-padded, so plain causal attention (no mask: the fast path) is
+        exact on every real token; what padding computes is masked out by completion_mask."""
+        last = self.completion_mask.cumsum(1).argmax(1).tolist()  # last real position of each row
+        rows = sorted(rows, key=lambda r: last[r])
+        for chunk in data.cut(rows, size, max_tokens, lambda c: len(c) * (max(last[r] for r in c) + 1)):
+            index = torch.tensor(chunk, device=self.input_ids.device)
+            width = max(last[r] for r in chunk) + 1
+            yield index, Rollouts(**{f.name: self.select(getattr(self, f.name), chunk, index, width)
+                                     for f in fields(self)})
+
+    @staticmethod
+    def select(value, chunk, index, width):
+        if value is None:
+            return None
+        if not torch.is_tensor(value):
+            return [value[r] for r in chunk]
+        return value[index, :width] if value.dim() == 2 else value[index]
+
+
 @torch.no_grad()
 def rollout(model, prompts, group_size, max_new_tokens, temperature, top_p, top_k, seed, eos_token_ids, pad_token_id,
             vocab_size=None, slots=None, prompt_keys=None):
-    """Sample group_size completions per prompt (a list of token-id lists); return the rollout batch
-    described in the module docstring.
+    """Sample group_size completions per prompt (a list of token-id lists): their `Rollouts`.
 
     Decoding is continuous batching (refill.generate_many) over `slots` rows (default: every row at
     once); with fewer slots a finished group's rows take the next waiting prompt, and the KV cache
@@ -99,16 +151,16 @@ def rollout(model, prompts, group_size, max_new_tokens, temperature, top_p, top_
 
 
 def assemble(row_prompts, completions, sampled_logprobs, truncated, pad_token_id, device):
-    """The rollout batch of the module docstring from its rows: each row's prompt and completion
+    """The `Rollouts` of these rows: each row's prompt and completion
     ids, the sampler's log-prob of each completion token, and whether it hit max_new_tokens. (Under
     torchrun every rank assembles the whole step's batch from the rows all ranks sampled.)"""
     input_ids, _, completion_mask = data.pad_batch([p + c for p, c in zip(row_prompts, completions)], pad_token_id,
                                                    [[0] * len(p) + [1] * len(c) for p, c in zip(row_prompts, completions)])
-    old_logprobs = torch.zeros(input_ids.shape)
+    sampler_logprobs = torch.zeros(input_ids.shape)
     for row, (prompt, logprobs) in enumerate(zip(row_prompts, sampled_logprobs)):
-        old_logprobs[row, len(prompt):len(prompt) + len(logprobs)] = torch.tensor(logprobs)
-    return {"input_ids": input_ids.to(device), "completion_mask": completion_mask.to(device),
-            "old_logprobs": old_logprobs.to(device), "completions": completions, "truncated": truncated}
+        sampler_logprobs[row, len(prompt):len(prompt) + len(logprobs)] = torch.tensor(logprobs)
+    return Rollouts(input_ids.to(device), completion_mask.to(device), sampler_logprobs.to(device), completions,
+                    truncated)
 
 
 def score(examples, completions, tokenizer=None, format_weight=0.1, strict=False, reward_fn=None, reward_terms=None):
@@ -133,26 +185,6 @@ def score(examples, completions, tokenizer=None, format_weight=0.1, strict=False
     return scores
 
 
-def row_micro_batches(batch, rows, size, max_tokens=0):
-    """Yield (row index, micro-batch) for `rows` cut into groups of at most `size` similar-length
-    sequences, each trimmed to its longest, and (max_tokens > 0) of at most max_tokens tokens
-    (rows x that width; a row longer than the budget goes alone). Rows are right-padded, so plain
-    causal attention (no mask: the fast path) is exact on every real token; what padding computes
-    is masked out by completion_mask."""
-    last = batch["completion_mask"].cumsum(1).argmax(1).tolist()  # last real position of each row
-    rows = sorted(rows, key=lambda r: last[r])
-    chunks, chunk = [], []
-    for r in rows:  # ascending lengths: a new row sets the width
-        if chunk and (len(chunk) == size or (max_tokens and (len(chunk) + 1) * (last[r] + 1) > max_tokens)):
-            chunks.append(chunk)
-            chunk = []
-        chunk.append(r)
-    chunks += [chunk] if chunk else []
-    for chunk in chunks:
-        index = torch.tensor(chunk, device=batch["input_ids"].device)
-        width = max(last[r] for r in chunk) + 1
-        yield index, {k: v[index, :width] if v.dim() == 2 else v[index] for k, v in batch.items() if torch.is_tensor(v)}
-
 # -----------------------------------------------------------------------------
 # Groups: what dynamic sampling keeps or drops
 
@@ -161,11 +193,10 @@ def groups_of(batch, examples, scores, group_size):
     """The rollout batch cut into its groups (one per prompt), each a dict: example, and per row
     completions, sampler log-probs, truncated, and every score. assemble_groups puts kept groups
     from several sampling rounds back into one batch."""
-    mask = batch["completion_mask"].bool()
-    logprobs = [row[m].tolist() for row, m in zip(batch["old_logprobs"], mask)]
+    logprobs = batch.sampled_logprob_lists()
     rows = lambda values, g: values[g * group_size:(g + 1) * group_size]  # noqa: E731
-    return [{"example": example, "completions": rows(batch["completions"], g), "logprobs": rows(logprobs, g),
-             "truncated": rows(batch["truncated"], g), "scores": {k: rows(v, g) for k, v in scores.items()}}
+    return [{"example": example, "completions": rows(batch.completions, g), "logprobs": rows(logprobs, g),
+             "truncated": rows(batch.truncated, g), "scores": {k: rows(v, g) for k, v in scores.items()}}
             for g, example in enumerate(examples)]
 
 

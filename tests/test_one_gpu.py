@@ -161,14 +161,15 @@ def test_micro_batches_respect_the_token_budget_and_leave_the_gradient_unchanged
     model = load_model(tiny)
     prompts = [[5] * n for n in (3, 9, 4, 14, 6, 2)]
     batch = rollout.rollout(model, prompts, 2, 10, 1.0, 1.0, 0, 0, list(range(0, 256, 7)), 0)
-    batch["advantages"] = torch.randn(len(prompts) * 2, generator=torch.Generator().manual_seed(0))
-    last = batch["completion_mask"].cumsum(1).argmax(1)
+    batch.advantages = torch.randn(len(prompts) * 2, generator=torch.Generator().manual_seed(0))
+    last = batch.completion_mask.cumsum(1).argmax(1)
     assert len(set(last.tolist())) > 4  # lengths differ: the budget matters
     budget = 48
     seen = []
-    for index, mb in rollout.row_micro_batches(batch, range(12), 5, budget):
+    for index, mb in batch.micro_batches(range(12), 5, budget):
         seen += index.tolist()
-        assert len(index) <= 5 and (mb["input_ids"].numel() <= budget or len(index) == 1)
+        assert len(index) <= 5 and (mb.input_ids.numel() <= budget or len(index) == 1)
+        assert torch.equal(mb.advantages, batch.advantages[index]) and mb.completions == [batch.completions[r] for r in index]
     assert sorted(seen) == list(range(12))
 
     def gradient(**fields):
@@ -182,7 +183,7 @@ def test_micro_batches_respect_the_token_budget_and_leave_the_gradient_unchanged
         monkeypatch.setattr(rl.training, "optimizer_step", record)
         model.zero_grad(set_to_none=True)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        metrics, _ = rl.update(model.train(), rl.GRPO(config, None), optimizer, dict(batch), config, 0)
+        metrics, _ = rl.update(model.train(), rl.GRPO(config), optimizer, batch, config, 0)
         return grads, metrics
 
     by_rows, metrics_rows = gradient(micro_batch_size=16)
