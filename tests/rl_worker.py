@@ -3,11 +3,18 @@ as tests/test_train_rl.py runs them in-process, but as a script, so that torchru
 several ranks:
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/rl_worker.py MODEL OUT grpo|ppo|grpo-dynamic 3 [--resume]
+
+`... MODEL OUT copy` instead writes OUT/copy-rankR.json: the rollouts' bf16 generation copy of the sharded model
+(distributed.gathered_copy) against the float32 gather cast afterwards, and the dtype each shard was gathered in.
 """
+import json
+import os
 import sys
 
 import torch
 
+from nanocausal import distributed
+from nanocausal.checkpoint import load_model
 from nanocausal.rl import RLConfig, train_rl
 
 
@@ -21,7 +28,24 @@ def prompts(n=16, vocab=16, seed=0):
             for _ in range(n)]
 
 
+def compare_generation_copies(model_dir, out_dir):
+    distributed.setup("cpu")
+    model = distributed.shard(load_model(model_dir), "cpu")
+    gathered_dtypes, real_full_tensor = [], distributed.full_tensor
+    distributed.full_tensor = lambda t: gathered_dtypes.append(str(t.dtype)) or real_full_tensor(t)
+    copy = distributed.gathered_copy(model, on_every_rank=True, dtype=torch.bfloat16)
+    distributed.full_tensor = real_full_tensor
+    float32 = distributed.full_state_dict(model)
+    equal = {name: torch.equal(p, float32[name].to(torch.bfloat16)) for name, p in copy.named_parameters()}
+    with open(os.path.join(out_dir, f"copy-rank{distributed.rank()}.json"), "w") as f:
+        json.dump({"equal": equal, "gathered_dtypes": sorted(set(gathered_dtypes))}, f)
+    distributed.teardown()
+
+
 if __name__ == "__main__":
+    if sys.argv[3] == "copy":
+        compare_generation_copies(sys.argv[1], sys.argv[2])
+        sys.exit()
     model, out_dir, algo, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     dynamic_sampling = algo == "grpo-dynamic"  # GRPO with DAPO's dynamic sampling: refill rounds on every rank
     algo = "grpo" if dynamic_sampling else algo
