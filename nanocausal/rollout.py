@@ -48,23 +48,22 @@ class PromptStream:
         self.position, self.current = dict(state), None
 
 
-def prompt_stream(seed, max_prompt_length, tokenizer=None, examples=None, path=None, tasks=caugym.TASKS,
-                  variant="base", nodes=None):
-    """Prompts from `examples` (dicts with prompt_ids, given in Python) or from the file `path`
-    are walked in a new seeded order each epoch (a chunk = an epoch); otherwise problems are
-    generated in chunks of 512 from (seed, chunk)."""
-    def shuffled(rows, c):
-        return [rows[i] for i in np.random.default_rng([seed, c]).permutation(len(rows))]
+def shuffled(rows, seed, epoch):
+    """rows in the order of (seed, epoch): a new order each epoch."""
+    return [rows[i] for i in np.random.default_rng([seed, epoch]).permutation(len(rows))]
 
-    if examples is None and path is not None:
+
+def prompt_stream(seed, max_prompt_length, tokenizer, path=None, tasks=caugym.TASKS, variant="base", nodes=None):
+    """Prompts from the file `path`, walked in a new seeded order each epoch (a chunk = an epoch);
+    without a file, problems generated in chunks of 512 from (seed, chunk)."""
+    if path is not None:
         examples = data.tokenize(data.load_examples(path, "rl"), tokenizer, "rl", max_prompt_length)
-    if examples is not None:
-        return PromptStream(lambda c: shuffled(examples, c))
+        return PromptStream(lambda c: shuffled(examples, seed, c))
 
     def generated(c):
         problems = data.generated_examples("rl", 512, seed=seed * 100_000 + c, tasks=tasks, variant=variant,
                                            nodes=nodes)
-        return shuffled(data.tokenize(problems, tokenizer, "rl", max_prompt_length, progress=False), c)
+        return shuffled(data.tokenize(problems, tokenizer, "rl", max_prompt_length, progress=False), seed, c)
     return PromptStream(generated)
 
 # -----------------------------------------------------------------------------
@@ -163,14 +162,10 @@ def assemble(row_prompts, completions, sampled_logprobs, truncated, pad_token_id
                     truncated)
 
 
-def score(examples, completions, tokenizer=None, format_weight=0.1, strict=False, reward_fn=None, reward_terms=None):
-    """Rewards (R,) and, for the causal reward, whether each answer is officially correct and well
-    formed. reward_fn(example, completion_ids) -> float replaces the causal reward (the tests'
-    trivially learnable one, which needs no tokenizer). reward_terms, [(name, function, weight)]
-    from rewards.parse_rewards: reward = sum of weight * function(response, answer), each term's
-    values kept as "reward/<name>"."""
-    if reward_fn is not None:
-        return {"reward": torch.tensor([float(reward_fn(ex, ids)) for ex, ids in zip(examples, completions)])}
+def score(examples, completions, tokenizer, format_weight=0.1, strict=False, reward_terms=None):
+    """Rewards (R,), whether each answer is officially correct and whether it is well formed.
+    reward_terms, [(name, function, weight)] from rewards.parse_rewards: reward = sum of weight *
+    function(response, answer), each term's values kept as "reward/<name>"."""
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
     pairs = list(zip(examples, texts))
     scores = {"correct": torch.tensor([float(caugym.is_correct(t, ex["answer"])) for ex, t in pairs]),
@@ -183,33 +178,3 @@ def score(examples, completions, tokenizer=None, format_weight=0.1, strict=False
         scores[f"reward/{name}"] = torch.tensor([float(function(t, ex["answer"])) for ex, t in pairs])
         scores["reward"] += weight * scores[f"reward/{name}"]
     return scores
-
-
-# -----------------------------------------------------------------------------
-# Groups: what dynamic sampling keeps or drops
-
-
-def groups_of(batch, examples, scores, group_size):
-    """The rollout batch cut into its groups (one per prompt), each a dict: example, and per row
-    completions, sampler log-probs, truncated, and every score. assemble_groups puts kept groups
-    from several sampling rounds back into one batch."""
-    logprobs = batch.sampled_logprob_lists()
-    rows = lambda values, g: values[g * group_size:(g + 1) * group_size]  # noqa: E731
-    return [{"example": example, "completions": rows(batch.completions, g), "logprobs": rows(logprobs, g),
-             "truncated": rows(batch.truncated, g), "scores": {k: rows(v, g) for k, v in scores.items()}}
-            for g, example in enumerate(examples)]
-
-
-def informative(group):
-    """A group whose rewards are not all equal: it has a nonzero advantage (DAPO's filter)."""
-    rewards = group["scores"]["reward"]
-    return bool((rewards != rewards[0]).any())
-
-
-def assemble_groups(groups, pad_token_id, device):
-    """(rollout batch, scores) of the rows of `groups`, in order (a group's rows stay contiguous)."""
-    rows = lambda key: [x for g in groups for x in g[key]]  # noqa: E731
-    prompt_ids = [g["example"]["prompt_ids"] for g in groups for _ in g["completions"]]
-    batch = assemble(prompt_ids, rows("completions"), rows("logprobs"), rows("truncated"), pad_token_id, device)
-    scores = {k: torch.cat([g["scores"][k] for g in groups]) for k in groups[0]["scores"]}
-    return batch, scores

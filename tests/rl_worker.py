@@ -13,9 +13,36 @@ import sys
 
 import torch
 
-from nanocausal import distributed
+from nanocausal import distributed, rl
 from nanocausal.checkpoint import load_model
 from nanocausal.rl import RLConfig, train_rl
+from nanocausal.rollout import PromptStream, shuffled
+
+
+class TokenIds:
+    """What nanocausal.rl reads of a tokenizer, for a model folder that has none: EOS and padding
+    from its config.json, no vocabulary limit (completions are token ids, read by the reward)."""
+    vocab_size = None
+
+    def __init__(self, folder):
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        self.eos_token_ids, self.pad_token_id = config.get("eos_token_id"), config.get("pad_token_id") or 0
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        return cls(folder)
+
+
+def on_token_ids(set_attribute, reward_fn, examples):
+    """Make nanocausal.rl.train_rl run on `examples` (dicts with prompt_ids, walked in a new seeded
+    order each epoch, as a data file's) with reward_fn(example, completion_ids) -> float as the
+    reward, and no tokenizer (TokenIds). set_attribute: monkeypatch.setattr in a test, setattr in a
+    script (tests/ on sys.path)."""
+    set_attribute(rl, "prompt_stream", lambda seed, *args, **kwargs: PromptStream(lambda c: shuffled(examples, seed, c)))
+    set_attribute(rl, "score", lambda row_examples, completions, *args, **kwargs: {
+        "reward": torch.tensor([float(reward_fn(ex, ids)) for ex, ids in zip(row_examples, completions)])})
+    set_attribute(rl, "Tokenizer", TokenIds)
 
 
 def ends_with_3(example, completion_ids):
@@ -54,4 +81,5 @@ if __name__ == "__main__":
                       group_size=4 if algo == "grpo" else 1, max_new_tokens=4, micro_batch_size=3, warmup_steps=0,
                       steps=steps, lr=3e-3, min_lr_ratio=1.0, log_every=100, mini_batches=2, save_every=2,
                       resume=resume, overwrite=not resume, dynamic_sampling=dynamic_sampling, max_sampling_rounds=3)
-    train_rl(config, reward_fn=ends_with_3, examples=prompts())
+    on_token_ids(setattr, ends_with_3, prompts())
+    train_rl(config)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import help_of_every_flag, make_hf_checkpoint, run_script
+from rl_worker import on_token_ids
 from nanocausal.checkpoint import load_model
 from nanocausal.model import Transformer
 from nanocausal import rl
@@ -40,7 +41,9 @@ def tiny_model(tmp_path_factory):
 def run(model, out_dir, reward_fn=ends_with_target, **fields):
     config = RLConfig(**{"model": str(model), "out_dir": str(out_dir), "device": "cpu", "eval_every": 0,
                          "prompts_per_step": 8, "max_new_tokens": 4, "micro_batch_size": 16, "warmup_steps": 0, **fields})
-    trained = train_rl(config, reward_fn=reward_fn, examples=prompts()).model
+    with pytest.MonkeyPatch.context() as patch:  # token-id prompts and reward, no tokenizer
+        on_token_ids(patch.setattr, reward_fn, prompts())
+        trained = train_rl(config).model
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return trained, [json.loads(line) for line in f]
 
