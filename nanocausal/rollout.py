@@ -73,8 +73,8 @@ def prompt_stream(seed, max_prompt_length, tokenizer, path=None, tasks=caugym.TA
 @dataclass
 class Rollouts:
     """One step's rollout batch: R = prompts * group_size rows, right-padded prompt + completion.
-    Row r continues prompt r // group_size: a GRPO group is group_size contiguous rows. Every
-    (R, T) tensor is float32, 0 outside the completion tokens.
+    Row r continues prompt r // group_size: a GRPO group is group_size contiguous rows. The (R, T)
+    log-probs, values, advantages and returns are float32, 0 outside the completion tokens.
 
     Sampled (rollout.rollout / assemble):
       input_ids         (R, T)  the prompt then the sampled completion (EOS included), then padding
@@ -116,18 +116,13 @@ class Rollouts:
         last = self.completion_mask.cumsum(1).argmax(1).tolist()  # last real position of each row
         rows = sorted(rows, key=lambda r: last[r])
         for chunk in data.cut(rows, size, max_tokens, lambda c: len(c) * (max(last[r] for r in c) + 1)):
-            index = torch.tensor(chunk, device=self.input_ids.device)
-            width = max(last[r] for r in chunk) + 1
-            yield index, Rollouts(**{f.name: self.select(getattr(self, f.name), chunk, index, width)
-                                     for f in fields(self)})
+            index, width = torch.tensor(chunk, device=self.input_ids.device), max(last[r] for r in chunk) + 1
 
-    @staticmethod
-    def select(value, chunk, index, width):
-        if value is None:
-            return None
-        if not torch.is_tensor(value):
-            return [value[r] for r in chunk]
-        return value[index, :width] if value.dim() == 2 else value[index]
+            def select(value):  # (B, width) of an (R, T) tensor, (B,) of an (R,) one, B items of a list
+                if not torch.is_tensor(value):
+                    return None if value is None else [value[r] for r in chunk]
+                return value[index, :width] if value.dim() == 2 else value[index]
+            yield index, Rollouts(**{f.name: select(getattr(self, f.name)) for f in fields(self)})
 
 
 @torch.no_grad()
