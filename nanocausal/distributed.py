@@ -1,9 +1,10 @@
 """Several processes, one run: what `torchrun --nproc-per-node N train_sft.py ...` changes.
 
 torchrun starts N copies of the script and gives each RANK, WORLD_SIZE and LOCAL_RANK in its
-environment; `setup` joins them into one process group (nccl on CUDA, one GPU per process, with gloo
-beside it for CPU scalars; gloo alone on CPU, which is how the tests run 2 ranks on a laptop). With WORLD_SIZE 1 (plain `python
-train_sft.py`) nothing here does anything, so the single-process code path is the same code.
+environment; `setup` joins them into one process group (nccl on CUDA, one GPU per process, with
+gloo beside it for CPU scalars; gloo alone on CPU, which is how the tests run 2 ranks on a laptop).
+With WORLD_SIZE 1 (plain `python train_sft.py`) nothing here does anything, so the single-process
+code path is the same code.
 
 Sharding is PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`): each transformer block is
 one unit and the whole model (embeddings, final norm, head) the root unit. Every parameter lives

@@ -129,8 +129,8 @@ def grpo_loss(logps, old_logps, advantages, completion_mask, ref_logps=None, bet
     the whole completion_mask).
 
     logps: (B, T) current policy log-probs (with gradient); old_logps: (B, T) log-probs of the
-    policy before this update (strictly on-policy, logps.detach() itself: ratio = 1); advantages: (B,) or (B, T); ref_logps: (B, T)
-    reference log-probs, needed when beta != 0; entropies: (B, T) token entropies of the policy,
+    policy before this update (strictly on-policy logps.detach() itself: ratio = 1); advantages:
+    (B,) or (B, T); ref_logps: (B, T) reference log-probs, needed when beta != 0; entropies: (B, T) token entropies of the policy,
     needed by top_entropy_quantile < 1 and entropy_coef != 0 (with gradient for the bonus).
 
     Pinned conventions:

@@ -311,8 +311,9 @@ def ppo_loss(logps, old_logps, advantages, values, old_values, returns, completi
         loss      = sum_t mask_t * (policy_t + value_coef * value_t) / N
 
     logps, values: current policy log-probs and value-head outputs (with gradient); old_logps,
-    old_values: the policy's and the value head's before this update (rollout.Rollouts); advantages: GAE advantages, already whitened (see whiten);
-    returns: GAE returns (the value targets, not whitened).
+    old_values: the policy's and the value head's before this update (rollout.Rollouts);
+    advantages: GAE advantages, already whitened (see whiten); returns: GAE returns (the value
+    targets, not whitened).
 
     Pinned conventions (TRL PPOTrainer): both terms are masked token means; the value loss carries
     the 0.5 factor and takes the max (pessimistic) of the unclipped and clipped squared errors;

@@ -39,7 +39,8 @@ def on_token_ids(set_attribute, reward_fn, examples):
     order each epoch, as a data file's) with reward_fn(example, completion_ids) -> float as the
     reward, and no tokenizer (TokenIds). set_attribute: monkeypatch.setattr in a test, setattr in a
     script (tests/ on sys.path)."""
-    set_attribute(rl, "prompt_stream", lambda seed, *args, **kwargs: PromptStream(lambda c: shuffled(examples, seed, c)))
+    set_attribute(rl, "prompt_stream",
+                  lambda seed, *args, **kwargs: PromptStream(lambda c: shuffled(examples, seed, c)))
     set_attribute(rl, "score", lambda row_examples, completions, *args, **kwargs: {
         "reward": torch.tensor([float(reward_fn(ex, ids)) for ex, ids in zip(row_examples, completions)])})
     set_attribute(rl, "Tokenizer", TokenIds)

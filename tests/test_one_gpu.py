@@ -156,6 +156,17 @@ def test_graph_bucket_widths_compute_the_same_tokens(tiny, generate_fn, monkeypa
     assert len(set(widths)) > 3 and all(w % 4 == 0 or w == max(widths) for w in widths)
 
 
+def test_the_one_micro_batch_cutter_by_hand():
+    """data.cut, which the offline trainers and the RL rollouts both use: in order, at most `size`
+    items, at most max_tokens padded tokens (here rows x the longest), an item over the budget alone."""
+    from nanocausal.data import cut
+    lengths = [2, 2, 3, 5, 5, 9, 20]
+    padded = lambda chunk: len(chunk) * max(lengths[i] for i in chunk)  # noqa: E731
+    assert cut(range(6), 3) == [[0, 1, 2], [3, 4, 5]]
+    assert cut(range(7), 3, 10, padded) == [[0, 1, 2], [3, 4], [5], [6]]  # 2 x 5 = 10 fits, 3 x 9 does not
+    assert cut([6, 0], 3, 10, padded) == [[6], [0]] and cut([], 3) == []
+
+
 def test_micro_batches_respect_the_token_budget_and_leave_the_gradient_unchanged(tiny, monkeypatch):
     from nanocausal import rl, rollout
     model = load_model(tiny)
@@ -169,7 +180,8 @@ def test_micro_batches_respect_the_token_budget_and_leave_the_gradient_unchanged
     for index, mb in batch.micro_batches(range(12), 5, budget):
         seen += index.tolist()
         assert len(index) <= 5 and (mb.input_ids.numel() <= budget or len(index) == 1)
-        assert torch.equal(mb.advantages, batch.advantages[index]) and mb.completions == [batch.completions[r] for r in index]
+        assert torch.equal(mb.advantages, batch.advantages[index])
+        assert mb.completions == [batch.completions[r] for r in index]
     assert sorted(seen) == list(range(12))
 
     def gradient(**fields):
