@@ -28,7 +28,6 @@ the point is that every line of this file runs.
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -130,10 +129,7 @@ def grpo_step(config_path, device, lora_rank, smoke, scratch):
     examples = [{"prompt_ids": [(i * 13 + j) % 200 + 1 for j in range(prompt_tokens)]} for i in range(64)]
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from rl_worker import on_token_ids  # token-id prompts and a text-free reward
-    on_token_ids(setattr, lambda example, ids: float(sum(ids) % 2), examples)
-    result = train_rl(config)
+    result = train_rl(config, reward_fn=lambda example, ids: float(sum(ids) % 2), examples=examples)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     planned = memory_plan.plan(config, "grpo", prompt_tokens=prompt_tokens)["total_bytes"]
     row = result.history[-1]
