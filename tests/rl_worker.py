@@ -20,18 +20,18 @@ from nanocausal.rollout import PromptStream, shuffled
 
 
 class TokenIds:
-    """What nanocausal.rl reads of a tokenizer, for a model folder that has none: EOS and padding
-    from its config.json, no vocabulary limit (completions are token ids, read by the reward)."""
+    """What nanocausal.rl reads of a tokenizer, for a model that has none: EOS and padding from its
+    config.json, no vocabulary limit (completions are token ids, read by the reward)."""
     vocab_size = None
 
-    def __init__(self, folder):
-        with open(os.path.join(folder, "config.json")) as f:
+    def __init__(self, model):  # a model folder, or a config.json (random weights of that shape)
+        with open(model if os.path.isfile(model) else os.path.join(model, "config.json")) as f:
             config = json.load(f)
         self.eos_token_ids, self.pad_token_id = config.get("eos_token_id"), config.get("pad_token_id") or 0
 
     @classmethod
-    def from_pretrained(cls, folder):
-        return cls(folder)
+    def from_pretrained(cls, model):
+        return cls(model)
 
 
 def on_token_ids(set_attribute, reward_fn, examples):
