@@ -46,7 +46,10 @@ def run_side(args):
                       dtype=args.dtype, prompts_per_step=4, group_size=4, max_new_tokens=args.new_tokens,
                       micro_batch_size=16, lr=1e-5, warmup_steps=0, steps=args.steps + 1, eval_every=0,
                       save_every=1_000_000, lora_rank=args.rank if args.side == "lora" else 0)
-    result = train_rl(config, reward_fn=text_reward, examples=examples)
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from rl_worker import on_token_ids  # the prompts above and text_reward, in place of the causal ones
+    on_token_ids(setattr, text_reward, examples)
+    result = train_rl(config)
     if args.device.startswith("cuda"):
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:

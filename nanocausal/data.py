@@ -337,26 +337,31 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def micro_batches(rows, indices, collate, pad_id, batch_size, device, max_tokens=0):
-    """One step's examples (`indices` into rows) cut, in order, into micro-batches of batch_size,
-    collated and on the device; each batch carries its example indices (a precomputed reference
-    looks them up). max_tokens > 0 also ends a micro-batch before its padded tokens (every
-    (B, T) id tensor the collate makes: DPO's chosen and rejected rows, KTO's KL pairs) would pass
-    max_tokens; an example over the budget goes alone. The losses normalise over the whole step,
+def cut(items, size, max_tokens=0, padded_tokens=None):
+    """`items` cut, in order, into lists of at most `size`, and (max_tokens > 0) of at most
+    max_tokens padded tokens, padded_tokens(list) counting them; an item over the budget goes
+    alone. The one micro-batch cutter of every trainer: the losses normalise over the whole step,
     so the cut changes memory, not the gradient."""
+    chunks, chunk = [], []
+    for i in items:
+        if chunk and (len(chunk) == size or (max_tokens and padded_tokens(chunk + [i]) > max_tokens)):
+            chunks.append(chunk)
+            chunk = []
+        chunk.append(i)
+    return chunks + [chunk] if chunk else chunks
+
+
+def micro_batches(rows, indices, collate, pad_id, batch_size, device, max_tokens=0):
+    """One step's examples (`indices` into rows) cut into micro-batches (`cut`: at most batch_size,
+    and max_tokens counting every (B, T) id tensor the collate makes: DPO's chosen and rejected
+    rows, KTO's KL pairs), collated and on the device; each batch carries its example indices (a
+    precomputed reference looks them up)."""
     def tokens(chunk):
         batch = collate([rows[i] for i in chunk], pad_id)
         return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
 
-    chunks, chunk = [], []
-    for i in indices:
-        if chunk and (len(chunk) == batch_size or (max_tokens and tokens(chunk + [i]) > max_tokens)):
-            chunks.append(chunk)
-            chunk = []
-        chunk.append(i)
-    chunks += [chunk] if chunk else []
     out = []
-    for chunk in chunks:
+    for chunk in cut(indices, batch_size, max_tokens, tokens):
         batch = to_device(collate([rows[i] for i in chunk], pad_id), device)
         batch["indices"] = torch.tensor(chunk)
         out.append(batch)

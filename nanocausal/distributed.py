@@ -1,9 +1,10 @@
 """Several processes, one run: what `torchrun --nproc-per-node N train_sft.py ...` changes.
 
 torchrun starts N copies of the script and gives each RANK, WORLD_SIZE and LOCAL_RANK in its
-environment; `setup` joins them into one process group (nccl on CUDA, one GPU per process; gloo
-on CPU, which is how the tests run 2 ranks on a laptop). With WORLD_SIZE 1 (plain `python
-train_sft.py`) nothing here does anything, so the single-process code path is the same code.
+environment; `setup` joins them into one process group (nccl on CUDA, one GPU per process, with
+gloo beside it for CPU scalars; gloo alone on CPU, which is how the tests run 2 ranks on a laptop).
+With WORLD_SIZE 1 (plain `python train_sft.py`) nothing here does anything, so the single-process
+code path is the same code.
 
 Sharding is PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`): each transformer block is
 one unit and the whole model (embeddings, final norm, head) the root unit. Every parameter lives
@@ -52,8 +53,13 @@ def setup(device):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(BACKENDS["cuda" if cuda else "cpu"])
     return device
+
+
+# The process group's backend for each kind of device: nccl reduces CUDA tensors only, so a CUDA run
+# adds gloo for the CPU scalars (token counts, metric sums, flags) the helpers below reduce.
+BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
 
 
 def teardown():
@@ -106,7 +112,8 @@ def full_state_dict(module, device="cpu", dtype=None):
     """{name: full tensor} of every parameter, on `device` (and floats in `dtype`), one all-gather at
     a time, so at most one full parameter exists beyond the result (every rank must call it; every
     rank gets the tensors). A tied head appears once, as the embedding."""
-    return {name: full_tensor(p.detach()).to(device, dtype if dtype and p.dtype.is_floating_point else p.dtype)
+    # each shard is cast before the gather (bf16 moves half the bytes of float32; the cast is per element)
+    return {name: full_tensor(p.detach().to(dtype if dtype and p.dtype.is_floating_point else p.dtype)).to(device)
             for name, p in module.named_parameters()}
 
 
@@ -263,9 +270,7 @@ def load_shards(folder, saved_world_size, model, extra_modules, optimizer):
         rng = fill_optimizer_state(template, folder)
     except ValueError as e:
         error = e
-    failed = torch.tensor(int(error is not None), device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(failed)  # (nccl reduces GPU tensors only)
-    if failed.item():
+    if all_sum(int(error is not None)):
         raise error or ValueError(f"{folder}: another rank could not read its optimiser shard (its error is above)")
     set_optimizer_state_dict(modules, optimizer, template)
     checkpoint.set_rng_state(rng)
@@ -299,6 +304,19 @@ def all_max(value):
     t = torch.tensor(value)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
+
+
+def all_sums(sums, device):
+    """{name: float32 sum over ranks} of every name any rank has in `sums` (a rank that ran no
+    micro-batch may have none)."""
+    names = sorted(set().union(*all_objects(sorted(sums))))
+    return {k: all_sum(torch.as_tensor(sums.get(k, 0.0), device=device).float()) for k in names}
+
+
+def all_lists(*lists):
+    """Each list concatenated over the ranks, in rank order (every rank gets every item)."""
+    parts = all_objects(lists)
+    return [[x for part in parts for x in part[i]] for i in range(len(lists))]
 
 
 def all_cat(t, dim=-1):

@@ -129,9 +129,8 @@ def grpo_loss(logps, old_logps, advantages, completion_mask, ref_logps=None, bet
     the whole completion_mask).
 
     logps: (B, T) current policy log-probs (with gradient); old_logps: (B, T) log-probs of the
-    policy that sampled (from the sampler), or None when on-policy (then logps.detach() is used, so
-    ratio = 1 and no extra forward pass is needed); advantages: (B,) or (B, T); ref_logps: (B, T)
-    reference log-probs, needed when beta != 0; entropies: (B, T) token entropies of the policy,
+    policy before this update (strictly on-policy logps.detach() itself: ratio = 1); advantages:
+    (B,) or (B, T); ref_logps: (B, T) reference log-probs, needed when beta != 0; entropies: (B, T) token entropies of the policy,
     needed by top_entropy_quantile < 1 and entropy_coef != 0 (with gradient for the bonus).
 
     Pinned conventions:
@@ -176,7 +175,7 @@ def grpo_loss(logps, old_logps, advantages, completion_mask, ref_logps=None, bet
     mask = completion_mask.bool()
     _check_same_shape("logps", logps, "completion_mask", completion_mask)
     logps = logps.float()
-    old_logps = logps.detach() if old_logps is None else old_logps.detach().float()
+    old_logps = old_logps.detach().float()
     _check_same_shape("old_logps", old_logps, "completion_mask", completion_mask)
     advantages = advantages.detach().float()
     if advantages.dim() == 1:

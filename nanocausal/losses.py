@@ -279,11 +279,11 @@ def gae(rewards, values, completion_mask, gamma=1.0, lam=0.95):
 
 
 @torch.no_grad()
-def whiten(values, mask, shift_mean=True):
+def whiten(values, mask):
     """
     Normalise values to zero mean and unit variance over the true entries of mask.
 
-        whitened = (x - mean) / sqrt(var + 1e-8)      (+ mean back when shift_mean=False)
+        whitened = (x - mean) / sqrt(var + 1e-8)
 
     Pinned conventions (TRL's masked_whiten): mean and variance over masked entries only, the
     variance unbiased (ddof = 1), 1e-8 inside the square root; masked entries come out as 0.
@@ -296,8 +296,6 @@ def whiten(values, mask, shift_mean=True):
     mean = _masked_sum(values, mask) / count
     variance = _masked_sum((values - mean) ** 2, mask) / (count - 1)
     whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
     return torch.where(mask, whitened, torch.zeros_like(whitened))
 
 
@@ -313,8 +311,9 @@ def ppo_loss(logps, old_logps, advantages, values, old_values, returns, completi
         loss      = sum_t mask_t * (policy_t + value_coef * value_t) / N
 
     logps, values: current policy log-probs and value-head outputs (with gradient); old_logps,
-    old_values: the rollout's; advantages: GAE advantages, already whitened (see whiten);
-    returns: GAE returns (the value targets, not whitened).
+    old_values: the policy's and the value head's before this update (rollout.Rollouts);
+    advantages: GAE advantages, already whitened (see whiten); returns: GAE returns (the value
+    targets, not whitened).
 
     Pinned conventions (TRL PPOTrainer): both terms are masked token means; the value loss carries
     the 0.5 factor and takes the max (pessimistic) of the unclipped and clipped squared errors;

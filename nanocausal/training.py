@@ -322,6 +322,10 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
           desc="train"):
     """Run step_fn(step) -> metrics from the current step to config.steps; log, evaluate, save.
 
+    step_fn's contract: it runs one step's passes and optimiser step(s) and returns {name: number}
+        logged as they are, with one exception: "tokens" (optional, the tokens the step ran
+        through) is logged as tokens_per_s over the step's wall time.
+
     data_stream: the resumable source of the run's examples (data.Batches or rollout.PromptStream):
         its state_dict() is saved with every checkpoint and restored on --resume.
     tokenizer: needed for the periodic evaluation (none: no evaluation) and copied into checkpoints.

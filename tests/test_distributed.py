@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, make_hf_checkpoint, make_tiny_chat_model, run_script, tiny_examples, write_jsonl
+from nanocausal import distributed
 from nanocausal.checkpoint import load_model
 from nanocausal.evaluation import read_responses
 
@@ -133,6 +134,44 @@ def test_rl_on_two_ranks_equals_one(rl_model, tmp_path, algo):
         heads = [load_file(tmp_path / run / "checkpoint" / "value_head.safetensors") for run in ("one", "two")]
         assert heads[0]["weight"].abs().sum() > 0
         torch.testing.assert_close(heads[1]["weight"], heads[0]["weight"], rtol=0, atol=1e-5)
+
+
+def test_the_generation_copy_gathers_bf16_shards_and_equals_the_float32_gather_cast(rl_model, tmp_path):
+    """The rollouts' copy of a sharded model casts each shard to bf16 before the all-gather (half the
+    bytes of float32), and is exactly the float32 gather cast afterwards (the cast is per element)."""
+    tmp_path.mkdir(exist_ok=True)
+    torchrun("tests/rl_worker.py", rl_model, tmp_path, "copy")
+    for rank in (0, 1):
+        with open(tmp_path / f"copy-rank{rank}.json") as f:
+            result = json.load(f)
+        assert result["gathered_dtypes"] == ["torch.bfloat16"]
+        assert len(result["equal"]) > 5 and all(result["equal"].values()), result["equal"]
+
+
+def test_collectives_get_tensors_the_cuda_process_group_serves():
+    """nccl reduces CUDA tensors only. A CUDA run's process group (distributed.BACKENDS["cuda"]),
+    each backend replaced by PyTorch's fake one, which likewise refuses a tensor on a device it was
+    not registered for: every collective helper the trainers call runs on it. (An nccl-only group,
+    as before, fails at the first CPU scalar: checked first, so this test can fail.)"""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    def fake(backend):
+        return ",".join(f"{pair.split(':')[0]}:fake" for pair in backend.split(","))
+    dist.init_process_group(fake("cuda:nccl"), store=FakeStore(), rank=0, world_size=2)
+    try:
+        with pytest.raises(RuntimeError, match="device type cpu"):
+            distributed.all_sum(1)
+    finally:
+        dist.destroy_process_group()
+    dist.init_process_group(fake(distributed.BACKENDS["cuda"]), store=FakeStore(), rank=0, world_size=2)
+    try:
+        assert distributed.world_size() == 2
+        distributed.all_sum(3), distributed.all_sum(torch.tensor(2.0)), distributed.all_max(4)
+        distributed.pad_to_longest([1], None), distributed.all_cat(torch.ones(2))
+        distributed.all_sums({"loss": torch.tensor(1.0)}, "cpu"), distributed.all_lists([1], [2])
+    finally:
+        dist.destroy_process_group()
 
 
 def test_ppo_resumes_exactly_on_two_ranks(rl_model, tmp_path):

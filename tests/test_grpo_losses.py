@@ -112,7 +112,7 @@ def test_top_entropy_tokens_and_bonus_by_hand():
     assert kept.tolist() == [[False, True, True, False], [False, True, False, False]]
     logps = torch.full((2, 4), -1.0, requires_grad=True)
     advantages = torch.tensor([1.0, -2.0])
-    loss, metrics = grpo_loss(logps, None, advantages, mask, entropies=entropies, entropy_coef=0.1,
+    loss, metrics = grpo_loss(logps, logps.detach(), advantages, mask, entropies=entropies, entropy_coef=0.1,
                               top_entropy_quantile=0.4)
     # on-policy: each kept token contributes -A; the normaliser is every completion token (7)
     policy = (-1.0 - 1.0 + 2.0) / 7
@@ -122,7 +122,7 @@ def test_top_entropy_tokens_and_bonus_by_hand():
     loss.backward()
     torch.testing.assert_close(entropies.grad, -0.1 * kept.float() / 7)
     with pytest.raises(ValueError, match="entropies"):
-        grpo_loss(logps, None, advantages, mask, top_entropy_quantile=0.5)
+        grpo_loss(logps, logps.detach(), advantages, mask, top_entropy_quantile=0.5)
 
 
 # -----------------------------------------------------------------------------

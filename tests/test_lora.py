@@ -18,6 +18,7 @@ from nanocausal.rl import RLConfig, train_rl
 from nanocausal.sampling import generate
 from nanocausal.sft import SFTConfig, train_sft
 from nanocausal.tokenizer import Tokenizer
+from rl_worker import on_token_ids
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -88,8 +89,9 @@ def trained_adapter(request, tiny_chat_model, sft_adapter, tmp_path_factory):
     else:
         tokenizer = Tokenizer.from_pretrained(tiny_chat_model)
         prompts = [{"prompt_ids": tokenizer.encode(e["prompt"])} for e in tiny_examples(4)]
-        train_rl(RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=6, **common),
-                 reward_fn=lambda example, ids: float(sum(ids) % 2), examples=prompts)
+        with pytest.MonkeyPatch.context() as patch:
+            on_token_ids(patch.setattr, lambda example, ids: float(sum(ids) % 2), prompts)
+            train_rl(RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=6, **common))
     return out / "run" / "checkpoint"
 
 
@@ -173,7 +175,9 @@ def rl_run(model, out_dir, **fields):
     config = RLConfig(**{"model": str(model), "out_dir": str(out_dir), "device": "cpu", "eval_every": 0,
                          "prompts_per_step": 8, "max_new_tokens": 4, "micro_batch_size": 16, "warmup_steps": 0,
                          "group_size": 8, "lora_rank": 8, **fields})
-    return train_rl(config, reward_fn=ends_with_three, examples=prompts)
+    with pytest.MonkeyPatch.context() as patch:
+        on_token_ids(patch.setattr, ends_with_three, prompts)
+        return train_rl(config)
 
 
 def test_grpo_with_lora_learns_the_trivial_reward(tiny_rl_model, tmp_path):

@@ -9,6 +9,7 @@ import torch
 from conftest import make_hf_checkpoint, run_script
 from nanocausal import checkpoint, memory_plan, refill
 from nanocausal.rl import RLConfig, train_rl
+from rl_worker import on_token_ids
 
 transformers = pytest.importorskip("transformers")
 SHAPES = ("Qwen2.5-1.5B-Instruct", "DeepSeek-R1-Distill-Qwen-1.5B", "DeepSeek-R1-Distill-Qwen-7B",
@@ -56,7 +57,8 @@ def test_the_plan_equals_the_real_tensors_after_a_step(tmp_path, monkeypatch, dt
         caches.append(tensor_bytes(t for pair in self.kv_cache for t in pair))
 
     monkeypatch.setattr(refill.Slots, "__init__", recording)
-    model = train_rl(config, reward_fn=lambda example, ids: float(sum(ids) % 2), examples=prompts).model
+    on_token_ids(monkeypatch.setattr, lambda example, ids: float(sum(ids) % 2), prompts)
+    model = train_rl(config).model
     planned = memory_plan.plan(config, "grpo", prompt_tokens=prompt_tokens)["bytes"]
 
     assert planned["weights"] == tensor_bytes(model.parameters())

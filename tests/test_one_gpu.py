@@ -156,19 +156,32 @@ def test_graph_bucket_widths_compute_the_same_tokens(tiny, generate_fn, monkeypa
     assert len(set(widths)) > 3 and all(w % 4 == 0 or w == max(widths) for w in widths)
 
 
+def test_the_one_micro_batch_cutter_by_hand():
+    """data.cut, which the offline trainers and the RL rollouts both use: in order, at most `size`
+    items, at most max_tokens padded tokens (here rows x the longest), an item over the budget alone."""
+    from nanocausal.data import cut
+    lengths = [2, 2, 3, 5, 5, 9, 20]
+    padded = lambda chunk: len(chunk) * max(lengths[i] for i in chunk)  # noqa: E731
+    assert cut(range(6), 3) == [[0, 1, 2], [3, 4, 5]]
+    assert cut(range(7), 3, 10, padded) == [[0, 1, 2], [3, 4], [5], [6]]  # 2 x 5 = 10 fits, 3 x 9 does not
+    assert cut([6, 0], 3, 10, padded) == [[6], [0]] and cut([], 3) == []
+
+
 def test_micro_batches_respect_the_token_budget_and_leave_the_gradient_unchanged(tiny, monkeypatch):
     from nanocausal import rl, rollout
     model = load_model(tiny)
     prompts = [[5] * n for n in (3, 9, 4, 14, 6, 2)]
     batch = rollout.rollout(model, prompts, 2, 10, 1.0, 1.0, 0, 0, list(range(0, 256, 7)), 0)
-    batch["advantages"] = torch.randn(len(prompts) * 2, generator=torch.Generator().manual_seed(0))
-    last = batch["completion_mask"].cumsum(1).argmax(1)
+    batch.advantages = torch.randn(len(prompts) * 2, generator=torch.Generator().manual_seed(0))
+    last = batch.completion_mask.cumsum(1).argmax(1)
     assert len(set(last.tolist())) > 4  # lengths differ: the budget matters
     budget = 48
     seen = []
-    for index, mb in rollout.row_micro_batches(batch, range(12), 5, budget):
+    for index, mb in batch.micro_batches(range(12), 5, budget):
         seen += index.tolist()
-        assert len(index) <= 5 and (mb["input_ids"].numel() <= budget or len(index) == 1)
+        assert len(index) <= 5 and (mb.input_ids.numel() <= budget or len(index) == 1)
+        assert torch.equal(mb.advantages, batch.advantages[index])
+        assert mb.completions == [batch.completions[r] for r in index]
     assert sorted(seen) == list(range(12))
 
     def gradient(**fields):
@@ -182,7 +195,7 @@ def test_micro_batches_respect_the_token_budget_and_leave_the_gradient_unchanged
         monkeypatch.setattr(rl.training, "optimizer_step", record)
         model.zero_grad(set_to_none=True)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        metrics, _ = rl.update(model.train(), rl.GRPO(config, None), optimizer, dict(batch), config, 0)
+        metrics, _ = rl.update(model.train(), rl.GRPO(config), optimizer, batch, config, 0)
         return grads, metrics
 
     by_rows, metrics_rows = gradient(micro_batch_size=16)

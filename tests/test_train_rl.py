@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import help_of_every_flag, make_hf_checkpoint, run_script
+from rl_worker import on_token_ids
 from nanocausal.checkpoint import load_model
 from nanocausal.model import Transformer
 from nanocausal import rl
@@ -40,7 +41,9 @@ def tiny_model(tmp_path_factory):
 def run(model, out_dir, reward_fn=ends_with_target, **fields):
     config = RLConfig(**{"model": str(model), "out_dir": str(out_dir), "device": "cpu", "eval_every": 0,
                          "prompts_per_step": 8, "max_new_tokens": 4, "micro_batch_size": 16, "warmup_steps": 0, **fields})
-    trained = train_rl(config, reward_fn=reward_fn, examples=prompts()).model
+    with pytest.MonkeyPatch.context() as patch:  # token-id prompts and reward, no tokenizer
+        on_token_ids(patch.setattr, reward_fn, prompts())
+        trained = train_rl(config).model
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return trained, [json.loads(line) for line in f]
 
@@ -77,11 +80,11 @@ def test_rollouts_do_not_depend_on_the_slot_count(tiny_model):
     prompt_ids = [p["prompt_ids"] for p in prompts(5)]
     batches = [rollout(model, prompt_ids, 3, 6, 1.0, 1.0, 0, seed=7, eos_token_ids=[TARGET], pad_token_id=0,
                        vocab_size=VOCAB, slots=slots) for slots in (None, 3, 7)]
-    assert any(len(c) < 6 for c in batches[0]["completions"])  # some end early: refill has work to do
+    assert any(len(c) < 6 for c in batches[0].completions)  # some end early: refill has work to do
     for batch in batches[1:]:
-        assert batch["completions"] == batches[0]["completions"]
-        assert torch.equal(batch["input_ids"], batches[0]["input_ids"])
-        torch.testing.assert_close(batch["old_logprobs"], batches[0]["old_logprobs"], rtol=0, atol=1e-5)
+        assert batch.completions == batches[0].completions
+        assert torch.equal(batch.input_ids, batches[0].input_ids)
+        torch.testing.assert_close(batch.sampler_logprobs, batches[0].sampler_logprobs, rtol=0, atol=1e-5)
 
 
 def test_off_policy_old_logprobs_come_from_the_training_forward(tiny_model, tmp_path, monkeypatch):
@@ -105,7 +108,7 @@ def off_by_half(monkeypatch):
 
     def rollout(*args, **kwargs):
         batch = real(*args, **kwargs)
-        batch["old_logprobs"] = batch["old_logprobs"] - 0.5 * batch["completion_mask"]
+        batch.sampler_logprobs = batch.sampler_logprobs - 0.5 * batch.completion_mask
         return batch
     monkeypatch.setattr(rl, "rollout", rollout)
 
@@ -252,10 +255,10 @@ def test_truncated_completions_masked_or_counted(tiny_model_with_eos, tmp_path, 
     _, rows = run(tiny_model_with_eos, tmp_path, steps=1, group_size=4, lr=1e-2, max_new_tokens=3,
                   mask_truncated=mask_truncated)
     batch = updates[0][3]
-    truncated = torch.tensor(batch["truncated"])
-    lengths = torch.tensor([len(c) for c in batch["completions"]])
+    truncated = torch.tensor(batch.truncated)
+    lengths = torch.tensor([len(c) for c in batch.completions])
     assert rows[0]["truncated"] == truncated.float().mean().item() > 0.5
-    mask = batch["completion_mask"]
+    mask = batch.completion_mask
     if mask_truncated:
         assert mask[truncated].sum() == 0 and torch.equal(mask[~truncated].sum(1), lengths[~truncated])
         assert rows[0]["truncated_loss_tokens"] == 0
@@ -282,8 +285,8 @@ def test_dynamic_sampling_trains_informative_groups(tiny_model, tmp_path, monkey
     for row, call in zip(rows, updates):
         batch = call[3]
         assert row["prompts_drawn"] == 8 * row["sampling_rounds"]
-        assert len(batch["completions"]) == 8 * 2  # always prompts_per_step groups
-        differs = [a != b for a, b in zip(batch["advantages"][0::2].tolist(), batch["advantages"][1::2].tolist())]
+        assert len(batch.completions) == 8 * 2  # always prompts_per_step groups
+        differs = [a != b for a, b in zip(batch.advantages[0::2].tolist(), batch.advantages[1::2].tolist())]
         kept = row["groups_kept"]
         assert differs == [True] * kept + [False] * (8 - kept)  # informative groups first, then the top-up
         assert kept == 8 or row["sampling_rounds"] == 6
