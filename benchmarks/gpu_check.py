@@ -373,8 +373,11 @@ def grpo(ctx, name, rank):
     ctx.release()  # the peak below is this step's alone
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats()
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from rl_worker import on_token_ids  # token-id prompts, a text-free reward, no tokenizer (issue #27)
+    on_token_ids(setattr, lambda example, ids: float(sum(ids) % 2), examples)
     with patched(checkpoint, "save_checkpoint", lambda *args, **kwargs: None):
-        result = train_rl(config, reward_fn=lambda example, ids: float(sum(ids) % 2), examples=examples)
+        result = train_rl(config)
     peak = torch.cuda.max_memory_allocated() if ctx.cuda else None
     planned = memory_plan.plan(config, "grpo", prompt_tokens=prompt_tokens)["total_bytes"]
     row = result.history[-1]
