@@ -31,6 +31,7 @@ The modules built on this one, each importing only those before it:
     nanocausal.problems      the generator, dataset rows and the CLI
 """
 import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -243,10 +244,7 @@ def value_of(expr, lookup):
     if op == "-":
         return args[0] - args[1]
     if op == "*":
-        out = 1.0
-        for a in args:
-            out *= a
-        return out
+        return math.prod(args)
     if op == "/":
         return args[0] / args[1]
     return {"min1": lambda v: min(1.0, v), "max0": lambda v: max(0.0, v), "r4": lambda v: round(v, 4)}[op](args[0])
