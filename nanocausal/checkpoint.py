@@ -382,8 +382,8 @@ def recover(out_dir):
 
 
 def copy_tokenizer_files(source, out_dir):
-    """Copy the tokenizer files of a checkpoint (an adapter folder without them: its base's) to out_dir;
-    a random-weight model of a config.json has none."""
+    """Copy the tokenizer files of a checkpoint (an adapter folder without them: its base's); a
+    config.json (a random-weight model) has none."""
     if str(source).endswith(".json"):
         return
     folder = resolve_model(source)
@@ -441,9 +441,8 @@ def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_st
 
 
 def _write_folder(tmp_dir, model, tokenizer_source, optimizer, trainer_state, extra_modules, staged):
-    """save_checkpoint's writing: every file into tmp_dir, fsynced, then the manifest (each file's
-    size and SHA-256, for `verify`; hashing re-reads what was just written, from the page cache, at
-    about 1.4 GB/s: 11 s for 7B bf16 weights, 45 s more for a full fine-tune's AdamW moments)."""
+    """save_checkpoint's writing: every file into tmp_dir, fsynced, then the manifest (hashing
+    re-reads what was just written, from the page cache: the cost `verify` states)."""
     from safetensors.torch import save_file
 
     save_model(model, tmp_dir)

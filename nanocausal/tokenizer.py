@@ -23,10 +23,6 @@ generation_config.json lists both <|im_end|> and <|endoftext|>, Llama 3.1's thre
 Training on a reply. `encode_chat_completion` returns prompt + completion ids and a mask that is 1
 on the completion only, its end-of-turn token included: the model must learn to say the answer
 *and* to stop; a reply trained without its EOS never ends at sampling time.
-
-Untrusted templates. A template from the hub is a program: it renders in Jinja's immutable sandbox
-with a budget of operations and characters per render (see "The chat template's sandbox" below),
-so a template that loops forever or builds a 10 GB string is refused in one line naming its file.
 """
 import functools
 import json
@@ -96,8 +92,8 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 #     results) is charged its length; at most MAX_TEMPLATE_CHARS in all, which bounds the memory.
 #     Operations whose result can be far larger than their inputs (* and **, padding widths,
 #     replace, join, indent) are refused from their arguments before they run.
-# Over budget is a SecurityError; Tokenizer.render_chat turns any failure of the template into
-# one line naming the template's file. Real templates never come near these limits.
+# Over budget is a SecurityError, which render_chat reports in one line naming the template's
+# file. Real templates never come near these limits.
 MAX_TEMPLATE_OPERATIONS = 1_000_000
 MAX_TEMPLATE_CHARS = 50_000_000
 MAX_TEMPLATE_INT_ARGUMENT = 100_000  # widths and counts passed to filters and methods (range's own limit)
@@ -106,8 +102,8 @@ _HUGE_FORMAT_WIDTH = re.compile(r"\d{6,}")  # in a format string: a width of a m
 
 
 class _Budget(Extension):
-    """The per-render budget (module comment above); the sandbox's hooks and the calls that
-    _BoundedSandbox._parse inserts into the template spend it. render_chat resets it."""
+    """The per-render budget (comment above), spent by the sandbox's hooks and by the calls that
+    _BoundedSandbox._parse inserts; render_chat resets it."""
 
     def __init__(self, environment):
         super().__init__(environment)
@@ -169,7 +165,6 @@ class _Budget(Extension):
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox with a budget (module comment above)."""
     intercepted_binops = frozenset(["*", "**", "+", "%"])
 
     @property
