@@ -352,12 +352,10 @@ def load_dataset(spec, style="basic"):
 def record_fields(item, response):
     """The scoring fields of an evaluation record of a CaLM item: rung, style, CaLM's label of the
     response and `correct` (None when the task is not scored or the model gave no response)."""
-    task, style = item["type"], item["style"]
-    if response is None:
-        return {"rung": item["rung"], "style": style, "label": None, "correct": None}
-    label = predicted_label(response, item["calm"], task, style) if scored(task) else None
-    return {"rung": item["rung"], "style": style, "label": label,
-            "correct": is_correct(response, item["calm"], task, style)}
+    task, style, answered = item["type"], item["style"], response is not None
+    return {"rung": item["rung"], "style": style,
+            "label": predicted_label(response, item["calm"], task, style) if answered and scored(task) else None,
+            "correct": is_correct(response, item["calm"], task, style) if answered else None}
 
 # ----------------------------------------------------------------------------- the table
 

@@ -162,9 +162,11 @@ def load_model(name_or_path, dtype=None, device=None) -> Transformer:
             if not tensor.dtype.is_floating_point:  # an integer tensor would be cast to float without a word
                 raise ValueError(f"{file}: tensor {key} holds {str(tensor.dtype).removeprefix('torch.')} values; "
                                  f"a weight must be a floating-point tensor")
-            # move, then convert: a bf16 checkpoint crosses to the GPU in bf16 (half the bytes of
-            # converting first on the CPU) and is widened there
-            _set_parameter(model, key, tensor.to(device).to(dtype))
+            # the meta parameter is replaced; move, then convert: a bf16 checkpoint crosses to the
+            # GPU in bf16 (half the bytes of converting first on the CPU) and is widened there
+            module_name, _, attr = key.removeprefix("model.").rpartition(".")
+            setattr(model.get_submodule(module_name), attr,
+                    nn.Parameter(tensor.to(device).to(dtype), requires_grad=expected[key].requires_grad))
             loaded.add(key)
     missing = sorted(expected.keys() - loaded)
     if missing:
@@ -193,13 +195,6 @@ def random_model(config_json, dtype=None, device=None, seed=0):
     return model.eval()
 
 
-def _set_parameter(model: nn.Module, hf_key: str, tensor: torch.Tensor):
-    """Replace the (meta) parameter named by a checkpoint key with a loaded tensor."""
-    module_name, _, attr = hf_key.removeprefix("model.").rpartition(".")
-    module = model.get_submodule(module_name)
-    setattr(module, attr, nn.Parameter(tensor, requires_grad=getattr(module, attr).requires_grad))
-
-
 def save_model(model: Transformer, out_dir, max_shard_bytes=5 * 1024**3):
     """Write config.json and model.safetensors (or shards + index) that transformers loads; for a
     LoRA model, the adapters only, as a peft folder whose base is model.lora_base."""
@@ -214,17 +209,13 @@ def save_model(model: Transformer, out_dir, max_shard_bytes=5 * 1024**3):
         json.dump(config, f, indent=2)
 
     state = {hf_name(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()}  # a tied head once
-    shards, current, size = [], {}, 0
+    shards, size = [{}], 0
     for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = tensor
-        size += nbytes
-    shards.append(current)
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][key], size = tensor, size + tensor.nbytes
     for old in os.listdir(out_dir):  # a re-save with fewer shards must not leave stale ones behind
-        if old.startswith("model") and (old.endswith(".safetensors") or old.endswith(".safetensors.index.json")):
+        if old.startswith("model") and old.endswith((".safetensors", ".safetensors.index.json")):
             os.remove(os.path.join(out_dir, old))
     if len(shards) == 1:
         save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
@@ -234,9 +225,9 @@ def save_model(model: Transformer, out_dir, max_shard_bytes=5 * 1024**3):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
         weight_map.update({key: name for key in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        json.dump({"metadata": {"total_size": sum(t.nbytes for t in state.values())}, "weight_map": weight_map}, f,
+                  indent=2)
 
 
 # -----------------------------------------------------------------------------

@@ -282,14 +282,6 @@ class Query:
     bound: str = ""   # "upper" / "lower" for PN, PS
 
 
-def _do_prob(q, y, x, z, extra=()):
-    """P(Y=y | do(X=x), extra) = sum_z P(y|x,extra,z) P(z), a tree; r4 of it for PN/PS."""
-    if not z:
-        return prob([(q.y_var, y)], [(q.x_var, x), *extra])
-    return ("+", *[("*", prob([(q.y_var, y)], [(q.x_var, x), *extra, (z[0], zv)]), prob([(z[0], zv)]))
-                   for zv in (0, 1)])
-
-
 def formula(q, z=(), m=()):
     """The expression tree for query q with backdoor set z and mediator set m."""
     X, Y, x, y, x_ = q.x_var, q.y_var, q.x, q.y, 1 - q.x
@@ -320,8 +312,13 @@ def formula(q, z=(), m=()):
 
 
 def _bound_formula(q, z):
-    """The PN/PS bound of q (module docstring), with P(y|do(x)) rounded to 4 decimals when adjusted."""
-    do = lambda y: ("r4", _do_prob(q, y, q.x, z)) if z else _do_prob(q, y, q.x, z)
+    """The PN/PS bound of q (module docstring); P(y|do(x)) = sum_z P(y|x,z) P(z) is rounded to 4
+    decimals when adjusted."""
+    def do(y):
+        if not z:
+            return prob([(q.y_var, y)], [(q.x_var, q.x)])
+        return ("r4", ("+", *[("*", prob([(q.y_var, y)], [(q.x_var, q.x), (z[0], zv)]), prob([(z[0], zv)]))
+                              for zv in (0, 1)]))
     both = prob([(q.x_var, q.xf), (q.y_var, q.yf)])
     if q.bound == "upper":
         return ("min1", ("/", ("-", do(q.y), prob([(q.x_var, q.x), (q.y_var, q.y)])), both))
