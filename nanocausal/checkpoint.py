@@ -10,12 +10,9 @@ here, plus what --resume needs:
     trainer_state.pt             optimiser state, step, data position, RNG states, the run's config
     manifest.json                every file's size and SHA-256, written last: the folder is whole
 
-trainer_state.pt holds tensors and plain Python types only and is read with
-torch.load(weights_only=True), which refuses to unpickle anything else: resuming never runs code
-from a file (under torchrun the optimiser shards are safetensors + JSON: distributed.py).
-Safetensors and JSON are read by nanocausal.safe_files, every offset checked, and every
-parameter name, shape and dtype checked against the config before it is copied into the model.
-Loading a folder that has a manifest first checks the SHA-256 of every file it reads (`verify`).
+Every file is read through nanocausal.safe_files (no code path: resuming never runs code from a
+file), each weight checked against the config before it is copied into the model, and, in a
+folder that has a manifest, each file's SHA-256 first (`verify`).
 """
 
 import hashlib

@@ -252,13 +252,12 @@ def main(argv=None):
         try:
             with open(args.solve, encoding="utf-8") as f:
                 text = f.read()
+            data = json.loads(text) if text.lstrip().startswith("[") else \
+                [json.loads(ln) for ln in text.splitlines() if ln.strip()]
         except OSError as e:
             ap.error(f"cannot read {args.solve}: {e.strerror}")
         except UnicodeDecodeError as e:
             ap.error(f"{args.solve}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})")
-        try:
-            data = json.loads(text) if text.lstrip().startswith("[") else \
-                [json.loads(ln) for ln in text.splitlines() if ln.strip()]
         except json.JSONDecodeError as e:
             ap.error(f"{args.solve}: not JSON or JSONL ({e.msg}, line {e.lineno})")
         except RecursionError:
