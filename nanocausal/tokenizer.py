@@ -52,9 +52,7 @@ def _read_json(path):
 
 def _token_string(value):
     """A special token in a config is a plain string or a serialised AddedToken {"content": ...}."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
 
 
 class _GenerationTag(Extension):
@@ -251,11 +249,10 @@ class Tokenizer:
 
         # Special-token strings (bos_token, eos_token, ..., plus model-specific ones such as
         # image_token): the template sees them as variables, like transformers' special_tokens_map.
-        self.special_tokens = {}
-        for source in (legacy_map, config):  # tokenizer_config.json wins over the legacy file
-            for name, value in source.items():
-                if name.endswith("_token") and _token_string(value) is not None:
-                    self.special_tokens[name] = _token_string(value)
+        # tokenizer_config.json wins over the legacy file.
+        self.special_tokens = {name: _token_string(value) for source in (legacy_map, config)
+                               for name, value in source.items()
+                               if name.endswith("_token") and _token_string(value) is not None}
 
         # The chat template: chat_template.jinja takes priority (newer transformers save it there).
         template_file = os.path.join(folder, "chat_template.jinja")
@@ -276,18 +273,15 @@ class Tokenizer:
             self.chat_templates = {t["name"]: t["template"] for t in named}
         elif named and not isinstance(named, str):
             raise ValueError(f"{config_file}: 'chat_template' must be a string, got {type(named).__name__}")
-        elif named:
-            self.chat_templates = {"default": named}
         else:
-            self.chat_templates = {}
+            self.chat_templates = {"default": named} if named else {}
         for name in self.chat_templates:  # a template that does not compile is refused at load
             self._template(name)
 
         # Every id that ends a reply, the tokenizer's own eos first (see the module docstring).
         ids = [self.token_to_id(self.special_tokens["eos_token"])] if "eos_token" in self.special_tokens else []
         for name in ("generation_config.json", "config.json"):
-            settings = _read_json(os.path.join(folder, name))
-            eos = settings.get("eos_token_id") if isinstance(settings, dict) else None
+            eos = _read_json(os.path.join(folder, name)).get("eos_token_id")
             eos = eos if isinstance(eos, list) else [eos]
             if any(i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size)
                    for i in eos):

@@ -15,9 +15,8 @@ tracker is a second copy for watching. The loop calls
     tracker.log_completions(step, records)  # a table of sampled evaluation completions
     tracker.finish()                        # at the end (also after Ctrl-C)
 
-What each backend receives: every numeric value of a row as a scalar named by its metrics.jsonl
-key at x = row["step"] ("step" is the axis; "time" and strings are left out, see scalars()); the completions as a
-table (wandb, trackio) or as markdown text (TensorBoard); the run's config once.
+What each backend receives: the numeric values of each row at x = row["step"] (scalars()), the
+completions as a table (wandb, trackio) or markdown text (TensorBoard), the run's config once.
 
 Conventions pinned here:
 - Each backend is imported only when asked for. A missing package is a ValueError of one line
