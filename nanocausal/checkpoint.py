@@ -384,11 +384,9 @@ def copy_tokenizer_files(source, out_dir):
 
 def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_state=None, extra_modules=None, keep=1,
                     staged=None):
-    """Write out_dir as a Hugging Face folder (config, safetensors, tokenizer files) that
-    `load_model` and transformers load, plus trainer_state.pt holding the optimiser, the step,
-    the data position and every RNG state, so --resume continues exactly. trainer_state must hold
-    plain types only (numbers, strings, lists, dicts). extra_modules (e.g. a PPO value head) are
-    saved as <name>.safetensors beside the model.
+    """Write out_dir as the folder of the module docstring, so that --resume continues exactly.
+    trainer_state must hold plain types only (numbers, strings, lists, dicts); extra_modules
+    (e.g. a PPO value head) are saved as <name>.safetensors.
 
     Crash-safe: everything is written into a fresh out_dir.tmp and fsynced, the manifest (every
     file's size and SHA-256) last; then out_dir.tmp replaces out_dir by two renames. A kill at any moment
