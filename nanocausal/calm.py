@@ -164,41 +164,24 @@ TASKS = {
 
 
 # family -> (its labelling rule in calm_labels, the item's gold label as CaLM's get_gt_label reads it)
-def _yes_no_lower(item):  # the CLADDER tasks write "yes" / "no"
-    return {"yes": 1, "no": 0}[item["gt_answer"]]
-
-
-def _yes_no_capital(item):  # AC-B writes "Yes" / "No"
-    return {"Yes": 1, "No": 0}[item["gt_answer"]]
-
-
-def _as_is(item):
-    return item["gt_answer"]
-
-
-def _option_number(item):  # CR-C writes the option number as a string
-    return int(item["gt_answer"])
-
-
-def _lowered(item):  # the -B effect tasks: "Yes" / "No", compared with the reply's "answer" value
-    return item["gt_answer"].strip().lower()
-
-
+_AS_IS = lambda item: item["gt_answer"]
+_OPTION_NUMBER = lambda item: int(item["gt_answer"])  # CR-C and the -C set tasks write it as a string
 FAMILIES = {
-    "cladder": (labels.cladder, _yes_no_lower),
-    "causal_judgement": (labels.causal_judgement, _yes_no_capital),
-    "abstract_reasoning": (labels.abstract_reasoning, _as_is),
-    "ancestor": (labels.ancestor, _as_is),
-    "parent": (labels.parent, _as_is),
-    "identification": (labels.identification, _as_is),
-    "event_causality": (labels.event_causality, _as_is),
-    "pairwise_binary": (labels.pairwise_binary, _as_is),
-    "pairwise_choice": (labels.pairwise_choice, _as_is),
-    "adjustment_set": (labels.adjustment_set, _option_number),
-    "crass": (labels.crass, _option_number),
-    "natural": (labels.natural, _lowered),
-    "probability": (labels.probability, _as_is),
-    "open": (None, _as_is),
+    "cladder": (labels.cladder, lambda item: {"yes": 1, "no": 0}[item["gt_answer"]]),
+    "causal_judgement": (labels.causal_judgement, lambda item: {"Yes": 1, "No": 0}[item["gt_answer"]]),
+    "abstract_reasoning": (labels.abstract_reasoning, _AS_IS),
+    "ancestor": (labels.ancestor, _AS_IS),
+    "parent": (labels.parent, _AS_IS),
+    "identification": (labels.identification, _AS_IS),
+    "event_causality": (labels.event_causality, _AS_IS),
+    "pairwise_binary": (labels.pairwise_binary, _AS_IS),
+    "pairwise_choice": (labels.pairwise_choice, _AS_IS),
+    "adjustment_set": (labels.adjustment_set, _OPTION_NUMBER),
+    "crass": (labels.crass, _OPTION_NUMBER),
+    # "Yes" / "No", compared with the reply's "answer" value
+    "natural": (labels.natural, lambda item: item["gt_answer"].strip().lower()),
+    "probability": (labels.probability, _AS_IS),
+    "open": (None, _AS_IS),
 }
 
 # ----------------------------------------------------------------------------- prompts
@@ -369,12 +352,10 @@ def load_dataset(spec, style="basic"):
 def record_fields(item, response):
     """The scoring fields of an evaluation record of a CaLM item: rung, style, CaLM's label of the
     response and `correct` (None when the task is not scored or the model gave no response)."""
-    task, style = item["type"], item["style"]
-    if response is None:
-        return {"rung": item["rung"], "style": style, "label": None, "correct": None}
-    label = predicted_label(response, item["calm"], task, style) if scored(task) else None
-    return {"rung": item["rung"], "style": style, "label": label,
-            "correct": is_correct(response, item["calm"], task, style)}
+    task, style, answered = item["type"], item["style"], response is not None
+    return {"rung": item["rung"], "style": style,
+            "label": predicted_label(response, item["calm"], task, style) if answered and scored(task) else None,
+            "correct": is_correct(response, item["calm"], task, style) if answered else None}
 
 # ----------------------------------------------------------------------------- the table
 

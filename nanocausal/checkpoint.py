@@ -10,12 +10,9 @@ here, plus what --resume needs:
     trainer_state.pt             optimiser state, step, data position, RNG states, the run's config
     manifest.json                every file's size and SHA-256, written last: the folder is whole
 
-trainer_state.pt holds tensors and plain Python types only and is read with
-torch.load(weights_only=True), which refuses to unpickle anything else: resuming never runs code
-from a file (under torchrun the optimiser shards are safetensors + JSON: distributed.py).
-Safetensors and JSON are read by nanocausal.safe_files, every offset checked, and every
-parameter name, shape and dtype checked against the config before it is copied into the model.
-Loading a folder that has a manifest first checks the SHA-256 of every file it reads (`verify`).
+Every file is read through nanocausal.safe_files (no code path: resuming never runs code from a
+file), each weight checked against the config before it is copied into the model, and, in a
+folder that has a manifest, each file's SHA-256 first (`verify`).
 """
 
 import hashlib
@@ -162,9 +159,11 @@ def load_model(name_or_path, dtype=None, device=None) -> Transformer:
             if not tensor.dtype.is_floating_point:  # an integer tensor would be cast to float without a word
                 raise ValueError(f"{file}: tensor {key} holds {str(tensor.dtype).removeprefix('torch.')} values; "
                                  f"a weight must be a floating-point tensor")
-            # move, then convert: a bf16 checkpoint crosses to the GPU in bf16 (half the bytes of
-            # converting first on the CPU) and is widened there
-            _set_parameter(model, key, tensor.to(device).to(dtype))
+            # the meta parameter is replaced; move, then convert: a bf16 checkpoint crosses to the
+            # GPU in bf16 (half the bytes of converting first on the CPU) and is widened there
+            module_name, _, attr = key.removeprefix("model.").rpartition(".")
+            setattr(model.get_submodule(module_name), attr,
+                    nn.Parameter(tensor.to(device).to(dtype), requires_grad=expected[key].requires_grad))
             loaded.add(key)
     missing = sorted(expected.keys() - loaded)
     if missing:
@@ -193,13 +192,6 @@ def random_model(config_json, dtype=None, device=None, seed=0):
     return model.init_weights(generator=torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)).eval()
 
 
-def _set_parameter(model: nn.Module, hf_key: str, tensor: torch.Tensor):
-    """Replace the (meta) parameter named by a checkpoint key with a loaded tensor."""
-    module_name, _, attr = hf_key.removeprefix("model.").rpartition(".")
-    module = model.get_submodule(module_name)
-    setattr(module, attr, nn.Parameter(tensor, requires_grad=getattr(module, attr).requires_grad))
-
-
 def save_model(model: Transformer, out_dir, max_shard_bytes=5 * 1024**3):
     """Write config.json and model.safetensors (or shards + index) that transformers loads; for a
     LoRA model, the adapters only, as a peft folder whose base is model.lora_base."""
@@ -214,17 +206,13 @@ def save_model(model: Transformer, out_dir, max_shard_bytes=5 * 1024**3):
         json.dump(config, f, indent=2)
 
     state = {hf_name(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()}  # a tied head once
-    shards, current, size = [], {}, 0
+    shards, size = [{}], 0
     for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = tensor
-        size += nbytes
-    shards.append(current)
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][key], size = tensor, size + tensor.nbytes
     for old in os.listdir(out_dir):  # a re-save with fewer shards must not leave stale ones behind
-        if old.startswith("model") and (old.endswith(".safetensors") or old.endswith(".safetensors.index.json")):
+        if old.startswith("model") and old.endswith((".safetensors", ".safetensors.index.json")):
             os.remove(os.path.join(out_dir, old))
     if len(shards) == 1:
         save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
@@ -234,9 +222,9 @@ def save_model(model: Transformer, out_dir, max_shard_bytes=5 * 1024**3):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
         weight_map.update({key: name for key in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        json.dump({"metadata": {"total_size": sum(t.nbytes for t in state.values())}, "weight_map": weight_map}, f,
+                  indent=2)
 
 
 # -----------------------------------------------------------------------------
@@ -382,8 +370,8 @@ def recover(out_dir):
 
 
 def copy_tokenizer_files(source, out_dir):
-    """Copy the tokenizer files of a checkpoint (an adapter folder without them: its base's) to out_dir;
-    a random-weight model of a config.json has none."""
+    """Copy the tokenizer files of a checkpoint (an adapter folder without them: its base's); a
+    config.json (a random-weight model) has none."""
     if str(source).endswith(".json"):
         return
     folder = resolve_model(source)
@@ -396,11 +384,9 @@ def copy_tokenizer_files(source, out_dir):
 
 def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_state=None, extra_modules=None, keep=1,
                     staged=None):
-    """Write out_dir as a Hugging Face folder (config, safetensors, tokenizer files) that
-    `load_model` and transformers load, plus trainer_state.pt holding the optimiser, the step,
-    the data position and every RNG state, so --resume continues exactly. trainer_state must hold
-    plain types only (numbers, strings, lists, dicts). extra_modules (e.g. a PPO value head) are
-    saved as <name>.safetensors beside the model.
+    """Write out_dir as the folder of the module docstring, so that --resume continues exactly.
+    trainer_state must hold plain types only (numbers, strings, lists, dicts); extra_modules
+    (e.g. a PPO value head) are saved as <name>.safetensors.
 
     Crash-safe: everything is written into a fresh out_dir.tmp and fsynced, the manifest (every
     file's size and SHA-256) last; then out_dir.tmp replaces out_dir by two renames. A kill at any moment
@@ -441,9 +427,8 @@ def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_st
 
 
 def _write_folder(tmp_dir, model, tokenizer_source, optimizer, trainer_state, extra_modules, staged):
-    """save_checkpoint's writing: every file into tmp_dir, fsynced, then the manifest (each file's
-    size and SHA-256, for `verify`; hashing re-reads what was just written, from the page cache, at
-    about 1.4 GB/s: 11 s for 7B bf16 weights, 45 s more for a full fine-tune's AdamW moments)."""
+    """save_checkpoint's writing: every file into tmp_dir, fsynced, then the manifest (hashing
+    re-reads what was just written, from the page cache: the cost `verify` states)."""
     from safetensors.torch import save_file
 
     save_model(model, tmp_dir)

@@ -32,11 +32,10 @@ def token_logprobs(model: Transformer, input_ids, attention_mask, completion_mas
     (the completion, EOS included) and must be 0 at t = 0. Returns (B, T) float32 log-probs, zero
     off the mask (and the per-token entropy of the same distributions when return_entropy).
 
-    Only the hidden states that predict a target token go through the output head, a chunk of
-    `chunk_size` tokens at a time, and under autograd each chunk is recomputed in backward rather
-    than stored: the float32 logits never exist for more than one chunk, whatever the batch. For a
-    150k-token vocabulary this is what keeps long completions in memory (and skipping the prompt
-    positions skips most of the head's FLOPs). `temperature` divides the logits, as the sampler
+    Only the hidden states that predict a target token go through the output head (skipping the
+    prompt skips most of its FLOPs), a chunk of `chunk_size` tokens at a time, and under autograd
+    each chunk is recomputed in backward rather than stored: the float32 logits never exist for
+    more than one chunk, whatever the batch. `temperature` divides the logits, as the sampler
     does, so the log-probs are those of the distribution actually sampled from.
     `hidden` may be passed when the caller already ran `model.hidden_states` (e.g. for a value head).
     The entropy is detached unless entropy_grad (an entropy bonus in the loss differentiates it).

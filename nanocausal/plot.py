@@ -10,12 +10,8 @@ A RUN_DIR is a training out_dir (or a metrics.jsonl itself); NAME=RUN_DIR names 
 it renders with Agg, so no display is needed. It can run while the run is training: the loop
 flushes whole lines, and a last line still being written is left for the next plot.
 
-One panel per group of keys below, only those whose keys some run logged: reward and accuracy
-(the RL rollouts' reward/accuracy and the held-out eval_acc, DPO's reward_accuracy), preference
-rewards, completion length, truncation, KL and entropy, loss, grad norm, and seconds per step
-(RL's generation_s / reward_s / training_s beside the loop's step_s). The x axis is the optimiser
-step; a run is one colour in every panel, a key one line style. From Python (pipeline.py):
-plot_runs(run_dirs, out_png, names=None, smooth=0.0).
+One panel per group of PANELS that some run logged. The x axis is the optimiser step; a run is
+one colour in every panel, a key one line style. From Python (pipeline.py): plot_runs.
 """
 import json
 import math
@@ -108,11 +104,9 @@ def new_figure(width, height):
 
 
 def plot_runs(run_dirs, out_png, names=None, smooth=0.0):
-    """Write the curves of run_dirs (out_dirs, or metrics.jsonl files) to out_png, overlaid: one
-    colour per run (the figure's legend), one line style per key (each panel's legend); names:
-    the runs' legend names (default: folder names); smooth: the EMA weight of curve().
-    Returns the titles of the panels drawn. ValueError (one line) for a missing matplotlib, a
-    missing, empty or malformed metrics.jsonl, or runs with nothing to plot."""
+    """Write the curves of run_dirs (out_dirs, or metrics.jsonl files) to out_png, overlaid; names:
+    the runs' legend names (default: folder names); smooth: the EMA weight of curve(). Returns the
+    titles of the panels drawn; ValueError (one line) for bad input or nothing to plot."""
     if not 0 <= smooth < 1:
         raise ValueError(f"--smooth must be in [0, 1), got {smooth}")
     names = list(names) if names else [run_name(d) for d in run_dirs]

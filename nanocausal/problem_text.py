@@ -7,9 +7,6 @@ problem, and `first_answer` is the decision rule shared by the solver and the ge
 answer when the structure is missing, else the first identifying (z, m) whose probabilities are
 all shown, else LACK_CONDITION. Index 0 of every template list is the official wording, the
 others are the "rephrased" variant; the parser reads them all, in either text format.
-
-Built on nanocausal.scm (graphs, queries, formulas) and nanocausal.caugym (TASKS, LACK);
-nanocausal.solutions and nanocausal.problems build on this module.
 """
 import functools
 import re
@@ -50,6 +47,13 @@ class Statements:
             if other in self.table:
                 return 1.0 - self.table[other]
         raise KeyError(key)
+
+    def shows(self, targets, cond):
+        """Whether lookup() finds P(targets | cond): it, or its complement, is shown."""
+        try:
+            return self.lookup(targets, cond) is not None
+        except KeyError:
+            return False
 
     def facts(self):
         """Every statement (targets, cond, p), in display order."""
@@ -156,10 +160,6 @@ def join_pairs(texts):
     return texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " and " + texts[-1]
 
 
-def capitalise(s):
-    """s with its first letter upper-case."""
-    return s[:1].upper() + s[1:]
-
 # ----------------------------------------------------------------------------- rendering
 def render(scm, q, store, style="base", instruction=True, rng=None):
     """Problem text. style 'base' (CaLM: spaces, plain values) or 'generated' (values carry
@@ -172,7 +172,7 @@ def render(scm, q, store, style="base", instruction=True, rng=None):
         return f"{scm.names[v]} being {scm.values[v][val]}" + (f" ({letter(v)}={val})" if code else "")
 
     g = scm.graph
-    edges = [pick(EDGES).format(a=capitalise(scm.names[u]), b=scm.names[v])
+    edges = [pick(EDGES).format(a=scm.names[u][:1].upper() + scm.names[u][1:], b=scm.names[v])
              for u in range(g.n) for v in g.children[u]]
     stmts = []
     for targets, cond, p in store.facts():

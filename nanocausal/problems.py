@@ -12,8 +12,6 @@ arguments give the same problems, byte for byte. `generate` returns them as plai
 
     python -m nanocausal.problems --format sft --n 20000 --out data/sft.jsonl
     python -m nanocausal.problems --solve problems.jsonl      # one solver answer a line
-
-This module is the top of the chain caugym <- scm <- problem_text <- solutions <- problems.
 """
 import json
 import random
@@ -94,11 +92,8 @@ def _show_facts(scm, q, z, m, style):
     style also shows the complement of an adjustment variable's distribution (as the data does)."""
     store = Statements()
     for _, targets, cond in leaves(formula(q, z, m)):
-        try:
-            store.lookup(targets, cond)
+        if store.shows(targets, cond):
             continue
-        except KeyError:
-            pass
         p = round(scm.prob(targets, cond), 4)
         group = store.add(targets, cond, p)
         if style == "generated" and z and len(targets) == 1 and targets[0][0] == z[0]:
@@ -125,8 +120,7 @@ def make_problem(rng, scm, task, variant, style, zero):
             pa = scm.graph.parents[v]
             cond = tuple((u, _coin(rng)) for u in pa) if pa and rng.random() < 0.6 else ()
             target = ((v, _coin(rng)),)
-            if (frozenset(target), frozenset(cond)) in store.table or \
-                    (frozenset({(v, 1 - target[0][1])}), frozenset(cond)) in store.table:
+            if store.shows(target, cond):
                 continue
             store.insert(rng.randint(0, len(store.groups)), target, cond, round(scm.prob(target, cond), 4))
             added += 1
@@ -134,13 +128,7 @@ def make_problem(rng, scm, task, variant, style, zero):
         if len(store.groups) < 2:
             return None
         store = store.without(set(rng.sample(range(len(store.groups)), 2)))
-        missing = []
-        for leaf in leaves(formula(q, z, m)):
-            try:
-                store.lookup(leaf[1], leaf[2])
-            except KeyError:
-                missing.append(leaf)
-        missing = list(dict.fromkeys(missing))
+        missing = list(dict.fromkeys(leaf for leaf in leaves(formula(q, z, m)) if not store.shows(leaf[1], leaf[2])))
     answer, _ = first_answer(q, scm.graph, store)
     if (answer == LACK) != (variant == "insufficient"):
         return None
@@ -264,13 +252,12 @@ def main(argv=None):
         try:
             with open(args.solve, encoding="utf-8") as f:
                 text = f.read()
+            data = json.loads(text) if text.lstrip().startswith("[") else \
+                [json.loads(ln) for ln in text.splitlines() if ln.strip()]
         except OSError as e:
             ap.error(f"cannot read {args.solve}: {e.strerror}")
         except UnicodeDecodeError as e:
             ap.error(f"{args.solve}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})")
-        try:
-            data = json.loads(text) if text.lstrip().startswith("[") else \
-                [json.loads(ln) for ln in text.splitlines() if ln.strip()]
         except json.JSONDecodeError as e:
             ap.error(f"{args.solve}: not JSON or JSONL ({e.msg}, line {e.lineno})")
         except RecursionError:

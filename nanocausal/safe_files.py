@@ -15,9 +15,8 @@ import os
 import torch
 
 
-def read_json(path, expect=dict):
-    """A JSON file's value (checked to be of type `expect`); every failure is one ValueError naming
-    the file: bytes that are not UTF-8, invalid JSON, nesting too deep for Python's parser (a
+def read_json(path):
+    """A JSON file's object; every failure is one ValueError naming the file: bytes that are not UTF-8, invalid JSON, nesting too deep for Python's parser (a
     100 000-deep [[[...]]] raises RecursionError, not JSONDecodeError)."""
     with open(path, "rb") as f:
         raw = f.read()
@@ -29,9 +28,8 @@ def read_json(path, expect=dict):
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     except RecursionError:
         raise ValueError(f"{path}: JSON nested too deeply to read") from None
-    if expect is not None and not isinstance(value, expect):
-        raise ValueError(f"{path}: expected a JSON {expect.__name__.replace('dict', 'object')}, "
-                         f"got {type(value).__name__}")
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
 
 

@@ -31,6 +31,7 @@ The modules built on this one, each importing only those before it:
     nanocausal.problems      the generator, dataset rows and the CLI
 """
 import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -243,10 +244,7 @@ def value_of(expr, lookup):
     if op == "-":
         return args[0] - args[1]
     if op == "*":
-        out = 1.0
-        for a in args:
-            out *= a
-        return out
+        return math.prod(args)
     if op == "/":
         return args[0] / args[1]
     return {"min1": lambda v: min(1.0, v), "max0": lambda v: max(0.0, v), "r4": lambda v: round(v, 4)}[op](args[0])
@@ -284,14 +282,6 @@ class Query:
     bound: str = ""   # "upper" / "lower" for PN, PS
 
 
-def _do_prob(q, y, x, z, extra=()):
-    """P(Y=y | do(X=x), extra) = sum_z P(y|x,extra,z) P(z), a tree; r4 of it for PN/PS."""
-    if not z:
-        return prob([(q.y_var, y)], [(q.x_var, x), *extra])
-    return ("+", *[("*", prob([(q.y_var, y)], [(q.x_var, x), *extra, (z[0], zv)]), prob([(z[0], zv)]))
-                   for zv in (0, 1)])
-
-
 def formula(q, z=(), m=()):
     """The expression tree for query q with backdoor set z and mediator set m."""
     X, Y, x, y, x_ = q.x_var, q.y_var, q.x, q.y, 1 - q.x
@@ -322,8 +312,13 @@ def formula(q, z=(), m=()):
 
 
 def _bound_formula(q, z):
-    """The PN/PS bound of q (module docstring), with P(y|do(x)) rounded to 4 decimals when adjusted."""
-    do = lambda y: ("r4", _do_prob(q, y, q.x, z)) if z else _do_prob(q, y, q.x, z)
+    """The PN/PS bound of q (module docstring); P(y|do(x)) = sum_z P(y|x,z) P(z) is rounded to 4
+    decimals when adjusted."""
+    def do(y):
+        if not z:
+            return prob([(q.y_var, y)], [(q.x_var, q.x)])
+        return ("r4", ("+", *[("*", prob([(q.y_var, y)], [(q.x_var, q.x), (z[0], zv)]), prob([(z[0], zv)]))
+                              for zv in (0, 1)]))
     both = prob([(q.x_var, q.xf), (q.y_var, q.yf)])
     if q.bound == "upper":
         return ("min1", ("/", ("-", do(q.y), prob([(q.x_var, q.x), (q.y_var, q.y)])), both))

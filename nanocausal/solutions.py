@@ -157,8 +157,7 @@ def rejected_solution(p, rng):
     q, tree = p.q, formula(p.q, p.z, p.m)
     zero = p.answer != LACK and is_zero(q, p.scm.graph)
     if p.answer == LACK:
-        guess = lambda t, c: p.store.lookup(t, c) if (frozenset(t), frozenset(c)) in p.store.table or len(t) == 1 \
-            and (frozenset({(t[0][0], 1 - t[0][1])}), frozenset(c)) in p.store.table else 0.5
+        guess = lambda t, c: p.store.lookup(t, c) if p.store.shows(t, c) else 0.5
         kinds = {"guess": lambda: solution(p, tree, lookup=guess)}
     elif zero:
         steps = solution(p).split("\n")[:2]   # variables and roles, then a wrong reading of "no numbers"

@@ -23,10 +23,6 @@ generation_config.json lists both <|im_end|> and <|endoftext|>, Llama 3.1's thre
 Training on a reply. `encode_chat_completion` returns prompt + completion ids and a mask that is 1
 on the completion only, its end-of-turn token included: the model must learn to say the answer
 *and* to stop; a reply trained without its EOS never ends at sampling time.
-
-Untrusted templates. A template from the hub is a program: it renders in Jinja's immutable sandbox
-with a budget of operations and characters per render (see "The chat template's sandbox" below),
-so a template that loops forever or builds a 10 GB string is refused in one line naming its file.
 """
 import functools
 import json
@@ -56,9 +52,7 @@ def _read_json(path):
 
 def _token_string(value):
     """A special token in a config is a plain string or a serialised AddedToken {"content": ...}."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
 
 
 class _GenerationTag(Extension):
@@ -96,8 +90,8 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 #     results) is charged its length; at most MAX_TEMPLATE_CHARS in all, which bounds the memory.
 #     Operations whose result can be far larger than their inputs (* and **, padding widths,
 #     replace, join, indent) are refused from their arguments before they run.
-# Over budget is a SecurityError; Tokenizer.render_chat turns any failure of the template into
-# one line naming the template's file. Real templates never come near these limits.
+# Over budget is a SecurityError, which render_chat reports in one line naming the template's
+# file. Real templates never come near these limits.
 MAX_TEMPLATE_OPERATIONS = 1_000_000
 MAX_TEMPLATE_CHARS = 50_000_000
 MAX_TEMPLATE_INT_ARGUMENT = 100_000  # widths and counts passed to filters and methods (range's own limit)
@@ -106,8 +100,8 @@ _HUGE_FORMAT_WIDTH = re.compile(r"\d{6,}")  # in a format string: a width of a m
 
 
 class _Budget(Extension):
-    """The per-render budget (module comment above); the sandbox's hooks and the calls that
-    _BoundedSandbox._parse inserts into the template spend it. render_chat resets it."""
+    """The per-render budget (comment above), spent by the sandbox's hooks and by the calls that
+    _BoundedSandbox._parse inserts; render_chat resets it."""
 
     def __init__(self, environment):
         super().__init__(environment)
@@ -169,7 +163,6 @@ class _Budget(Extension):
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox with a budget (module comment above)."""
     intercepted_binops = frozenset(["*", "**", "+", "%"])
 
     @property
@@ -256,11 +249,10 @@ class Tokenizer:
 
         # Special-token strings (bos_token, eos_token, ..., plus model-specific ones such as
         # image_token): the template sees them as variables, like transformers' special_tokens_map.
-        self.special_tokens = {}
-        for source in (legacy_map, config):  # tokenizer_config.json wins over the legacy file
-            for name, value in source.items():
-                if name.endswith("_token") and _token_string(value) is not None:
-                    self.special_tokens[name] = _token_string(value)
+        # tokenizer_config.json wins over the legacy file.
+        self.special_tokens = {name: _token_string(value) for source in (legacy_map, config)
+                               for name, value in source.items()
+                               if name.endswith("_token") and _token_string(value) is not None}
 
         # The chat template: chat_template.jinja takes priority (newer transformers save it there).
         template_file = os.path.join(folder, "chat_template.jinja")
@@ -281,18 +273,15 @@ class Tokenizer:
             self.chat_templates = {t["name"]: t["template"] for t in named}
         elif named and not isinstance(named, str):
             raise ValueError(f"{config_file}: 'chat_template' must be a string, got {type(named).__name__}")
-        elif named:
-            self.chat_templates = {"default": named}
         else:
-            self.chat_templates = {}
+            self.chat_templates = {"default": named} if named else {}
         for name in self.chat_templates:  # a template that does not compile is refused at load
             self._template(name)
 
         # Every id that ends a reply, the tokenizer's own eos first (see the module docstring).
         ids = [self.token_to_id(self.special_tokens["eos_token"])] if "eos_token" in self.special_tokens else []
         for name in ("generation_config.json", "config.json"):
-            settings = _read_json(os.path.join(folder, name))
-            eos = settings.get("eos_token_id") if isinstance(settings, dict) else None
+            eos = _read_json(os.path.join(folder, name)).get("eos_token_id")
             eos = eos if isinstance(eos, list) else [eos]
             if any(i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size)
                    for i in eos):

@@ -15,9 +15,8 @@ tracker is a second copy for watching. The loop calls
     tracker.log_completions(step, records)  # a table of sampled evaluation completions
     tracker.finish()                        # at the end (also after Ctrl-C)
 
-What each backend receives: every numeric value of a row as a scalar named by its metrics.jsonl
-key at x = row["step"] ("step" is the axis; "time" and strings are left out, see scalars()); the completions as a
-table (wandb, trackio) or as markdown text (TensorBoard); the run's config once.
+What each backend receives: the numeric values of each row at x = row["step"] (scalars()), the
+completions as a table (wandb, trackio) or markdown text (TensorBoard), the run's config once.
 
 Conventions pinned here:
 - Each backend is imported only when asked for. A missing package is a ValueError of one line
@@ -50,10 +49,8 @@ COMPLETION_COLUMNS = ("type", "variant", "answer", "response", "correct")
 
 
 def start(report_to="none", run_name=None, project="nanocausal", out_dir="out/run", config=None):
-    """A Tracker reporting to each backend named in report_to ("none", "wandb", "trackio",
-    "tensorboard", or several comma-separated). run_name defaults to out_dir's folder name;
-    config (a dict, e.g. dataclasses.asdict(config)) is stored with the run.
-    Raises ValueError (one line) for an unknown name, a missing package or a refused start."""
+    """A Tracker reporting to each backend of report_to (module docstring); run_name defaults to
+    out_dir's folder name; config (a dict) is stored with the run."""
     names = check(report_to)  # on every rank: a missing package stops all of them, before training
     if not names or int(os.environ.get("RANK", "0")) != 0:
         return Tracker([])
@@ -62,7 +59,7 @@ def start(report_to="none", run_name=None, project="nanocausal", out_dir="out/ru
     opened = []
     for name in names:
         try:
-            opened.append(BACKEND_CLASSES[name](run_name, project, out_dir, config))
+            opened.append(BACKEND_CLASSES[name](name, run_name, project, out_dir, config))
         except Exception as e:
             for backend in opened:  # leave no half-started run behind
                 backend.finish()
@@ -111,10 +108,6 @@ def scalars(row):
             if key not in ("step", "time") and isinstance(value, numbers.Real)}
 
 
-def completion_rows(records):
-    """Records (evaluation.evaluate's dicts) as table rows of COMPLETION_COLUMNS."""
-    return [[record.get(column) for column in COMPLETION_COLUMNS] for record in records]
-
 # -----------------------------------------------------------------------------
 # The tracker: what the loop holds; it keeps a failing backend from stopping the run
 
@@ -134,7 +127,8 @@ class Tracker:
 
     def log_completions(self, step, records):
         if records:
-            self._call("log_completions", step, completion_rows(records))
+            rows = [[record.get(column) for column in COMPLETION_COLUMNS] for record in records]
+            self._call("log_completions", step, rows)
 
     def finish(self):
         self._call("finish")
@@ -153,20 +147,26 @@ class Tracker:
 # The backends: each one a few calls of its package's own API
 
 
-class WandbBackend:
-    name = "wandb"
+class LoggerBackend:
+    """wandb or trackio: the same init / log / Table / finish calls of the package's own API.
+    trackio uses no space_id (its local SQLite store, no network or account) and keeps "the
+    current run" itself, so its module-level log/finish are the calls to use."""
 
-    def __init__(self, run_name, project, out_dir, config):
-        self.wandb = import_backend("wandb")
-        mode = None if os.environ.get("WANDB_MODE") else ("online" if wandb_api_key_found() else "offline")
-        os.makedirs(out_dir, exist_ok=True)  # wandb writes OUT_DIR/wandb, but only into a folder that exists
-        self.run = self.wandb.init(project=project, name=run_name, config=config, dir=out_dir, mode=mode)
+    def __init__(self, name, run_name, project, out_dir, config):
+        self.name, self.package = name, import_backend(name)
+        if name == "wandb":
+            mode = None if os.environ.get("WANDB_MODE") else ("online" if wandb_api_key_found() else "offline")
+            os.makedirs(out_dir, exist_ok=True)  # wandb writes OUT_DIR/wandb, but only into a folder that exists
+            self.run = self.package.init(project=project, name=run_name, config=config, dir=out_dir, mode=mode)
+        else:
+            self.package.init(project=project, name=run_name, config=config)
+            self.run = self.package
 
     def log(self, values, step):
         self.run.log(values, step=step)
 
     def log_completions(self, step, rows):
-        self.run.log({"completions": self.wandb.Table(columns=list(COMPLETION_COLUMNS), data=rows)}, step=step)
+        self.run.log({"completions": self.package.Table(columns=list(COMPLETION_COLUMNS), data=rows)}, step=step)
 
     def finish(self):
         self.run.finish()
@@ -184,29 +184,9 @@ def wandb_api_key_found():
         return False
 
 
-class TrackioBackend:
-    name = "trackio"
-
-    def __init__(self, run_name, project, out_dir, config):
-        self.trackio = import_backend("trackio")
-        # No space_id: trackio's local SQLite store, which needs no network or account. trackio
-        # keeps "the current run" itself, so its module-level log/finish are the calls to use.
-        self.trackio.init(project=project, name=run_name, config=config)
-
-    def log(self, values, step):
-        self.trackio.log(values, step=step)
-
-    def log_completions(self, step, rows):
-        self.trackio.log({"completions": self.trackio.Table(columns=list(COMPLETION_COLUMNS), data=rows)}, step=step)
-
-    def finish(self):
-        self.trackio.finish()
-
-
 class TensorBoardBackend:
-    name = "tensorboard"
-
-    def __init__(self, run_name, project, out_dir, config):
+    def __init__(self, name, run_name, project, out_dir, config):
+        self.name = name
         summary_writer = import_backend("tensorboard").SummaryWriter
         # One folder per run name, so `tensorboard --logdir` over several out_dirs (or runs that
         # share one out_dir under different --run-name) shows them side by side.
@@ -236,4 +216,4 @@ def code_block(text):
     return "\n".join("    " + line for line in text.splitlines() or [""])
 
 
-BACKEND_CLASSES = {"wandb": WandbBackend, "trackio": TrackioBackend, "tensorboard": TensorBoardBackend}
+BACKEND_CLASSES = {"wandb": LoggerBackend, "trackio": LoggerBackend, "tensorboard": TensorBoardBackend}
