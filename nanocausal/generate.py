@@ -3,9 +3,8 @@ Generation by continuous batching: a fixed number of decode rows (slots) works t
 prompts, and a slot whose completion has ended takes the next waiting prompt while the other slots
 go on decoding. What eval.py and the RL rollouts run, with the log-prob of every sampled token.
 
-Why. A static batch decodes until its longest row ends. Replies of reasoning models have a long
-tail of lengths, so in a static batch most rows ended long ago and compute padding. Here a finished
-row is refilled at once: until the queue runs dry, every row of every step computes a useful token
+Why. A static batch decodes until its longest row ends; replies of reasoning models have a long
+tail of lengths, so most of its rows would compute padding. Here a finished row is refilled at once
 (up to `check_every` steps of waiting, below).
 
 The cache of a slot (R slots, C columns per layer, (R, K, C, D) tensors):
@@ -301,7 +300,11 @@ class Slots:
         L = torch.tensor(lengths, device=device)[owner]
         limit = torch.tensor(limits, device=device)[owner]
         stream = torch.tensor(streams, dtype=torch.long, device=device)
-        logits = check_finite(self.logits(torch.stack(last_hidden)))[owner]  # (G * n, V): each sample draws its own first token
+        logits = self.logits(torch.stack(last_hidden))
+        if not torch.isfinite(logits.amax(-1)).all():  # a NaN anywhere makes its row's max NaN; one host sync per prefill
+            raise ValueError("the model's logits are NaN or inf: its weights are broken (a diverged run?); "
+                             "nothing can be sampled from it")
+        logits = logits[owner]  # (G * n, V): each sample draws its own first token
         token, logprob = self.draw(logits, stream, torch.zeros_like(stream))
         self.tokens[slot_ids, 0] = token
         self.logprobs[slot_ids, 0] = logprob
@@ -353,16 +356,17 @@ def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top
     on_prompt_done: called as on_prompt_done(i, completions) as soon as every sample of prompts[i]
         has ended, with its num_samples completions (token-id lists, EOS included): a caller can
         save results while the rest decode (eval.py appends them to responses.jsonl).
-    widths: the cache columns a decode step attends over. "used": the columns in use (eager
-        default); "bucket": those rounded up to a multiple of GRAPH_BUCKET (what the CUDA graphs
-        run, and the default with them). Masked columns change no token in exact arithmetic; in
-        bf16 a wider sum may round differently, so a check that CUDA graphs and eager decoding give
-        the same tokens runs the eager side with widths="bucket".
+    widths: the cache columns a decode step attends over: "used" (eager default) or "bucket",
+        rounded up to a multiple of GRAPH_BUCKET (what CUDA graphs run). Masked columns change
+        nothing in exact arithmetic, but bf16 sums of other lengths round differently: a check that
+        graphs and eager decoding give the same tokens runs the eager side with widths="bucket".
     compile_decode: torch.compile the decode step (before any CUDA-graph capture).
     """
     config, device = model.config, model.embed_tokens.weight.device
     vocab_size = config.vocab_size if vocab_size is None else vocab_size
-    eos_token_ids = eos_id_list(eos_token_ids)
+    if isinstance(eos_token_ids, numbers.Integral):
+        eos_token_ids = [eos_token_ids]
+    eos_token_ids = [int(i) for i in eos_token_ids or []]
     pad_token_id = pad_token_id if pad_token_id is not None else (eos_token_ids[0] if eos_token_ids else 0)
     check_arguments(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples, vocab_size, slots)
     prompt_keys = list(range(len(prompts))) if prompt_keys is None else [int(k) for k in prompt_keys]
@@ -457,24 +461,6 @@ def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every,
                 width = bucket_width(width, state.columns.numel())
             step(width)
             steps += 1
-
-
-def eos_id_list(eos_token_ids) -> list[int]:
-    """None, an id, or ids -> a list of ints."""
-    if eos_token_ids is None:
-        return []
-    if isinstance(eos_token_ids, numbers.Integral):
-        return [int(eos_token_ids)]
-    return [int(i) for i in eos_token_ids]
-
-
-def check_finite(logits):
-    """The prompts' logits, or a clear error: NaN or inf logits (a diverged checkpoint) would otherwise
-    sample out-of-range ids. Checked once per prefill (a host sync), never inside the decode loop."""
-    if not torch.isfinite(logits.amax(-1)).all():  # a NaN anywhere in a row makes its max NaN
-        raise ValueError("the model's logits are NaN or inf: its weights are broken (a diverged run?); "
-                         "nothing can be sampled from it")
-    return logits
 
 
 def check_arguments(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples, vocab_size, slots):
