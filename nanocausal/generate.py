@@ -70,6 +70,7 @@ from torch.nn.utils.rnn import pad_sequence
 from nanocausal.model import Linear
 from nanocausal.sampling import counter_uniform, sample_tokens, stream_key
 
+
 @dataclass
 class Generation:
     """The completions of a batch: R = len(prompts) * num_samples rows, N columns.
