@@ -1,6 +1,8 @@
 """
-Useful tokens per second of continuous batching (refill.generate_many) against the static batch
-(sampling.generate) at the same number of rows, on replies with the long tail of real ones.
+Useful tokens per second of continuous batching (generate.generate_many over a queue of prompts)
+against static batches (generate_many on consecutive batches of `slots` rows: nothing to refill,
+each batch decodes until its longest row ends) at the same number of rows, on replies with the long
+tail of real ones.
 
 Laptop / CPU (about 4 minutes on 2 cores, also when other jobs share them):
     python benchmarks/bench_refill.py
@@ -24,10 +26,11 @@ sides produce the same replies, which the script checks for every prompt.
 
 What is measured: the wall time of the whole call of each side, prefill, decode, sampling and
 host loop, for the same prompts and replies; "useful tokens" are the reply tokens, EOS included.
-The static side calls generate on consecutive batches of `slots` rows (slots // num_samples
-prompts) and decodes each until its longest row ends (it checks every step, as refill does on
-CPU); each of its calls also pays once the transposed weight copies (sampling.cpu_weight_layout)
-that refill pays once in all. Memory: the peak above the loaded model, of the process (RSS,
+The static side calls generate_many on consecutive batches of `slots` rows (slots // num_samples
+prompts, with their indices as prompt_keys: the same random numbers as the refill side), so each
+batch decodes until its longest row ends; each of its calls also pays once the transposed weight
+copies (generate.cpu_weight_layout) that refill pays once in all. (Before issue 27 the static side
+was a separate static-batch sampler, left-padded, which attended over the padding too.) Memory: the peak above the loaded model, of the process (RSS,
 Linux's VmHWM reset between runs) on CPU, of torch's CUDA allocator on GPU. Each side runs
 --repeats times, alternating; the figures are min / median / max over runs, the ratio the ratio
 of medians. "schedule" gives the decode steps each side needs for these lengths, an upper bound
@@ -46,8 +49,7 @@ import time
 import torch
 
 from nanocausal.model import ModelConfig, Transformer
-from nanocausal.refill import generate_many
-from nanocausal.sampling import generate
+from nanocausal.generate import generate_many
 
 TINY_QWEN2 = dict(model_type="qwen2", vocab_size=151936, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
@@ -143,11 +145,13 @@ class PeakMemory:
 
 
 def static_batches(model, prompts, args, **kw):
-    """generate on consecutive batches of slots // num_samples prompts; the replies of all."""
+    """generate_many on consecutive batches of slots // num_samples prompts; the replies of all."""
     per_batch = args.slots // args.num_samples
     replies = []
     for i in range(0, len(prompts), per_batch):
-        out = generate(model, prompts[i:i + per_batch], args.max_new_tokens, seed=args.seed + i, **kw)
+        batch = prompts[i:i + per_batch]
+        out = generate_many(model, batch, args.max_new_tokens, slots=len(batch) * args.num_samples, seed=args.seed,
+                            prompt_keys=range(i, i + len(batch)), **kw)
         replies += out.completions()
     return replies
 
@@ -184,7 +188,6 @@ def run(args):
 
     warm_up = dict(kw, check_every=1)  # not timed: first-touch memory, MKL / cuBLAS set-up, CUDA context
     generate_many(model, prompts[:4], 8, slots=2, **warm_up)
-    generate(model, prompts[:2], 8, **warm_up)
     seconds, memory = {side: [] for side in sides}, {side: [] for side in sides}
     for _ in range(args.repeats):
         for side, fn in sides.items():
@@ -203,7 +206,7 @@ def run(args):
                          f"{expected[wrong][:8]}...: the workload is not what it claims")
     tps = {side: sorted(useful / s for s in seconds[side]) for side in sides}
     for side in sides:
-        what = f"generate, batches of {args.slots} rows" if side == "static" else f"generate_many, {args.slots} slots"
+        what = f"batches of {args.slots} rows" if side == "static" else f"a queue over {args.slots} slots"
         mem = [m for m in memory[side] if m is not None]
         mem_text = f"peak memory +{max(mem):.0f} MB" if mem else "peak memory n/a"
         print(f"{side} ({what}): useful tokens/s min {tps[side][0]:.1f} / median {statistics.median(tps[side]):.1f} / "

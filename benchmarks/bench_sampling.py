@@ -1,6 +1,7 @@
 """
-New tokens per second of nanocausal's sampler against transformers' generate, measured in the
-same run on the same weights (a benchmark, not a test: the numbers depend on the machine).
+New tokens per second of nanocausal's generator (generate.generate_many, one slot per prompt:
+the whole batch decodes together) against transformers' generate, measured in the same run on the
+same weights (a benchmark, not a test: the numbers depend on the machine).
 
 Laptop / CPU (about 5 minutes on 2 idle cores; much longer when other jobs share them):
     python benchmarks/bench_sampling.py
@@ -32,7 +33,7 @@ import torch
 
 from nanocausal.checkpoint import load_model
 from nanocausal.model import ModelConfig, Transformer
-from nanocausal.sampling import generate
+from nanocausal.generate import generate_many
 
 TINY_QWEN2 = dict(model_type="qwen2", vocab_size=151936, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
@@ -72,7 +73,8 @@ def compare_cpu(name, model, hf_model, batch, prompt_len, new_tokens, temperatur
     prompts = random_prompts(batch, prompt_len, model.config.vocab_size)
     ours, theirs = [], []
     for _ in range(repeats):
-        ours.append(timed(lambda: generate(model, prompts, new_tokens, temperature=temperature, seed=0), "cpu"))
+        ours.append(timed(lambda: generate_many(model, prompts, new_tokens, slots=batch, temperature=temperature,
+                                                seed=0), "cpu"))
         theirs.append(timed(lambda: hf_generate(hf_model, prompts, new_tokens, temperature), "cpu"))
     ours_tps, theirs_tps = batch * new_tokens / min(ours), batch * new_tokens / min(theirs)
     mode = "greedy" if temperature == 0 else f"sampling T={temperature}"
@@ -115,7 +117,8 @@ def run_gpu(args):
         prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
         results = {}
         for graph in (False, True):
-            run = lambda n: generate(model, prompts, n, temperature=1.0, seed=0, use_cuda_graph=graph)  # noqa: E731
+            run = lambda n: generate_many(model, prompts, n, slots=batch, temperature=1.0, seed=0,  # noqa: E731
+                                          use_cuda_graph=graph)
             run(8)  # warm-up: CUDA context, cuBLAS handles, allocator
             total = min(timed(lambda: run(new_tokens), device) for _ in range(args.repeats))
             first = min(timed(lambda: run(1), device) for _ in range(args.repeats))  # prefill + first token

@@ -19,7 +19,7 @@ Sections (on --cpu-smoke the same code at tiny shapes; "-" where a figure needs 
   environment      device, torch, cuDNN, the package's path, the peaks (from the device name, roofline.py)
   logits_parity    one random 1.5B model built on the CPU in float32, moved to the device in float32
                    and bf16: max |logits - CPU logits| (one model: CPU and CUDA generators differ)
-  attention        the SDPA ops the profiler saw in prefill and, apart, in decode (refill.generate_many,
+  attention        the SDPA ops the profiler saw in prefill and, apart, in decode (generate.generate_many,
                    eager), and generation under sdpa_kernel([FLASH, EFFICIENT, CUDNN]): any fused
                    kernel is acceptable in either phase, cuDNN included (torch 2.11 prefers it on
                    sm90); only the math fallback is not
@@ -29,7 +29,7 @@ Sections (on --cpu-smoke the same code at tiny shapes; "-" where a figure needs 
   train_sft_cli,   the real command lines, as subprocesses with timeouts, on a random-weight folder of
   train_rl_cli     the 1.5B shape cut to CLI_LAYERS blocks + data/tiny-base's tokenizer, LoRA r16
   pipeline_smoke   python pipeline.py's smoke run on CUDA: SFT and GRPO accuracy beside CPU_PIPELINE
-  decode_1.5B/7B   refill.generate_many tokens/s at batch 1 and 64, graph and eager, the decode loop
+  decode_1.5B/7B   generate.generate_many tokens/s at batch 1 and 64, graph and eager, the decode loop
                    alone timed with CUDA events (no capture, no first step at a width, no prefill),
                    and the HBM share: roofline.decode_step_bytes / time against the device's peak;
                    1.5B also with float32 master weights under bf16 autocast (decode reads bf16 copies)
@@ -39,7 +39,7 @@ Sections (on --cpu-smoke the same code at tiny shapes; "-" where a figure needs 
                    memory plan, training tokens/s, MFU from roofline.training_flops
 
 cuDNN attention builds an execution plan per new shape. Eager decode attends to one more column
-each step, so eager decode is timed at the graphs' bucketed widths (refill.EAGER_USES_GRAPH_WIDTHS:
+each step, so eager decode is timed at the graphs' bucketed widths (generate_many's widths="bucket":
 one plan per bucket). TORCH_CUDNN_SDPA_AVOID_RECOMPILE cannot help: torch applies it only without
 an attention bias and with BSHD-contiguous q, k, v (aten/src/ATen/native/cudnn/MHA.cpp), and a
 decode step passes a mask.
@@ -67,7 +67,7 @@ sys.path[:0] = [ROOT, HERE]  # no install needed: the package and roofline.py fr
 import torch  # noqa: E402
 
 import roofline  # noqa: E402
-from nanocausal import checkpoint, memory_plan, refill  # noqa: E402
+from nanocausal import checkpoint, generate, memory_plan  # noqa: E402
 from nanocausal.rl import RLConfig, train_rl  # noqa: E402
 
 SMALL, LARGE = "DeepSeek-R1-Distill-Qwen-1.5B", "DeepSeek-R1-Distill-Qwen-7B"
@@ -135,22 +135,24 @@ class Timer:
 
 @contextmanager
 def timed_steps(device):
-    """Time every decode step refill.generate_many runs (Stepper.__call__): the decode loop alone,
-    prefill and admission excluded. A step at a width not run before (capture, or cuDNN's plan) is
-    tagged ("first", width), the others ("replay", width)."""
-    timer, seen, original = Timer(device), set(), refill.Stepper.__call__
+    """Time every decode step generate.generate_many runs (the `step` its host loop, generate.serve,
+    calls): the decode loop alone, prefill and admission excluded. A step at a width not run before
+    (capture, or cuDNN's plan) is tagged ("first", width), the others ("replay", width)."""
+    timer, seen, original = Timer(device), set(), generate.serve
 
-    def step(self, width):
-        start = timer.mark()
-        result = original(self, width)
-        timer.add(start, timer.mark(), ("replay" if (id(self), width) in seen else "first", width))
-        seen.add((id(self), width))
-        return result
-    refill.Stepper.__call__ = step
+    def serve(state, prompts, n, limits, streams, prefill_chunk, check_every, step, *rest, **kwargs):
+        def timed(width):
+            start = timer.mark()
+            result = step(width)
+            timer.add(start, timer.mark(), ("replay" if width in seen else "first", width))
+            seen.add(width)
+            return result
+        return original(state, prompts, n, limits, streams, prefill_chunk, check_every, timed, *rest, **kwargs)
+    generate.serve = serve
     try:
         yield timer
     finally:
-        refill.Stepper.__call__ = original
+        generate.serve = original
 
 
 @contextmanager
@@ -167,9 +169,10 @@ def prompts_of(batch, length):
     return [[(7 * i + j) % 500 + 1 for j in range(length)] for i in range(batch)]
 
 
-def greedy(model, prompts, new_tokens, graph):
-    return refill.generate_many(model, prompts, new_tokens, slots=len(prompts), temperature=0, seed=0,
-                                use_cuda_graph=graph)
+def greedy(model, prompts, new_tokens, graph, widths=None):
+    """Greedy tokens; widths="bucket": eager decode attends at the graphs' bucketed widths too."""
+    return generate.generate_many(model, prompts, new_tokens, slots=len(prompts), temperature=0, seed=0,
+                                  use_cuda_graph=graph, widths=widths)
 
 
 # -----------------------------------------------------------------------------
@@ -226,9 +229,7 @@ def attention(ctx):
 def graph_vs_eager(ctx):
     model, prompts, new = ctx.model(SMALL), prompts_of(4, 100 if ctx.cuda else 20), 32 if ctx.cuda else 8
     graph = greedy(model, prompts, new, graph=ctx.cuda)
-    # TODO(lead): when generate_many gets widths="bucket" for eager runs, use it instead of this patch.
-    with patched(refill, "EAGER_USES_GRAPH_WIDTHS", True):
-        same_widths = greedy(model, prompts, new, graph=False)
+    same_widths = greedy(model, prompts, new, graph=False, widths="bucket")
     exact = greedy(model, prompts, new, graph=False)
     equal = bool(torch.equal(graph.tokens.cpu(), same_widths.tokens.cpu()))
     diffs = []
@@ -249,12 +250,13 @@ def capture_cost(ctx):
     for _ in range(2):  # two successive calls: the second captures again (graphs live for one call)
         with timed_steps(ctx.device) as timer:
             started = time.perf_counter()
-            greedy(model, prompts_of(16, 400), 256, graph=True)  # widths 401..656: buckets 512 and 656 (the full width)
+            result = greedy(model, prompts_of(16, 400), 256, graph=True)  # widths 401..656: buckets 512 and 656
             wall = time.perf_counter() - started
         times = timer.seconds()
         first = [(tag[1], s) for tag, s in times if tag[0] == "first"]
         replay = [s for tag, s in times if tag[0] == "replay"]
-        calls.append({"capture_s_per_bucket": dict(first), "replay_step_s": sum(replay) / len(replay), "call_s": wall})
+        calls.append({"capture_s_per_bucket": dict(first), "replay_step_s": sum(replay) / len(replay), "call_s": wall,
+                      "generate_stats": result.stats})  # the generator's own capture timing (warm-up + capture)
     total = [sum(c["capture_s_per_bucket"].values()) for c in calls]
     return {"calls": calls}, f"capture per call {total[0]:.2f} s then {total[1]:.2f} s ({len(calls[0]['capture_s_per_bucket'])} buckets)"
 
@@ -334,8 +336,8 @@ def decode_row(ctx, model, batch, graph, read_bytes=None):
     graphs' widths; read_bytes: the weights' bytes per element read (default: their own size)."""
     c, parameters = model.config, sum(p.numel() for p in model.parameters())
     element = read_bytes or model.embed_tokens.weight.element_size()
-    with timed_steps(ctx.device) as timer, patched(refill, "EAGER_USES_GRAPH_WIDTHS", True):
-        greedy(model, prompts_of(batch, 128), ctx.args.new_tokens if ctx.cuda else 8, graph)
+    with timed_steps(ctx.device) as timer:
+        greedy(model, prompts_of(batch, 128), ctx.args.new_tokens if ctx.cuda else 8, graph, widths="bucket")
     steps = [(tag[1], s) for tag, s in timer.seconds() if tag[0] == "replay"]
     seconds = sum(s for _, s in steps)
     read = sum(roofline.decode_step_bytes(c, parameters, batch, width, element, 2 if ctx.cuda else 4) for width, _ in steps)
@@ -345,7 +347,7 @@ def decode_row(ctx, model, batch, graph, read_bytes=None):
 
 def decode(ctx, name):
     """decode_row at batch 1 and 64, graph and eager; for the 1.5B also float32 master weights under
-    bf16 autocast at batch 1, whose decode reads bf16 copies (sampling.compute_dtype_weights): the
+    bf16 autocast at batch 1, whose decode reads bf16 copies (generate.compute_dtype_weights): the
     same speed as bf16 weights when no weight is cast per step."""
     out = {f"batch {batch} {'graph' if graph else 'eager'}": decode_row(ctx, ctx.model(name), batch, graph)
            for batch in ((1, 64) if ctx.cuda else (2,)) for graph in ((True, False) if ctx.cuda else (False,))}

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from nanocausal import calm, caugym, checkpoint, cli, data, distributed, memory_plan, problems, rundir, tiny
 from nanocausal.pass_at_k import pass_and_majority
 from nanocausal.problem_text import solve
-from nanocausal.refill import generate_many
+from nanocausal.generate import generate_many
 from nanocausal.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------

@@ -27,11 +27,6 @@ import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
-# One-token decode with grouped-query attention folds the H / K query heads of each key/value group
-# into the query-length dimension (Attention.forward). False keeps SDPA's enable_gqa path: the tests
-# compare the two.
-FOLD_DECODE_GQA = True
-
 
 @dataclass
 class ModelConfig:
@@ -109,8 +104,8 @@ class Linear(nn.Linear):
       as the submodules lora_A and lora_B, skipped while lora_enabled is False (the reference);
     - an (in, out) copy of the weight to multiply by instead of the (out, in) weight itself. For
       the few rows of a decode step on CPU, MKL runs x @ W_t 1.5x (1 thread) to 4.5x (2 threads)
-      faster than F.linear's x @ W^T (measured on SmolLM2's shapes), so sampling.generate sets
-      `weight_t` on every Linear for the length of a CPU call. Checkpoints, training and GPU
+      faster than F.linear's x @ W^T (measured on SmolLM2's shapes), so generation sets
+      `weight_t` on every Linear for the length of a CPU call (generate.cpu_weight_layout). Checkpoints, training and GPU
       runs never see it.
     """
 
@@ -205,7 +200,7 @@ class Attention(nn.Module):
             k_cache.index_copy_(2, cache_position, k.to(k_cache.dtype))
             v_cache.index_copy_(2, cache_position, v.to(v_cache.dtype))
             k, v = k_cache, v_cache
-        if T == 1 and mask is not None and self.n_kv_heads != self.n_heads and FOLD_DECODE_GQA:
+        if T == 1 and mask is not None and self.n_kv_heads != self.n_heads:
             y = self.folded_decode_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(
@@ -293,24 +288,26 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
             else:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        # cos/sin and the mask in the compute dtype: under bf16 autocast q and k come out of their
+        # projections in bf16 and stay bf16 (fp32 cos/sin would promote them, and the cache write would cast back)
+        dtype = self.compute_dtype()
         mask = None  # None = plain causal attention, the fast path
         if kv_cache is not None or attention_mask is not None:
             query_slot = cache_position if kv_cache is not None else torch.arange(T, device=input_ids.device)
             S = kv_cache[0][0].shape[2] if kv_cache is not None else T
             key_slot = torch.arange(S, device=input_ids.device)
-            causal = key_slot[None, :] <= query_slot[:, None]  # (T, S)
-            mask = causal[None, None]
+            visible = (key_slot[None, :] <= query_slot[:, None])[None, None]  # causal, (1, 1, T, S)
             if attention_mask is not None:
                 # A padding query would see no key at all (NaN); let every query see itself.
                 itself = key_slot[None, :] == query_slot[:, None]
-                mask = (causal & attention_mask.bool()[:, None, None, :]) | itself  # (B, 1, T, S)
+                visible = (visible & attention_mask.bool()[:, None, None, :]) | itself  # (B, 1, T, S)
+            # Additive: scores + 0 where visible, + -inf where not. Built once here and shared by
+            # every layer; a bool mask would be converted into exactly this inside each layer's SDPA.
+            mask = torch.zeros(visible.shape, dtype=dtype, device=input_ids.device).masked_fill_(~visible, float("-inf"))
 
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2), float32 like HF
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         x = self.embed_tokens(input_ids)
-        # cos/sin in the compute dtype: under bf16 autocast q and k come out of their projections in
-        # bf16 and stay bf16 (fp32 cos/sin would promote them, and the cache write would cast back)
-        dtype = self.compute_dtype()
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
         for i, block in enumerate(self.layers):
             layer_cache = kv_cache[i] if kv_cache is not None else None

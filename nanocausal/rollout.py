@@ -9,7 +9,7 @@ import torch
 
 from nanocausal import caugym, data
 from nanocausal.rewards import format_ok, reward
-from nanocausal.refill import generate_many
+from nanocausal.generate import generate_many
 
 # -----------------------------------------------------------------------------
 # Prompts

@@ -152,11 +152,11 @@ def tiny_items(n, seed=0):
              "type": it["type"]} for it in tiny.make_problems(n, seed=seed)]
 
 
-def test_greedy_responses_are_the_static_samplers_and_samples_do_not_depend_on_the_batch_size():
-    """Continuous batching (refill.generate_many) changes no greedy reply (each equals the static
-    sampler's reply to the problem alone), and a sampled reply depends on the seed and the problem
+def test_greedy_responses_are_the_replies_alone_and_samples_do_not_depend_on_the_batch_size():
+    """Continuous batching (generate.generate_many) changes no greedy reply (each equals the
+    reply to the problem alone), and a sampled reply depends on the seed and the problem
     only: the same for any --batch-size, and each problem's records arrive as soon as it is done."""
-    from nanocausal.sampling import generate
+    from nanocausal.generate import generate_many
     folder = Path(__file__).resolve().parents[1] / "data" / "tiny-base"
     model, tokenizer = load_model(folder), Tokenizer.from_pretrained(folder)
     items = tiny_items(7)
@@ -164,7 +164,7 @@ def test_greedy_responses_are_the_static_samplers_and_samples_do_not_depend_on_t
                                  progress=False)
     for record, item in zip(greedy, items):
         prompt = tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True)
-        alone = generate(model, [prompt], 40, temperature=0, eos_token_ids=tokenizer.eos_token_ids,
+        alone = generate_many(model, [prompt], 40, slots=1, temperature=0, eos_token_ids=tokenizer.eos_token_ids,
                          vocab_size=tokenizer.vocab_size).completions()[0]
         assert record["response"] == tokenizer.decode(alone, skip_special_tokens=True)
 

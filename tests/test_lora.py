@@ -15,7 +15,7 @@ from nanocausal import checkpoint, lora
 from nanocausal.checkpoint import load_model
 from nanocausal.preference import PreferenceConfig, train_preference
 from nanocausal.rl import RLConfig, train_rl
-from nanocausal.sampling import generate
+from nanocausal.generate import generate_many
 from nanocausal.sft import SFTConfig, train_sft
 from nanocausal.tokenizer import Tokenizer
 from rl_worker import on_token_ids
@@ -136,7 +136,7 @@ def test_merged_and_unmerged_generation_give_the_same_tokens(tiny_chat_model, sf
     folder, _ = sft_adapter
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     unmerged, merged = load_model(folder), lora.merge(load_model(folder))
-    runs = [generate(m, prompts, 12, temperature=0, eos_token_ids=[]).tokens for m in (unmerged, merged)]
+    runs = [generate_many(m, prompts, 12, temperature=0, eos_token_ids=[]).tokens for m in (unmerged, merged)]
     assert torch.equal(*runs)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_hf_checkpoint, run_script
-from nanocausal import checkpoint, memory_plan, refill
+from nanocausal import checkpoint, generate, memory_plan
 from nanocausal.rl import RLConfig, train_rl
 from rl_worker import on_token_ids
 
@@ -50,13 +50,13 @@ def test_the_plan_equals_the_real_tensors_after_a_step(tmp_path, monkeypatch, dt
                       steps=1, prompts_per_step=4, group_size=2, max_new_tokens=5, micro_batch_size=8, lr=1e-3,
                       warmup_steps=0, eval_every=0, lora_rank=lora_rank, beta=0.0)
     caches = []
-    real_init = refill.Slots.__init__
+    real_init = generate.Slots.__init__
 
     def recording(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         caches.append(tensor_bytes(t for pair in self.kv_cache for t in pair))
 
-    monkeypatch.setattr(refill.Slots, "__init__", recording)
+    monkeypatch.setattr(generate.Slots, "__init__", recording)
     on_token_ids(monkeypatch.setattr, lambda example, ids: float(sum(ids) % 2), prompts)
     model = train_rl(config).model
     planned = memory_plan.plan(config, "grpo", prompt_tokens=prompt_tokens)["bytes"]

@@ -70,6 +70,25 @@ def test_left_padded_batch_equals_unpadded_rows(tmp_path, case):
             assert (batched[i, T - len(r):] - alone).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_attention_mask_is_built_once_as_an_additive_float_mask(tmp_path, autocast):
+    """Every layer gets the same mask tensor (built once per forward, not converted per layer):
+    in the compute dtype, 0 where a query sees a key (causal, not padding, or itself) and -inf elsewhere."""
+    make_hf_checkpoint(tmp_path, "qwen2")
+    model = load_model(tmp_path)
+    masks = []
+    for block in model.layers:
+        block.self_attn.register_forward_hook(lambda m, args, out: masks.append(args[3]))
+    ids, padding = torch.randint(0, 256, (2, 5)), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(ids, attention_mask=padding)
+    assert len(masks) == len(model.layers) and all(m is masks[0] for m in masks)
+    mask = masks[0]
+    assert mask.dtype == (torch.bfloat16 if autocast else torch.float32) and mask.shape == (2, 1, 5, 5)
+    visible = torch.tril(torch.ones(5, 5, dtype=torch.bool)) & padding.bool()[:, None, :] | torch.eye(5, dtype=torch.bool)
+    assert torch.equal(mask[:, 0], torch.where(visible, 0.0, float("-inf")).to(mask.dtype))
+
+
 def test_save_model_loads_in_transformers(tmp_path):
     make_hf_checkpoint(tmp_path / "src", "qwen3", tie_word_embeddings=False)
     model = load_model(tmp_path / "src")

@@ -10,11 +10,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from conftest import make_hf_checkpoint
+import torch.nn.functional as F
+
+from nanocausal import generate
 from nanocausal import model as model_module
-from nanocausal import refill, sampling
 from nanocausal.checkpoint import load_model
-from nanocausal.refill import generate_many
-from nanocausal.sampling import generate
+from nanocausal.generate import generate_many
 
 PROMPTS = [[3, 17, 42, 5, 99, 7, 1], [200, 11], [8, 8, 9, 120, 33]]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,41 +46,39 @@ class CountFloat32ParameterReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def float32_reads(model, new_tokens, generate_fn):
+def float32_reads(model, new_tokens):
     with CountFloat32ParameterReads(model) as counter, torch.autocast("cpu", dtype=torch.bfloat16):
-        generate_fn(model, PROMPTS, new_tokens, temperature=0)
+        generate_many(model, PROMPTS, new_tokens, temperature=0)
     return counter.reads
 
 
-@pytest.mark.parametrize("generate_fn", [generate, generate_many])
-def test_bf16_decode_reads_no_float32_weight(tiny, generate_fn, monkeypatch):
+def test_bf16_decode_reads_no_float32_weight(tiny, monkeypatch):
     model = load_model(tiny)  # float32 master weights, bf16 autocast: the standard mixed precision
-    for module in (sampling, refill):  # the CUDA path: Linear reads its weight itself (no CPU transposed copy)
-        monkeypatch.setattr(module, "cpu_weight_layout", lambda model: nullcontext())
+    # the CUDA path: Linear reads its weight itself (no CPU transposed copy)
+    monkeypatch.setattr(generate, "cpu_weight_layout", lambda model: nullcontext())
     parameters = len(list(model.parameters()))
-    short, long = float32_reads(model, 2, generate_fn), float32_reads(model, 12, generate_fn)
+    short, long = float32_reads(model, 2), float32_reads(model, 12)
     # one read per parameter per call (the in-place copy_ that refreshes its bf16 copy), none per decode step
     assert short == long == parameters
     copies = model.compute_dtype_copies
     addresses = {id(p): copy.data_ptr() for id_, (p, copy) in copies.items()}
-    float32_reads(model, 2, generate_fn)
+    float32_reads(model, 2)
     assert {id(p): copy.data_ptr() for id_, (p, copy) in copies.items()} == addresses  # same buffers: graphs stay valid
     assert all(copy.dtype == torch.bfloat16 for _, copy in copies.values())
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the parameters are put back
 
     # without the copies autocast casts every weight at every step: the count grows with the tokens
-    for module in (sampling, refill):
-        monkeypatch.setattr(module, "compute_dtype_weights", lambda model: nullcontext())
-    assert float32_reads(model, 12, generate_fn) > float32_reads(model, 2, generate_fn) > parameters
+    monkeypatch.setattr(generate, "compute_dtype_weights", lambda model: nullcontext())
+    assert float32_reads(model, 12) > float32_reads(model, 2) > parameters
 
 
 def test_copies_follow_an_optimiser_step(tiny):
     model = load_model(tiny)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        before = generate(model, PROMPTS[:1], 6, temperature=0).tokens[0].tolist()
+        before = generate_many(model, PROMPTS[:1], 6, temperature=0).tokens[0].tolist()
         with torch.no_grad():
             model.lm_head.weight[before[0]] -= 100.0  # in place, as AdamW updates: the first token cannot win
-        after = generate(model, PROMPTS[:1], 6, temperature=0).tokens[0].tolist()
+        after = generate_many(model, PROMPTS[:1], 6, temperature=0).tokens[0].tolist()
     assert after[0] != before[0]
 
 
@@ -87,19 +86,17 @@ def test_copies_follow_an_optimiser_step(tiny):
 def test_kv_cache_and_rope_are_in_the_compute_dtype(tiny, weights, monkeypatch):
     model = load_model(tiny, dtype=torch.float32 if weights.startswith("float32") else torch.bfloat16)
     caches = []
-    for cls in (sampling.Decoder, refill.Slots):
-        real_init = cls.__init__
+    real_init = generate.Slots.__init__
 
-        def recording(self, *args, real_init=real_init, **kwargs):
-            real_init(self, *args, **kwargs)
-            caches.extend(t for pair in self.kv_cache for t in pair)
-        monkeypatch.setattr(cls, "__init__", recording)
+    def recording(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        caches.extend(t for pair in self.kv_cache for t in pair)
+    monkeypatch.setattr(generate.Slots, "__init__", recording)
     queries = []
     model.layers[0].self_attn.register_forward_hook(lambda m, args, out: queries.append(args[1].dtype))  # cos
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=weights.startswith("float32")):
-        generate(model, PROMPTS, 3, temperature=0)
         generate_many(model, PROMPTS, 3, temperature=0)
-    assert len(caches) == 2 * 2 * model.config.num_hidden_layers
+    assert len(caches) == 2 * model.config.num_hidden_layers
     assert all(t.dtype == torch.bfloat16 for t in caches)
     assert queries and set(queries) == {torch.bfloat16}
 
@@ -111,46 +108,42 @@ def test_folded_gqa_decode_equals_enable_gqa(tiny, monkeypatch):
     real = model_module.Attention.folded_decode_attention
     monkeypatch.setattr(model_module.Attention, "folded_decode_attention",
                         lambda self, *a: calls.append(1) or real(self, *a))
-    folded = generate(model, PROMPTS, 16, temperature=0)
+    folded = generate_many(model, PROMPTS, 16, temperature=0)
     assert calls  # the decode steps took the folded path
-    monkeypatch.setattr(model_module, "FOLD_DECODE_GQA", False)
-    reference = generate(model, PROMPTS, 16, temperature=0)
+    monkeypatch.setattr(model_module.Attention, "folded_decode_attention",  # SDPA's own grouped-query path
+                        lambda self, q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+    reference = generate_many(model, PROMPTS, 16, temperature=0)
     assert torch.equal(folded.tokens, reference.tokens)
     assert (folded.logprobs - reference.logprobs).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("generate_fn", [generate, generate_many])
-def test_padded_vocabulary_is_never_sampled(tiny, generate_fn):
+def test_padded_vocabulary_is_never_sampled(tiny):
     """A checkpoint whose embedding is padded beyond the tokenizer (Qwen: 151,665 ids in 151,936
     rows): with vocab_size given, the padded ids are never sampled, even when they are the most likely."""
     model = load_model(tiny)
     with torch.no_grad():
         model.lm_head.weight[200:] = model.lm_head.weight[200:] * 0 + 1.0  # tied: padded ids dominate
-    free = generate_fn(model, PROMPTS, 8, temperature=1.0, seed=0)
+    free = generate_many(model, PROMPTS, 8, temperature=1.0, seed=0)
     assert (free.tokens >= 200).float().mean() > 0.5
-    out = generate_fn(model, PROMPTS, 8, temperature=1.0, seed=0, vocab_size=200)
+    out = generate_many(model, PROMPTS, 8, temperature=1.0, seed=0, vocab_size=200)
     assert (out.tokens < 200).all()
 
 
 def test_bucket_width_arithmetic():
-    assert [sampling.bucket_width(n, 1200, bucket=512) for n in (1, 511, 512, 513, 1024, 1025, 1200)] == \
+    assert [generate.bucket_width(n, 1200, bucket=512) for n in (1, 511, 512, 513, 1024, 1025, 1200)] == \
         [512, 512, 512, 1024, 1024, 1200, 1200]
 
 
-@pytest.mark.parametrize("generate_fn", [generate, generate_many])
-def test_graph_bucket_widths_compute_the_same_tokens(tiny, generate_fn, monkeypatch):
-    """The CUDA graphs' widths (a bucket of 4 slots here: many switches), run eagerly on CPU."""
+def test_graph_bucket_widths_compute_the_same_tokens(tiny, monkeypatch):
+    """The CUDA graphs' widths (widths="bucket", a bucket of 4 slots here: many switches), run eagerly on CPU."""
     model = load_model(tiny)
     kw = dict(temperature=0.8, num_samples=2, seed=1, eos_token_ids=list(range(0, 256, 9)))
-    exact = generate_fn(model, PROMPTS, 20, **kw)
+    exact = generate_many(model, PROMPTS, 20, **kw)
     widths = []
-    real_step = sampling.Decoder.step if generate_fn is generate else refill.Slots.step
-    monkeypatch.setattr(sampling, "GRAPH_BUCKET", 4)
-    monkeypatch.setattr(sampling, "EAGER_USES_GRAPH_WIDTHS", True)
-    monkeypatch.setattr(refill, "EAGER_USES_GRAPH_WIDTHS", True)
-    monkeypatch.setattr(sampling.Decoder if generate_fn is generate else refill.Slots, "step",
-                        lambda self, width: widths.append(width) or real_step(self, width))
-    bucketed = generate_fn(model, PROMPTS, 20, **kw)
+    real_step = generate.Slots.step
+    monkeypatch.setattr(generate, "GRAPH_BUCKET", 4)
+    monkeypatch.setattr(generate.Slots, "step", lambda self, width: widths.append(width) or real_step(self, width))
+    bucketed = generate_many(model, PROMPTS, 20, widths="bucket", **kw)
     assert torch.equal(bucketed.tokens, exact.tokens)
     assert (bucketed.logprobs - exact.logprobs).abs().max() <= 1e-5
     assert len(set(widths)) > 3 and all(w % 4 == 0 or w == max(widths) for w in widths)
@@ -213,15 +206,15 @@ def test_the_plan_counts_the_rollout_copy_and_a_bf16_cache(tiny, monkeypatch):
     from nanocausal.rl import RLConfig
     model = load_model(tiny)
     caches = []
-    real_init = refill.Slots.__init__  # the rollouts' sampler
+    real_init = generate.Slots.__init__  # the rollouts' sampler
 
     def recording(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         caches.append(sum(t.numel() * t.element_size() for pair in self.kv_cache for t in pair))
-    monkeypatch.setattr(refill.Slots, "__init__", recording)
+    monkeypatch.setattr(generate.Slots, "__init__", recording)
     prompts = [[1, 2, 3, 4, 5, i] for i in range(3)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        refill.generate_many(model, prompts, 5, slots=6, num_samples=2, seed=0)
+        generate_many(model, prompts, 5, slots=6, num_samples=2, seed=0)
     config = RLConfig(model=str(tiny), device="cuda", dtype="float32", prompts_per_step=3, group_size=2,
                       max_new_tokens=5)
     planned = memory_plan.plan(config, "grpo", prompt_tokens=6, gpu_memory_gib=80)["bytes"]
