@@ -35,7 +35,7 @@ Bytes read by one decode step of `batch` rows that attend to `width` cache colum
               the batch, except an untied embedding table: only the rows looked up (batch x C).
               A tied head reads the whole table anyway, as the head (+ batch x C for the lookup).
   KV cache    batch x width x L x 2 x K x D elements (the keys and values attended; a CUDA-graph
-              step attends to its bucket's width, sampling.bucket_width, an eager one to the used columns).
+              step attends to its bucket's width, generate.bucket_width, an eager one to the used columns).
 """
 
 PEAK_HBM_TB_S = {"H200": 4.8, "H100 80GB HBM3": 3.35}  # H200 (SXM and NVL); H100 SXM (its torch name)

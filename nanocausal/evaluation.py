@@ -111,7 +111,7 @@ def sample_key(key):
 def answer(model, tokenizer, items, num_samples, temperature, top_p, top_k, max_new_tokens, seed, keys=None,
            slots=16, on_answered=None):
     """Responses (num_samples per item, item-major) for `items`, decoded by continuous batching
-    (refill.generate_many) over `slots` rows: a finished reply's row takes the next waiting one.
+    (generate.generate_many) over `slots` rows: a finished reply's row takes the next waiting one.
 
     keys: each item's item_key (its random numbers follow sample_key(key)); default its position.
     on_answered(i, responses) is called as soon as items[i] has all its samples.

@@ -14,7 +14,7 @@ CUDA, else w), C hidden size, F MLP width, H/K query/key-value heads of size D, 
                    GRPO with --beta > 0, PPO with --kl-coef > 0; bf16 on CUDA for RL); 0 with LoRA
     value_model    PPO's value head: (C + 1) * 4 * 4
     rollout_copy   P * 2 for float32 weights on CUDA: the bf16 copy of the weights generation reads
-                   (sampling.compute_dtype_weights), kept for the whole run; 0 for bf16 weights
+                   (generate.compute_dtype_weights), kept for the whole run; 0 for bf16 weights
     kv_cache       rows * (prompt + new tokens) * L * 2 * K * D * a, rows = --rollout-slots, or
                    prompts x group size (the rollouts' static cache, in the compute dtype: bf16 on CUDA)
     prefill_cache  (rows / group size) * prompt * L * 2 * K * D * a: the prompts admitted at once,

@@ -130,7 +130,7 @@ def rollout(model, prompts, group_size, max_new_tokens, temperature, top_p, top_
             vocab_size=None, slots=None, prompt_keys=None):
     """Sample group_size completions per prompt (a list of token-id lists): their `Rollouts`.
 
-    Decoding is continuous batching (refill.generate_many) over `slots` rows (default: every row at
+    Decoding is continuous batching (generate.generate_many) over `slots` rows (default: every row at
     once); with fewer slots a finished group's rows take the next waiting prompt, and the KV cache
     holds `slots` rows only. Prompt i's samples are drawn from the random streams of (seed,
     prompt_keys[i]) (default i), so they do not depend on the slot count."""
