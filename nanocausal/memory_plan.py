@@ -9,7 +9,12 @@ CUDA, else w), C hidden size, F MLP width, H/K query/key-value heads of size D, 
 
     weights        P_base * w  (+ LoRA adapters * 4: they stay float32)
     gradients      T * (w, or 4 for LoRA adapters)            exist from backward to the optimiser step
-    optimizer      T * 2 * 4 + 4: AdamW's m and v, float32 whatever w (training.AdamW)
+    optimizer      T * 2 * 4 + 4 per tensor: AdamW's m and v, float32 whatever w, and its step; for
+                   bf16 weights (full fine-tuning) T * 2 more: each weight's low 16 bits (training.AdamW)
+    optimizer_temporaries  what an AdamW step allocates: for bf16 weights two float32 chunks,
+                   2 * 4 * min(largest trainable tensor, training.AdamW.CHUNK); for float32 trainables 0
+                   on CUDA (torch's fused AdamW), on CPU 4 * max(2 n_i + n_(i-1)) over consecutive
+                   tensors i (torch's single-tensor loop: sqrt(v), its quotient, the last one's quotient)
     reference      P * w_ref when a separate frozen copy is loaded (DPO/KTO unless --precompute-ref;
                    GRPO with --beta > 0, PPO with --kl-coef > 0; bf16 on CUDA for RL); 0 with LoRA
     value_model    PPO's value head: (C + 1) * 4 * 4
@@ -37,8 +42,9 @@ P * 2 on CUDA, alive in the generation phase only; and
 
 A step is two phases that do not overlap: generation (weights, rollout copy, optimizer state,
 reference, KV cache: gradients were freed by the last step) and training (weights, rollout copy,
-optimizer state, reference, gradients, activations, logits chunk). The total is the larger phase. weights, gradients,
-optimizer and KV cache are exact (tests/test_memory_plan.py compares them with the real tensors
+optimizer state, reference, gradients, then activations and logits chunk, or the optimiser's
+temporaries once backward is done). The total is the larger phase. weights, gradients, optimizer,
+optimizer_temporaries and KV cache are exact (tests/test_memory_plan.py compares them with the real tensors
 after a real step); activations are an estimate of what autograd saves (SDPA and allocator
 workspaces, fragmentation not included): read the total with ~15 % to spare.
 
@@ -56,6 +62,7 @@ from nanocausal.model import Transformer
 
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2}
+ADAMW_CHUNK = 1 << 22  # = training.AdamW.CHUNK (tests/test_memory_plan.py; importing training here would be a cycle)
 
 
 def meta_model(name_or_path):
@@ -121,6 +128,16 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
     activations = (L * tokens * C * act + per_layer) if config.activation_checkpointing else L * per_layer
     logits_chunk = chunk * mc.vocab_size * 4 * 3
 
+    trainable_tensors = [p.numel() // gpus for p in model.parameters() if p.requires_grad]
+    if adapters or config.dtype == "float32":  # float32 trainables: torch.optim.AdamW (make_optimizer)
+        # fused on CUDA; on CPU its single-tensor loop makes sqrt(v) and its quotient while the previous
+        # tensor's quotient is still referenced, in each of make_optimizer's groups (matrices, then the rest)
+        groups = [[p.numel() // gpus for p in model.parameters() if p.requires_grad and (p.dim() >= 2) == matrices]
+                  for matrices in (True, False)]
+        temporaries = 0 if cuda else 4 * max(2 * n + previous for g in groups for previous, n in zip([0] + g, g))
+    else:
+        temporaries = 2 * 4 * min(max(trainable_tensors), ADAMW_CHUNK)
+    low_bits = 0 if adapters or config.dtype == "float32" else 2 * base
     sharded = gpus > 1
     unsharded = 0
     if sharded:
@@ -129,7 +146,8 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
     components = {
         "weights": ((base * w) + adapters * 4) // gpus,
         "gradients": (adapters * 4 if adapters else base * w) // gpus,
-        "optimizer": (trainable * 2 * 4 + 4 * len([p for p in model.parameters() if p.requires_grad])) // gpus,
+        "optimizer": (trainable * 2 * 4 + low_bits + 4 * len(trainable_tensors)) // gpus,
+        "optimizer_temporaries": temporaries,
         "reference": reference // gpus,
         "value_model": value,
         "rollout_copy": (base + adapters) * 2 if cuda and (config.dtype == "float32" or sharded) and (rl or not sharded) else 0,
@@ -143,7 +161,7 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
     resident = components["weights"] + components["optimizer"] + components["reference"] + value + \
         (0 if sharded else copy)  # one GPU: kept for the run; torchrun: gathered for the rollouts, then freed
     phases = {"generation": resident + kv_cache + prefill_cache + (copy if sharded else 0) if rl else 0,
-              "training": resident + components["gradients"] + unsharded + activations + logits_chunk}
+              "training": resident + components["gradients"] + unsharded + max(activations + logits_chunk, temporaries)}
     total = max(phases.values())
     if gpu_memory_gib is None:
         gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80
@@ -176,7 +194,7 @@ def format_plan(result):
     lines = [f"memory plan: {result['algo']} on {result['model']}: {result['parameters']:,} parameters, "
              f"{result['trainable_parameters']:,} trainable" + (f"; per GPU of {result['gpus']}" if result["gpus"] > 1 else "")]
     for name, value in result["bytes"].items():
-        lines.append(f"  {name:<13} {value / GIB:9.2f} GiB")
+        lines.append(f"  {name:<21} {value / GIB:9.2f} GiB")
     for name, value in result["phases"].items():
         if value:
             lines.append(f"  {name + ' phase':<22}{value / GIB:9.2f} GiB")
@@ -238,7 +256,7 @@ def check_fits(config, algo):
     phases = [sum(certain.get(k, 0) for k in ("weights", "optimizer", "reference", "value_model", "rollout_copy",
                                                  "kv_cache", "prefill_cache")),
               sum(certain.get(k, 0) for k in ("weights", "optimizer", "reference", "value_model", "rollout_copy",
-                                                 "gradients", "fsdp_unsharded"))]
+                                                 "gradients", "fsdp_unsharded", "optimizer_temporaries"))]
     needed = max(phases) * sharing
     if needed > available:
         largest = sorted((k for k in certain if certain[k] and k in COMPONENT_FLAGS), key=certain.get, reverse=True)[:2]

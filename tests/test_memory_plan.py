@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_hf_checkpoint, run_script
-from nanocausal import checkpoint, memory_plan, refill
+from nanocausal import checkpoint, memory_plan, refill, training
 from nanocausal.rl import RLConfig, train_rl
 
 transformers = pytest.importorskip("transformers")
@@ -41,6 +41,24 @@ def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def peak_allocated_bytes(fn):
+    """The most bytes that fn() held allocated at once on the CPU beyond what existed before it, from
+    the allocator's own record (the profiler's memory events: every allocation and free)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+        fn()
+    events = sorted((e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_the_plan_knows_the_optimizers_chunk():
+    assert memory_plan.ADAMW_CHUNK == training.AdamW.CHUNK
+
+
 @pytest.mark.parametrize("dtype, lora_rank", [("float32", 0), ("bfloat16", 0), ("float32", 4), ("bfloat16", 4)])
 def test_the_plan_equals_the_real_tensors_after_a_step(tmp_path, monkeypatch, dtype, lora_rank):
     make_hf_checkpoint(tmp_path / "model", "qwen2", vocab_size=64, tie_word_embeddings=False)
@@ -67,6 +85,16 @@ def test_the_plan_equals_the_real_tensors_after_a_step(tmp_path, monkeypatch, dt
     model.train()
     model(torch.tensor([[1, 2, 3]])).float().sum().backward()
     assert planned["gradients"] == tensor_bytes(p.grad for p in trainable)
+    # the step's temporaries: torch's single-tensor AdamW (float32 trainables on CPU), or ours in chunks
+    # (made smaller than the largest tensor here, so that chunking is what is measured)
+    monkeypatch.setattr(training.AdamW, "CHUNK", 1000)
+    monkeypatch.setattr(memory_plan, "ADAMW_CHUNK", 1000)
+    optimizer = training.make_optimizer(model, lr=1e-3)
+    optimizer.step()  # (allocates the state)
+    planned = memory_plan.plan(config, "grpo", prompt_tokens=prompt_tokens)["bytes"]
+    assert planned["optimizer_temporaries"] <= peak_allocated_bytes(optimizer.step) <= planned["optimizer_temporaries"] + 64
+    if dtype == "bfloat16" and not lora_rank:
+        assert planned["optimizer_temporaries"] == 2 * 4 * 1000
     assert planned["reference"] == 0 and planned["value_model"] == 0
     if dtype == "bfloat16" and not lora_rank:  # train_rl --dtype bfloat16 on CPU: finite, saved in bf16
         saved = checkpoint.load_model(tmp_path / "out" / "checkpoint", dtype=None)
