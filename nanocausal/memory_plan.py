@@ -19,7 +19,10 @@ CUDA, else w), C hidden size, F MLP width, H/K query/key-value heads of size D, 
                    GRPO with --beta > 0, PPO with --kl-coef > 0; bf16 on CUDA for RL); 0 with LoRA
     value_model    PPO's value head: (C + 1) * 4 * 4
     rollout_copy   P * 2 for float32 weights on CUDA: the bf16 copy of the weights generation reads
-                   (sampling.compute_dtype_weights), kept for the whole run; 0 for bf16 weights
+                   (sampling.compute_dtype_weights), kept for the whole run; 0 for bf16 weights. LoRA
+                   RL on one GPU: lora.merged_copy_bytes (the adapted weights merged, and any weight
+                   not bf16, in bf16), alive in the generation phase only, when that phase then fits
+                   (result["merge_lora"]: the rollouts use lora.merged_for_generation); else as above
     kv_cache       rows * (prompt + new tokens) * L * 2 * K * D * a, rows = --rollout-slots, or
                    prompts x group size (the rollouts' static cache, in the compute dtype: bf16 on CUDA)
     prefill_cache  (rows / group size) * prompt * L * 2 * K * D * a: the prompts admitted at once,
@@ -93,6 +96,7 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
     w = BYTES[config.dtype]
     act = 2 if cuda else w
     base = count(model.parameters())
+    model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype])  # (meta: nothing moves)
     if config.lora_rank > 0:
         lora.add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
     adapters = count(p for n, p in model.named_parameters() if ".lora_" in n)
@@ -157,17 +161,24 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
         "activations": activations,
         "logits_chunk": logits_chunk,
     }
-    copy = components["rollout_copy"]
-    resident = components["weights"] + components["optimizer"] + components["reference"] + value + \
-        (0 if sharded else copy)  # one GPU: kept for the run; torchrun: gathered for the rollouts, then freed
-    phases = {"generation": resident + kv_cache + prefill_cache + (copy if sharded else 0) if rl else 0,
-              "training": resident + components["gradients"] + unsharded + max(activations + logits_chunk, temporaries)}
-    total = max(phases.values())
     if gpu_memory_gib is None:
         gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80
     gpu = int(gpu_memory_gib * GIB)
+    resident = components["weights"] + components["optimizer"] + components["reference"] + value
+    # LoRA rollouts on one GPU: a merged copy (lora.merged_for_generation) when the generation phase holds it
+    merged = lora.merged_copy_bytes(model, torch.bfloat16) if adapters and rl and cuda and not sharded else 0
+    merge_lora = bool(merged) and resident + kv_cache + prefill_cache + merged <= gpu
+    if merge_lora:
+        components["rollout_copy"] = merged
+    copy = components["rollout_copy"]
+    if not (sharded or merge_lora):  # one GPU: kept for the run; torchrun and merged: made for the rollouts, then freed
+        resident += copy
+    phases = {"generation": resident + kv_cache + prefill_cache + (copy if sharded or merge_lora else 0) if rl else 0,
+              "training": resident + components["gradients"] + unsharded + max(activations + logits_chunk, temporaries)}
+    total = max(phases.values())
     result = {"model": str(config.model), "algo": algo, "gpus": gpus, "parameters": base + adapters, "trainable_parameters": trainable,
-              "bytes": components, "phases": phases, "total_bytes": total, "gpu_bytes": gpu, "fits": total <= gpu}
+              "bytes": components, "phases": phases, "total_bytes": total, "gpu_bytes": gpu, "fits": total <= gpu,
+              "merge_lora": merge_lora}
     result["advice"] = None if result["fits"] else advice(config, components, phases, rl, adapters)
     return result
 

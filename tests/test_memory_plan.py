@@ -132,3 +132,26 @@ def test_the_plan_per_gpu_of_a_torchrun_run(shared_dir):
                                            + b["activations"] + b["logits_chunk"])
     assert eight["phases"]["generation"] == (b["weights"] + b["optimizer"] + b["rollout_copy"] + b["kv_cache"]
                                              + b["prefill_cache"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_lora_rollouts_plan_the_merged_copy_when_it_fits(tmp_path, dtype):
+    """LoRA GRPO on one GPU: the rollouts' copy (lora.merged_for_generation, bf16) is planned at the
+    bytes the real copy allocates, in the generation phase only; when it would not fit, the plan
+    says so (merge_lora False) and keeps today's rollout copy (none for a bf16 base)."""
+    from nanocausal import lora
+    make_hf_checkpoint(tmp_path / "model", "qwen2", vocab_size=64, tie_word_embeddings=False)
+    config = RLConfig(model=str(tmp_path / "model"), device="cuda", dtype=dtype, lora_rank=4, prompts_per_step=4,
+                      group_size=2, max_new_tokens=5)
+    result = memory_plan.plan(config, "grpo", prompt_tokens=6, gpu_memory_gib=80)
+    model = lora.add_lora(checkpoint.load_model(tmp_path / "model", dtype=getattr(torch, dtype)), 4)
+    own = {p.data_ptr() for p in model.parameters()}
+    copy = lora.merged_for_generation(model, torch.bfloat16)
+    b = result["bytes"]
+    assert result["merge_lora"] and b["rollout_copy"] == tensor_bytes(p for p in copy.parameters() if p.data_ptr() not in own)
+    assert result["phases"]["generation"] == (b["weights"] + b["optimizer"] + b["rollout_copy"] + b["kv_cache"]
+                                              + b["prefill_cache"])
+    assert result["phases"]["training"] == b["weights"] + b["optimizer"] + b["gradients"] + b["activations"] + b["logits_chunk"]
+    tight = memory_plan.plan(config, "grpo", prompt_tokens=6, gpu_memory_gib=(result["phases"]["generation"] - 1) / 2**30)
+    assert not tight["merge_lora"]
+    assert tight["bytes"]["rollout_copy"] == (0 if dtype == "bfloat16" else 2 * tight["parameters"])
