@@ -65,7 +65,7 @@ from nanocausal.model import Transformer
 
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2}
-ADAMW_CHUNK = 1 << 22  # = training.AdamW.CHUNK (tests/test_memory_plan.py; importing training here would be a cycle)
+ADAMW_CHUNK = 1 << 20  # = training.AdamW.CHUNK (tests/test_memory_plan.py; importing training here would be a cycle)
 
 
 def meta_model(name_or_path):

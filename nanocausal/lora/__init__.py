@@ -178,8 +178,7 @@ def merge(model):
     an ordinary model again (for export: the training copy keeps its adapters)."""
     for m in model.modules():
         if isinstance(m, Linear) and m.has_lora:
-            delta = (m.lora_B.weight @ m.lora_A.weight) * m.lora_scale
-            m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
+            m.weight.copy_(adapted_weight(m))
             del m.lora_A, m.lora_B, m.lora_dropout
             m.has_lora = False
     model.lora = None
