@@ -206,10 +206,10 @@ class AdamW(torch.optim.Optimizer):
                     denominator = torch.sqrt(v, out=g).add_(group["eps"] * bc2_sqrt)  # (g's buffer, now free)
                     w.mul_(1 - group["lr"] * group["weight_decay"]).addcdiv_(
                         m, denominator, value=-group["lr"] * bc2_sqrt / bc1)
-                    del g, denominator  # (before split_float32's temporary, and w before the next chunk's:
-                    if low:             # two chunks of 4-byte temporaries at most)
+                    del g, denominator  # (freed before split_float32's temporary: two chunks at most)
+                    if low:
                         split_float32(w, weight, low[0])
-                    del w
+                    del w  # (and before the next chunk's)
 
 
 def join_float32(high, low):
