@@ -1,12 +1,12 @@
 """bf16 weights under AdamW at a full-fine-tuning learning rate: how far each way of writing the
-update into bf16 weights strays from the float32 run (nanocausal.training.AdamW's docstring).
+update into bf16 weights strays from the float32 run (nanocausal.optimizer.AdamW's docstring).
 
     python benchmarks/bench_adamw.py [--n 1000000] [--steps 200] [--lr 1e-6]
 
 Weights N(0, 0.02) (a transformer's init scale), gradients d + noise with d fixed (a steady
 direction, as training has), the same gradients for every variant. Error: ||dw - dw_f32|| /
 ||dw_f32|| of the total update dw, where the weights a variant ends with are p (+ c for Kahan:
-the weight it tracks); "ours": nanocausal.training.AdamW (p + its low 16 bits); "= bf16(f32)": the share of bf16 weights equal to the float32 run's
+the weight it tracks); "ours": nanocausal.optimizer.AdamW (p + its low 16 bits); "= bf16(f32)": the share of bf16 weights equal to the float32 run's
 weights rounded to bf16 (the best any bf16 storage can do). Seconds per step on this CPU.
 """
 import argparse
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs with no install
 
-from nanocausal.training import AdamW, join_float32
+from nanocausal.optimizer import AdamW, join_float32
 
 
 def stochastic_round(x):

@@ -10,9 +10,9 @@ CUDA, else w), C hidden size, F MLP width, H/K query/key-value heads of size D, 
     weights        P_base * w  (+ LoRA adapters * 4: they stay float32)
     gradients      T * (w, or 4 for LoRA adapters)            exist from backward to the optimiser step
     optimizer      T * 2 * 4 + 4 per tensor: AdamW's m and v, float32 whatever w, and its step; for
-                   bf16 weights (full fine-tuning) T * 2 more: each weight's low 16 bits (training.AdamW)
+                   bf16 weights (full fine-tuning) T * 2 more: each weight's low 16 bits (optimizer.AdamW)
     optimizer_temporaries  what an AdamW step allocates: for bf16 weights two float32 chunks,
-                   2 * 4 * min(largest trainable tensor, training.AdamW.CHUNK); for float32 trainables 0
+                   2 * 4 * min(largest trainable tensor, optimizer.AdamW.CHUNK); for float32 trainables 0
                    on CUDA (torch's fused AdamW), on CPU 4 * max(2 n_i + n_(i-1)) over consecutive
                    tensors i (torch's single-tensor loop: sqrt(v), its quotient, the last one's quotient)
     reference      P * w_ref when a separate frozen copy is loaded (DPO/KTO unless --precompute-ref;
@@ -60,12 +60,11 @@ import os
 
 import torch
 
-from nanocausal import checkpoint, cli, lora
+from nanocausal import checkpoint, cli, lora, optimizer
 from nanocausal.model import Transformer
 
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2}
-ADAMW_CHUNK = 1 << 20  # = training.AdamW.CHUNK (tests/test_memory_plan.py; importing training here would be a cycle)
 
 
 def meta_model(name_or_path):
@@ -140,7 +139,7 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
                   for matrices in (True, False)]
         temporaries = 0 if cuda else 4 * max(2 * n + previous for g in groups for previous, n in zip([0] + g, g))
     else:
-        temporaries = 2 * 4 * min(max(trainable_tensors), ADAMW_CHUNK)
+        temporaries = 2 * 4 * min(max(trainable_tensors), optimizer.AdamW.CHUNK)
     low_bits = 0 if adapters or config.dtype == "float32" else 2 * base
     sharded = gpus > 1
     unsharded = 0

@@ -1,4 +1,4 @@
-"""bf16 full fine-tuning under torchrun (FSDP, 2 CPU ranks, gloo): training.AdamW updates each
+"""bf16 full fine-tuning under torchrun (FSDP, 2 CPU ranks, gloo): optimizer.AdamW updates each
 rank's shards, and its int16 low_bits state goes through the sharded optimiser checkpoint
 (optimizer-rankR files, checked tensor by tensor on resume), so a resumed run equals a whole one
 bit for bit."""

@@ -124,7 +124,7 @@ def test_bf16_weights_follow_the_float32_run_at_the_readme_lr():
     (total update within 0.1 %), and the bf16 weights are that run's rounded to bf16 (>= 99.5 %;
     the rest sit on a rounding tie that float32 arithmetic order tips). Rounding every step into
     bf16 (no low bits, what the optimiser did before) loses most of the update."""
-    from nanocausal.training import AdamW, join_float32
+    from nanocausal.optimizer import AdamW, join_float32
     torch.manual_seed(0)
     start = (torch.randn(20000) * 0.02).bfloat16()
     direction = torch.randn(20000)
@@ -184,7 +184,7 @@ def test_the_tiny_model_learns_as_much_in_bf16_as_in_float32(tmp_path, monkeypat
     update into bf16 (the optimiser before low_bits, simulated by dropping them) falls less than
     half as far."""
     from conftest import ROOT, tiny_examples, write_jsonl
-    from nanocausal import training
+    from nanocausal import optimizer
     from nanocausal.sft import SFTConfig, train_sft
     data = write_jsonl(tmp_path / "sft.jsonl", tiny_examples(64))
 
@@ -196,5 +196,5 @@ def test_the_tiny_model_learns_as_much_in_bf16_as_in_float32(tmp_path, monkeypat
         return sum(losses[:3]) / 3 - sum(losses[-3:]) / 3
     float32, bfloat16 = loss_fall("float32", "f32"), loss_fall("bfloat16", "bf16")
     assert float32 > 1.0 and abs(bfloat16 - float32) < 0.1 * float32
-    monkeypatch.setattr(training, "split_float32", lambda w, high, low: (high.copy_(w), low.zero_()))
+    monkeypatch.setattr(optimizer, "split_float32", lambda w, high, low: (high.copy_(w), low.zero_()))
     assert loss_fall("bfloat16", "plain") < 0.5 * float32
