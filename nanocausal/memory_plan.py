@@ -9,12 +9,20 @@ CUDA, else w), C hidden size, F MLP width, H/K query/key-value heads of size D, 
 
     weights        P_base * w  (+ LoRA adapters * 4: they stay float32)
     gradients      T * (w, or 4 for LoRA adapters)            exist from backward to the optimiser step
-    optimizer      T * 2 * 4 + 4: AdamW's m and v, float32 whatever w (training.AdamW)
+    optimizer      T * 2 * 4 + 4 per tensor: AdamW's m and v, float32 whatever w, and its step; for
+                   bf16 weights (full fine-tuning) T * 2 more: each weight's low 16 bits (optimizer.AdamW)
+    optimizer_temporaries  what an AdamW step allocates: for bf16 weights two float32 chunks,
+                   2 * 4 * min(largest trainable tensor, optimizer.AdamW.CHUNK); for float32 trainables 0
+                   on CUDA (torch's fused AdamW), on CPU 4 * max(2 n_i + n_(i-1)) over consecutive
+                   tensors i (torch's single-tensor loop: sqrt(v), its quotient, the last one's quotient)
     reference      P * w_ref when a separate frozen copy is loaded (DPO/KTO unless --precompute-ref;
                    GRPO with --beta > 0, PPO with --kl-coef > 0; bf16 on CUDA for RL); 0 with LoRA
     value_model    PPO's value head: (C + 1) * 4 * 4
     rollout_copy   P * 2 for float32 weights on CUDA: the bf16 copy of the weights generation reads
-                   (generate.compute_dtype_weights), kept for the whole run; 0 for bf16 weights
+                   (generate.compute_dtype_weights), kept for the whole run; 0 for bf16 weights. LoRA
+                   RL on one GPU: lora.merged_copy_bytes (the adapted weights merged, and any weight
+                   not bf16, in bf16), alive in the generation phase only, when that phase then fits
+                   (result["merge_lora"]: the rollouts use lora.merged_for_generation); else as above
     kv_cache       rows * (prompt + new tokens) * L * 2 * K * D * a, rows = --rollout-slots, or
                    prompts x group size (the rollouts' static cache, in the compute dtype: bf16 on CUDA)
     prefill_cache  (rows / group size) * prompt * L * 2 * K * D * a: the prompts admitted at once,
@@ -37,8 +45,9 @@ P * 2 on CUDA, alive in the generation phase only; and
 
 A step is two phases that do not overlap: generation (weights, rollout copy, optimizer state,
 reference, KV cache: gradients were freed by the last step) and training (weights, rollout copy,
-optimizer state, reference, gradients, activations, logits chunk). The total is the larger phase. weights, gradients,
-optimizer and KV cache are exact (tests/test_memory_plan.py compares them with the real tensors
+optimizer state, reference, gradients, then activations and logits chunk, or the optimiser's
+temporaries once backward is done). The total is the larger phase. weights, gradients, optimizer,
+optimizer_temporaries and KV cache are exact (tests/test_memory_plan.py compares them with the real tensors
 after a real step); activations are an estimate of what autograd saves (SDPA and allocator
 workspaces, fragmentation not included): read the total with ~15 % to spare.
 
@@ -51,7 +60,7 @@ import os
 
 import torch
 
-from nanocausal import checkpoint, cli, lora
+from nanocausal import checkpoint, cli, lora, optimizer
 from nanocausal.model import Transformer
 
 GIB = 2**30
@@ -86,6 +95,7 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
     w = BYTES[config.dtype]
     act = 2 if cuda else w
     base = count(model.parameters())
+    model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype])  # (meta: nothing moves)
     if config.lora_rank > 0:
         lora.add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
     adapters = count(p for n, p in model.named_parameters() if ".lora_" in n)
@@ -121,6 +131,16 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
     activations = (L * tokens * C * act + per_layer) if config.activation_checkpointing else L * per_layer
     logits_chunk = chunk * mc.vocab_size * 4 * 3
 
+    trainable_tensors = [p.numel() // gpus for p in model.parameters() if p.requires_grad]
+    if adapters or config.dtype == "float32":  # float32 trainables: torch.optim.AdamW (make_optimizer)
+        # fused on CUDA; on CPU its single-tensor loop makes sqrt(v) and its quotient while the previous
+        # tensor's quotient is still referenced, in each of make_optimizer's groups (matrices, then the rest)
+        groups = [[p.numel() // gpus for p in model.parameters() if p.requires_grad and (p.dim() >= 2) == matrices]
+                  for matrices in (True, False)]
+        temporaries = 0 if cuda else 4 * max(2 * n + previous for g in groups for previous, n in zip([0] + g, g))
+    else:
+        temporaries = 2 * 4 * min(max(trainable_tensors), optimizer.AdamW.CHUNK)
+    low_bits = 0 if adapters or config.dtype == "float32" else 2 * base
     sharded = gpus > 1
     unsharded = 0
     if sharded:
@@ -129,7 +149,8 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
     components = {
         "weights": ((base * w) + adapters * 4) // gpus,
         "gradients": (adapters * 4 if adapters else base * w) // gpus,
-        "optimizer": (trainable * 2 * 4 + 4 * len([p for p in model.parameters() if p.requires_grad])) // gpus,
+        "optimizer": (trainable * 2 * 4 + low_bits + 4 * len(trainable_tensors)) // gpus,
+        "optimizer_temporaries": temporaries,
         "reference": reference // gpus,
         "value_model": value,
         "rollout_copy": (base + adapters) * 2 if cuda and (config.dtype == "float32" or sharded) and (rl or not sharded) else 0,
@@ -139,17 +160,24 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
         "activations": activations,
         "logits_chunk": logits_chunk,
     }
-    copy = components["rollout_copy"]
-    resident = components["weights"] + components["optimizer"] + components["reference"] + value + \
-        (0 if sharded else copy)  # one GPU: kept for the run; torchrun: gathered for the rollouts, then freed
-    phases = {"generation": resident + kv_cache + prefill_cache + (copy if sharded else 0) if rl else 0,
-              "training": resident + components["gradients"] + unsharded + activations + logits_chunk}
-    total = max(phases.values())
     if gpu_memory_gib is None:
         gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80
     gpu = int(gpu_memory_gib * GIB)
+    resident = components["weights"] + components["optimizer"] + components["reference"] + value
+    # LoRA rollouts on one GPU: a merged copy (lora.merged_for_generation) when the generation phase holds it
+    merged = lora.merged_copy_bytes(model, torch.bfloat16) if adapters and rl and cuda and not sharded else 0
+    merge_lora = bool(merged) and resident + kv_cache + prefill_cache + merged <= gpu
+    if merge_lora:
+        components["rollout_copy"] = merged
+    copy = components["rollout_copy"]
+    if not (sharded or merge_lora):  # one GPU: kept for the run; torchrun and merged: made for the rollouts, then freed
+        resident += copy
+    phases = {"generation": resident + kv_cache + prefill_cache + (copy if sharded or merge_lora else 0) if rl else 0,
+              "training": resident + components["gradients"] + unsharded + max(activations + logits_chunk, temporaries)}
+    total = max(phases.values())
     result = {"model": str(config.model), "algo": algo, "gpus": gpus, "parameters": base + adapters, "trainable_parameters": trainable,
-              "bytes": components, "phases": phases, "total_bytes": total, "gpu_bytes": gpu, "fits": total <= gpu}
+              "bytes": components, "phases": phases, "total_bytes": total, "gpu_bytes": gpu, "fits": total <= gpu,
+              "merge_lora": merge_lora}
     result["advice"] = None if result["fits"] else advice(config, components, phases, rl, adapters)
     return result
 
@@ -176,7 +204,7 @@ def format_plan(result):
     lines = [f"memory plan: {result['algo']} on {result['model']}: {result['parameters']:,} parameters, "
              f"{result['trainable_parameters']:,} trainable" + (f"; per GPU of {result['gpus']}" if result["gpus"] > 1 else "")]
     for name, value in result["bytes"].items():
-        lines.append(f"  {name:<13} {value / GIB:9.2f} GiB")
+        lines.append(f"  {name:<21} {value / GIB:9.2f} GiB")
     for name, value in result["phases"].items():
         if value:
             lines.append(f"  {name + ' phase':<22}{value / GIB:9.2f} GiB")
@@ -238,7 +266,7 @@ def check_fits(config, algo):
     phases = [sum(certain.get(k, 0) for k in ("weights", "optimizer", "reference", "value_model", "rollout_copy",
                                                  "kv_cache", "prefill_cache")),
               sum(certain.get(k, 0) for k in ("weights", "optimizer", "reference", "value_model", "rollout_copy",
-                                                 "gradients", "fsdp_unsharded"))]
+                                                 "gradients", "fsdp_unsharded", "optimizer_temporaries"))]
     needed = max(phases) * sharing
     if needed > available:
         largest = sorted((k for k in certain if certain[k] and k in COMPONENT_FLAGS), key=certain.get, reverse=True)[:2]

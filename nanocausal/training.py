@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from nanocausal import caugym, checkpoint, data, distributed, evaluation, lora, pass_at_k, rundir, tracking
+from nanocausal.optimizer import AdamW, lr_factor, make_optimizer, optimizer_step  # noqa: F401 (the trainers' training.X)
 
 
 def default_device():
@@ -115,88 +116,7 @@ class TrainResult:
 
 
 # -----------------------------------------------------------------------------
-# Optimiser, schedule, precision
-
-
-class AdamW(torch.optim.Optimizer):
-    """AdamW (Loshchilov and Hutter, 2019) whose moments are float32 whatever the weights' dtype:
-
-        m <- b1 m + (1 - b1) g            v <- b2 v + (1 - b2) g^2          t <- t + 1
-        p <- p - lr * wd * p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
-
-    torch.optim.AdamW keeps m and v in the parameter's dtype. For bf16 weights (--dtype bfloat16)
-    that is an 8-bit mantissa: v moves by (1 - b2) g^2 = 5 % of g^2 per step, an increment that
-    rounds away once v is a few times larger, so the step size drifts. Here m and v are float32
-    (8 bytes per parameter, as with float32 weights) and the update is computed in float32 and
-    rounded into the weight once. Used for non-float32 weights only; float32 ones get torch's."""
-
-    def __init__(self, params, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):  # (closure: torch's signature; FSDP's state-dict helpers call step(closure=None))
-        if closure is not None:
-            with torch.enable_grad():
-                closure()
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                t = state["step"].item()
-                g, m, v = p.grad.float(), state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                update = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt_() + group["eps"])
-                weight = p.float().mul_(1 - group["lr"] * group["weight_decay"]).sub_(update, alpha=group["lr"])
-                p.copy_(weight)
-
-
-def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), extra_groups=()):
-    """AdamW; weight decay on matrices only (not on norms, biases), as nanoGPT does. extra_groups
-    are more parameter groups with their own lr (PPO's value head). Each group remembers its peak
-    lr as "peak_lr", which the loop's schedule scales. Non-float32 weights get float32 moments
-    (AdamW above)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}, *extra_groups]
-    every = [p for group in groups for p in group["params"]]
-    if all(p.dtype == torch.float32 for p in every):
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=all(p.is_cuda for p in every) or None)
-    else:
-        optimizer = AdamW(groups, lr=lr, betas=betas)
-    for group in optimizer.param_groups:
-        group["peak_lr"] = group["lr"]
-    return optimizer
-
-
-def lr_factor(step, total_steps, warmup_steps=0, min_lr_ratio=0.1):
-    """The schedule as a fraction of the peak lr: linear warmup over warmup_steps, then a cosine
-    decay to min_lr_ratio at total_steps (min_lr_ratio = 1: constant after warmup)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def optimizer_step(optimizer, clip):
-    """Clip the gradient norm of every parameter the optimiser holds, take one AdamW step, zero the
-    gradients; returns the norm before clipping. A non-finite norm (a NaN or inf gradient
-    anywhere) skips the update: one bad batch must not poison every weight (the loop counts these
-    and stops after a few in a row)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    # (under FSDP the gradients are DTensor shards and the norm is the global one)
-    grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
-    if torch.isfinite(grad_norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+# Precision (the optimiser and the schedule: nanocausal/optimizer.py)
 
 
 def autocast(device):

@@ -113,7 +113,7 @@ def test_fit_check_counts_the_plans_exact_bytes(tiny_chat_model, monkeypatch):
     config = RLConfig(model=str(tiny_chat_model), device="cpu", prompts_per_step=4, group_size=2, max_new_tokens=8)
     plan = memory_plan.plan(config, "grpo")["bytes"]
     resident = plan["weights"] + plan["optimizer"]
-    training_phase = resident + plan["gradients"]  # activations and the logits chunk follow the real lengths
+    training_phase = resident + plan["gradients"] + plan["optimizer_temporaries"]  # (activations, logits: real lengths)
     generation_phase = resident + plan["kv_cache"] + plan["prefill_cache"]
     needed = max(training_phase, generation_phase)
     monkeypatch.setattr(memory_plan, "available_bytes", lambda device: needed)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_hf_checkpoint, run_script
-from nanocausal import checkpoint, generate, memory_plan
+from nanocausal import checkpoint, generate, memory_plan, optimizer
 from nanocausal.rl import RLConfig, train_rl
 from rl_worker import on_token_ids
 
@@ -42,6 +42,20 @@ def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def peak_allocated_bytes(fn):
+    """The most bytes that fn() held allocated at once on the CPU beyond what existed before it, from
+    the allocator's own record (the profiler's memory events: every allocation and free)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+        fn()
+    events = sorted((e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 @pytest.mark.parametrize("dtype, lora_rank", [("float32", 0), ("bfloat16", 0), ("float32", 4), ("bfloat16", 4)])
 def test_the_plan_equals_the_real_tensors_after_a_step(tmp_path, monkeypatch, dtype, lora_rank):
     make_hf_checkpoint(tmp_path / "model", "qwen2", vocab_size=64, tie_word_embeddings=False)
@@ -69,6 +83,16 @@ def test_the_plan_equals_the_real_tensors_after_a_step(tmp_path, monkeypatch, dt
     model.train()
     model(torch.tensor([[1, 2, 3]])).float().sum().backward()
     assert planned["gradients"] == tensor_bytes(p.grad for p in trainable)
+    # the step's temporaries: torch's single-tensor AdamW (float32 trainables on CPU), or ours in chunks
+    # (made smaller than the largest tensor here, so that chunking is what is measured)
+    monkeypatch.setattr(optimizer.AdamW, "CHUNK", 1000)
+    adamw = optimizer.make_optimizer(model, lr=1e-3)
+    adamw.step()  # (allocates the state)
+    planned = memory_plan.plan(config, "grpo", prompt_tokens=prompt_tokens)["bytes"]
+    peak = peak_allocated_bytes(adamw.step)  # (+ 12 bytes: the 0-dim scalar tensors of a step)
+    assert planned["optimizer_temporaries"] <= peak <= planned["optimizer_temporaries"] + 64
+    if dtype == "bfloat16" and not lora_rank:
+        assert planned["optimizer_temporaries"] == 2 * 4 * 1000
     assert planned["reference"] == 0 and planned["value_model"] == 0
     if dtype == "bfloat16" and not lora_rank:  # train_rl --dtype bfloat16 on CPU: finite, saved in bf16
         saved = checkpoint.load_model(tmp_path / "out" / "checkpoint", dtype=None)
@@ -97,3 +121,26 @@ def test_the_plan_per_gpu_of_a_torchrun_run(shared_dir):
                                            + b["activations"] + b["logits_chunk"])
     assert eight["phases"]["generation"] == (b["weights"] + b["optimizer"] + b["rollout_copy"] + b["kv_cache"]
                                              + b["prefill_cache"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_lora_rollouts_plan_the_merged_copy_when_it_fits(tmp_path, dtype):
+    """LoRA GRPO on one GPU: the rollouts' copy (lora.merged_for_generation, bf16) is planned at the
+    bytes the real copy allocates, in the generation phase only; when it would not fit, the plan
+    says so (merge_lora False) and keeps today's rollout copy (none for a bf16 base)."""
+    from nanocausal import lora
+    make_hf_checkpoint(tmp_path / "model", "qwen2", vocab_size=64, tie_word_embeddings=False)
+    config = RLConfig(model=str(tmp_path / "model"), device="cuda", dtype=dtype, lora_rank=4, prompts_per_step=4,
+                      group_size=2, max_new_tokens=5)
+    result = memory_plan.plan(config, "grpo", prompt_tokens=6, gpu_memory_gib=80)
+    model = lora.add_lora(checkpoint.load_model(tmp_path / "model", dtype=getattr(torch, dtype)), 4)
+    own = {p.data_ptr() for p in model.parameters()}
+    copy = lora.merged_for_generation(model, torch.bfloat16)
+    b = result["bytes"]
+    assert result["merge_lora"] and b["rollout_copy"] == tensor_bytes(p for p in copy.parameters() if p.data_ptr() not in own)
+    assert result["phases"]["generation"] == (b["weights"] + b["optimizer"] + b["rollout_copy"] + b["kv_cache"]
+                                              + b["prefill_cache"])
+    assert result["phases"]["training"] == b["weights"] + b["optimizer"] + b["gradients"] + b["activations"] + b["logits_chunk"]
+    tight = memory_plan.plan(config, "grpo", prompt_tokens=6, gpu_memory_gib=(result["phases"]["generation"] - 1) / 2**30)
+    assert not tight["merge_lora"]
+    assert tight["bytes"]["rollout_copy"] == (0 if dtype == "bfloat16" else 2 * tight["parameters"])
