@@ -327,6 +327,9 @@ def train_rl(config: RLConfig) -> training.TrainResult:
     model = training.start_run(config)
     device = config.device  # (under torchrun start_run sets this rank's GPU)
     ranks = distributed.world_size()
+    # LoRA on one GPU: rollouts from a copy with the adapters merged (no adapter work per decoded
+    # token), when the memory plan finds room for it in the generation phase
+    merge_lora = ranks == 1 and memory_plan.plan(config, config.algo)["merge_lora"]
     tokenizer = Tokenizer.from_pretrained(config.model)
     pad_token_id = tokenizer.pad_token_id
     ref_model = None  # scored under lora.disabled: with LoRA it is the policy itself, adapters off
@@ -399,7 +402,7 @@ def train_rl(config: RLConfig) -> training.TrainResult:
         started = time.time()
         mine = distributed.share(list(range(len(step_examples))))  # every prompt, in one process
         prompts = [step_examples[i]["prompt_ids"] for i in mine]
-        generator = model if ranks == 1 else distributed.gathered_copy(
+        generator = lora.merged_for_generation(model) if merge_lora else model if ranks == 1 else distributed.gathered_copy(
             model, on_every_rank=True, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None)
         with autocast(device):
             rollouts = rollout(generator, prompts, config.group_size, config.max_new_tokens, config.temperature,
