@@ -16,7 +16,7 @@ minutes), and runs the real trainers of this repository (the library functions t
 on the tiny curriculum of nanocausal/tiny.py (3-node ATE questions, with and without a causal path;
 --queries ATE,ETT adds a second query type):
 
-  SFT      sft.train_sft on --sft-examples worked solutions (column-by-column subtraction) written
+  SFT      offline.train_sft on --sft-examples worked solutions (column-by-column subtraction) written
            by a careless teacher: it forgets --teacher-slip-rate of the borrows it owes and carries
            the wrong digit into its final answer (a third of its solutions end wrong). SFT learns
            to solve the problems, and learns the teacher's slips with them. Every method below
@@ -26,10 +26,10 @@ on the tiny curriculum of nanocausal/tiny.py (3-node ATE questions, with and wit
            per rollout batch), rollouts at the evaluation temperature;
   PPO      the same rollouts and updates, the baseline learned by a value head (GAE) instead of
            taken from the group;
-  DPO, KTO preference.train_preference on the SFT model's own sampled replies scored by the rule
+  DPO, KTO offline.train_preference on the SFT model's own sampled replies scored by the rule
            (nanocausal/comparison.py): DPO on (correct, wrong) pairs of one prompt, KTO on the same
            replies unpaired;
-  control  sft.train_sft continuing SFT on the same worked solutions: the same compute spent on
+  control  offline.train_sft continuing SFT on the same worked solutions: the same compute spent on
            more SFT.
 Each method's budget is a fixed number of steps, a multiple of --grpo-steps calibrated once so that
 each took about GRPO's time (STEPS_PER_GRPO_STEP, docs/tiny_results.md): with the same seed a rerun
@@ -58,9 +58,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 import torch
 
 from nanocausal import cli, comparison, plot, tiny
-from nanocausal.preference import PreferenceConfig, train_preference
+from nanocausal.offline import PreferenceConfig, SFTConfig, train_preference, train_sft
 from nanocausal.rl import RLConfig, train_rl
-from nanocausal.sft import SFTConfig, train_sft
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("sft", "dpo", "kto", "ppo", "grpo")

@@ -18,14 +18,14 @@ Interrupt with Ctrl-C: the script writes a checkpoint first; rerun the same comm
 to continue exactly where it stopped. The result, out-dir/checkpoint, is a Hugging Face folder.
 
 Where things are: the step (completion-only cross-entropy, gradient accumulation) is
-nanocausal/sft.py, its loss losses.sft_loss, the loop (schedule, logging, evaluation, checkpoints,
-Ctrl-C, resume) nanocausal/training.py. This file only turns flags into an SFTConfig.
+nanocausal/offline.py (beside DPO's and KTO's), its loss losses.sft_loss, the loop (schedule,
+logging, evaluation, checkpoints, Ctrl-C, resume) nanocausal/training.py. This file only turns flags into an SFTConfig.
 Several GPUs: the same flags under torchrun (FSDP2; README "More GPUs"), the batch being global:
     torchrun --standalone --nproc-per-node 8 train_sft.py --model Qwen/Qwen2.5-1.5B-Instruct ...
 Not implemented: packing several examples into one row.
 """
 from nanocausal import cli, memory_plan
-from nanocausal.sft import SFTConfig, train_sft
+from nanocausal.offline import SFTConfig, train_sft
 
 
 def build_parser():

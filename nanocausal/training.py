@@ -1,6 +1,6 @@
 """The one training loop, used by SFT, DPO, KTO, PPO and GRPO alike.
 
-Each trainer (sft.py, preference.py, rl.py) builds its model, optimiser and data, then hands this
+Each trainer (offline.py, rl.py) builds its model, optimiser and data, then hands this
 loop a *step function*: step_fn(step) -> metrics runs the forward/backward passes of one step and
 calls `optimizer_step` (once for SFT/DPO/KTO, once per mini-batch for PPO/GRPO). The loop owns
 everything else, the same way for all five:

@@ -19,7 +19,7 @@ import torch
 from conftest import ROOT, run_script, tiny_examples, write_jsonl
 from nanocausal import checkpoint, rundir
 from nanocausal.checkpoint import load_model
-from nanocausal.sft import SFTConfig, train_sft
+from nanocausal.offline import SFTConfig, train_sft
 
 SAVE_POINTS = ("weights", "trainer_state", "manifest", "moved_old", "moved_new", "removed_old")
 

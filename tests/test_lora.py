@@ -13,10 +13,9 @@ import torch
 from conftest import ROOT, make_hf_checkpoint, run_module, run_script, tiny_examples, write_jsonl
 from nanocausal import checkpoint, lora
 from nanocausal.checkpoint import load_model
-from nanocausal.preference import PreferenceConfig, train_preference
+from nanocausal.offline import PreferenceConfig, SFTConfig, train_preference, train_sft
 from nanocausal.rl import RLConfig, train_rl
 from nanocausal.sampling import generate
-from nanocausal.sft import SFTConfig, train_sft
 from nanocausal.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
