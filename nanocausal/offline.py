@@ -37,43 +37,47 @@ from nanocausal import checkpoint, cli, data, distributed, lora, memory_plan, tr
 from nanocausal.logprobs import sequence_logprobs, token_logprobs
 from nanocausal.losses import dpo_loss, kto_loss, sft_loss
 from nanocausal.tokenizer import Tokenizer
+from nanocausal.cli import setting
 from nanocausal.training import TrainConfig, autocast
 
 
 @dataclass
 class SFTConfig(TrainConfig):
-    data: str | None = None  # JSONL with TRL fields, or a CauGym file; None: generate num_train problems
-    num_train: int = 20000
-    max_length: int = 2048  # a longer example is an error naming its file and line
-    batch_size: int = 8  # examples per micro-batch (one forward/backward)
-    grad_accum: int = 1  # micro-batches per optimiser step
-    micro_batch_tokens: int = 0  # also at most this many padded tokens per micro-batch; 0: no limit
-    out_dir: str = "out/sft"
-
-    def __post_init__(self):  # a library user's config is checked as the flags are: one line naming the setting
-        super().__post_init__()
-        cli.check_train_config(self, {})
+    data: str | None = setting(None, "JSONL with TRL fields (prompt, completion), or a CauGym .json/.jsonl; default: "
+                               "generate problems", resume="content", group="data")
+    num_train: int = setting(20000, "number of problems to generate when --data is not given", type=cli.positive_int)
+    max_length: int = setting(2048, "context length; a longer example is an error naming its file and line",
+                              type=cli.positive_int)
+    batch_size: int = setting(8, "examples per micro-batch (one forward/backward)", type=cli.positive_int)
+    grad_accum: int = setting(1, "micro-batches per optimiser step (effective batch = batch-size * grad-accum)",
+                              type=cli.positive_int)
+    micro_batch_tokens: int = setting(0, "also cut a micro-batch before it passes this many padded tokens (0: no "
+                                      "limit): memory follows tokens, not examples; the loss is the same",
+                                      type=cli.non_negative_int, resume="free")
 
 
 @dataclass
 class PreferenceConfig(SFTConfig):
-    algo: str = "dpo"  # dpo: pairs (prompt, chosen, rejected); kto: (prompt, completion, label)
-    beta: float = 0.1  # strength of the implicit KL penalty
-    loss_type: str = "sigmoid"  # DPO: the paper's sigmoid, or ipo
-    label_smoothing: float = 0.0  # DPO: probability that a preference label is flipped (cDPO)
-    desirable_weight: float = 1.0  # KTO: lambda_D
-    undesirable_weight: float = 1.0  # KTO: lambda_U
-    ref_model: str | None = None  # default: config.model, the starting point
-    precompute_ref: bool = False  # score every example with the reference once, then free it
+    algo: str = setting("dpo", "dpo: pairs (prompt, chosen, rejected); kto: (prompt, completion, label)",
+                        choices=("dpo", "kto"), resume="fixed", group="preference optimisation")
+    beta: float = setting(0.1, "strength of the implicit KL penalty (DPO/KTO beta; > 0 for IPO, whose target is "
+                          "1 / (2 beta))", type=cli.non_negative_float)
+    loss_type: str = setting("sigmoid", "DPO loss: the paper's sigmoid, or IPO", choices=("sigmoid", "ipo"))
+    label_smoothing: float = setting(0.0, "DPO: probability that a preference label is flipped (cDPO), in [0, 0.5]",
+                                     type=cli.number_in(0, 0.5))
+    desirable_weight: float = setting(1.0, "KTO: lambda_D, weight of desirable examples", type=cli.non_negative_float)
+    undesirable_weight: float = setting(1.0, "KTO: lambda_U, weight of undesirable examples",
+                                        type=cli.non_negative_float)
+    ref_model: str | None = setting(None, "reference model (default: --model, the starting point)", resume="content")
+    precompute_ref: bool = setting(False, "score every example with the reference once, before training, then free "
+                                   "it (saves memory and time)", resume="free")
+    data: str | None = setting(None, "dpo.jsonl (prompt, chosen, rejected) or kto.jsonl (prompt, completion, label); "
+                               "default: generate them")
+    batch_size: int = setting(8, "pairs (DPO) or examples (KTO) per micro-batch")
     lr: float = 5e-7
-    out_dir: str = "out/dpo"
 
     def __post_init__(self):
         super().__post_init__()
-        if self.algo not in ("dpo", "kto") or self.loss_type not in ("sigmoid", "ipo"):
-            raise ValueError(f"--algo must be dpo or kto and --loss-type sigmoid or ipo, got {self.algo!r}, {self.loss_type!r}")
-        cli.check_numbers(self, {"beta": cli.non_negative_float, "label_smoothing": cli.number_in(0, 0.5),
-                                 "desirable_weight": cli.non_negative_float, "undesirable_weight": cli.non_negative_float})
         if self.algo == "dpo" and self.loss_type == "ipo" and self.beta <= 0:
             raise ValueError(f"--beta must be > 0 with --loss-type ipo (its target margin is 1 / (2 beta)), got {self.beta}")
 

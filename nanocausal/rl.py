@@ -58,6 +58,7 @@ import torch
 import torch.nn as nn
 
 from nanocausal import checkpoint, cli, distributed, lora, memory_plan, training
+from nanocausal.cli import setting
 from nanocausal.logprobs import token_logprobs
 from nanocausal.grpo_losses import group_advantages, grpo_loss, overlong_penalty
 from nanocausal.losses import gae, ppo_loss, ppo_rewards, whiten
@@ -70,51 +71,92 @@ from nanocausal.training import TrainConfig, autocast
 
 @dataclass
 class RLConfig(TrainConfig):
-    algo: str = "grpo"
-    data: str | None = None  # prompts from a JSONL (prompt, answer) or CauGym file; None: generated
+    algo: str = setting("grpo", "GRPO (group-relative advantages, no value model) or PPO (value head + GAE)",
+                        choices=("grpo", "ppo"), resume="fixed", group="algorithm")
     # rollouts
-    prompts_per_step: int = 32
-    group_size: int = 8  # completions per prompt (the GRPO group)
-    max_new_tokens: int = 1024
-    rollout_slots: int | None = None  # decode rows (continuous batching); None: every row of the step at once
-    temperature: float = 1.0  # the loss's log-probs use the same one
-    top_p: float = 1.0
-    top_k: int = 0
-    format_weight: float = 0.1
-    strict: bool = False  # score only the last answer of a response
-    rewards: str | None = None  # e.g. "correct,format": named rewards (rewards.REWARDS) instead of the default
-    reward_weights: str | None = None  # e.g. "1,0.1" (default: 1 each)
-    mask_truncated: bool = False  # completions cut at max_new_tokens carry no loss (TRL mask_truncated_completions)
-    overlong_buffer: int = 0  # DAPO's soft overlong penalty over the last this many tokens of the budget (0: off)
-    overlong_penalty: float = 1.0  # ... reaching -this at max_new_tokens
-    dynamic_sampling: bool = False  # DAPO: drop all-equal-reward groups, roll out more prompts to refill the step
-    max_sampling_rounds: int = 4  # ... at most this many rounds of prompts_per_step prompts per step
+    data: str | None = setting(None, "prompts from a JSONL (prompt, answer) or CauGym file; default: generate them",
+                               resume="content", group="rollouts")
+    prompts_per_step: int = setting(32, "prompts sampled for each step", type=cli.positive_int)
+    group_size: int | None = setting(None, "completions sampled per prompt (GRPO: the group, >= 2; default: 8 for "
+                                     "GRPO, 1 for PPO)", type=cli.positive_int)
+    max_new_tokens: int = setting(1024, "generation budget per completion (longer ones are cut and count as "
+                                  "truncated)", type=cli.positive_int)
+    rollout_slots: int | None = setting(None, "rows decoded at once (default: prompts-per-step * group-size, all of "
+                                        "them); fewer bound the KV cache, and a finished group's rows take the next "
+                                        "waiting prompt (continuous batching)", type=cli.positive_int)
+    temperature: float = setting(1.0, "sampling temperature; the log-probs of the loss use the same one",
+                                 type=cli.positive_float)
+    top_p: float = setting(1.0, "nucleus sampling threshold (1: the full distribution, as the policy gradient assumes; "
+                           "below 1 the sampler's log-probs are the truncated distribution's and the on-policy ratio is "
+                           "no longer 1)", type=cli.top_p)
+    top_k: int = setting(0, "sample among the k most likely tokens only (0: all; see --top-p for what truncation does "
+                         "to the ratio)", type=cli.non_negative_int)
+    format_weight: float = setting(0.1, "reward = correct + this * (the response ends with a well-formed answer)",
+                                   type=cli.finite_float)
+    strict: bool = setting(False, "score only the last answer of a response (the official rule accepts any)")
+    rewards: str | None = setting(None, "comma-separated named rewards (nanocausal.rewards.REWARDS: correct, "
+                                  "correct_strict, format, lack_condition, length) summed with --reward-weights and "
+                                  "logged one by one as reward/NAME; default: correct + format-weight * format")
+    reward_weights: str | None = setting(None, "comma-separated weights of --rewards (default: 1 each)")
+    mask_truncated: bool = setting(False, "completions cut at max-new-tokens carry no loss (they still count in their "
+                                   "group's advantages; TRL's mask_truncated_completions)")
+    overlong_buffer: int = setting(0, "DAPO's soft overlong penalty: the reward falls linearly to -overlong-penalty "
+                                   "over the last this many tokens of max-new-tokens (0: off)", type=cli.non_negative_int)
+    overlong_penalty: float = setting(1.0, "the overlong penalty at max-new-tokens", type=cli.non_negative_float)
+    dynamic_sampling: bool = setting(False, "DAPO: drop groups whose rewards are all equal and roll out "
+                                     "prompts-per-step more prompts until the step has prompts-per-step informative "
+                                     "groups (or max-sampling-rounds rounds)")
+    max_sampling_rounds: int = setting(4, "with --dynamic-sampling: at most this many rounds of prompts per step",
+                                       type=cli.positive_int)
     # update
-    ppo_epochs: int = 1  # passes over each rollout batch (1: strictly on-policy)
-    mini_batches: int = 1  # optimiser steps per pass
-    micro_batch_size: int = 8  # sequences per forward/backward
-    micro_batch_tokens: int = 0  # also at most this many (padded) tokens per forward/backward; 0: no limit
-    logits_chunk_size: int = 256  # completion tokens whose float32 logits exist at once
+    ppo_epochs: int = setting(1, "passes over each rollout batch (1: strictly on-policy)", type=cli.positive_int,
+                              group="update", flags=("--num-iterations",))
+    mini_batches: int = setting(1, "optimiser steps per pass over the rollout batch", type=cli.positive_int)
+    micro_batch_size: int = setting(8, "sequences per forward/backward; gradients accumulate over the mini-batch",
+                                    type=cli.positive_int, resume="free")
+    micro_batch_tokens: int = setting(0, "also at most this many padded tokens per forward/backward (0: no limit): "
+                                      "memory follows tokens, not sequences; the loss is the same",
+                                      type=cli.non_negative_int, resume="free")
+    logits_chunk_size: int = setting(256, "completion tokens whose float32 logits exist at once (memory: this x "
+                                     "vocabulary x 4 bytes, a few times)", type=cli.positive_int, resume="free")
     # GRPO
-    beta: float = 0.0  # k3 KL penalty to the reference (0: no reference model)
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    aggregation: str = "token_mean"  # token_mean (DAPO), sequence_mean (GRPO paper), constant (Dr. GRPO)
-    no_std_scaling: bool = False  # advantages r - mean (Dr. GRPO); the same as scale_rewards="none"
-    scale_rewards: str = "group"  # group (GRPO), batch (TRL scale_rewards="batch"), none (Dr. GRPO)
-    advantage_baseline: str = "mean"  # mean (GRPO) or rloo (leave-one-out)
-    importance_level: str = "token"  # token (GRPO) or sequence (GSPO)
-    objective: str = "clip"  # clip (PPO/GRPO) or cispo (clipped, detached importance weight on REINFORCE)
-    entropy_coef: float = 0.0  # entropy bonus
-    top_entropy_quantile: float = 1.0  # only this top fraction of tokens by entropy carries the policy loss
+    beta: float = setting(0.0, "weight of the k3 KL penalty to the reference (0: no reference model is loaded)",
+                          type=cli.non_negative_float,
+                          group="GRPO (nanocausal.rl.GRPO: grpo_losses.group_advantages, grpo_losses.grpo_loss)")
+    eps_low: float = setting(0.2, "the ratio is clipped below at 1 - eps-low (in [0, 1])", type=cli.probability)
+    eps_high: float = setting(0.2, "the ratio is clipped above at 1 + eps-high (0.28: DAPO's clip-higher)",
+                              type=cli.non_negative_float)
+    aggregation: str = setting("token_mean", "token_mean: every token of the step weighs the same (DAPO); "
+                               "sequence_mean: the GRPO paper; constant: divide by max-new-tokens (Dr. GRPO)",
+                               choices=("token_mean", "sequence_mean", "constant"))
+    no_std_scaling: bool = setting(False, "advantages r - mean without dividing by the group's std (Dr. GRPO; the "
+                                   "same as --scale-rewards none)")
+    scale_rewards: str = setting("group", "divide advantages by the std of the group's rewards (GRPO), of the step's "
+                                 "(TRL's batch), or not at all (Dr. GRPO)", choices=("group", "batch", "none"))
+    advantage_baseline: str = setting("mean", "subtract the group's mean reward, or the mean of the other completions "
+                                      "(RLOO)", choices=("mean", "rloo"))
+    importance_level: str = setting("token", "token: one ratio per token (GRPO); sequence: the length-normalised "
+                                    "sequence ratio, clipped per completion (GSPO; pair it with --aggregation "
+                                    "sequence_mean)", choices=("token", "sequence"))
+    objective: str = setting("clip", "clip: PPO's clipped surrogate; cispo: REINFORCE weighted by the detached ratio "
+                             "capped at 1 + eps-high (MiniMax-M1's CISPO: no token loses its gradient)",
+                             choices=("clip", "cispo"))
+    entropy_coef: float = setting(0.0, "entropy bonus: minus this times the mean token entropy is added to the loss",
+                                  type=cli.finite_float)
+    top_entropy_quantile: float = setting(1.0, "only this top fraction of each micro-batch's tokens by entropy carries "
+                                          "the policy loss (1: all)", type=cli.number_in(0, 1, low_open=True))
     # PPO
-    kl_coef: float = 0.05
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    value_coef: float = 0.1
-    value_lr: float = 1e-4
-    gamma: float = 1.0
-    lam: float = 0.95
+    kl_coef: float = setting(0.05, "per-token KL penalty in the reward (0: no reference model is loaded)",
+                             type=cli.non_negative_float,
+                             group="PPO (nanocausal.rl.PPO: losses.ppo_rewards, gae, whiten, ppo_loss)")
+    clip_range: float = setting(0.2, "the policy ratio is clipped to 1 +- this", type=cli.non_negative_float)
+    clip_range_value: float = setting(0.2, "the value moves at most this far from its rollout value",
+                                      type=cli.non_negative_float)
+    value_coef: float = setting(0.1, "weight of the value loss", type=cli.non_negative_float)
+    value_lr: float = setting(1e-4, "learning rate of the value head (a fresh layer: it must move faster than the "
+                              "policy)", type=cli.non_negative_float)
+    gamma: float = setting(1.0, "discount of GAE", type=cli.probability)
+    lam: float = setting(0.95, "lambda of GAE (0: one-step TD, 1: Monte Carlo)", type=cli.probability)
     # RL's own defaults for the loop's settings
     steps: int = 500
     lr: float = 1e-6
@@ -125,17 +167,11 @@ class RLConfig(TrainConfig):
     eval_top_p: float = 1.0
     show_completions: int = 2
     save_every: int = 50
-    out_dir: str = "out/grpo"
 
-    def __post_init__(self):  # a library user's config is checked as the flags are: one line naming the setting
+    def __post_init__(self):
+        if self.group_size is None:
+            self.group_size = 8 if self.algo == "grpo" else 1
         super().__post_init__()
-        if self.algo not in ("grpo", "ppo"):
-            raise ValueError(f"--algo must be grpo or ppo, got {self.algo!r}")
-        nn, share = cli.non_negative_float, cli.probability
-        cli.check_train_config(self, {
-            "temperature": cli.positive_float, "top_p": cli.top_p, "format_weight": cli.finite_float, "beta": nn,
-            "eps_low": share, "eps_high": nn, "kl_coef": nn, "clip_range": nn, "clip_range_value": nn,
-            "value_coef": nn, "value_lr": nn, "gamma": share, "lam": share})
 
 
 @torch.no_grad()

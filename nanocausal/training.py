@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from nanocausal import caugym, checkpoint, data, distributed, evaluation, lora, pass_at_k, rundir, tracking
+from nanocausal import caugym, checkpoint, cli, data, distributed, evaluation, lora, pass_at_k, rundir, tracking
+from nanocausal.cli import setting
 
 
 def default_device():
@@ -47,55 +48,79 @@ def default_device():
 
 @dataclass
 class TrainConfig:
-    """What the loop reads, shared by every trainer's config (each adds its own fields)."""
-    model: str = "Qwen/Qwen2.5-0.5B-Instruct"  # hub id or local folder to start from
-    out_dir: str = "out/run"  # checkpoint/ and metrics.jsonl go here
-    # optimisation
-    steps: int = 1000
-    lr: float = 1e-5  # peak learning rate
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1  # the cosine decays to this fraction of the peak
-    weight_decay: float = 0.0
-    clip: float = 1.0  # gradient-norm clipping (0: none)
-    seed: int = 0
-    # hardware
-    device: str = default_device()
-    dtype: str = "float32"  # weights; float32 + bf16 autocast on CUDA is the standard mixed precision
-    activation_checkpointing: bool | None = None  # None: on for CUDA (memory is what runs out there), off on CPU
-    cpu_offload: bool = False  # under torchrun: FSDP keeps the parameter shards and the optimiser on the CPU
-    # LoRA (nanocausal/lora): rank 0 is full fine-tuning
-    lora_rank: int = 0
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple = lora.TARGETS
-    # generated problems (training data, RL prompts and held-out evaluation problems)
-    tasks: tuple = caugym.TASKS
-    variant: str = "base"  # RL accepts a comma-separated mix
-    nodes: str | None = None  # graph sizes: N or LO-HI (default: the generator's)
-    # periodic evaluation
-    eval_every: int = 200  # 0: never
-    eval_data: str | None = None  # a CauGym / rl file; default: held-out generated problems
-    eval_problems: int = 64
-    eval_samples: int = 1
-    eval_batch_size: int = 32
-    eval_max_new_tokens: int = 1024
-    eval_temperature: float = 0.6
-    eval_top_p: float = 0.95
-    show_completions: int = 0  # evaluation completions printed each time
-    # output
-    log_every: int = 10
-    report_to: str = "none"  # also send the metrics to wandb, trackio or tensorboard (comma-separated)
-    run_name: str | None = None  # the run's name there (default: out_dir's folder name)
-    project: str = "nanocausal"  # wandb / trackio project
-    save_every: int = 500
-    keep: int = 1  # checkpoints kept: out_dir/checkpoint and the keep - 1 before it (checkpoint-STEP)
-    resume: bool = False  # continue from out_dir/checkpoint (from step 0 when there is none yet)
-    overwrite: bool = False  # start again in an out_dir that already holds a run
-    allow_changed_args: bool = False  # resume with settings that change the run's meaning
+    """What the loop reads, shared by every trainer's config (each adds its own settings). Each
+    field is a flag of the train scripts, described once (cli.setting): its help is the text below."""
+    model: str = setting("Qwen/Qwen2.5-0.5B-Instruct", "hub id or local Hugging Face folder to start from",
+                         resume="content", group="model and generated problems")
+    tasks: tuple = setting(caugym.TASKS, "comma-separated causal tasks of generated problems (ATE,CDE,ETT,NDE,NIE,PN,PS)",
+                           type=cli.task_list)
+    variant: str = setting("base", f"problem variant of generated problems ({', '.join(caugym.VARIANTS)}; RL: a "
+                           "comma-separated mix)", type=cli.variant_list)
+    nodes: str | None = setting(None, "graph sizes of generated problems: N or LO-HI (default: the generator's, 3-5 "
+                                "nodes for base)", type=cli.graph_sizes)
+    steps: int = setting(1000, "number of optimiser steps (RL: rollout batches)", type=cli.positive_int, resume="free",
+                         group="optimisation")
+    lr: float = setting(1e-5, "peak learning rate of AdamW", type=cli.non_negative_float)
+    warmup_steps: int = setting(20, "linear warmup steps before the cosine decay", type=cli.non_negative_int)
+    min_lr_ratio: float = setting(0.1, "the cosine decays to this fraction of --lr (1: constant)", type=cli.probability)
+    weight_decay: float = setting(0.0, "AdamW weight decay (on matrices only)", type=cli.non_negative_float)
+    clip: float = setting(1.0, "clip the gradient norm to this value (0: no clipping)", type=cli.non_negative_float)
+    seed: int = setting(0, "seed of the data, its order, the sampler and the model's randomness", type=cli.seed)
+    device: str = setting(default_device(), "cuda or cpu (default: cuda when available)", type=cli.device,
+                          resume="free", group="hardware")
+    dtype: str = setting("float32", "weight dtype; float32 weights + bf16 autocast on CUDA is the standard mixed "
+                         "precision", choices=("float32", "bfloat16"))
+    activation_checkpointing: bool | None = setting(
+        None, "recompute each block in backward to save memory (default: on for CUDA, where memory is what runs out, "
+        "off on CPU)", resume="free")
+    cpu_offload: bool = setting(False, "under torchrun: FSDP keeps the parameter shards, gradients and optimiser state "
+                                "in CPU memory (slower steps, room for a larger model; needs --device cuda)", resume="free")
+    lora_rank: int = setting(0, "rank r of the adapters (0: full fine-tuning); with LoRA use about 10x the "
+                             "full-fine-tuning lr", type=cli.non_negative_int, resume="fixed",
+                             group="LoRA (nanocausal/lora: y = W x + (alpha / r) B A x, base frozen)")
+    lora_alpha: float = setting(32.0, "the adapters' scale is alpha / r", type=cli.non_negative_float, resume="fixed")
+    lora_dropout: float = setting(0.0, "dropout on the adapters' input", type=cli.below_one, resume="fixed")
+    lora_targets: tuple = setting(lora.TARGETS, "comma-separated linear layers of each block that get adapters",
+                                  type=cli.name_list, resume="fixed")
+    eval_every: int = setting(200, "evaluate before the first step and every this many steps (0: never)",
+                              type=cli.non_negative_int, resume="free",
+                              group="evaluation (official CauGym scoring on held-out problems, through the sampler)")
+    eval_data: str | None = setting(None, "CauGym/rl file to evaluate on; default: held-out generated problems",
+                                    resume="free")
+    eval_problems: int = setting(64, "number of held-out problems", type=cli.positive_int, resume="free")
+    eval_samples: int = setting(1, "samples per problem (official: 5)", type=cli.positive_int, resume="free")
+    eval_batch_size: int = setting(32, "problems decoded at once (continuous batching: x eval-samples rows)",
+                                   type=cli.positive_int, resume="free")
+    eval_max_new_tokens: int = setting(1024, "generation budget per sample", type=cli.positive_int, resume="free")
+    eval_temperature: float = setting(0.6, "sampling temperature, 0 = greedy (official: 0.6)",
+                                      type=cli.non_negative_float, resume="free")
+    eval_top_p: float = setting(0.95, "nucleus sampling threshold (official: 0.95)", type=cli.top_p, resume="free")
+    show_completions: int = setting(0, "evaluation completions printed each time", type=cli.non_negative_int,
+                                    resume="free")
+    out_dir: str | None = setting(None, "writes checkpoint/ (a Hugging Face folder) and metrics.jsonl here (default: "
+                                  "out/ALGO: out/sft, out/dpo, ...)", resume="free", group="output")
+    save_every: int = setting(500, "write a checkpoint every this many steps (and at the end, and on Ctrl-C)",
+                              type=cli.positive_int, resume="free")
+    log_every: int = setting(10, "print a progress line every this many steps", type=cli.positive_int, resume="free")
+    report_to: str = setting("none", "also send every metrics.jsonl row to wandb, trackio or tensorboard "
+                             "(comma-separated; offline when there is no network; see nanocausal/tracking.py)",
+                             type=cli.report_backends, resume="free")
+    run_name: str | None = setting(None, "the run's name in the tracker (default: out-dir's folder name)", resume="free")
+    project: str = setting("nanocausal", "the wandb / trackio project", resume="free")
+    keep: int = setting(1, "checkpoints kept: out-dir/checkpoint and the keep - 1 before it (out-dir/checkpoint-STEP)",
+                        type=cli.positive_int, resume="free")
+    resume: bool = setting(False, "continue exactly from out-dir/checkpoint (weights, optimiser, data position, RNG); "
+                           "from step 0 when there is none yet", resume="free")
+    overwrite: bool = setting(False, "start again in an out-dir that already holds a run (deletes it)", resume="free")
+    allow_changed_args: bool = setting(False, "resume even though settings that change the run (lr, batch sizes, "
+                                       "model, ...) differ from the saved ones", resume="free")
 
-    def __post_init__(self):  # settings that contradict each other: refused before anything loads
+    def __post_init__(self):  # a library user's config is refused as its flags would be, before anything loads
+        if self.out_dir is None:
+            self.out_dir = f"out/{getattr(self, 'algo', 'sft')}"  # (SFT has no algo setting)
         if self.activation_checkpointing is None:
             self.activation_checkpointing = str(self.device).startswith("cuda")
+        cli.check_config(self)
         if self.lora_rank <= 0 and (self.lora_alpha, self.lora_dropout, tuple(self.lora_targets)) != \
                 (TrainConfig.lora_alpha, TrainConfig.lora_dropout, TrainConfig.lora_targets):
             raise ValueError("--lora-alpha, --lora-dropout and --lora-targets need --lora-rank > 0")
