@@ -28,7 +28,7 @@ logging, evaluation, checkpoints, Ctrl-C, resume) nanocausal/training.py. This f
 flags into a PreferenceConfig (each flag is a field of it).
 """
 from nanocausal import cli
-from nanocausal.offline import PreferenceConfig, train_preference
+from nanocausal.offline import PreferenceConfig, train_offline
 
 if __name__ == "__main__":
-    cli.run_main(lambda: cli.train_main(__doc__, PreferenceConfig, train_preference))
+    cli.run_main(lambda: cli.train_main(__doc__, PreferenceConfig, train_offline))

@@ -26,7 +26,7 @@ Several GPUs: the same flags under torchrun (FSDP2; README "More GPUs"), the bat
 Not implemented: packing several examples into one row.
 """
 from nanocausal import cli
-from nanocausal.offline import SFTConfig, train_sft
+from nanocausal.offline import SFTConfig, train_offline
 
 if __name__ == "__main__":
-    cli.run_main(lambda: cli.train_main(__doc__, SFTConfig, train_sft))
+    cli.run_main(lambda: cli.train_main(__doc__, SFTConfig, train_offline))

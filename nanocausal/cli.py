@@ -71,37 +71,21 @@ def _int(text):
 
 
 def number_in(low=-math.inf, high=math.inf, low_open=False, high_open=False):
-    """The argparse type of a finite float in the interval from low to high (open at an end when
-    low_open / high_open); its `interval` text ("in [0, 1]", ">= 0") is what errors say."""
+    """The argparse type of a finite float between low and high (excluded when low_open /
+    high_open); its error says the interval: "must be a finite number in [0, 1]", "... >= 0"."""
+    interval = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}" if high < math.inf \
+        else f" {'>' if low_open else '>='} {low:g}" if low > -math.inf else ""
+
     def parse(text):
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        problem = out_of_range(value, parse)
-        if problem:
-            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        if not math.isfinite(value) or not low <= value <= high or (low_open and value == low) or \
+                (high_open and value == high):
+            raise argparse.ArgumentTypeError(f"must be a finite number{interval}, got {text}")
         return value
-    parse.bounds = (low, high, low_open, high_open)
-    parse.__name__ = "number"
     return parse
-
-
-def interval_text(number_type):
-    """" >= 0", " in (0, 1]", ... ("" when any finite number will do)."""
-    low, high, low_open, high_open = number_type.bounds
-    if high == math.inf:
-        return "" if low == -math.inf else f" {'>' if low_open else '>='} {low:g}"
-    return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-
-def out_of_range(value, number_type):
-    """None when `value` is a finite number within number_type's bounds, else what it must be."""
-    low, high, low_open, high_open = number_type.bounds
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-            value < low or value > high or (low_open and value == low) or (high_open and value == high):
-        return f"must be a finite number{interval_text(number_type)}"
-    return None
 
 
 finite_float = number_in()

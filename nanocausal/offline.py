@@ -28,58 +28,16 @@ Under torchrun each rank takes its contiguous share of the step's examples (dist
 the counts, z0's KL pairs and the metrics' log-probs are gathered over the ranks, so the N-rank
 gradient is the one-process one, and the reference is sharded like the policy (distributed.py).
 """
-from dataclasses import dataclass
-
 import torch
 from tqdm import tqdm
 
-from nanocausal import checkpoint, cli, data, distributed, lora, memory_plan, training
+from nanocausal import checkpoint, data, distributed, lora, memory_plan, training
+from nanocausal.config import PreferenceConfig, SFTConfig
 from nanocausal.logprobs import sequence_logprobs, token_logprobs
 from nanocausal.losses import dpo_loss, kto_loss, sft_loss
 from nanocausal.tokenizer import Tokenizer
-from nanocausal.cli import setting
-from nanocausal.training import TrainConfig, autocast
+from nanocausal.training import autocast
 
-
-@dataclass
-class SFTConfig(TrainConfig):
-    data: str | None = setting(None, "JSONL with TRL fields (prompt, completion), or a CauGym .json/.jsonl; default: "
-                               "generate problems", resume="content", group="data")
-    num_train: int = setting(20000, "number of problems to generate when --data is not given", type=cli.positive_int)
-    max_length: int = setting(2048, "context length; a longer example is an error naming its file and line",
-                              type=cli.positive_int)
-    batch_size: int = setting(8, "examples per micro-batch (one forward/backward)", type=cli.positive_int)
-    grad_accum: int = setting(1, "micro-batches per optimiser step (effective batch = batch-size * grad-accum)",
-                              type=cli.positive_int)
-    micro_batch_tokens: int = setting(0, "also cut a micro-batch before it passes this many padded tokens (0: no "
-                                      "limit): memory follows tokens, not examples; the loss is the same",
-                                      type=cli.non_negative_int, resume="free")
-
-
-@dataclass
-class PreferenceConfig(SFTConfig):
-    algo: str = setting("dpo", "dpo: pairs (prompt, chosen, rejected); kto: (prompt, completion, label)",
-                        choices=("dpo", "kto"), resume="fixed", group="preference optimisation")
-    beta: float = setting(0.1, "strength of the implicit KL penalty (DPO/KTO beta; > 0 for IPO, whose target is "
-                          "1 / (2 beta))", type=cli.non_negative_float)
-    loss_type: str = setting("sigmoid", "DPO loss: the paper's sigmoid, or IPO", choices=("sigmoid", "ipo"))
-    label_smoothing: float = setting(0.0, "DPO: probability that a preference label is flipped (cDPO), in [0, 0.5]",
-                                     type=cli.number_in(0, 0.5))
-    desirable_weight: float = setting(1.0, "KTO: lambda_D, weight of desirable examples", type=cli.non_negative_float)
-    undesirable_weight: float = setting(1.0, "KTO: lambda_U, weight of undesirable examples",
-                                        type=cli.non_negative_float)
-    ref_model: str | None = setting(None, "reference model (default: --model, the starting point)", resume="content")
-    precompute_ref: bool = setting(False, "score every example with the reference once, before training, then free "
-                                   "it (saves memory and time)", resume="free")
-    data: str | None = setting(None, "dpo.jsonl (prompt, chosen, rejected) or kto.jsonl (prompt, completion, label); "
-                               "default: generate them")
-    batch_size: int = setting(8, "pairs (DPO) or examples (KTO) per micro-batch")
-    lr: float = 5e-7
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.algo == "dpo" and self.loss_type == "ipo" and self.beta <= 0:
-            raise ValueError(f"--beta must be > 0 with --loss-type ipo (its target margin is 1 / (2 beta)), got {self.beta}")
 
 # -----------------------------------------------------------------------------
 # The three steps
@@ -191,7 +149,7 @@ class Reference:
         self.table, self.model = table, None  # the reference model is no longer needed
 
 # -----------------------------------------------------------------------------
-# The step function and the trainers
+# The step function and the trainer
 
 
 def offline_step_fn(config: SFTConfig, rows, collate, pad_id, optimizer, backward):
@@ -213,55 +171,36 @@ def offline_step_fn(config: SFTConfig, rows, collate, pad_id, optimizer, backwar
     return step_fn, order
 
 
-def load_rows(config: SFTConfig, tokenizer, kind, max_length):
-    """The training examples of `kind` (sft, dpo, kto), tokenised: from config.data, or generated
-    from config.seed."""
-    if config.data:
-        examples = data.load_examples(config.data, kind)
-    else:
-        examples = data.generated_examples(kind, config.num_train, seed=config.seed, tasks=config.tasks,
-                                           variant=config.variant, nodes=config.nodes)
-    return data.tokenize(examples, tokenizer, kind, max_length)
-
-
-def train_sft(config: SFTConfig) -> training.TrainResult:
-    """Fine-tune config.model on the completions of config.data (or generated problems)."""
+def train_offline(config: SFTConfig) -> training.TrainResult:
+    """SFT (an SFTConfig), or DPO or KTO (a PreferenceConfig: config.algo) against a frozen copy of
+    config.model (or config.ref_model), on config.data or problems generated from config.seed."""
+    algo = getattr(config, "algo", "sft")
     torch.manual_seed(config.seed)
     tokenizer = Tokenizer.from_pretrained(config.model)
-    memory_plan.check_fits(config, "sft")
-    model = training.start_run(config)
-    max_length = min(config.max_length, model.config.max_position_embeddings)
-    rows = load_rows(config, tokenizer, "sft", max_length)
-    print(f"{len(rows)} SFT examples, {sum(len(r['ids']) for r in rows) / len(rows):.0f} tokens on average")
-    optimizer = training.make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
-    step_fn, order = offline_step_fn(config, rows, data.collate_sft, tokenizer.pad_token_id, optimizer,
-                                     lambda batches: sft_backward(model, batches, config.device))
-    return training.train(config, model, optimizer, step_fn, order, tokenizer, desc="sft")
-
-
-def train_preference(config: PreferenceConfig) -> training.TrainResult:
-    """DPO or KTO (config.algo) from config.model against a frozen copy of it (or config.ref_model)."""
-    torch.manual_seed(config.seed)
-    tokenizer = Tokenizer.from_pretrained(config.model)
-    memory_plan.check_fits(config, config.algo)
+    memory_plan.check_fits(config, algo)
     policy = training.start_run(config)
-    if lora.is_lora_model(policy) and config.ref_model is None:
+    if algo != "sft" and lora.is_lora_model(policy) and config.ref_model is None:
         reference = Reference(policy, config.device)
-    else:
+    elif algo != "sft":
         ref_model = checkpoint.load_model(config.ref_model or config.model, dtype=training.torch_dtype(config.dtype),
                                           device=config.device)
         if distributed.world_size() > 1:
             distributed.shard(ref_model, config.device, config.cpu_offload)
         reference = Reference(ref_model, config.device)
     max_length = min(config.max_length, policy.config.max_position_embeddings)
-    rows = load_rows(config, tokenizer, config.algo, max_length)
-    collate = data.COLLATE[config.algo]
-    if config.precompute_ref:
-        reference.precompute(rows, collate, tokenizer.pad_token_id, config.batch_size)
-    print(f"{len(rows)} {config.algo.upper()} examples; reference "
-          f"{'precomputed' if config.precompute_ref else 'scored each step'}")
-    backward = dpo_backward if config.algo == "dpo" else kto_backward
+    examples = data.load_examples(config.data, algo) if config.data else data.generated_examples(
+        algo, config.num_train, seed=config.seed, tasks=config.tasks, variant=config.variant, nodes=config.nodes)
+    rows, collate = data.tokenize(examples, tokenizer, algo, max_length), data.COLLATE[algo]
+    if algo == "sft":
+        print(f"{len(rows)} SFT examples, {sum(len(r['ids']) for r in rows) / len(rows):.0f} tokens on average")
+        backward = lambda batches: sft_backward(policy, batches, config.device)  # noqa: E731
+    else:
+        if config.precompute_ref:
+            reference.precompute(rows, collate, tokenizer.pad_token_id, config.batch_size)
+        print(f"{len(rows)} {algo.upper()} examples; reference "
+              f"{'precomputed' if config.precompute_ref else 'scored each step'}")
+        algo_backward = dpo_backward if algo == "dpo" else kto_backward
+        backward = lambda batches: algo_backward(policy, reference, batches, config)  # noqa: E731
     optimizer = training.make_optimizer(policy, lr=config.lr, weight_decay=config.weight_decay)
-    step_fn, order = offline_step_fn(config, rows, collate, tokenizer.pad_token_id, optimizer,
-                                     lambda batches: backward(policy, reference, batches, config))
-    return training.train(config, policy, optimizer, step_fn, order, tokenizer, desc=config.algo)
+    step_fn, order = offline_step_fn(config, rows, collate, tokenizer.pad_token_id, optimizer, backward)
+    return training.train(config, policy, optimizer, step_fn, order, tokenizer, desc=algo)

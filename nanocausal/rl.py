@@ -51,14 +51,13 @@ what makes PPO's whitening global. The value head is its own FSDP unit.
 """
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from nanocausal import checkpoint, cli, distributed, lora, memory_plan, training
-from nanocausal.cli import setting
+from nanocausal import checkpoint, distributed, lora, memory_plan, training
+from nanocausal.config import RLConfig
 from nanocausal.logprobs import token_logprobs
 from nanocausal.grpo_losses import group_advantages, grpo_loss, overlong_penalty
 from nanocausal.losses import gae, ppo_loss, ppo_rewards, whiten
@@ -66,112 +65,7 @@ from nanocausal.rewards import parse_rewards
 from nanocausal.rollout import (assemble, assemble_groups, groups_of, informative, prompt_stream, rollout,
                                 row_micro_batches, score)
 from nanocausal.tokenizer import Tokenizer
-from nanocausal.training import TrainConfig, autocast
-
-
-@dataclass
-class RLConfig(TrainConfig):
-    algo: str = setting("grpo", "GRPO (group-relative advantages, no value model) or PPO (value head + GAE)",
-                        choices=("grpo", "ppo"), resume="fixed", group="algorithm")
-    # rollouts
-    data: str | None = setting(None, "prompts from a JSONL (prompt, answer) or CauGym file; default: generate them",
-                               resume="content", group="rollouts")
-    prompts_per_step: int = setting(32, "prompts sampled for each step", type=cli.positive_int)
-    group_size: int | None = setting(None, "completions sampled per prompt (GRPO: the group, >= 2; default: 8 for "
-                                     "GRPO, 1 for PPO)", type=cli.positive_int)
-    max_new_tokens: int = setting(1024, "generation budget per completion (longer ones are cut and count as "
-                                  "truncated)", type=cli.positive_int)
-    rollout_slots: int | None = setting(None, "rows decoded at once (default: prompts-per-step * group-size, all of "
-                                        "them); fewer bound the KV cache, and a finished group's rows take the next "
-                                        "waiting prompt (continuous batching)", type=cli.positive_int)
-    temperature: float = setting(1.0, "sampling temperature; the log-probs of the loss use the same one",
-                                 type=cli.positive_float)
-    top_p: float = setting(1.0, "nucleus sampling threshold (1: the full distribution, as the policy gradient assumes; "
-                           "below 1 the sampler's log-probs are the truncated distribution's and the on-policy ratio is "
-                           "no longer 1)", type=cli.top_p)
-    top_k: int = setting(0, "sample among the k most likely tokens only (0: all; see --top-p for what truncation does "
-                         "to the ratio)", type=cli.non_negative_int)
-    format_weight: float = setting(0.1, "reward = correct + this * (the response ends with a well-formed answer)",
-                                   type=cli.finite_float)
-    strict: bool = setting(False, "score only the last answer of a response (the official rule accepts any)")
-    rewards: str | None = setting(None, "comma-separated named rewards (nanocausal.rewards.REWARDS: correct, "
-                                  "correct_strict, format, lack_condition, length) summed with --reward-weights and "
-                                  "logged one by one as reward/NAME; default: correct + format-weight * format")
-    reward_weights: str | None = setting(None, "comma-separated weights of --rewards (default: 1 each)")
-    mask_truncated: bool = setting(False, "completions cut at max-new-tokens carry no loss (they still count in their "
-                                   "group's advantages; TRL's mask_truncated_completions)")
-    overlong_buffer: int = setting(0, "DAPO's soft overlong penalty: the reward falls linearly to -overlong-penalty "
-                                   "over the last this many tokens of max-new-tokens (0: off)", type=cli.non_negative_int)
-    overlong_penalty: float = setting(1.0, "the overlong penalty at max-new-tokens", type=cli.non_negative_float)
-    dynamic_sampling: bool = setting(False, "DAPO: drop groups whose rewards are all equal and roll out "
-                                     "prompts-per-step more prompts until the step has prompts-per-step informative "
-                                     "groups (or max-sampling-rounds rounds)")
-    max_sampling_rounds: int = setting(4, "with --dynamic-sampling: at most this many rounds of prompts per step",
-                                       type=cli.positive_int)
-    # update
-    ppo_epochs: int = setting(1, "passes over each rollout batch (1: strictly on-policy)", type=cli.positive_int,
-                              group="update", flags=("--num-iterations",))
-    mini_batches: int = setting(1, "optimiser steps per pass over the rollout batch", type=cli.positive_int)
-    micro_batch_size: int = setting(8, "sequences per forward/backward; gradients accumulate over the mini-batch",
-                                    type=cli.positive_int, resume="free")
-    micro_batch_tokens: int = setting(0, "also at most this many padded tokens per forward/backward (0: no limit): "
-                                      "memory follows tokens, not sequences; the loss is the same",
-                                      type=cli.non_negative_int, resume="free")
-    logits_chunk_size: int = setting(256, "completion tokens whose float32 logits exist at once (memory: this x "
-                                     "vocabulary x 4 bytes, a few times)", type=cli.positive_int, resume="free")
-    # GRPO
-    beta: float = setting(0.0, "weight of the k3 KL penalty to the reference (0: no reference model is loaded)",
-                          type=cli.non_negative_float,
-                          group="GRPO (nanocausal.rl.GRPO: grpo_losses.group_advantages, grpo_losses.grpo_loss)")
-    eps_low: float = setting(0.2, "the ratio is clipped below at 1 - eps-low (in [0, 1])", type=cli.probability)
-    eps_high: float = setting(0.2, "the ratio is clipped above at 1 + eps-high (0.28: DAPO's clip-higher)",
-                              type=cli.non_negative_float)
-    aggregation: str = setting("token_mean", "token_mean: every token of the step weighs the same (DAPO); "
-                               "sequence_mean: the GRPO paper; constant: divide by max-new-tokens (Dr. GRPO)",
-                               choices=("token_mean", "sequence_mean", "constant"))
-    no_std_scaling: bool = setting(False, "advantages r - mean without dividing by the group's std (Dr. GRPO; the "
-                                   "same as --scale-rewards none)")
-    scale_rewards: str = setting("group", "divide advantages by the std of the group's rewards (GRPO), of the step's "
-                                 "(TRL's batch), or not at all (Dr. GRPO)", choices=("group", "batch", "none"))
-    advantage_baseline: str = setting("mean", "subtract the group's mean reward, or the mean of the other completions "
-                                      "(RLOO)", choices=("mean", "rloo"))
-    importance_level: str = setting("token", "token: one ratio per token (GRPO); sequence: the length-normalised "
-                                    "sequence ratio, clipped per completion (GSPO; pair it with --aggregation "
-                                    "sequence_mean)", choices=("token", "sequence"))
-    objective: str = setting("clip", "clip: PPO's clipped surrogate; cispo: REINFORCE weighted by the detached ratio "
-                             "capped at 1 + eps-high (MiniMax-M1's CISPO: no token loses its gradient)",
-                             choices=("clip", "cispo"))
-    entropy_coef: float = setting(0.0, "entropy bonus: minus this times the mean token entropy is added to the loss",
-                                  type=cli.finite_float)
-    top_entropy_quantile: float = setting(1.0, "only this top fraction of each micro-batch's tokens by entropy carries "
-                                          "the policy loss (1: all)", type=cli.number_in(0, 1, low_open=True))
-    # PPO
-    kl_coef: float = setting(0.05, "per-token KL penalty in the reward (0: no reference model is loaded)",
-                             type=cli.non_negative_float,
-                             group="PPO (nanocausal.rl.PPO: losses.ppo_rewards, gae, whiten, ppo_loss)")
-    clip_range: float = setting(0.2, "the policy ratio is clipped to 1 +- this", type=cli.non_negative_float)
-    clip_range_value: float = setting(0.2, "the value moves at most this far from its rollout value",
-                                      type=cli.non_negative_float)
-    value_coef: float = setting(0.1, "weight of the value loss", type=cli.non_negative_float)
-    value_lr: float = setting(1e-4, "learning rate of the value head (a fresh layer: it must move faster than the "
-                              "policy)", type=cli.non_negative_float)
-    gamma: float = setting(1.0, "discount of GAE", type=cli.probability)
-    lam: float = setting(0.95, "lambda of GAE (0: one-step TD, 1: Monte Carlo)", type=cli.probability)
-    # RL's own defaults for the loop's settings
-    steps: int = 500
-    lr: float = 1e-6
-    warmup_steps: int = 10
-    min_lr_ratio: float = 1.0
-    eval_every: int = 50
-    eval_temperature: float = 0.0  # greedy: a low-variance learning curve
-    eval_top_p: float = 1.0
-    show_completions: int = 2
-    save_every: int = 50
-
-    def __post_init__(self):
-        if self.group_size is None:
-            self.group_size = 8 if self.algo == "grpo" else 1
-        super().__post_init__()
+from nanocausal.training import autocast
 
 
 @torch.no_grad()

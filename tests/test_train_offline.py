@@ -15,7 +15,7 @@ from nanocausal.model import Transformer
 from nanocausal.logprobs import sequence_logprobs, token_logprobs
 from nanocausal.losses import dpo_loss, kto_loss, sft_loss
 from nanocausal.offline import (PreferenceConfig, Reference, SFTConfig, dpo_backward, kto_backward, sft_backward,
-                                train_preference, train_sft)
+                                train_offline)
 from nanocausal.tokenizer import Tokenizer
 
 
@@ -42,10 +42,7 @@ def run(model, data_file, out_dir, algo="sft", **fields):
     """Train through the library, as pipeline.py does; returns the rows of metrics.jsonl."""
     common = dict(model=str(model), data=str(data_file), out_dir=str(out_dir), device="cpu", eval_every=0,
                   log_every=1000, **fields)
-    if algo == "sft":
-        train_sft(SFTConfig(**common))
-    else:
-        train_preference(PreferenceConfig(algo=algo, **common))
+    train_offline(SFTConfig(**common) if algo == "sft" else PreferenceConfig(algo=algo, **common))
     return [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
 
 
