@@ -22,10 +22,11 @@ rerun with --resume to continue exactly. Several GPUs: the same flags under torc
 reference sharded like the policy; README "More GPUs"):
     torchrun --standalone --nproc-per-node 8 train_pref.py --algo dpo --model out/sft/checkpoint ...
 
-Where things are: the DPO and KTO steps and the frozen reference are nanocausal/offline.py,
-their losses losses.dpo_loss and losses.kto_loss (each with its formula), the loop (schedule,
-logging, evaluation, checkpoints, Ctrl-C, resume) nanocausal/training.py. This file only turns
-flags into a PreferenceConfig (each flag is a field of it).
+Where things are: the DPO and KTO steps and the frozen reference are nanocausal/offline.py, their
+losses losses.dpo_loss and losses.kto_loss (each with its formula), the loop (schedule, logging,
+evaluation, checkpoints, Ctrl-C, resume) nanocausal/training.py. This file only turns flags into a
+PreferenceConfig (nanocausal/config.py: every flag is a field there, its help the field's
+description).
 """
 from nanocausal import cli
 from nanocausal.offline import PreferenceConfig, train_offline

@@ -28,10 +28,10 @@ answer). Ctrl-C writes a checkpoint; rerun the same command with --resume to con
 
 Where things are: the step (prompts, rollouts, rewards, advantages, update) is nanocausal/rl.py,
 where the GRPO and PPO classes hold everything that differs between the two; the rollouts and
-rewards nanocausal/rollout.py; the losses (each with its formula) nanocausal/grpo_losses.py (GRPO and
-its options) and nanocausal/losses.py (PPO); the loop
-(schedule, logging, evaluation, checkpoints, Ctrl-C, resume) nanocausal/training.py. This file
-only turns flags into an RLConfig (each flag is a field of it).
+rewards nanocausal/rollout.py; the losses (each with its formula) nanocausal/grpo_losses.py (GRPO
+and its options) and nanocausal/losses.py (PPO); the loop (schedule, logging, evaluation,
+checkpoints, Ctrl-C, resume) nanocausal/training.py. This file only turns flags into an RLConfig
+(nanocausal/config.py: every flag is a field there, its help the field's description).
 
 Every step logs, to the progress bar and out-dir/metrics.jsonl: reward, accuracy, format rate,
 the share of groups with all-equal rewards, completion lengths, KL to the reference (when one is

@@ -19,8 +19,9 @@ to continue exactly where it stopped. The result, out-dir/checkpoint, is a Huggi
 
 Where things are: the step (completion-only cross-entropy, gradient accumulation) is
 nanocausal/offline.py (beside DPO's and KTO's), its loss losses.sft_loss, the loop (schedule,
-logging, evaluation, checkpoints, Ctrl-C, resume) nanocausal/training.py. This file only
-turns flags into an SFTConfig (each flag is a field of it).
+logging, evaluation, checkpoints, Ctrl-C, resume) nanocausal/training.py. This file only turns
+flags into an SFTConfig (nanocausal/config.py: every flag is a field there, its help the field's
+description).
 Several GPUs: the same flags under torchrun (FSDP2; README "More GPUs"), the batch being global:
     torchrun --standalone --nproc-per-node 8 train_sft.py --model Qwen/Qwen2.5-1.5B-Instruct ...
 Not implemented: packing several examples into one row.

@@ -30,8 +30,8 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def parser_for(doc, prog=None):
-    return ArgumentParser(prog=prog, description=doc, formatter_class=HelpFormatter)
+def parser_for(doc):
+    return ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
 # -----------------------------------------------------------------------------
 # Argument types: a bad value is refused by argparse with the flag's name. Every number must be
@@ -185,11 +185,11 @@ def graph_sizes(text):
 def setting(default, help, type=None, choices=None, resume=None, group=None, flags=()):
     """A field of a config dataclass that is also a flag (--grad-accum for grad_accum): `help` is
     both the field's description and the flag's --help, `type` the flag's argparse type (and the
-    field's check: check_config), `group` the --help heading that starts at this field, `flags` more
-    spellings. `resume` says what a resumed run may do with it (rundir.check_resume): None, the
-    default (changing it changes the run: refused unless --allow-changed-args), "free" (it changes nothing
-    the run computes: steps, logging, hardware), "content" (a path: compared by what it names, so
-    a moved folder resumes), "fixed" (never: the checkpoint is built for it). A subclass that only
+    field's check: check_config), `group` the --help heading that starts at this field, `flags`
+    more spellings. `resume` is what a resumed run may do with it (rundir.check_resume): None
+    (changing it changes the run: refused unless --allow-changed-args), "free" (it changes nothing
+    the run computes: steps, logging, hardware), "content" (a path: compared by what it names, so a
+    moved folder resumes) or "fixed" (never: the checkpoint is built for it). A subclass that only
     changes a default writes a plain `name: type = value`; the rest is read from its base."""
     return dataclasses.field(default=default, metadata=dict(
         help=help, type=type, choices=choices, resume=resume, group=group, flags=flags))
@@ -217,8 +217,9 @@ def add_config_args(parser, config_class):
         meta = about(config_class, field.name)
         if "help" not in meta:
             continue
-        if "group" in meta:
-            group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        if "group" in meta and meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        group = groups[meta["group"]] if "group" in meta else group
         options = dict(default=None if field.default is dataclasses.MISSING else field.default, help=meta["help"])
         if field.type in (bool, bool | None):  # --x / --no-x when None (= automatic) is a value
             options["action"] = "store_true" if field.type is bool else argparse.BooleanOptionalAction
@@ -263,13 +264,13 @@ def add_plan_args(parser):
                    help="with --plan: prompt length assumed for the KV cache and RL activations")
 
 
-def train_main(doc, config_class, train, argv=None):
+def train_main(doc, config_class, train):
     """A train script's main: flags from config_class's settings (+ --plan), parsed once, then
     train(config), or the memory plan with --plan."""
     parser = parser_for(doc)
     add_config_args(parser, config_class)
     add_plan_args(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args()
     config = config_from_args(config_class, args)
     if args.plan:
         from nanocausal import memory_plan
@@ -281,12 +282,9 @@ def train_main(doc, config_class, train, argv=None):
 # Flags -> config, and errors
 
 
-def config_from_args(config_class, args, **overrides):
-    """An instance of the dataclass config_class with every field read from the parsed flag of
-    the same name (fields without a flag keep their default), then `overrides`."""
-    names = {f.name for f in dataclasses.fields(config_class)}
-    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    return config_class(**{**values, **overrides})
+def config_from_args(config_class, args):
+    """config_class with every field read from the parsed flag of the same name."""
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
 
 
 def run_main(main):

@@ -1,11 +1,17 @@
-"""Shared training pieces: chunked log-probs against a full-logits reference, the schedule, checkpoints."""
+"""Shared training pieces: chunked log-probs against a full-logits reference, the schedule, checkpoints,
+the settings (config fields that are their flags)."""
+import argparse
+import dataclasses
 import os
 
 import pytest
 import torch
 
 from conftest import make_hf_checkpoint
+from nanocausal import cli
 from nanocausal.checkpoint import load_model, load_trainer_state, save_checkpoint
+from nanocausal.config import PreferenceConfig, RLConfig, SFTConfig, TrainConfig
+from nanocausal.evaluation import EvalConfig
 from nanocausal.logprobs import token_logprobs
 from nanocausal.training import lr_factor, make_optimizer
 
@@ -115,3 +121,48 @@ def test_the_bf16_adamw_gives_its_state_to_fsdps_helpers():
     state = get_optimizer_state_dict(model, optimizer)["state"]
     assert state["weight"]["exp_avg"].dtype == torch.float32 and state["weight"]["exp_avg"].shape == (3, 4)
     assert torch.equal(model.weight, before)  # (its step had zero gradients: the weights did not move)
+
+
+# -----------------------------------------------------------------------------
+# Settings: each config field is its flag (nanocausal/config.py, cli.setting)
+
+
+@pytest.mark.parametrize("config_class", [SFTConfig, PreferenceConfig, RLConfig, EvalConfig])
+def test_every_setting_is_one_flag_with_the_fields_help_type_and_default(config_class):
+    parser = cli.parser_for("")
+    cli.add_config_args(parser, config_class)
+    actions = {action.dest: action for action in parser._actions}
+    for field in dataclasses.fields(config_class):
+        about, action = cli.about(config_class, field.name), actions[field.name]
+        assert action.help == about["help"] and len(about["help"]) > 10, field.name  # one text, not two
+        assert action.type is about.get("type") and action.option_strings[0] == "--" + field.name.replace("_", "-")
+        assert action.default == (None if field.default is dataclasses.MISSING else field.default), field.name
+    if config_class is not EvalConfig:  # (eval needs --model and --data)
+        assert cli.config_from_args(config_class, parser.parse_args([])) == config_class()
+    # A subclass that changes only a default keeps its base's help: RL's --steps is still explained.
+    assert cli.about(RLConfig, "steps")["help"] == cli.about(TrainConfig, "steps")["help"]
+
+
+def test_a_config_refuses_what_its_flag_refuses_with_the_flags_message():
+    for config_class, name, value in [(RLConfig, "top_entropy_quantile", 0.0), (RLConfig, "group_size", 0),
+                                      (SFTConfig, "tasks", ("ATE", "XYZ")), (PreferenceConfig, "algo", "ipo"),
+                                      (RLConfig, "lr", True), (SFTConfig, "batch_size", 2.5)]:
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(ValueError, match=f"^{flag} "):
+            config_class(device="cpu", **{name: value})
+        parse = cli.about(config_class, name).get("type")
+        if parse is not None:  # the flag refuses the same text
+            with pytest.raises(argparse.ArgumentTypeError):
+                parse(",".join(value) if isinstance(value, tuple) else str(value))
+
+
+def test_what_a_resumed_run_may_change_is_read_from_the_fields():
+    rules = {}
+    for config_class in (SFTConfig, PreferenceConfig, RLConfig):
+        for field in dataclasses.fields(config_class):
+            rules.setdefault(cli.about(config_class, field.name).get("resume"), set()).add(field.name)
+    assert rules["content"] == {"model", "data", "ref_model"}
+    assert rules["fixed"] == {"algo", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"}
+    assert {"steps", "device", "out_dir", "eval_every", "micro_batch_size", "precompute_ref", "resume"} <= rules["free"]
+    assert {"lr", "seed", "batch_size", "grad_accum", "beta", "group_size", "dtype"} <= rules[None]
+    assert not rules["free"] & rules[None]  # (micro_batch_tokens is free in SFT's config and RL's alike)
