@@ -1,6 +1,6 @@
 """Offline post-training: SFT, DPO and KTO side by side. Each is a `*_backward` function (the
-forward and backward passes of one optimiser step, returning its metrics) plugged into one shared
-step function (offline_step_fn) and the loop of training.py, the way rl.py plugs GRPO and PPO
+forward and backward passes of one optimiser step, returning its metrics) called by the one step
+function of train_offline, which the loop of training.py runs, the way rl.py plugs GRPO and PPO
 into it. The formulas are in losses.sft_loss, losses.dpo_loss and losses.kto_loss.
 
 What one optimiser step does, for all three:
@@ -149,26 +149,7 @@ class Reference:
         self.table, self.model = table, None  # the reference model is no longer needed
 
 # -----------------------------------------------------------------------------
-# The step function and the trainer
-
-
-def offline_step_fn(config: SFTConfig, rows, collate, pad_id, optimizer, backward):
-    """training.train's step function for SFT, DPO and KTO, and its resumable example order: the
-    step's examples, cut into micro-batches, go through backward(batches) -> metrics, then one
-    clipped AdamW step."""
-    order = data.Batches(len(rows), config.batch_size * config.grad_accum, seed=config.seed)
-
-    def step_fn(step):
-        batches = data.micro_batches(rows, distributed.share(order.next()), collate, pad_id, config.batch_size,
-                                     config.device, config.micro_batch_tokens)
-        metrics = backward(batches)
-        metrics["grad_norm"] = training.optimizer_step(optimizer, config.clip)
-        metrics["epoch"] = order.epoch
-        # every token the step ran through the policy: each (B, T) attention mask, KTO's KL pairs included
-        metrics["tokens"] = distributed.all_sum(
-            sum(int(v.sum()) for b in batches for k, v in b.items() if k.endswith("attention_mask")))
-        return metrics
-    return step_fn, order
+# The trainer
 
 
 def train_offline(config: SFTConfig) -> training.TrainResult:
@@ -193,14 +174,25 @@ def train_offline(config: SFTConfig) -> training.TrainResult:
     rows, collate = data.tokenize(examples, tokenizer, algo, max_length), data.COLLATE[algo]
     if algo == "sft":
         print(f"{len(rows)} SFT examples, {sum(len(r['ids']) for r in rows) / len(rows):.0f} tokens on average")
-        backward = lambda batches: sft_backward(policy, batches, config.device)  # noqa: E731
     else:
         if config.precompute_ref:
             reference.precompute(rows, collate, tokenizer.pad_token_id, config.batch_size)
         print(f"{len(rows)} {algo.upper()} examples; reference "
               f"{'precomputed' if config.precompute_ref else 'scored each step'}")
-        algo_backward = dpo_backward if algo == "dpo" else kto_backward
-        backward = lambda batches: algo_backward(policy, reference, batches, config)  # noqa: E731
     optimizer = training.make_optimizer(policy, lr=config.lr, weight_decay=config.weight_decay)
-    step_fn, order = offline_step_fn(config, rows, collate, tokenizer.pad_token_id, optimizer, backward)
+    order = data.Batches(len(rows), config.batch_size * config.grad_accum, seed=config.seed)  # resumable
+
+    def step_fn(step):  # the step's examples in micro-batches, their backward, one clipped AdamW step
+        batches = data.micro_batches(rows, distributed.share(order.next()), collate, tokenizer.pad_token_id,
+                                     config.batch_size, config.device, config.micro_batch_tokens)
+        if algo == "sft":
+            metrics = sft_backward(policy, batches, config.device)
+        else:
+            metrics = (dpo_backward if algo == "dpo" else kto_backward)(policy, reference, batches, config)
+        metrics["grad_norm"] = training.optimizer_step(optimizer, config.clip)
+        metrics["epoch"] = order.epoch
+        # every token the step ran through the policy: each (B, T) attention mask, KTO's KL pairs included
+        metrics["tokens"] = distributed.all_sum(
+            sum(int(v.sum()) for b in batches for k, v in b.items() if k.endswith("attention_mask")))
+        return metrics
     return training.train(config, policy, optimizer, step_fn, order, tokenizer, desc=algo)
