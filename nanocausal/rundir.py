@@ -108,13 +108,10 @@ def check(config, ckpt_dir):
         config.resume = False
     elif config.resume:
         check_resume(config, ckpt_dir)
-    elif holds_run(config, ckpt_dir) and not config.overwrite:
+    elif (os.path.isdir(ckpt_dir) or os.path.isfile(os.path.join(config.out_dir, "metrics.jsonl"))) and \
+            not config.overwrite:
         raise ValueError(f"{config.out_dir} already holds a run (checkpoint/ or metrics.jsonl): pass --resume to "
                          f"continue it or --overwrite to start again")
-
-
-def holds_run(config, ckpt_dir):
-    return os.path.isdir(ckpt_dir) or os.path.isfile(os.path.join(config.out_dir, "metrics.jsonl"))
 
 
 def claim(config, ckpt_dir):
