@@ -106,7 +106,8 @@ def test_gradient_accumulation_invariance(tiny_chat_model, tmp_path, kind):
 def test_right_padded_batches_need_no_attention_mask(tiny_chat_model, tmp_path, monkeypatch, kind):
     # Issue #28: the offline steps call the model with attention_mask=None (plain causal attention,
     # flash's fast path), and on a right-padded batch their loss is exactly the one with the mask:
-    # a real token never attends to the padding after it. (Bitwise on CPU: the pipeline's table.)
+    # a real token never attends to the padding after it. (Bitwise on CPU, gradients too: the pipeline's
+    # table is unchanged.)
     records = {"sft": tiny_examples(8), "dpo": dpo_records(8), "kto": kto_records(8)}[kind]
     path = write_jsonl(tmp_path / f"{kind}.jsonl", records)
     tokenizer = Tokenizer.from_pretrained(tiny_chat_model)
@@ -120,10 +121,13 @@ def test_right_padded_batches_need_no_attention_mask(tiny_chat_model, tmp_path, 
     assert (batches[0]["attention_mask"] == 0).any()  # padded, on the right
     assert torch.equal(batches[0]["attention_mask"].sort(-1, descending=True)[0], batches[0]["attention_mask"])
 
-    def step_loss():
+    def step_loss():  # the step's loss and gradients
+        model.zero_grad()
         if kind == "sft":
-            return sft_backward(model, batches, "cpu")["loss"]
-        return (dpo_backward if kind == "dpo" else kto_backward)(model, Reference(reference, "cpu"), batches, config)["loss"]
+            loss = sft_backward(model, batches, "cpu")["loss"]
+        else:
+            loss = (dpo_backward if kind == "dpo" else kto_backward)(model, Reference(reference, "cpu"), batches, config)["loss"]
+        return loss, [p.grad.clone() for p in model.parameters()]
 
     hidden_states, masks_seen = Transformer.hidden_states, []
 
@@ -132,7 +136,7 @@ def test_right_padded_batches_need_no_attention_mask(tiny_chat_model, tmp_path, 
         return hidden_states(self, input_ids, attention_mask, *args, **kwargs)
 
     monkeypatch.setattr(Transformer, "hidden_states", spy)
-    without_mask = step_loss()
+    without_mask, grads_without = step_loss()
     assert masks_seen and all(mask is None for mask in masks_seen)
 
     def with_padding_mask(self, input_ids, attention_mask=None, *args, **kwargs):
@@ -142,7 +146,9 @@ def test_right_padded_batches_need_no_attention_mask(tiny_chat_model, tmp_path, 
         return hidden_states(self, input_ids, mask, *args, **kwargs)
 
     monkeypatch.setattr(Transformer, "hidden_states", with_padding_mask)
-    assert torch.equal(step_loss(), without_mask)
+    with_mask, grads_with = step_loss()
+    assert torch.equal(with_mask, without_mask)
+    assert all(torch.equal(a, b) for a, b in zip(grads_with, grads_without))
 
 
 # -----------------------------------------------------------------------------
