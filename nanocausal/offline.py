@@ -1,7 +1,8 @@
 """Offline post-training: SFT, DPO and KTO side by side. Each is a `*_backward` function (the
 forward and backward passes of one optimiser step, returning its metrics) called by the one step
 function of train_offline, which the loop of training.py runs, the way rl.py plugs GRPO and PPO
-into it. The formulas are in losses.sft_loss, losses.dpo_loss and losses.kto_loss.
+into it. The formulas are in losses.sft_loss, losses.dpo_loss and losses.kto_loss; the settings
+(SFTConfig, PreferenceConfig) in config.py.
 
 What one optimiser step does, for all three:
   1. take batch_size * grad_accum examples from a seeded, resumable order (data.Batches) and cut
