@@ -56,49 +56,16 @@ the prompt asks for it (100 % on every scored task), `--model oracle` solves the
 Where things are: the protocol's constants and scoring rule are nanocausal/caugym.py, running it
 on a model (answering, scoring, resuming, the table) nanocausal/evaluation.py.
 """
-from nanocausal import calm, caugym, cli, evaluation
+from nanocausal import cli, evaluation
 from nanocausal.evaluation import EvalConfig
 
 
-def build_parser():
+def main():
     parser = cli.parser_for(__doc__)
-    g = parser.add_argument_group("what to evaluate")
-    g.add_argument("--model", default=None, help="a Hugging Face folder, a hub id, 'oracle' (answers with the symbolic "
-                   "solver) or 'gold' (answers every item with its gold answer: a check of prompts, files and scoring)")
-    g.add_argument("--rescore", default=None,
-                   help="instead of sampling, score the responses of a responses.jsonl file (fields response, answer, type, "
-                        "dataset; e.g. written by another engine) with the official rule")
-    g.add_argument("--data", nargs="+", default=None,
-                   help="CauGym-format .json/.jsonl files (e.g. ../shared/data/caugym/base.json), generated sets: "
-                        "gen:VARIANT:N (nanocausal.problems.generate), tiny:N or tiny-VARIANT:N (the tiny curriculum: tiny-omitted:100, ...), or "
-                        "CaLM task files or folders of them (e.g. ../shared/data/calm_lite)")
-    g.add_argument("--per-task", type=cli.positive_int, default=None, help="keep only the first N problems of each task per data set")
-    g.add_argument("--prompt-style", default=EvalConfig.prompt_style, choices=calm.STYLES,
-                   help="CaLM prompt style of CaLM tasks (CaLM-Lite's: basic)")
-    g.add_argument("--limit", type=cli.positive_int, default=None, help="keep only the first N problems of each data set")
-    g.add_argument("--tasks", type=cli.task_list, default=caugym.TASKS, help="comma-separated tasks of the generated sets (gen:...)")
-    g.add_argument("--nodes", type=cli.graph_size, default=None, help="graph size of the generated sets (default: the variant's)")
-    g = parser.add_argument_group("the protocol (official defaults)")
-    g.add_argument("--num-samples", type=cli.positive_int, default=EvalConfig.num_samples, help="samples per problem (official: 5)")
-    g.add_argument("--temperature", type=cli.non_negative_float, default=EvalConfig.temperature,
-                   help="sampling temperature (official: 0.6; 0 = greedy, one sample)")
-    g.add_argument("--top-p", type=cli.top_p, default=EvalConfig.top_p, help="nucleus sampling mass (official: 0.95)")
-    g.add_argument("--top-k", type=cli.non_negative_int, default=0, help="keep only the k most likely tokens (0 = off, as official)")
-    g.add_argument("--max-new-tokens", type=cli.positive_int, default=EvalConfig.max_new_tokens,
-                   help="longest reply in tokens (official: 8192; lower it on a CPU and say so)")
-    g = parser.add_argument_group("running")
-    g.add_argument("--batch-size", type=cli.positive_int, default=EvalConfig.batch_size, help="problems decoded at once by continuous batching: batch-size * num-samples rows, a finished row taking the next waiting problem")
-    g.add_argument("--seed", type=cli.seed, default=0, help="sampling seed (and generation seed of gen:/tiny: sets)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="model weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--device", type=cli.device, default=None, help="cuda, cpu, mps (default: the best available)")
-    g.add_argument("--out", default=EvalConfig.out, help="folder for responses.jsonl and summary.json")
-    return parser
-
-
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    cli.add_config_args(parser, EvalConfig)["what to evaluate"].add_argument(
+        "--rescore", default=None, help="instead of sampling, score the responses of a responses.jsonl file (fields "
+        "response, answer, type, dataset; e.g. written by another engine) with the official rule")
+    args = parser.parse_args()
     if args.rescore:
         return evaluation.rescore(args.rescore)
     if args.model is None or args.data is None:

@@ -16,21 +16,21 @@ minutes), and runs the real trainers of this repository (the library functions t
 on the tiny curriculum of nanocausal/tiny.py (3-node ATE questions, with and without a causal path;
 --queries ATE,ETT adds a second query type):
 
-  SFT      sft.train_sft on --sft-examples worked solutions (column-by-column subtraction) written
-           by a careless teacher: it forgets --teacher-slip-rate of the borrows it owes and carries
-           the wrong digit into its final answer (a third of its solutions end wrong). SFT learns
-           to solve the problems, and learns the teacher's slips with them. Every method below
-           starts from this checkpoint;
+  SFT      offline.train_offline on --sft-examples worked solutions (column-by-column subtraction)
+           written by a careless teacher: it forgets --teacher-slip-rate of the borrows it owes and
+           carries the wrong digit into its final answer (a third of its solutions end wrong). SFT
+           learns to solve the problems, and learns the teacher's slips with them. Every method
+           below starts from this checkpoint;
   GRPO     rl.train_rl (algo grpo) on fresh answer-only problems (--rl-kinds: the "effect" ones)
            rewarded by the official scoring rule (no KL, a small warmed-up learning rate, 4 updates
            per rollout batch), rollouts at the evaluation temperature;
   PPO      the same rollouts and updates, the baseline learned by a value head (GAE) instead of
            taken from the group;
-  DPO, KTO preference.train_preference on the SFT model's own sampled replies scored by the rule
+  DPO, KTO offline.train_offline on the SFT model's own sampled replies scored by the rule
            (nanocausal/comparison.py): DPO on (correct, wrong) pairs of one prompt, KTO on the same
            replies unpaired;
-  control  sft.train_sft continuing SFT on the same worked solutions: the same compute spent on
-           more SFT.
+  control  offline.train_offline continuing SFT on the same worked solutions: the same compute
+           spent on more SFT.
 Each method's budget is a fixed number of steps, a multiple of --grpo-steps calibrated once so that
 each took about GRPO's time (STEPS_PER_GRPO_STEP, docs/tiny_results.md): with the same seed a rerun
 prints the same table (on the same machine and thread count).
@@ -58,9 +58,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 import torch
 
 from nanocausal import cli, comparison, plot, tiny
-from nanocausal.preference import PreferenceConfig, train_preference
+from nanocausal.offline import PreferenceConfig, SFTConfig, train_offline
 from nanocausal.rl import RLConfig, train_rl
-from nanocausal.sft import SFTConfig, train_sft
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("sft", "dpo", "kto", "ppo", "grpo")
@@ -180,13 +179,13 @@ def train_method(method, args, steps, data_dir, run_dir):
             seed=args.seed, save_every=steps, out_dir=run_dir,
             dynamic_sampling=args.dynamic_sampling and method == "grpo", max_sampling_rounds=args.max_sampling_rounds))
     if method in ("dpo", "kto"):  # KTO's batch: the same replies as DPO's, unpaired
-        return train_preference(PreferenceConfig(
+        return train_offline(PreferenceConfig(
             algo=method, model=sft_checkpoint, data=os.path.join(data_dir, f"{method}.jsonl"), steps=steps,
             batch_size=args.pref_batch_size * (2 if method == "kto" else 1), lr=args.dpo_lr if method == "dpo" else args.kto_lr, beta=args.pref_beta,
             warmup_steps=3, precompute_ref=True, max_length=512, save_every=steps, out_dir=run_dir,
             log_every=10, eval_every=0, overwrite=True, seed=args.seed))
     # the control: the same compute spent on more SFT, on the same worked solutions
-    return train_sft(SFTConfig(
+    return train_offline(SFTConfig(
         model=sft_checkpoint, data=os.path.join(data_dir, "sft.jsonl"), steps=steps, batch_size=args.batch_size,
         lr=args.sft_lr / 2, warmup_steps=0, save_every=steps, out_dir=run_dir, log_every=20, eval_every=0,
         overwrite=True, seed=args.seed, max_length=512))
@@ -282,7 +281,7 @@ def main(argv=None):
         print(f"[1/3] SFT: reusing {os.path.join(args.out, 'sft', 'checkpoint')}")
     else:
         print(f"[1/3] SFT: {args.sft_steps} steps x {args.batch_size} worked solutions (every method's start)")
-        result = train_sft(SFTConfig(
+        result = train_offline(SFTConfig(
             model=args.base, data=os.path.join(data_dir, "sft.jsonl"), steps=args.sft_steps, batch_size=args.batch_size,
             lr=args.sft_lr, warmup_steps=10, save_every=args.sft_steps, out_dir=os.path.join(args.out, "sft"),
             log_every=20, eval_every=0, overwrite=True, seed=args.seed, max_length=512))

@@ -18,33 +18,16 @@ Interrupt with Ctrl-C: the script writes a checkpoint first; rerun the same comm
 to continue exactly where it stopped. The result, out-dir/checkpoint, is a Hugging Face folder.
 
 Where things are: the step (completion-only cross-entropy, gradient accumulation) is
-nanocausal/sft.py, its loss losses.sft_loss, the loop (schedule, logging, evaluation, checkpoints,
-Ctrl-C, resume) nanocausal/training.py. This file only turns flags into an SFTConfig.
+nanocausal/offline.py (beside DPO's and KTO's), its loss losses.sft_loss, the loop (schedule,
+logging, evaluation, checkpoints, Ctrl-C, resume) nanocausal/training.py. This file only turns
+flags into an SFTConfig (nanocausal/config.py: every flag is a field there, its help the field's
+description).
 Several GPUs: the same flags under torchrun (FSDP2; README "More GPUs"), the batch being global:
     torchrun --standalone --nproc-per-node 8 train_sft.py --model Qwen/Qwen2.5-1.5B-Instruct ...
 Not implemented: packing several examples into one row.
 """
-from nanocausal import cli, memory_plan
-from nanocausal.sft import SFTConfig, train_sft
-
-
-def build_parser():
-    parser = cli.parser_for(__doc__)
-    cli.add_offline_data_args(parser, SFTConfig,
-                              data_help="JSONL with TRL fields (prompt, completion), or a CauGym .json/.jsonl; default: generate problems",
-                              batch_help="examples per micro-batch (one forward/backward)")
-    cli.add_train_args(parser, SFTConfig)
-    return parser
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    config = cli.config_from_args(SFTConfig, args)
-    if args.plan:
-        return memory_plan.report(config, "sft", args.json, args.plan_prompt_tokens, args.gpu_memory_gib,
-                                  args.plan_gpus)
-    return train_sft(config)
-
+from nanocausal import cli
+from nanocausal.offline import SFTConfig, train_offline
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    cli.run_main(lambda: cli.train_main(__doc__, SFTConfig, train_offline))

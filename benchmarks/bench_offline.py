@@ -102,8 +102,8 @@ def measure(step, device, warmup, steps):
 def worker_ours(kind, folder, pairs, device, warmup, steps):
     from nanocausal import data, training
     from nanocausal.checkpoint import load_model
-    from nanocausal.preference import PreferenceConfig, Reference, dpo_backward
-    from nanocausal.sft import sft_backward
+    from nanocausal.offline import PreferenceConfig, Reference, dpo_backward
+    from nanocausal.offline import sft_backward
     from nanocausal.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_pretrained(folder)

@@ -1,9 +1,11 @@
-"""Command-line plumbing shared by the scripts: the flags every trainer has, typed argument
-checks, flags -> a config dataclass, and one-line errors.
+"""Command-line plumbing shared by the scripts: typed argument checks, settings (a config field
+and its flag described once), flags -> a config dataclass, and one-line errors.
 
-A script defines its own flags (those of its algorithm), adds the shared groups from here with
-the defaults of its config class, parses, and calls `config_from_args(ConfigClass, args)`: every
-field of the config is read from the flag of the same name (--grad-accum -> grad_accum).
+Every setting of a run is a field of its config dataclass declared with setting(default, help,
+type, ...): add_config_args turns the fields into flags (--grad-accum for grad_accum; type,
+default, help and --help group from the field), config_from_args reads them back, and the
+config's __post_init__ refuses, with check_config, what the flag would refuse. A train script is
+then cli.train_main(__doc__, ItsConfig, its_trainer).
 """
 import argparse
 import dataclasses
@@ -28,8 +30,8 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def parser_for(doc, prog=None):
-    return ArgumentParser(prog=prog, description=doc, formatter_class=HelpFormatter)
+def parser_for(doc):
+    return ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
 # -----------------------------------------------------------------------------
 # Argument types: a bad value is refused by argparse with the flag's name. Every number must be
@@ -69,37 +71,21 @@ def _int(text):
 
 
 def number_in(low=-math.inf, high=math.inf, low_open=False, high_open=False):
-    """The argparse type of a finite float in the interval from low to high (open at an end when
-    low_open / high_open); its `interval` text ("in [0, 1]", ">= 0") is what errors say."""
+    """The argparse type of a finite float between low and high (excluded when low_open /
+    high_open); its error says the interval: "must be a finite number in [0, 1]", "... >= 0"."""
+    interval = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}" if high < math.inf \
+        else f" {'>' if low_open else '>='} {low:g}" if low > -math.inf else ""
+
     def parse(text):
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        problem = out_of_range(value, parse)
-        if problem:
-            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        if not math.isfinite(value) or not low <= value <= high or (low_open and value == low) or \
+                (high_open and value == high):
+            raise argparse.ArgumentTypeError(f"must be a finite number{interval}, got {text}")
         return value
-    parse.bounds = (low, high, low_open, high_open)
-    parse.__name__ = "number"
     return parse
-
-
-def interval_text(number_type):
-    """" >= 0", " in (0, 1]", ... ("" when any finite number will do)."""
-    low, high, low_open, high_open = number_type.bounds
-    if high == math.inf:
-        return "" if low == -math.inf else f" {'>' if low_open else '>='} {low:g}"
-    return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-
-def out_of_range(value, number_type):
-    """None when `value` is a finite number within number_type's bounds, else what it must be."""
-    low, high, low_open, high_open = number_type.bounds
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-            value < low or value > high or (low_open and value == low) or (high_open and value == high):
-        return f"must be a finite number{interval_text(number_type)}"
-    return None
 
 
 finite_float = number_in()
@@ -108,20 +94,6 @@ positive_float = number_in(0, low_open=True)
 probability = number_in(0, 1)  # a share, a ratio, GAE's gamma and lambda, dropout...
 top_p = number_in(0, 1, low_open=True)  # nucleus mass: 0 keeps no token at all
 below_one = number_in(0, 1, high_open=True)  # dropout: 1 drops everything
-
-
-def check_numbers(config, bounds):
-    """The config-side twin of the flag types: a ValueError naming the setting (as its flag) when
-    a field of `config` is not a finite number in its range. bounds: {field: number type}."""
-    for name, number_type in bounds.items():
-        problem = out_of_range(getattr(config, name), number_type)
-        if problem:
-            raise ValueError(f"--{name.replace('_', '-')} {problem}, got {getattr(config, name)!r}")
-
-
-def check_seed(value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_SEED:
-        raise ValueError(f"--seed must be an integer in [0, 2**63), got {value!r}")
 
 
 def device(text):
@@ -159,23 +131,6 @@ def device_problem(text):
     return None
 
 
-# The number fields every trainer's config shares (TrainConfig), with the ranges of their flags.
-def train_number_bounds():
-    return {"lr": non_negative_float, "min_lr_ratio": probability, "weight_decay": non_negative_float,
-            "clip": non_negative_float, "lora_alpha": non_negative_float, "lora_dropout": below_one,
-            "eval_temperature": non_negative_float, "eval_top_p": top_p}
-
-
-def check_train_config(config, bounds):
-    """A trainer config's __post_init__ check: its numbers (train_number_bounds() and `bounds`),
-    its seed and its device's name; a ValueError naming the setting as its flag."""
-    check_numbers(config, {**train_number_bounds(), **bounds})
-    check_seed(config.seed)
-    problem = device_name_problem(str(config.device))
-    if problem:
-        raise ValueError(f"--device {problem}")
-
-
 def report_backends(text):
     """--report-to: checked (names known, packages installed) before any model is loaded."""
     try:
@@ -191,6 +146,11 @@ def task_list(text):
     if not tasks or unknown:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of {','.join(caugym.TASKS)}, got {text}")
     return tasks
+
+
+def name_list(text):
+    """--lora-targets: comma-separated names."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def variant_list(text):
@@ -219,47 +179,78 @@ def graph_sizes(text):
     return text
 
 # -----------------------------------------------------------------------------
-# The flags every trainer shares (defaults from its config class)
+# Settings: a config field and its flag, described once
 
 
-def add_model_args(parser, defaults, model_help="hub id or local Hugging Face folder to start from"):
-    g = parser.add_argument_group("model and generated problems")
-    g.add_argument("--model", default=defaults.model, help=model_help)
-    g.add_argument("--tasks", type=task_list, default=defaults.tasks,
-                   help="comma-separated causal tasks of generated problems (ATE,CDE,ETT,NDE,NIE,PN,PS)")
-    g.add_argument("--variant", type=variant_list, default=defaults.variant,
-                   help=f"problem variant of generated problems ({', '.join(caugym.VARIANTS)}; RL: a comma-separated mix)")
-    g.add_argument("--nodes", type=graph_sizes, default=defaults.nodes,
-                   help="graph sizes of generated problems: N or LO-HI (default: the generator's, 3-5 nodes for base)")
-    return g
+def setting(default, help, type=None, choices=None, resume=None, group=None, flags=()):
+    """A field of a config dataclass that is also a flag (--grad-accum for grad_accum): `help` is
+    both the field's description and the flag's --help, `type` the flag's argparse type (and the
+    field's check: check_config), `group` the --help heading that starts at this field, `flags`
+    more spellings. `resume` is what a resumed run may do with it (rundir.check_resume): None
+    (changing it changes the run: refused unless --allow-changed-args), "free" (it changes nothing
+    the run computes: steps, logging, hardware), "content" (a path: compared by what it names, so a
+    moved folder resumes) or "fixed" (never: the checkpoint is built for it). A subclass that only
+    changes a default writes a plain `name: type = value`; the rest is read from its base."""
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, type=type, choices=choices, resume=resume, group=group, flags=flags))
 
 
-def add_optimisation_args(parser, defaults):
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--steps", type=positive_int, default=defaults.steps, help="number of optimiser steps (RL: rollout batches)")
-    g.add_argument("--lr", type=non_negative_float, default=defaults.lr, help="peak learning rate of AdamW")
-    g.add_argument("--warmup-steps", type=non_negative_int, default=defaults.warmup_steps,
-                   help="linear warmup steps before the cosine decay")
-    g.add_argument("--min-lr-ratio", type=probability, default=defaults.min_lr_ratio,
-                   help="the cosine decays to this fraction of --lr (1: constant)")
-    g.add_argument("--weight-decay", type=non_negative_float, default=defaults.weight_decay,
-                   help="AdamW weight decay (on matrices only)")
-    g.add_argument("--clip", type=non_negative_float, default=defaults.clip,
-                   help="clip the gradient norm to this value (0: no clipping)")
-    g.add_argument("--seed", type=seed, default=defaults.seed, help="seed of the data, its order, the sampler and the model's randomness")
-    return g
+def about(config_class, name):
+    """The setting() metadata of field `name`, merged from the base class down (a subclass's
+    setting() overrides what it restates)."""
+    merged = {}
+    for cls in reversed(config_class.__mro__):
+        field = getattr(cls, "__dataclass_fields__", {}).get(name)
+        if field is not None:
+            merged.update({k: v for k, v in field.metadata.items() if v is not None and v != ()})
+    return merged
 
 
-def add_hardware_args(parser, defaults):
-    g = parser.add_argument_group("hardware")
-    g.add_argument("--device", type=device, default=defaults.device, help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16"],
-                   help="weight dtype; float32 weights + bf16 autocast on CUDA is the standard mixed precision")
-    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute each block in backward to save memory (default: on for CUDA, off on CPU)")
-    g.add_argument("--cpu-offload", action="store_true",
-                   help="under torchrun: FSDP keeps the parameter shards, gradients and optimiser state in CPU memory "
-                        "(slower steps, room for a larger model; needs --device cuda)")
+def add_config_args(parser, config_class):
+    """One flag per setting of config_class, the subclass's own ones first, grouped under the
+    headings their fields name; returns {heading: argument group}."""
+    mro = config_class.__mro__
+    def declared_by(field):  # the base-most class that has the field
+        return max(mro.index(c) for c in mro if field.name in getattr(c, "__dataclass_fields__", {}))
+    groups, group = {}, parser
+    for field in sorted(dataclasses.fields(config_class), key=declared_by):
+        meta = about(config_class, field.name)
+        if "help" not in meta:
+            continue
+        if "group" in meta and meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        group = groups[meta["group"]] if "group" in meta else group
+        options = dict(default=None if field.default is dataclasses.MISSING else field.default, help=meta["help"])
+        if field.type in (bool, bool | None):  # --x / --no-x when None (= automatic) is a value
+            options["action"] = "store_true" if field.type is bool else argparse.BooleanOptionalAction
+        else:
+            options.update(type=meta.get("type"), choices=meta.get("choices"), nargs="+" if field.type is list else None)
+        group.add_argument("--" + field.name.replace("_", "-"), *meta.get("flags", ()), **options)
+    return groups
+
+
+def check_config(config):
+    """A config's own check (its __post_init__ calls it): every set field is what its flag would
+    accept, else a ValueError naming the flag, as argparse would. Library users and the command
+    line get the same refusals from the same rule."""
+    for field in dataclasses.fields(config):
+        meta, value = about(type(config), field.name), getattr(config, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if value is None or "help" not in meta:
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ValueError(f"{flag} must be one of {', '.join(meta['choices'])}, got {value!r}")
+        if meta.get("type"):
+            text = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+            try:
+                meta["type"](text)
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"{flag} {e}") from None
+
+
+def add_plan_args(parser):
+    """--plan and its options: the memory plan instead of a run (nanocausal/memory_plan.py)."""
+    g = parser.add_argument_group("memory plan")
     g.add_argument("--plan", action="store_true",
                    help="print the memory plan (bytes by component, from the shapes alone: --model may be a config.json) "
                         "and exit without training")
@@ -271,91 +262,29 @@ def add_hardware_args(parser, defaults):
                         "over them); the plan is per GPU")
     g.add_argument("--plan-prompt-tokens", type=positive_int, default=512,
                    help="with --plan: prompt length assumed for the KV cache and RL activations")
-    g = parser.add_argument_group("LoRA (nanocausal/lora: y = W x + (alpha / r) B A x, base frozen)")
-    g.add_argument("--lora-rank", type=non_negative_int, default=defaults.lora_rank,
-                   help="rank r of the adapters (0: full fine-tuning); with LoRA use about 10x the full-fine-tuning lr")
-    g.add_argument("--lora-alpha", type=non_negative_float, default=defaults.lora_alpha, help="the adapters' scale is alpha / r")
-    g.add_argument("--lora-dropout", type=below_one, default=defaults.lora_dropout, help="dropout on the adapters' input")
-    g.add_argument("--lora-targets", type=lambda text: tuple(t.strip() for t in text.split(",") if t.strip()),
-                   default=defaults.lora_targets, help="comma-separated linear layers of each block that get adapters")
-    return g
 
 
-def add_eval_args(parser, defaults):
-    g = parser.add_argument_group("evaluation (official CauGym scoring on held-out problems, through the sampler)")
-    g.add_argument("--eval-every", type=non_negative_int, default=defaults.eval_every,
-                   help="evaluate before the first step and every this many steps (0: never)")
-    g.add_argument("--eval-data", default=defaults.eval_data, help="CauGym/rl file to evaluate on; default: held-out generated problems")
-    g.add_argument("--eval-problems", type=positive_int, default=defaults.eval_problems, help="number of held-out problems")
-    g.add_argument("--eval-samples", type=positive_int, default=defaults.eval_samples, help="samples per problem (official: 5)")
-    g.add_argument("--eval-batch-size", type=positive_int, default=defaults.eval_batch_size, help="problems decoded at once (continuous batching: x eval-samples rows)")
-    g.add_argument("--eval-max-new-tokens", type=positive_int, default=defaults.eval_max_new_tokens,
-                   help="generation budget per sample")
-    g.add_argument("--eval-temperature", type=non_negative_float, default=defaults.eval_temperature,
-                   help="sampling temperature, 0 = greedy (official: 0.6)")
-    g.add_argument("--eval-top-p", type=top_p, default=defaults.eval_top_p, help="nucleus sampling threshold (official: 0.95)")
-    g.add_argument("--show-completions", type=non_negative_int, default=defaults.show_completions,
-                   help="evaluation completions printed each time")
-    return g
-
-
-def add_output_args(parser, defaults):
-    g = parser.add_argument_group("output")
-    g.add_argument("--out-dir", default=defaults.out_dir, help="writes checkpoint/ (a Hugging Face folder) and metrics.jsonl here")
-    g.add_argument("--save-every", type=positive_int, default=defaults.save_every,
-                   help="write a checkpoint every this many steps (and at the end, and on Ctrl-C)")
-    g.add_argument("--log-every", type=positive_int, default=defaults.log_every, help="print a progress line every this many steps")
-    g.add_argument("--report-to", type=report_backends, default=defaults.report_to,
-                   help="also send every metrics.jsonl row to wandb, trackio or tensorboard (comma-separated; "
-                        "offline when there is no network; see nanocausal/tracking.py)")
-    g.add_argument("--run-name", default=defaults.run_name, help="the run's name in the tracker (default: out-dir's folder name)")
-    g.add_argument("--project", default=defaults.project, help="the wandb / trackio project")
-    g.add_argument("--keep", type=positive_int, default=defaults.keep,
-                   help="checkpoints kept: out-dir/checkpoint and the keep - 1 before it (out-dir/checkpoint-STEP)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue exactly from out-dir/checkpoint (weights, optimiser, data position, RNG); "
-                        "from step 0 when there is none yet")
-    g.add_argument("--overwrite", action="store_true", help="start again in an out-dir that already holds a run (deletes it)")
-    g.add_argument("--allow-changed-args", action="store_true",
-                   help="resume even though settings that change the run (lr, batch sizes, model, ...) differ from the saved ones")
-    return g
-
-
-def add_offline_data_args(parser, defaults, data_help, batch_help):
-    """The data and batch flags of the offline trainers (SFT, DPO, KTO)."""
-    g = parser.add_argument_group("data")
-    g.add_argument("--data", default=None, help=data_help)
-    g.add_argument("--num-train", type=positive_int, default=defaults.num_train,
-                   help="number of problems to generate when --data is not given")
-    g.add_argument("--max-length", type=positive_int, default=defaults.max_length,
-                   help="context length; a longer example is an error naming its file and line")
-    g.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help=batch_help)
-    g.add_argument("--grad-accum", type=positive_int, default=defaults.grad_accum,
-                   help="micro-batches per optimiser step (effective batch = batch-size * grad-accum)")
-    g.add_argument("--micro-batch-tokens", type=non_negative_int, default=defaults.micro_batch_tokens,
-                   help="also cut a micro-batch before it passes this many padded tokens (0: no limit): memory "
-                        "follows tokens, not examples; the loss is the same")
-    return g
-
-
-def add_train_args(parser, defaults):
-    """Every group above, in --help order."""
-    add_model_args(parser, defaults)
-    add_optimisation_args(parser, defaults)
-    add_hardware_args(parser, defaults)
-    add_eval_args(parser, defaults)
-    add_output_args(parser, defaults)
+def train_main(doc, config_class, train):
+    """A train script's main: flags from config_class's settings (+ --plan), parsed once, then
+    train(config), or the memory plan with --plan."""
+    parser = parser_for(doc)
+    add_config_args(parser, config_class)
+    add_plan_args(parser)
+    args = parser.parse_args()
+    config = config_from_args(config_class, args)
+    if args.plan:
+        from nanocausal import memory_plan
+        return memory_plan.report(config, getattr(config, "algo", "sft"), args.json, args.plan_prompt_tokens,
+                                  args.gpu_memory_gib, args.plan_gpus)
+    return train(config)
 
 # -----------------------------------------------------------------------------
 # Flags -> config, and errors
 
 
-def config_from_args(config_class, args, **overrides):
-    """An instance of the dataclass config_class with every field read from the parsed flag of
-    the same name (fields without a flag keep their default), then `overrides`."""
-    names = {f.name for f in dataclasses.fields(config_class)}
-    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    return config_class(**{**values, **overrides})
+def config_from_args(config_class, args):
+    """config_class with every field read from the parsed flag of the same name."""
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
 
 
 def run_main(main):

@@ -22,12 +22,13 @@ import json
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 
 import torch
 from tqdm import tqdm
 
 from nanocausal import calm, caugym, checkpoint, cli, data, distributed, memory_plan, problems, rundir, tiny
+from nanocausal.cli import setting
 from nanocausal.pass_at_k import pass_and_majority
 from nanocausal.problem_text import solve
 from nanocausal.generate import generate_many
@@ -258,38 +259,42 @@ def rescore(path):
 
 @dataclass
 class EvalConfig:
-    model: str  # a Hugging Face folder, a hub id, "oracle" or "gold"
-    data: list  # --data entries (see load_dataset)
-    out: str = "runs/eval"
-    per_task: int | None = None
-    limit: int | None = None
-    tasks: tuple = caugym.TASKS  # of generated sets
-    nodes: int | None = None  # of generated sets
-    prompt_style: str = "basic"  # of CaLM tasks (calm.STYLES)
-    num_samples: int = caugym.OFFICIAL_SAMPLING["num_samples"]
-    temperature: float = caugym.OFFICIAL_SAMPLING["temperature"]
-    top_p: float = caugym.OFFICIAL_SAMPLING["top_p"]
-    top_k: int = 0
-    max_new_tokens: int = caugym.OFFICIAL_SAMPLING["max_new_tokens"]
-    batch_size: int = 16
-    seed: int = 0
-    dtype: str | None = None  # default: bfloat16 on GPU, float32 on CPU
-    device: str | None = None  # default: the best available
+    """eval.py's settings, each a flag of it (cli.setting)."""
+    model: str = setting(MISSING, "a Hugging Face folder, a hub id, 'oracle' (answers with the symbolic solver) or "
+                         "'gold' (answers every item with its gold answer: a check of prompts, files and scoring)",
+                         group="what to evaluate")
+    data: list = setting(MISSING, "CauGym-format .json/.jsonl files (e.g. ../shared/data/caugym/base.json), generated "
+                         "sets: gen:VARIANT:N (nanocausal.problems.generate), tiny:N or tiny-VARIANT:N (the tiny "
+                         "curriculum: tiny-omitted:100, ...), or CaLM task files or folders of them (e.g. "
+                         "../shared/data/calm_lite)")
+    per_task: int | None = setting(None, "keep only the first N problems of each task per data set",
+                                   type=cli.positive_int)
+    prompt_style: str = setting("basic", "CaLM prompt style of CaLM tasks (CaLM-Lite's: basic)", choices=calm.STYLES)
+    limit: int | None = setting(None, "keep only the first N problems of each data set", type=cli.positive_int)
+    tasks: tuple = setting(caugym.TASKS, "comma-separated tasks of the generated sets (gen:...)", type=cli.task_list)
+    nodes: int | None = setting(None, "graph size of the generated sets (default: the variant's)", type=cli.graph_size)
+    num_samples: int = setting(caugym.OFFICIAL_SAMPLING["num_samples"], "samples per problem (official: 5)",
+                               type=cli.positive_int, group="the protocol (official defaults)")
+    temperature: float = setting(caugym.OFFICIAL_SAMPLING["temperature"], "sampling temperature (official: 0.6; 0 = "
+                                 "greedy, one sample)", type=cli.non_negative_float)
+    top_p: float = setting(caugym.OFFICIAL_SAMPLING["top_p"], "nucleus sampling mass (official: 0.95)", type=cli.top_p)
+    top_k: int = setting(0, "keep only the k most likely tokens (0 = off, as official)", type=cli.non_negative_int)
+    max_new_tokens: int = setting(caugym.OFFICIAL_SAMPLING["max_new_tokens"], "longest reply in tokens (official: "
+                                  "8192; lower it on a CPU and say so)", type=cli.positive_int)
+    batch_size: int = setting(16, "problems decoded at once by continuous batching: batch-size * num-samples rows, a "
+                              "finished row taking the next waiting problem", type=cli.positive_int, group="running")
+    seed: int = setting(0, "sampling seed (and generation seed of gen:/tiny: sets)", type=cli.seed)
+    dtype: str | None = setting(None, "model weights dtype (default: bfloat16 on GPU, float32 on CPU)",
+                                choices=("float32", "bfloat16", "float16"))
+    device: str | None = setting(None, "cuda, cpu, mps (default: the best available)", type=cli.device)
+    out: str = setting("runs/eval", "folder for responses.jsonl and summary.json")
 
-    def __post_init__(self):  # a library user's config is checked as eval.py's flags are
+    def __post_init__(self):  # a library user's config is refused as eval.py's flags would be
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("--model must be a Hugging Face folder, a hub id, 'oracle' or 'gold'")
         if isinstance(self.data, str) or not self.data or not all(isinstance(d, str) for d in self.data):
             raise ValueError("--data must be a list of data set names (files, folders, gen:VARIANT:N, tiny:N)")
-        cli.check_numbers(self, {"temperature": cli.non_negative_float, "top_p": cli.top_p})
-        cli.check_seed(self.seed)
-        for name in ("num_samples", "max_new_tokens", "batch_size") + (("per_task",) if self.per_task is not None else ()) \
-                + (("limit",) if self.limit is not None else ()):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.device is not None and cli.device_name_problem(self.device):
-            raise ValueError(f"--device {cli.device_name_problem(self.device)}")
+        cli.check_config(self)
 
 
 def check_prompts_fit(tokenizer, context, datasets):

@@ -1,10 +1,5 @@
-"""The optimiser and its schedule, shared by every trainer (through nanocausal.training):
-
-    make_optimizer   AdamW, weight decay on matrices only; torch's for float32 trainables (fused on
-                     CUDA), ours (AdamW below) for bf16 weights
-    lr_factor        linear warmup, then cosine decay to a floor
-    optimizer_step   clip the gradient norm, step unless it is not finite, zero the gradients
-"""
+"""AdamW for bf16 weights (training.make_optimizer picks it when a trainable weight is not
+float32; float32 runs use torch's own)."""
 import math
 
 import torch
@@ -118,44 +113,3 @@ def split_float32(w, high, low):
     bits = w.view(torch.int32).add_(32768)
     low.copy_(bits.bitwise_and(65535).sub_(32768))
     high.view(torch.int16).copy_(bits.bitwise_right_shift_(16))
-
-
-def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), extra_groups=()):
-    """AdamW; weight decay on matrices only (not on norms, biases), as nanoGPT does. extra_groups
-    are more parameter groups with their own lr (PPO's value head). Each group remembers its peak
-    lr as "peak_lr", which the loop's schedule scales. Non-float32 weights get float32 moments
-    (AdamW above)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}, *extra_groups]
-    every = [p for group in groups for p in group["params"]]
-    if all(p.dtype == torch.float32 for p in every):
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=all(p.is_cuda for p in every) or None)
-    else:
-        optimizer = AdamW(groups, lr=lr, betas=betas)
-    for group in optimizer.param_groups:
-        group["peak_lr"] = group["lr"]
-    return optimizer
-
-
-def lr_factor(step, total_steps, warmup_steps=0, min_lr_ratio=0.1):
-    """The schedule as a fraction of the peak lr: linear warmup over warmup_steps, then a cosine
-    decay to min_lr_ratio at total_steps (min_lr_ratio = 1: constant after warmup)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def optimizer_step(optimizer, clip):
-    """Clip the gradient norm of every parameter the optimiser holds, take one AdamW step, zero the
-    gradients; returns the norm before clipping. A non-finite norm (a NaN or inf gradient
-    anywhere) skips the update: one bad batch must not poison every weight (the loop counts these
-    and stops after a few in a row)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    # (under FSDP the gradients are DTensor shards and the norm is the global one)
-    grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
-    if torch.isfinite(grad_norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm

@@ -32,90 +32,21 @@ prompts, each loss divided by the step's global token count; the scoring passes 
 every rank (which makes PPO's whitening global). The value head is its own FSDP unit.
 """
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from nanocausal import checkpoint, cli, distributed, lora, memory_plan, training
+from nanocausal import checkpoint, distributed, lora, memory_plan, training
+from nanocausal.config import RLConfig
 from nanocausal.logprobs import token_logprobs
 from nanocausal.grpo_losses import group_advantages, grpo_loss, overlong_penalty
 from nanocausal.losses import gae, ppo_loss, ppo_rewards, whiten
 from nanocausal.rewards import parse_rewards
 from nanocausal.rollout import Rollouts, assemble, prompt_stream, rollout, score
 from nanocausal.tokenizer import Tokenizer
-from nanocausal.training import TrainConfig, autocast
-
-
-@dataclass
-class RLConfig(TrainConfig):
-    algo: str = "grpo"
-    data: str | None = None  # prompts from a JSONL (prompt, answer) or CauGym file; None: generated
-    # rollouts
-    prompts_per_step: int = 32
-    group_size: int = 8  # completions per prompt (the GRPO group)
-    max_new_tokens: int = 1024
-    rollout_slots: int | None = None  # decode rows (continuous batching); None: every row of the step at once
-    temperature: float = 1.0  # the loss's log-probs use the same one
-    top_p: float = 1.0
-    top_k: int = 0
-    format_weight: float = 0.1
-    strict: bool = False  # score only the last answer of a response
-    rewards: str | None = None  # e.g. "correct,format": named rewards (rewards.REWARDS) instead of the default
-    reward_weights: str | None = None  # e.g. "1,0.1" (default: 1 each)
-    mask_truncated: bool = False  # completions cut at max_new_tokens carry no loss (TRL mask_truncated_completions)
-    overlong_buffer: int = 0  # DAPO's soft overlong penalty over the last this many tokens of the budget (0: off)
-    overlong_penalty: float = 1.0  # ... reaching -this at max_new_tokens
-    dynamic_sampling: bool = False  # DAPO: drop all-equal-reward groups, roll out more prompts to refill the step
-    max_sampling_rounds: int = 4  # ... at most this many rounds of prompts_per_step prompts per step
-    # update
-    ppo_epochs: int = 1  # passes over each rollout batch (1: strictly on-policy)
-    mini_batches: int = 1  # optimiser steps per pass
-    micro_batch_size: int = 8  # sequences per forward/backward
-    micro_batch_tokens: int = 0  # also at most this many (padded) tokens per forward/backward; 0: no limit
-    logits_chunk_size: int = 256  # completion tokens whose float32 logits exist at once
-    # GRPO
-    beta: float = 0.0  # k3 KL penalty to the reference (0: no reference model)
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    aggregation: str = "token_mean"  # token_mean (DAPO), sequence_mean (GRPO paper), constant (Dr. GRPO)
-    no_std_scaling: bool = False  # advantages r - mean (Dr. GRPO); the same as scale_rewards="none"
-    scale_rewards: str = "group"  # group (GRPO), batch (TRL scale_rewards="batch"), none (Dr. GRPO)
-    advantage_baseline: str = "mean"  # mean (GRPO) or rloo (leave-one-out)
-    importance_level: str = "token"  # token (GRPO) or sequence (GSPO)
-    objective: str = "clip"  # clip (PPO/GRPO) or cispo (clipped, detached importance weight on REINFORCE)
-    entropy_coef: float = 0.0  # entropy bonus
-    top_entropy_quantile: float = 1.0  # only this top fraction of tokens by entropy carries the policy loss
-    # PPO
-    kl_coef: float = 0.05
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    value_coef: float = 0.1
-    value_lr: float = 1e-4
-    gamma: float = 1.0
-    lam: float = 0.95
-    # RL's own defaults for the loop's settings
-    steps: int = 500
-    lr: float = 1e-6
-    warmup_steps: int = 10
-    min_lr_ratio: float = 1.0
-    eval_every: int = 50
-    eval_temperature: float = 0.0  # greedy: a low-variance learning curve
-    eval_top_p: float = 1.0
-    show_completions: int = 2
-    save_every: int = 50
-    out_dir: str = "out/grpo"
-
-    def __post_init__(self):  # a library user's config is checked as the flags are: one line naming the setting
-        super().__post_init__()
-        if self.algo not in ("grpo", "ppo"):
-            raise ValueError(f"--algo must be grpo or ppo, got {self.algo!r}")
-        nn, share = cli.non_negative_float, cli.probability
-        cli.check_train_config(self, {
-            "temperature": cli.positive_float, "top_p": cli.top_p, "format_weight": cli.finite_float, "beta": nn,
-            "eps_low": share, "eps_high": nn, "kl_coef": nn, "clip_range": nn, "clip_range_value": nn,
-            "value_coef": nn, "value_lr": nn, "gamma": share, "lam": share})
+from nanocausal.training import autocast
 
 
 # -----------------------------------------------------------------------------

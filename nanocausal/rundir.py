@@ -19,7 +19,7 @@ import shutil
 from dataclasses import asdict
 
 
-from nanocausal import checkpoint
+from nanocausal import checkpoint, cli
 
 LOCK_FILE = "nanocausal.lock"
 _held = {}  # real path of an out-dir -> the open lock file (this process holds the lock)
@@ -86,15 +86,10 @@ def set_aside_diverged(ckpt_dir, bad_step):
     return ckpt_dir if checkpoint.is_complete(ckpt_dir) else None
 
 
-# Settings a resumed run may change without changing what it computes (the rest must match).
-RESUMABLE_CHANGES = {"steps", "device", "cpu_offload", "report_to", "run_name", "project", "activation_checkpointing", "log_every", "save_every", "keep", "resume",
-                     "overwrite", "allow_changed_args", "show_completions", "precompute_ref", "micro_batch_size", "micro_batch_tokens",
-                     "logits_chunk_size", "eval_every", "eval_data", "eval_problems", "eval_samples", "eval_batch_size",
-                     "eval_max_new_tokens", "eval_temperature", "eval_top_p", "out_dir"}  # out_dir: a run may move
-# Settings naming files or folders: compared by content, so a moved or respelt path resumes.
-PATH_SETTINGS = ("model", "data", "ref_model")
-# Settings a resumed run can never change, not even with --allow-changed-args.
-FIXED_ON_RESUME = {"lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "algo"}
+def resume_rule(config, name):
+    """What a resumed run may do with setting `name`, as its field declares (cli.setting): None
+    (must match), "free", "content" (a path, compared by content) or "fixed"."""
+    return cli.about(type(config), name).get("resume")
 
 
 def check(config, ckpt_dir):
@@ -113,13 +108,10 @@ def check(config, ckpt_dir):
         config.resume = False
     elif config.resume:
         check_resume(config, ckpt_dir)
-    elif holds_run(config, ckpt_dir) and not config.overwrite:
+    elif (os.path.isdir(ckpt_dir) or os.path.isfile(os.path.join(config.out_dir, "metrics.jsonl"))) and \
+            not config.overwrite:
         raise ValueError(f"{config.out_dir} already holds a run (checkpoint/ or metrics.jsonl): pass --resume to "
                          f"continue it or --overwrite to start again")
-
-
-def holds_run(config, ckpt_dir):
-    return os.path.isdir(ckpt_dir) or os.path.isfile(os.path.join(config.out_dir, "metrics.jsonl"))
 
 
 def claim(config, ckpt_dir):
@@ -148,29 +140,29 @@ def check_resume(config, ckpt_dir):
         raise ValueError(f"{path}: not a trainer state nanocausal saved (expected a trainer_state dict)")
     saved = saved["trainer_state"]
     changed = changed_settings(saved.get("config", {}), config, saved.get("fingerprints", {}))
-    fixed = [k for k in changed if k in FIXED_ON_RESUME]
+    fixed = [k for k in changed if resume_rule(config, k) == "fixed"]
     if fixed:
         raise ValueError(f"--resume: the run in {config.out_dir} has " + ", ".join(
             f"{k} {changed[k][0]!r}, not {changed[k][1]!r}" for k in fixed) + ": LoRA settings and the algorithm "
             "cannot change on resume (the checkpoint's weights and optimiser are built for them); use another --out-dir")
     if changed and not config.allow_changed_args:
         raise ValueError(f"--resume with other settings than the run in {config.out_dir}: " + ", ".join(
-            f"{k} {saved!r} -> {now!r}" + (" (other content)" if k in PATH_SETTINGS else "")
+            f"{k} {saved!r} -> {now!r}" + (" (other content)" if resume_rule(config, k) == "content" else "")
             for k, (saved, now) in changed.items()) + " (pass --allow-changed-args "
             "to resume anyway)")
 
 
 def changed_settings(saved: dict, config, fingerprints=None):
     """The settings of `config` that differ from the saved run's and change what it computes. A
-    path setting (PATH_SETTINGS) is the same when it names the same content: a local path is
+    path setting (resume="content") is the same when it names the same content: a local path is
     compared by checkpoint.fingerprint with the one saved (or, for a checkpoint that saved none,
     by its resolved path, then by content while the old path exists); a hub id by its string."""
     current, fingerprints = asdict(config), fingerprints or {}
     changed = {}
     for k in current:
-        if k not in saved or k in RESUMABLE_CHANGES:
+        if k not in saved or resume_rule(config, k) == "free":
             continue
-        if k in PATH_SETTINGS:
+        if resume_rule(config, k) == "content":
             same = same_content(saved[k], current[k], fingerprints.get(k))
         else:
             same = _plain(saved[k]) == _plain(current[k])
@@ -195,8 +187,8 @@ def path_fingerprints(config):
     """{setting: checkpoint.fingerprint} of the path settings naming local files or folders, saved
     with every checkpoint (hashed once per run start: about a second per GB)."""
     current = asdict(config)
-    return {k: checkpoint.fingerprint(current[k]) for k in PATH_SETTINGS
-            if current.get(k) and os.path.exists(os.path.expanduser(current[k]))}
+    return {k: checkpoint.fingerprint(current[k]) for k in current
+            if resume_rule(config, k) == "content" and current[k] and os.path.exists(os.path.expanduser(current[k]))}
 
 
 def _plain(value):

@@ -1,6 +1,6 @@
 """The one training loop, used by SFT, DPO, KTO, PPO and GRPO alike.
 
-Each trainer (sft.py, preference.py, rl.py) builds its model, optimiser and data, then hands this
+Each trainer (offline.py, rl.py) builds its model, optimiser and data, then hands this
 loop a *step function*: step_fn(step) -> metrics runs the forward/backward passes of one step and
 calls `optimizer_step` (once for SFT/DPO/KTO, once per mini-batch for PPO/GRPO). The loop owns
 everything else, the same way for all five:
@@ -38,68 +38,9 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from nanocausal import caugym, checkpoint, data, distributed, evaluation, lora, pass_at_k, rundir, tracking
-from nanocausal.optimizer import AdamW, lr_factor, make_optimizer, optimizer_step  # noqa: F401 (the trainers' training.X)
-
-
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass
-class TrainConfig:
-    """What the loop reads, shared by every trainer's config (each adds its own fields)."""
-    model: str = "Qwen/Qwen2.5-0.5B-Instruct"  # hub id or local folder to start from
-    out_dir: str = "out/run"  # checkpoint/ and metrics.jsonl go here
-    # optimisation
-    steps: int = 1000
-    lr: float = 1e-5  # peak learning rate
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1  # the cosine decays to this fraction of the peak
-    weight_decay: float = 0.0
-    clip: float = 1.0  # gradient-norm clipping (0: none)
-    seed: int = 0
-    # hardware
-    device: str = default_device()
-    dtype: str = "float32"  # weights; float32 + bf16 autocast on CUDA is the standard mixed precision
-    activation_checkpointing: bool | None = None  # None: on for CUDA (memory is what runs out there), off on CPU
-    cpu_offload: bool = False  # under torchrun: FSDP keeps the parameter shards and the optimiser on the CPU
-    # LoRA (nanocausal/lora): rank 0 is full fine-tuning
-    lora_rank: int = 0
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple = lora.TARGETS
-    # generated problems (training data, RL prompts and held-out evaluation problems)
-    tasks: tuple = caugym.TASKS
-    variant: str = "base"  # RL accepts a comma-separated mix
-    nodes: str | None = None  # graph sizes: N or LO-HI (default: the generator's)
-    # periodic evaluation
-    eval_every: int = 200  # 0: never
-    eval_data: str | None = None  # a CauGym / rl file; default: held-out generated problems
-    eval_problems: int = 64
-    eval_samples: int = 1
-    eval_batch_size: int = 32
-    eval_max_new_tokens: int = 1024
-    eval_temperature: float = 0.6
-    eval_top_p: float = 0.95
-    show_completions: int = 0  # evaluation completions printed each time
-    # output
-    log_every: int = 10
-    report_to: str = "none"  # also send the metrics to wandb, trackio or tensorboard (comma-separated)
-    run_name: str | None = None  # the run's name there (default: out_dir's folder name)
-    project: str = "nanocausal"  # wandb / trackio project
-    save_every: int = 500
-    keep: int = 1  # checkpoints kept: out_dir/checkpoint and the keep - 1 before it (checkpoint-STEP)
-    resume: bool = False  # continue from out_dir/checkpoint (from step 0 when there is none yet)
-    overwrite: bool = False  # start again in an out_dir that already holds a run
-    allow_changed_args: bool = False  # resume with settings that change the run's meaning
-
-    def __post_init__(self):  # settings that contradict each other: refused before anything loads
-        if self.activation_checkpointing is None:
-            self.activation_checkpointing = str(self.device).startswith("cuda")
-        if self.lora_rank <= 0 and (self.lora_alpha, self.lora_dropout, tuple(self.lora_targets)) != \
-                (TrainConfig.lora_alpha, TrainConfig.lora_dropout, TrainConfig.lora_targets):
-            raise ValueError("--lora-alpha, --lora-dropout and --lora-targets need --lora-rank > 0")
+from nanocausal import checkpoint, data, distributed, evaluation, lora, pass_at_k, rundir, tracking
+from nanocausal.config import TrainConfig
+from nanocausal.optimizer import AdamW
 
 
 MAX_BAD_STEPS = 3  # non-finite steps in a row before the loop gives up
@@ -117,6 +58,47 @@ class TrainResult:
 
 # -----------------------------------------------------------------------------
 # Precision (the optimiser and the schedule: nanocausal/optimizer.py)
+
+
+def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), extra_groups=()):
+    """AdamW; weight decay on matrices only (not on norms, biases), as nanoGPT does. extra_groups
+    are more parameter groups with their own lr (PPO's value head). Each group remembers its peak
+    lr as "peak_lr", which the loop's schedule scales. Non-float32 weights get float32 moments
+    (AdamW above)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}, *extra_groups]
+    every = [p for group in groups for p in group["params"]]
+    if all(p.dtype == torch.float32 for p in every):
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=all(p.is_cuda for p in every) or None)
+    else:
+        optimizer = AdamW(groups, lr=lr, betas=betas)
+    for group in optimizer.param_groups:
+        group["peak_lr"] = group["lr"]
+    return optimizer
+
+
+def lr_factor(step, total_steps, warmup_steps=0, min_lr_ratio=0.1):
+    """The schedule as a fraction of the peak lr: linear warmup over warmup_steps, then a cosine
+    decay to min_lr_ratio at total_steps (min_lr_ratio = 1: constant after warmup)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def optimizer_step(optimizer, clip):
+    """Clip the gradient norm of every parameter the optimiser holds, take one AdamW step, zero the
+    gradients; returns the norm before clipping. A non-finite norm (a NaN or inf gradient
+    anywhere) skips the update: one bad batch must not poison every weight (the loop counts these
+    and stops after a few in a row)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # (under FSDP the gradients are DTensor shards and the norm is the global one)
+    grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def autocast(device):

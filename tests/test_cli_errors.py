@@ -11,9 +11,8 @@ import pytest
 from conftest import ROOT, run_script, write_jsonl
 
 from nanocausal import cli, data, memory_plan
-from nanocausal.preference import PreferenceConfig
+from nanocausal.offline import PreferenceConfig, SFTConfig
 from nanocausal.rl import RLConfig
-from nanocausal.sft import SFTConfig
 
 
 def refused(out, *named):

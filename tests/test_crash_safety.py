@@ -19,7 +19,7 @@ import torch
 from conftest import ROOT, run_script, tiny_examples, write_jsonl
 from nanocausal import checkpoint, rundir
 from nanocausal.checkpoint import load_model
-from nanocausal.sft import SFTConfig, train_sft
+from nanocausal.offline import SFTConfig, train_offline
 
 SAVE_POINTS = ("weights", "trainer_state", "manifest", "moved_old", "moved_new", "removed_old")
 
@@ -186,14 +186,14 @@ def test_a_resumed_run_takes_a_new_lr_and_divergence_leaves_the_last_good_checkp
 def test_an_out_dir_holding_a_run_needs_resume_or_overwrite(tiny_chat_model, sft_data, tmp_path):
     config = dict(model=str(tiny_chat_model), data=str(sft_data), out_dir=str(tmp_path), device="cpu", steps=2,
                   batch_size=2, eval_every=0)
-    train_sft(SFTConfig(**config))
+    train_offline(SFTConfig(**config))
     with pytest.raises(ValueError, match="already holds a run .* --resume .* --overwrite"):
-        train_sft(SFTConfig(**config))
+        train_offline(SFTConfig(**config))
     with pytest.raises(ValueError, match=r"other settings than the run .*lr 1e-05 -> 0\.001, batch_size 2 -> 4"):
-        train_sft(SFTConfig(**{**config, "lr": 1e-3, "batch_size": 4, "steps": 3, "resume": True}))
-    resumed = train_sft(SFTConfig(**{**config, "steps": 3, "resume": True}))  # more steps: the same run, longer
+        train_offline(SFTConfig(**{**config, "lr": 1e-3, "batch_size": 4, "steps": 3, "resume": True}))
+    resumed = train_offline(SFTConfig(**{**config, "steps": 3, "resume": True}))  # more steps: the same run, longer
     assert resumed.steps == 3
-    assert train_sft(SFTConfig(**{**config, "overwrite": True})).steps == 2
+    assert train_offline(SFTConfig(**{**config, "overwrite": True})).steps == 2
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
@@ -209,22 +209,22 @@ def test_a_moved_or_respelt_run_resumes_and_a_model_with_other_content_is_refuse
     path holding other weights is refused naming `model`, out_dir never matters."""
     shutil.copytree(tiny_chat_model, tmp_path / "a" / "model")
     shutil.copy(sft_data, tmp_path / "a" / "sft.jsonl")
-    train_sft(sft_config(tmp_path / "a" / "model", tmp_path / "a" / "sft.jsonl", tmp_path / "a" / "run"))
+    train_offline(sft_config(tmp_path / "a" / "model", tmp_path / "a" / "sft.jsonl", tmp_path / "a" / "run"))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "a")  # moved, not copied: the saved paths name nothing now
-    moved = train_sft(sft_config(tmp_path / "b" / "model", tmp_path / "b" / "sft.jsonl", tmp_path / "b" / "run",
+    moved = train_offline(sft_config(tmp_path / "b" / "model", tmp_path / "b" / "sft.jsonl", tmp_path / "b" / "run",
                                  steps=3, resume=True))
     assert moved.steps == 3
     monkeypatch.chdir(tmp_path / "b")
-    assert train_sft(sft_config("./model", "sft.jsonl", "./run", steps=4, resume=True)).steps == 4
-    assert train_sft(sft_config("model", "./sft.jsonl", "run", steps=5, resume=True)).steps == 5
+    assert train_offline(sft_config("./model", "sft.jsonl", "./run", steps=4, resume=True)).steps == 4
+    assert train_offline(sft_config("model", "./sft.jsonl", "run", steps=5, resume=True)).steps == 5
     assert [row["step"] for row in rows_of(tmp_path / "b" / "run")] == [1, 2, 3, 4, 5]
     model = load_model(tmp_path / "b" / "model")
     with torch.no_grad():
         model.embed_tokens.weight.add_(0.01)
     checkpoint.save_model(model, tmp_path / "b" / "model")
     with pytest.raises(ValueError, match=r"other settings than the run in run: model 'model' -> 'model' \(other content\)"):
-        train_sft(sft_config("model", "sft.jsonl", "run", steps=6, resume=True))
+        train_offline(sft_config("model", "sft.jsonl", "run", steps=6, resume=True))
 
 
 def test_a_second_process_on_the_same_out_dir_is_refused_naming_the_first(tiny_chat_model, sft_data, tmp_path):
@@ -258,7 +258,7 @@ def test_a_second_process_on_the_same_out_dir_is_refused_naming_the_first(tiny_c
 @pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoint"])
 def test_symlinks_in_an_out_dir_are_refused(tiny_chat_model, sft_data, tmp_path, name):
     """Resuming would write through a symlinked metrics.jsonl (or checkpoint/) into its target."""
-    train_sft(sft_config(tiny_chat_model, sft_data, tmp_path / "run"))
+    train_offline(sft_config(tiny_chat_model, sft_data, tmp_path / "run"))
     os.rename(tmp_path / "run" / name, tmp_path / "elsewhere")
     os.symlink(tmp_path / "elsewhere", tmp_path / "run" / name)
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
@@ -273,27 +273,27 @@ def test_nothing_is_created_or_cleared_before_the_run_can_start(tiny_chat_model,
     """--overwrite clears the earlier run only once model, data and settings are known good; a run
     with a wrong --model creates no out-dir."""
     with pytest.raises(ValueError, match="neither a checkpoint folder nor a hub id"):
-        train_sft(sft_config(tmp_path / "no-such-model", sft_data, tmp_path / "new"))
+        train_offline(sft_config(tmp_path / "no-such-model", sft_data, tmp_path / "new"))
     assert not os.path.exists(tmp_path / "new")
-    train_sft(sft_config(tiny_chat_model, sft_data, tmp_path / "run"))
+    train_offline(sft_config(tiny_chat_model, sft_data, tmp_path / "run"))
     before = (tmp_path / "run" / "metrics.jsonl").read_text(), checkpoint.saved_step(tmp_path / "run" / "checkpoint")
     with pytest.raises(ValueError, match="neither a checkpoint folder nor a hub id"):
-        train_sft(sft_config(tmp_path / "no-such-model", sft_data, tmp_path / "run", overwrite=True))
+        train_offline(sft_config(tmp_path / "no-such-model", sft_data, tmp_path / "run", overwrite=True))
     bad_data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}])
     with pytest.raises(ValueError, match="bad.jsonl:1: missing field 'completion'"):
-        train_sft(sft_config(tiny_chat_model, bad_data, tmp_path / "run", overwrite=True))
+        train_offline(sft_config(tiny_chat_model, bad_data, tmp_path / "run", overwrite=True))
     assert ((tmp_path / "run" / "metrics.jsonl").read_text(), checkpoint.saved_step(tmp_path / "run" / "checkpoint")) \
         == before
 
 
 def test_lora_settings_cannot_change_on_resume(tiny_chat_model, sft_data, tmp_path):
-    train_sft(sft_config(tiny_chat_model, sft_data, tmp_path / "full"))
-    train_sft(sft_config(tiny_chat_model, sft_data, tmp_path / "lora", lora_rank=4))
+    train_offline(sft_config(tiny_chat_model, sft_data, tmp_path / "full"))
+    train_offline(sft_config(tiny_chat_model, sft_data, tmp_path / "lora", lora_rank=4))
     for out_dir, rank, saved in (("full", 4, 0), ("lora", 0, 4), ("lora", 8, 4)):
         for allow in (False, True):
             with pytest.raises(ValueError, match=rf"^--resume: the run in .*{out_dir} has lora_rank {saved}, not {rank}: "
                                                  r"LoRA settings and the algorithm cannot change on resume"):
-                train_sft(sft_config(tiny_chat_model, sft_data, tmp_path / out_dir, steps=3, resume=True,
+                train_offline(sft_config(tiny_chat_model, sft_data, tmp_path / out_dir, steps=3, resume=True,
                                      lora_rank=rank, allow_changed_args=allow))
     out = run_script("train_sft.py", *sft_args(tiny_chat_model, sft_data, tmp_path / "full", steps=3), "--resume",
                      "--lora-rank", 4, check=False)

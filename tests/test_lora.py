@@ -13,10 +13,9 @@ import torch
 from conftest import ROOT, make_hf_checkpoint, run_module, run_script, tiny_examples, write_jsonl
 from nanocausal import checkpoint, lora
 from nanocausal.checkpoint import load_model
-from nanocausal.preference import PreferenceConfig, train_preference
+from nanocausal.offline import PreferenceConfig, SFTConfig, train_offline
 from nanocausal.rl import RLConfig, train_rl
 from nanocausal.generate import generate_many
-from nanocausal.sft import SFTConfig, train_sft
 from nanocausal.tokenizer import Tokenizer
 from rl_worker import on_token_ids
 
@@ -29,7 +28,7 @@ def sft_adapter(tiny_chat_model, tmp_path_factory):
     """A rank-4 adapter trained by SFT for a few steps, so that B is not zero."""
     out = tmp_path_factory.mktemp("lora-sft")
     data = write_jsonl(out / "sft.jsonl", tiny_examples(8))
-    result = train_sft(SFTConfig(model=str(tiny_chat_model), data=str(data), out_dir=str(out / "run"), device="cpu",
+    result = train_offline(SFTConfig(model=str(tiny_chat_model), data=str(data), out_dir=str(out / "run"), device="cpu",
                                  steps=4, batch_size=4, lr=1e-2, warmup_steps=0, eval_every=0, lora_rank=4,
                                  lora_alpha=8))
     return out / "run" / "checkpoint", result
@@ -85,7 +84,7 @@ def trained_adapter(request, tiny_chat_model, sft_adapter, tmp_path_factory):
         good, wrong = tiny_examples(4), tiny_examples(4, seed=100)
         data = write_jsonl(out / "dpo.jsonl", [{"prompt": g["prompt"], "chosen": g["completion"],
                                                 "rejected": w["completion"]} for g, w in zip(good, wrong)])
-        train_preference(PreferenceConfig(algo="dpo", data=str(data), batch_size=4, **common))
+        train_offline(PreferenceConfig(algo="dpo", data=str(data), batch_size=4, **common))
     else:
         tokenizer = Tokenizer.from_pretrained(tiny_chat_model)
         prompts = [{"prompt_ids": tokenizer.encode(e["prompt"])} for e in tiny_examples(4)]
@@ -178,7 +177,7 @@ def test_dpo_with_lora_lowers_the_loss_against_the_adapters_off_reference(tiny_c
     good, wrong = tiny_examples(8), tiny_examples(8, seed=100)
     pairs = [{"prompt": g["prompt"], "chosen": g["completion"], "rejected": w["completion"]} for g, w in zip(good, wrong)]
     data = write_jsonl(tmp_path / "dpo.jsonl", pairs)
-    result = train_preference(PreferenceConfig(algo="dpo", model=str(tiny_chat_model), data=str(data),
+    result = train_offline(PreferenceConfig(algo="dpo", model=str(tiny_chat_model), data=str(data),
                                                out_dir=str(tmp_path / "out"), device="cpu", steps=40, batch_size=8,
                                                lr=1e-2, warmup_steps=0, eval_every=0, lora_rank=8))
     losses = [row["loss"] for row in result.history]

@@ -229,7 +229,7 @@ def test_offline_micro_batches_by_tokens_give_the_same_gradient(tiny):
     """SFT: micro-batches cut at a token budget hold at most that many padded tokens, and the step's
     loss and gradient equal those of one micro-batch of every example."""
     from nanocausal import data
-    from nanocausal.sft import sft_backward
+    from nanocausal.offline import sft_backward
     model = load_model(tiny).train()
     g = torch.Generator().manual_seed(0)
     rows = []

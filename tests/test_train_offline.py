@@ -1,4 +1,4 @@
-"""SFT, DPO and KTO (nanocausal.sft, nanocausal.preference) on a tiny chat model: the real step
+"""SFT, DPO and KTO (nanocausal.offline) on a tiny chat model: the real step
 functions and the real loop, called with configs as pipeline.py calls them; and the scripts
 train_sft.py / train_pref.py run as a user runs them."""
 import json
@@ -11,10 +11,11 @@ import torch
 from conftest import help_of_every_flag, make_tiny_chat_model, run_script, tiny_examples, write_jsonl
 from nanocausal import data, training
 from nanocausal.checkpoint import load_model
+from nanocausal.model import Transformer
 from nanocausal.logprobs import sequence_logprobs, token_logprobs
 from nanocausal.losses import dpo_loss, kto_loss, sft_loss
-from nanocausal.preference import PreferenceConfig, Reference, dpo_backward, kto_backward, train_preference
-from nanocausal.sft import SFTConfig, sft_backward, train_sft
+from nanocausal.offline import (PreferenceConfig, Reference, SFTConfig, dpo_backward, kto_backward, sft_backward,
+                                train_offline)
 from nanocausal.tokenizer import Tokenizer
 
 
@@ -41,10 +42,7 @@ def run(model, data_file, out_dir, algo="sft", **fields):
     """Train through the library, as pipeline.py does; returns the rows of metrics.jsonl."""
     common = dict(model=str(model), data=str(data_file), out_dir=str(out_dir), device="cpu", eval_every=0,
                   log_every=1000, **fields)
-    if algo == "sft":
-        train_sft(SFTConfig(**common))
-    else:
-        train_preference(PreferenceConfig(algo=algo, **common))
+    train_offline(SFTConfig(**common) if algo == "sft" else PreferenceConfig(algo=algo, **common))
     return [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
 
 
@@ -102,6 +100,55 @@ def test_gradient_accumulation_invariance(tiny_chat_model, tmp_path, kind):
     for key in metrics_one:  # summed log-probs are ~ -100: compare relative to their size
         assert torch.allclose(torch.as_tensor(metrics_one[key]).float(), torch.as_tensor(metrics_acc[key]).float(),
                               rtol=1e-5, atol=1e-5), key
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "kto"])
+def test_right_padded_batches_need_no_attention_mask(tiny_chat_model, tmp_path, monkeypatch, kind):
+    # Issue #28: the offline steps call the model with attention_mask=None (plain causal attention,
+    # flash's fast path), and on a right-padded batch their loss is exactly the one with the mask:
+    # a real token never attends to the padding after it. (Bitwise on CPU, gradients too: the pipeline's
+    # table is unchanged.)
+    records = {"sft": tiny_examples(8), "dpo": dpo_records(8), "kto": kto_records(8)}[kind]
+    path = write_jsonl(tmp_path / f"{kind}.jsonl", records)
+    tokenizer = Tokenizer.from_pretrained(tiny_chat_model)
+    rows = data.tokenize(data.load_examples(path, kind), tokenizer, kind, progress=False)
+    model, reference = load_model(tiny_chat_model), load_model(tiny_chat_model)
+    with torch.no_grad():  # policy != reference, so the DPO/KTO log-ratios are not all zero
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    config = PreferenceConfig(algo=kind if kind != "sft" else "dpo", device="cpu", beta=0.5)
+    batches = data.micro_batches(rows, list(range(8)), data.COLLATE[kind], tokenizer.pad_token_id, 8, "cpu")
+    assert (batches[0]["attention_mask"] == 0).any()  # padded, on the right
+    assert torch.equal(batches[0]["attention_mask"].sort(-1, descending=True)[0], batches[0]["attention_mask"])
+
+    def step_loss():  # the step's loss and gradients
+        model.zero_grad()
+        if kind == "sft":
+            loss = sft_backward(model, batches, "cpu")["loss"]
+        else:
+            loss = (dpo_backward if kind == "dpo" else kto_backward)(model, Reference(reference, "cpu"), batches, config)["loss"]
+        return loss, [p.grad.clone() for p in model.parameters()]
+
+    hidden_states, masks_seen = Transformer.hidden_states, []
+
+    def spy(self, input_ids, attention_mask=None, *args, **kwargs):
+        masks_seen.append(attention_mask)
+        return hidden_states(self, input_ids, attention_mask, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "hidden_states", spy)
+    without_mask, grads_without = step_loss()
+    assert masks_seen and all(mask is None for mask in masks_seen)
+
+    def with_padding_mask(self, input_ids, attention_mask=None, *args, **kwargs):
+        # the batch's own mask for these ids (the policy's rows or KTO's KL pairs)
+        mask = next(b[k.replace("input_ids", "attention_mask")] for b in batches for k in b
+                    if k.endswith("input_ids") and b[k].shape == input_ids.shape and torch.equal(b[k], input_ids))
+        return hidden_states(self, input_ids, mask, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "hidden_states", with_padding_mask)
+    with_mask, grads_with = step_loss()
+    assert torch.equal(with_mask, without_mask)
+    assert all(torch.equal(a, b) for a, b in zip(grads_with, grads_without))
 
 
 # -----------------------------------------------------------------------------

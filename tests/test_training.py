@@ -1,11 +1,18 @@
-"""Shared training pieces: chunked log-probs against a full-logits reference, the schedule, checkpoints."""
+"""Shared training pieces: chunked log-probs against a full-logits reference, the schedule, checkpoints,
+the settings (config fields that are their flags)."""
+import argparse
+import dataclasses
 import os
 
 import pytest
 import torch
 
 from conftest import make_hf_checkpoint
+from nanocausal import cli
 from nanocausal.checkpoint import load_model, load_trainer_state, save_checkpoint
+from nanocausal.config import PreferenceConfig, RLConfig, SFTConfig, TrainConfig
+from nanocausal.evaluation import EvalConfig
+from nanocausal.offline import train_offline
 from nanocausal.logprobs import token_logprobs
 from nanocausal.training import lr_factor, make_optimizer
 
@@ -185,11 +192,10 @@ def test_the_tiny_model_learns_as_much_in_bf16_as_in_float32(tmp_path, monkeypat
     half as far."""
     from conftest import ROOT, tiny_examples, write_jsonl
     from nanocausal import optimizer
-    from nanocausal.sft import SFTConfig, train_sft
     data = write_jsonl(tmp_path / "sft.jsonl", tiny_examples(64))
 
     def loss_fall(dtype, name):
-        result = train_sft(SFTConfig(model=str(ROOT / "data" / "tiny-base"), data=str(data), out_dir=str(tmp_path / name),
+        result = train_offline(SFTConfig(model=str(ROOT / "data" / "tiny-base"), data=str(data), out_dir=str(tmp_path / name),
                                      device="cpu", dtype=dtype, steps=20, batch_size=8, lr=1e-5, warmup_steps=0,
                                      min_lr_ratio=1.0, save_every=100, eval_every=0))
         losses = [row["loss"] for row in result.history]
@@ -198,3 +204,48 @@ def test_the_tiny_model_learns_as_much_in_bf16_as_in_float32(tmp_path, monkeypat
     assert float32 > 1.0 and abs(bfloat16 - float32) < 0.1 * float32
     monkeypatch.setattr(optimizer, "split_float32", lambda w, high, low: (high.copy_(w), low.zero_()))
     assert loss_fall("bfloat16", "plain") < 0.5 * float32
+
+
+# -----------------------------------------------------------------------------
+# Settings: each config field is its flag (nanocausal/config.py, cli.setting)
+
+
+@pytest.mark.parametrize("config_class", [SFTConfig, PreferenceConfig, RLConfig, EvalConfig])
+def test_every_setting_is_one_flag_with_the_fields_help_type_and_default(config_class):
+    parser = cli.parser_for("")
+    cli.add_config_args(parser, config_class)
+    actions = {action.dest: action for action in parser._actions}
+    for field in dataclasses.fields(config_class):
+        about, action = cli.about(config_class, field.name), actions[field.name]
+        assert action.help == about["help"] and len(about["help"]) > 10, field.name  # one text, not two
+        assert action.type is about.get("type") and action.option_strings[0] == "--" + field.name.replace("_", "-")
+        assert action.default == (None if field.default is dataclasses.MISSING else field.default), field.name
+    if config_class is not EvalConfig:  # (eval needs --model and --data)
+        assert cli.config_from_args(config_class, parser.parse_args([])) == config_class()
+    # A subclass that changes only a default keeps its base's help: RL's --steps is still explained.
+    assert cli.about(RLConfig, "steps")["help"] == cli.about(TrainConfig, "steps")["help"]
+
+
+def test_a_config_refuses_what_its_flag_refuses_with_the_flags_message():
+    for config_class, name, value in [(RLConfig, "top_entropy_quantile", 0.0), (RLConfig, "group_size", 0),
+                                      (SFTConfig, "tasks", ("ATE", "XYZ")), (PreferenceConfig, "algo", "ipo"),
+                                      (RLConfig, "lr", True), (SFTConfig, "batch_size", 2.5)]:
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(ValueError, match=f"^{flag} "):
+            config_class(device="cpu", **{name: value})
+        parse = cli.about(config_class, name).get("type")
+        if parse is not None:  # the flag refuses the same text
+            with pytest.raises(argparse.ArgumentTypeError):
+                parse(",".join(value) if isinstance(value, tuple) else str(value))
+
+
+def test_what_a_resumed_run_may_change_is_read_from_the_fields():
+    rules = {}
+    for config_class in (SFTConfig, PreferenceConfig, RLConfig):
+        for field in dataclasses.fields(config_class):
+            rules.setdefault(cli.about(config_class, field.name).get("resume"), set()).add(field.name)
+    assert rules["content"] == {"model", "data", "ref_model"}
+    assert rules["fixed"] == {"algo", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"}
+    assert {"steps", "device", "out_dir", "eval_every", "micro_batch_size", "precompute_ref", "resume"} <= rules["free"]
+    assert {"lr", "seed", "batch_size", "grad_accum", "beta", "group_size", "dtype"} <= rules[None]
+    assert not rules["free"] & rules[None]  # (micro_batch_tokens is free in SFT's config and RL's alike)
