@@ -31,5 +31,12 @@ description).
 from nanocausal import cli
 from nanocausal.offline import PreferenceConfig, train_offline
 
+
+def main():
+    config = cli.config_from_flags(__doc__, PreferenceConfig)  # None when --plan printed the memory plan instead
+    if config is not None:
+        train_offline(config)
+
+
 if __name__ == "__main__":
-    cli.run_main(lambda: cli.train_main(__doc__, PreferenceConfig, train_offline))
+    cli.run_main(main)

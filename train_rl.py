@@ -52,5 +52,12 @@ policy's trunk and starts at zero).
 from nanocausal import cli
 from nanocausal.rl import RLConfig, train_rl
 
+
+def main():
+    config = cli.config_from_flags(__doc__, RLConfig)  # None when --plan printed the memory plan instead
+    if config is not None:
+        train_rl(config)
+
+
 if __name__ == "__main__":
-    cli.run_main(lambda: cli.train_main(__doc__, RLConfig, train_rl))
+    cli.run_main(main)

@@ -29,5 +29,12 @@ Not implemented: packing several examples into one row.
 from nanocausal import cli
 from nanocausal.offline import SFTConfig, train_offline
 
+
+def main():
+    config = cli.config_from_flags(__doc__, SFTConfig)  # None when --plan printed the memory plan instead
+    if config is not None:
+        train_offline(config)
+
+
 if __name__ == "__main__":
-    cli.run_main(lambda: cli.train_main(__doc__, SFTConfig, train_offline))
+    cli.run_main(main)

@@ -4,8 +4,8 @@ and its flag described once), flags -> a config dataclass, and one-line errors.
 Every setting of a run is a field of its config dataclass declared with setting(default, help,
 type, ...): add_config_args turns the fields into flags (--grad-accum for grad_accum; type,
 default, help and --help group from the field), config_from_args reads them back, and the
-config's __post_init__ refuses, with check_config, what the flag would refuse. A train script is
-then cli.train_main(__doc__, ItsConfig, its_trainer).
+config's __post_init__ refuses, with check_config, what the flag would refuse. A train script
+reads its config with config_from_flags(__doc__, ItsConfig) and hands it to its trainer.
 """
 import argparse
 import dataclasses
@@ -264,19 +264,19 @@ def add_plan_args(parser):
                    help="with --plan: prompt length assumed for the KV cache and RL activations")
 
 
-def train_main(doc, config_class, train):
-    """A train script's main: flags from config_class's settings (+ --plan), parsed once, then
-    train(config), or the memory plan with --plan."""
+def config_from_flags(doc, config_class):
+    """A train script's flags: config_class's settings (+ --plan), parsed once, as a config; with
+    --plan the memory plan is printed instead and None returned."""
     parser = parser_for(doc)
     add_config_args(parser, config_class)
     add_plan_args(parser)
     args = parser.parse_args()
     config = config_from_args(config_class, args)
-    if args.plan:
-        from nanocausal import memory_plan
-        return memory_plan.report(config, getattr(config, "algo", "sft"), args.json, args.plan_prompt_tokens,
-                                  args.gpu_memory_gib, args.plan_gpus)
-    return train(config)
+    if not args.plan:
+        return config
+    from nanocausal import memory_plan
+    memory_plan.report(config, getattr(config, "algo", "sft"), args.json, args.plan_prompt_tokens, args.gpu_memory_gib,
+                       args.plan_gpus)
 
 # -----------------------------------------------------------------------------
 # Flags -> config, and errors
