@@ -18,14 +18,9 @@ One example is a dict with TRL's field names; which fields a trainer needs is it
   - nanocausal.problems itself, generating problems on the fly from a seed (`generated_examples`).
 
 Tokenising (`tokenize`) renders the prompt with the model's own chat template and appends the
-completion and its end-of-turn token (Tokenizer.encode_chat_completion): a row is (ids,
-completion_mask) with the mask 1 exactly on the tokens the loss trains. An example longer than the
+completion and its end-of-turn token (Tokenizer.encode_chat_completion). An example longer than the
 context is an error naming its file and line, never silently truncated: a cut-off completion would
 teach the model to stop mid-answer or not at all.
-
-Batches (`Batches`) walk a fresh permutation of the dataset each epoch. The order depends only on
-(seed, epoch), not on any global RNG, so a checkpoint that records (epoch, index) resumes on the
-exact next batch.
 """
 
 import json
@@ -93,12 +88,6 @@ def _read_located(path):
         return located
 
 
-def _caugym_variant(path):
-    """CauGym test files are named after their variant (base.json, insufficient.json, ...)."""
-    stem = os.path.splitext(os.path.basename(str(path)))[0]
-    return stem if stem in caugym.VARIANTS else "base"
-
-
 def normalise(record, kind, variant="base"):
     """One raw record -> an example of `kind` (see the module docstring), or a ValueError naming
     its file and line. CauGym records (problem, answer, Type) get the official prompt."""
@@ -164,9 +153,8 @@ def completion_text(completion, where="completion", field="completion"):
 
 def load_examples(path, kind, variant=None):
     """Every example of a JSONL / CauGym file, checked for `kind` (sft, dpo, kto, rl)."""
-    if kind not in FIELDS:
-        raise ValueError(f"unknown dataset kind {kind!r}, expected one of {sorted(FIELDS)}")
-    variant = variant or _caugym_variant(path)
+    stem = os.path.splitext(os.path.basename(str(path)))[0]
+    variant = variant or (stem if stem in caugym.VARIANTS else "base")  # CauGym names files by variant
     examples = [normalise(record, kind, variant) for record in read_records(path)]
     if not examples:
         raise ValueError(f"{path}: no examples")
@@ -263,18 +251,16 @@ def _mismatched(examples, i):
 # Batching
 
 
-def pad_batch(sequences, pad_id, masks=None, side="right"):
-    """Stack lists of token ids into (B, T) ids and attention mask (+ the given masks, padded with 0)."""
+def pad_batch(sequences, pad_id, masks):
+    """Lists of token ids and their masks -> (B, T) ids, attention mask and masks, right-padded."""
     T = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
     attention = torch.zeros(len(sequences), T, dtype=torch.long)
     padded_masks = torch.zeros(len(sequences), T, dtype=torch.long)
     for i, seq in enumerate(sequences):
-        where = slice(0, len(seq)) if side == "right" else slice(T - len(seq), T)
-        ids[i, where] = torch.tensor(seq, dtype=torch.long)
-        attention[i, where] = 1
-        if masks is not None:
-            padded_masks[i, where] = torch.tensor(masks[i], dtype=torch.long)
+        ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention[i, :len(seq)] = 1
+        padded_masks[i, :len(seq)] = torch.tensor(masks[i], dtype=torch.long)
     return ids, attention, padded_masks
 
 
