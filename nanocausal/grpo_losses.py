@@ -3,10 +3,8 @@ The GRPO family as pure functions of tensors: advantages, the clipped surrogate 
 (GSPO's sequence-level ratio, CISPO's clipped importance weight), top-entropy token selection, an
 entropy bonus, and DAPO's soft overlong penalty.
 
-Conventions are those of nanocausal/losses.py (float32 arithmetic, masked positions selected away
-with torch.where, losses normalised over the whole optimiser step when given its totals); every
-function returns plain tensors, the loss returns `(loss, metrics)`. "TRL" means huggingface/trl
-1.16; tests/test_grpo_losses.py runs TRL's own GRPOTrainer._compute_loss on the same tensors for every
+Conventions are those of nanocausal/losses.py. "TRL" means huggingface/trl 1.16;
+tests/test_grpo_losses.py runs TRL's own GRPOTrainer._compute_loss on the same tensors for every
 option TRL has.
 """
 
@@ -212,13 +210,12 @@ def grpo_loss(logps, old_logps, advantages, completion_mask, ref_logps=None, bet
             per_token = per_token + beta * kl_per_token
 
     num_tokens = mask.sum().float()
-    batch_size = logps.shape[0]
     token_normaliser = (num_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)).float()
 
     def aggregate(values):
         if aggregation == "token_mean":
             return _masked_sum(values, mask) / token_normaliser.clamp(min=1.0)
-        sequences = batch_size if num_sequences is None else num_sequences
+        sequences = logps.shape[0] if num_sequences is None else num_sequences
         if aggregation == "sequence_mean":
             lengths = mask.sum(dim=1).float().clamp(min=1.0)
             return (_masked_sum(values, mask, dim=1) / lengths).sum() / sequences
@@ -236,10 +233,7 @@ def grpo_loss(logps, old_logps, advantages, completion_mask, ref_logps=None, bet
 
     with torch.no_grad():
         token_count = num_tokens.clamp(min=1.0)
-        if objective == "clip":
-            clip_low = (ratio < 1 - eps_low) & (advantages < 0)
-        else:
-            clip_low = torch.zeros_like(mask)
+        clip_low = (ratio < 1 - eps_low) & (advantages < 0) & (objective == "clip")  # cispo has no lower clip
         clip_high = (ratio > 1 + eps_high) & (advantages > 0)
         metrics = {
             "policy_loss": _masked_sum(policy_per_token, policy_mask) / token_count,
