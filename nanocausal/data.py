@@ -50,7 +50,6 @@ def read_records(path):
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
-    records = []
     try:
         located = _read_located(path)
     except UnicodeDecodeError as e:
@@ -58,8 +57,7 @@ def read_records(path):
     for record, where in located:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        records.append({**record, "_where": where})
-    return records
+    return [{**record, "_where": where} for record, where in located]
 
 
 def _read_located(path):

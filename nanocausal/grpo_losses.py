@@ -12,9 +12,6 @@ import torch
 
 from nanocausal.losses import _check_same_shape, _masked_sum
 
-ADVANTAGE_SCALES = ("group", "batch", "none")
-BASELINES = ("mean", "rloo")
-
 
 def group_advantages(rewards, group_size, scale="group", baseline="mean", eps=1e-4):
     """
@@ -46,9 +43,9 @@ def group_advantages(rewards, group_size, scale="group", baseline="mean", eps=1e
     if rewards.dim() != 1 or group_size < 2 or rewards.numel() % group_size != 0:
         raise ValueError(f"group_advantages: rewards has shape {tuple(rewards.shape)}; expected (num_prompts * "
                          f"group_size,) with group_size >= 2, got group_size={group_size}")
-    if scale not in ADVANTAGE_SCALES or baseline not in BASELINES:
+    if scale not in ("group", "batch", "none") or baseline not in ("mean", "rloo"):
         raise ValueError(f"group_advantages: scale={scale!r}, baseline={baseline!r}; expected scale in "
-                         f"{ADVANTAGE_SCALES} and baseline in {BASELINES}")
+                         "('group', 'batch', 'none') and baseline in ('mean', 'rloo')")
     grouped = rewards.detach().float().view(-1, group_size)  # (num_prompts, group_size)
     if baseline == "mean":
         advantages = grouped - grouped.mean(dim=1, keepdim=True)

@@ -27,6 +27,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from nanocausal import checkpoint, distributed, lora, memory_plan, training
 from nanocausal.config import RLConfig
@@ -54,19 +55,16 @@ def per_token(rollouts, config: RLConfig, score_fn):
     return out
 
 
-def completion_logprobs(model, mb, config: RLConfig):
-    return token_logprobs(model, mb.input_ids, None, mb.completion_mask, config.temperature, config.logits_chunk_size)
+def policy_logprobs(model, rollouts, config: RLConfig):
+    """The policy's log-probs before the update, by the training forward: the ratio's "old" policy."""
+    return per_token(rollouts, config, lambda mb: token_logprobs(model, mb.input_ids, None, mb.completion_mask,
+                                                                 config.temperature, config.logits_chunk_size))
 
 
 def reference_logprobs(ref_model, rollouts, config: RLConfig):
     """The reference's log-probs of the completion tokens (with LoRA: the policy, adapters off)."""
     with lora.disabled(ref_model):
-        return per_token(rollouts, config, lambda mb: completion_logprobs(ref_model, mb, config))
-
-
-def policy_logprobs(model, rollouts, config: RLConfig):
-    """The policy's log-probs before the update, by the training forward: the ratio's "old" policy."""
-    return per_token(rollouts, config, lambda mb: completion_logprobs(model, mb, config))
+        return policy_logprobs(ref_model, rollouts, config)
 
 
 def old_values(model, value_head, rollouts, config: RLConfig):
@@ -130,10 +128,8 @@ class PPO:
         first = int(mask.argmax(1).min())  # no completion starts earlier: GAE need not walk the prompts
         advantages, returns = gae(token_rewards[:, first:], rollouts.old_values[:, first:], mask[:, first:],
                                   config.gamma, config.lam)
-        out = {"advantages": torch.zeros_like(token_rewards), "returns": torch.zeros_like(token_rewards)}
-        out["advantages"][:, first:] = whiten(advantages, mask[:, first:])
-        out["returns"][:, first:] = returns
-        return out
+        advantages = F.pad(whiten(advantages, mask[:, first:]), (first, 0))  # 0 on the columns GAE skipped
+        return {"advantages": advantages, "returns": F.pad(returns, (first, 0))}
 
     def loss(self, mb, logprobs, old_logprobs, entropies, hidden, num_tokens, num_sequences):
         c = self.config
