@@ -92,8 +92,7 @@ def shard(model, device, cpu_offload=False):
         for block in model.layers:
             fully_shard(block, **settings)
         fully_shard(model, **settings)
-        # The trainers call model.hidden_states (the trunk without the head), not only forward:
-        # FSDP must gather the root's weights around it too.
+        # the trainers also call model.hidden_states (the trunk): FSDP must gather the root around it
         register_fsdp_forward_method(model, "hidden_states")
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):

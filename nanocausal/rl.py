@@ -147,9 +147,8 @@ def update(model, algorithm, optimizer, rollouts, config: RLConfig, step):
     their whole optimiser step. Returns the metrics (token-weighted means over every micro-batch)
     and the number of tokens run through."""
     mask = rollouts.completion_mask
-    # Rows whose advantage is zero everywhere add nothing to the GRPO loss (nor to its gradient)
-    # unless a KL term or an entropy bonus reads them: skip their forward/backward. The normaliser
-    # below still counts their tokens. A masked truncated row has no loss token at all.
+    # A row of zero advantage adds nothing to the GRPO loss unless a KL term or an entropy bonus reads
+    # it (nor does a masked truncated row): skip its forward/backward; the normaliser still counts it.
     every_row = config.algo == "ppo" or config.beta != 0 or config.entropy_coef != 0
     trained = ((rollouts.advantages.view(len(mask), -1).ne(0).any(1) | every_row) & mask.bool().any(1)).tolist()
     sums, grad_norms, tokens = {}, [], 0
@@ -165,8 +164,7 @@ def update(model, algorithm, optimizer, rollouts, config: RLConfig, step):
                 mb_mask = mb.completion_mask
                 with autocast(config.device):
                     hidden = model.hidden_states(mb.input_ids)
-                    # The entropy of every completion token comes out of the same logits chunks as the
-                    # log-probs (no second matmul with the head); read by the loss only with an entropy option.
+                    # the entropies come out of the log-probs' logits chunks (no second matmul with the head)
                     logprobs, entropies = token_logprobs(model, mb.input_ids, None, mb_mask, config.temperature,
                                                         config.logits_chunk_size, hidden=hidden, return_entropy=True,
                                                         entropy_grad=config.entropy_coef != 0)
