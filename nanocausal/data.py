@@ -344,12 +344,8 @@ def micro_batches(rows, indices, collate, pad_id, batch_size, device, max_tokens
         batch = collate([rows[i] for i in chunk], pad_id)
         return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
 
-    out = []
-    for chunk in cut(indices, batch_size, max_tokens, tokens):
-        batch = to_device(collate([rows[i] for i in chunk], pad_id), device)
-        batch["indices"] = torch.tensor(chunk)
-        out.append(batch)
-    return out
+    return [{**to_device(collate([rows[i] for i in chunk], pad_id), device), "indices": torch.tensor(chunk)}
+            for chunk in cut(indices, batch_size, max_tokens, tokens)]
 
 
 # -----------------------------------------------------------------------------

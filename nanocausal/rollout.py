@@ -22,8 +22,7 @@ class PromptStream:
     reads), always the same for the same c; the position (chunk, index) is all --resume needs."""
 
     def __init__(self, chunk):
-        self.chunk, self.position = chunk, {"chunk": 0, "index": 0}
-        self.current = None
+        self.chunk, self.position, self.current = chunk, {"chunk": 0, "index": 0}, None
 
     def ready(self):
         """Read the current chunk now (a bad prompt fails here, before a run writes anything)."""
