@@ -18,14 +18,9 @@ One example is a dict with TRL's field names; which fields a trainer needs is it
   - nanocausal.problems itself, generating problems on the fly from a seed (`generated_examples`).
 
 Tokenising (`tokenize`) renders the prompt with the model's own chat template and appends the
-completion and its end-of-turn token (Tokenizer.encode_chat_completion): a row is (ids,
-completion_mask) with the mask 1 exactly on the tokens the loss trains. An example longer than the
+completion and its end-of-turn token (Tokenizer.encode_chat_completion). An example longer than the
 context is an error naming its file and line, never silently truncated: a cut-off completion would
 teach the model to stop mid-answer or not at all.
-
-Batches (`Batches`) walk a fresh permutation of the dataset each epoch. The order depends only on
-(seed, epoch), not on any global RNG, so a checkpoint that records (epoch, index) resumes on the
-exact next batch.
 """
 
 import json
@@ -55,7 +50,6 @@ def read_records(path):
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
-    records = []
     try:
         located = _read_located(path)
     except UnicodeDecodeError as e:
@@ -63,8 +57,7 @@ def read_records(path):
     for record, where in located:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        records.append({**record, "_where": where})
-    return records
+    return [{**record, "_where": where} for record, where in located]
 
 
 def _read_located(path):
@@ -91,12 +84,6 @@ def _read_located(path):
             except RecursionError:
                 raise ValueError(f"{path}:{line_number}: JSON nested too deeply to read") from None
         return located
-
-
-def _caugym_variant(path):
-    """CauGym test files are named after their variant (base.json, insufficient.json, ...)."""
-    stem = os.path.splitext(os.path.basename(str(path)))[0]
-    return stem if stem in caugym.VARIANTS else "base"
 
 
 def normalise(record, kind, variant="base"):
@@ -164,9 +151,8 @@ def completion_text(completion, where="completion", field="completion"):
 
 def load_examples(path, kind, variant=None):
     """Every example of a JSONL / CauGym file, checked for `kind` (sft, dpo, kto, rl)."""
-    if kind not in FIELDS:
-        raise ValueError(f"unknown dataset kind {kind!r}, expected one of {sorted(FIELDS)}")
-    variant = variant or _caugym_variant(path)
+    stem = os.path.splitext(os.path.basename(str(path)))[0]
+    variant = variant or (stem if stem in caugym.VARIANTS else "base")  # CauGym names files by variant
     examples = [normalise(record, kind, variant) for record in read_records(path)]
     if not examples:
         raise ValueError(f"{path}: no examples")
@@ -263,18 +249,16 @@ def _mismatched(examples, i):
 # Batching
 
 
-def pad_batch(sequences, pad_id, masks=None, side="right"):
-    """Stack lists of token ids into (B, T) ids and attention mask (+ the given masks, padded with 0)."""
+def pad_batch(sequences, pad_id, masks):
+    """Lists of token ids and their masks -> (B, T) ids, attention mask and masks, right-padded."""
     T = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
     attention = torch.zeros(len(sequences), T, dtype=torch.long)
     padded_masks = torch.zeros(len(sequences), T, dtype=torch.long)
     for i, seq in enumerate(sequences):
-        where = slice(0, len(seq)) if side == "right" else slice(T - len(seq), T)
-        ids[i, where] = torch.tensor(seq, dtype=torch.long)
-        attention[i, where] = 1
-        if masks is not None:
-            padded_masks[i, where] = torch.tensor(masks[i], dtype=torch.long)
+        ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention[i, :len(seq)] = 1
+        padded_masks[i, :len(seq)] = torch.tensor(masks[i], dtype=torch.long)
     return ids, attention, padded_masks
 
 
@@ -360,12 +344,8 @@ def micro_batches(rows, indices, collate, pad_id, batch_size, device, max_tokens
         batch = collate([rows[i] for i in chunk], pad_id)
         return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
 
-    out = []
-    for chunk in cut(indices, batch_size, max_tokens, tokens):
-        batch = to_device(collate([rows[i] for i in chunk], pad_id), device)
-        batch["indices"] = torch.tensor(chunk)
-        out.append(batch)
-    return out
+    return [{**to_device(collate([rows[i] for i in chunk], pad_id), device), "indices": torch.tensor(chunk)}
+            for chunk in cut(indices, batch_size, max_tokens, tokens)]
 
 
 # -----------------------------------------------------------------------------

@@ -92,8 +92,7 @@ def shard(model, device, cpu_offload=False):
         for block in model.layers:
             fully_shard(block, **settings)
         fully_shard(model, **settings)
-        # The trainers call model.hidden_states (the trunk without the head), not only forward:
-        # FSDP must gather the root's weights around it too.
+        # the trainers also call model.hidden_states (the trunk): FSDP must gather the root around it
         register_fsdp_forward_method(model, "hidden_states")
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
@@ -152,8 +151,7 @@ def optimised_modules(model, extra_modules):
 
 
 def shard_file_names(r):
-    """The files rank r adds to a checkpoint: its optimiser shard (tensors, and the rest as JSON)
-    and its RNG state."""
+    """The files rank r adds to a checkpoint: its optimiser shard (tensors, the rest) and RNG state."""
     return [f"optimizer-rank{r}.safetensors", f"optimizer-rank{r}.json", f"rng-rank{r}.pt"]
 
 
@@ -164,15 +162,13 @@ def local(t):
 
 
 def save_checkpoint(ckpt_dir, model, tokenizer_source, optimizer, trainer_state, extra_modules=None, keep=1):
-    """checkpoint.save_checkpoint under torchrun (every rank calls it). Every rank writes its shard
-    of the optimiser state into a staging folder: `get_optimizer_state_dict` gives it as
-    {"state": {parameter name: {"exp_avg": DTensor, ...}}, "param_groups": [...]}; the local
-    tensors go to optimizer-rankR.safetensors as "state.NAME.KEY", everything else (param_groups,
-    non-tensor state) to optimizer-rankR.json, and the RNG states to rng-rankR.pt (tensors and
-    plain types: read back with weights_only=True). No pickle anywhere, so a resume cannot run
-    code planted in a checkpoint (torch.distributed.checkpoint, used before, unpickles its
-    .metadata). Rank 0 then writes the Hugging Face folder from the gathered weights, with the
-    staged files moved in before its manifest, so the save stays crash-safe."""
+    """checkpoint.save_checkpoint under torchrun (every rank calls it). Every rank stages its shard
+    of the optimiser state, {"state": {parameter name: {"exp_avg": DTensor, ...}}, "param_groups":
+    [...]} (get_optimizer_state_dict): the local tensors in optimizer-rankR.safetensors as
+    "state.NAME.KEY", the rest in optimizer-rankR.json, its RNG state in rng-rankR.pt (tensors and
+    plain types, read back with weights_only=True). No pickle anywhere, so a resume cannot run code
+    planted in a checkpoint. Rank 0 then writes the Hugging Face folder from the gathered weights,
+    moving the staged files in before its manifest, so the save stays crash-safe."""
     import json
     import shutil
 
@@ -213,10 +209,10 @@ def fill_optimizer_state(template, folder):
     dtype, other parameter groups. Returns the RNG state saved beside it."""
     from nanocausal import checkpoint
     from nanocausal.safe_files import read_json, read_tensors
-    tensors_name, json_name, rng_name = shard_file_names(rank())
-    checkpoint.verify(folder, [tensors_name, json_name, rng_name])
-    tensors_file, json_file, rng_file = (os.path.join(folder, n) for n in (tensors_name, json_name, rng_name))
-    for path in (tensors_file, json_file, rng_file):
+    names = shard_file_names(rank())
+    checkpoint.verify(folder, names)
+    tensors_file, json_file, rng_file = paths = [os.path.join(folder, n) for n in names]
+    for path in paths:
         if not os.path.isfile(path):
             raise ValueError(f"{folder} cannot be resumed under torchrun: it has no {os.path.basename(path)}")
     saved, plain = read_tensors(tensors_file), read_json(json_file)

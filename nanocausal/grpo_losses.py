@@ -3,19 +3,14 @@ The GRPO family as pure functions of tensors: advantages, the clipped surrogate 
 (GSPO's sequence-level ratio, CISPO's clipped importance weight), top-entropy token selection, an
 entropy bonus, and DAPO's soft overlong penalty.
 
-Conventions are those of nanocausal/losses.py (float32 arithmetic, masked positions selected away
-with torch.where, losses normalised over the whole optimiser step when given its totals); every
-function returns plain tensors, the loss returns `(loss, metrics)`. "TRL" means huggingface/trl
-1.16; tests/test_grpo_losses.py runs TRL's own GRPOTrainer._compute_loss on the same tensors for every
+Conventions are those of nanocausal/losses.py. "TRL" means huggingface/trl 1.16;
+tests/test_grpo_losses.py runs TRL's own GRPOTrainer._compute_loss on the same tensors for every
 option TRL has.
 """
 
 import torch
 
 from nanocausal.losses import _check_same_shape, _masked_sum
-
-ADVANTAGE_SCALES = ("group", "batch", "none")
-BASELINES = ("mean", "rloo")
 
 
 def group_advantages(rewards, group_size, scale="group", baseline="mean", eps=1e-4):
@@ -48,9 +43,9 @@ def group_advantages(rewards, group_size, scale="group", baseline="mean", eps=1e
     if rewards.dim() != 1 or group_size < 2 or rewards.numel() % group_size != 0:
         raise ValueError(f"group_advantages: rewards has shape {tuple(rewards.shape)}; expected (num_prompts * "
                          f"group_size,) with group_size >= 2, got group_size={group_size}")
-    if scale not in ADVANTAGE_SCALES or baseline not in BASELINES:
+    if scale not in ("group", "batch", "none") or baseline not in ("mean", "rloo"):
         raise ValueError(f"group_advantages: scale={scale!r}, baseline={baseline!r}; expected scale in "
-                         f"{ADVANTAGE_SCALES} and baseline in {BASELINES}")
+                         "('group', 'batch', 'none') and baseline in ('mean', 'rloo')")
     grouped = rewards.detach().float().view(-1, group_size)  # (num_prompts, group_size)
     if baseline == "mean":
         advantages = grouped - grouped.mean(dim=1, keepdim=True)
@@ -212,13 +207,12 @@ def grpo_loss(logps, old_logps, advantages, completion_mask, ref_logps=None, bet
             per_token = per_token + beta * kl_per_token
 
     num_tokens = mask.sum().float()
-    batch_size = logps.shape[0]
     token_normaliser = (num_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)).float()
 
     def aggregate(values):
         if aggregation == "token_mean":
             return _masked_sum(values, mask) / token_normaliser.clamp(min=1.0)
-        sequences = batch_size if num_sequences is None else num_sequences
+        sequences = logps.shape[0] if num_sequences is None else num_sequences
         if aggregation == "sequence_mean":
             lengths = mask.sum(dim=1).float().clamp(min=1.0)
             return (_masked_sum(values, mask, dim=1) / lengths).sum() / sequences
@@ -236,10 +230,7 @@ def grpo_loss(logps, old_logps, advantages, completion_mask, ref_logps=None, bet
 
     with torch.no_grad():
         token_count = num_tokens.clamp(min=1.0)
-        if objective == "clip":
-            clip_low = (ratio < 1 - eps_low) & (advantages < 0)
-        else:
-            clip_low = torch.zeros_like(mask)
+        clip_low = (ratio < 1 - eps_low) & (advantages < 0) & (objective == "clip")  # cispo has no lower clip
         clip_high = (ratio > 1 + eps_high) & (advantages > 0)
         metrics = {
             "policy_loss": _masked_sum(policy_per_token, policy_mask) / token_count,

@@ -2,11 +2,10 @@
 The post-training losses of nanocausal: SFT, DPO, KTO and PPO, as pure functions of tensors (the GRPO
 family, with its options, is nanocausal/grpo_losses.py, under the same conventions).
 
-Nothing here sees a model. The trainers compute per-token log-probs of the completion tokens
-(B, T) (or their sums over the completion, (B,)) and hand them in; every function returns
-`(loss, metrics)` where `loss` is a 0-dim tensor to call .backward() on and `metrics` is a dict of
-detached 0-dim float32 tensors. Metrics stay on the device so that logging them costs no host
-synchronisation until the trainer decides to print (call .item() then, once per log line).
+Nothing here sees a model: the trainers hand in per-token log-probs of the completion tokens
+(B, T) (or their sums over the completion, (B,)). A loss returns `(loss, metrics)`: a 0-dim tensor
+and detached 0-dim float32 tensors, left on the device so that logging them costs no host
+synchronisation until a log line is printed.
 
 Conventions shared by every function:
   - completion_mask (B, T) is 1 on completion tokens that count and 0 elsewhere (prompt, padding,
@@ -15,10 +14,10 @@ Conventions shared by every function:
     lose digits, and these tensors are tiny next to the logits.
   - masked positions are selected away with torch.where, never multiplied by 0, so a -inf or NaN
     log-prob on a padding position cannot leak into the loss.
-  - "the optimiser step" means all micro-batches whose gradients are accumulated before one
-    optimizer.step(). Losses that average over tokens take the number of tokens of the whole step
-    (num_target_tokens / num_items_in_batch), so that accumulating k micro-batches gives exactly
-    the gradient of one big batch. Without it they average over this batch only.
+  - losses that average over tokens take the token count of the whole optimiser step (every
+    micro-batch accumulated before one optimizer.step(): num_target_tokens / num_items_in_batch),
+    so that accumulating k micro-batches gives exactly the gradient of one big batch. Without it
+    they average over this batch only.
 
 References are given per function; "TRL" means huggingface/trl (the parity tests in
 tests/test_losses.py run the installed TRL's own code on the same tensors).
@@ -55,11 +54,9 @@ def sft_loss(logprobs, completion_mask, num_target_tokens=None):
 
     Pinned conventions:
       - prompt tokens never count (completion-only loss, TRL SFTTrainer's completion_only_loss).
-      - N is the number of target tokens in the whole optimiser step. Summing the losses of k
-        micro-batches that all pass the same N then equals the loss of the concatenated batch,
-        token for token, whatever the lengths; averaging per-micro-batch means would instead
-        weight short micro-batches more (the bug transformers' Trainer fixed in 4.46 with
-        num_items_in_batch).
+      - N is the target-token count of the whole optimiser step (module docstring); averaging
+        per-micro-batch means would instead weight short micro-batches more (the bug transformers'
+        Trainer fixed in 4.46 with num_items_in_batch).
       - N is clamped to >= 1 so an all-masked batch gives 0, not NaN.
     Source: the standard LM objective; TRL SFTTrainer + transformers Trainer (num_items_in_batch).
 
@@ -249,8 +246,6 @@ def gae(rewards, values, completion_mask, gamma=1.0, lam=0.95):
         A_t     = delta_t + gamma * lam * A_{t+1}
         R_t     = A_t + V_t                            (the lambda-return, the value target)
 
-    Computed by a backward loop over T, vectorised over the batch.
-
     Pinned conventions:
       - masked positions contribute nothing: the recursion steps over them (t+1 means the next
         *real* token), and their advantages and returns are 0. With right padding this is the same as
@@ -287,7 +282,6 @@ def whiten(values, mask):
 
     Pinned conventions (TRL's masked_whiten): mean and variance over masked entries only, the
     variance unbiased (ddof = 1), 1e-8 inside the square root; masked entries come out as 0.
-    PPO whitens the advantages once per rollout batch, before the optimisation epochs.
     Source: TRL trl/core.py masked_whiten (trl < 1.0).
     """
     mask = mask.bool()

@@ -2,16 +2,12 @@
 
     reward = correct + format_weight * format_ok
 
-format_ok says the response ENDS with one well-formed answer: an answer JSON of the right shape,
-or LACK_CONDITION when that is the gold answer. The official rule accepts any answer JSON
-anywhere in the reply, which RL learns to exploit by printing several guesses; strict=True
-judges correctness on the LAST answer of the response only (for LACK_CONDITION: only a response
-whose last answer is it).
+The official rule accepts any answer JSON anywhere in the reply, which RL learns to exploit by
+printing several guesses: format_ok asks that the response END with one well-formed answer, and
+strict=True judges correctness on the LAST answer only.
 
-Several rewards can be combined instead (`parse_rewards`, train_rl.py --rewards / --reward-weights):
-plain functions (response, answer) -> float from REWARDS, summed with weights and logged one by
-one; the default (no --rewards) is the reward above, and the official correctness rule stays the
-evaluation metric whatever the training reward.
+Several rewards can be combined instead (`parse_rewards`, train_rl.py --rewards / --reward-weights);
+the official correctness rule stays the evaluation metric whatever the training reward.
 """
 import json
 import math
@@ -21,8 +17,7 @@ from nanocausal.caugym import ANSWER_SPAN, LACK, answer_prob, is_correct, prob_m
 
 
 def last_answer(response):
-    """('lack', None) | ('json', parsed) | (None, None): the final answer the response gives,
-    the one that comes last in the text."""
+    """('lack', None) | ('json', parsed) | (None, None): the answer that comes last in the response."""
     squeezed = re.sub(r"\s+", "", response)
     spans = list(ANSWER_SPAN.finditer(squeezed))
     lack_at = squeezed.rfind(LACK)
@@ -59,8 +54,7 @@ def format_ok(response, answer=None):
 
 
 def reward(response, answer, format_weight=0.1, strict=False):
-    """RL reward = correct + format_weight * format_ok (module docstring). strict=True judges
-    correctness on the last answer of the response only."""
+    """correct + format_weight * format_ok; strict=True: correct on the last answer only."""
     if strict:
         kind, parsed = last_answer(response)
         if answer.strip() == LACK:

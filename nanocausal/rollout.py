@@ -22,8 +22,7 @@ class PromptStream:
     reads), always the same for the same c; the position (chunk, index) is all --resume needs."""
 
     def __init__(self, chunk):
-        self.chunk, self.position = chunk, {"chunk": 0, "index": 0}
-        self.current = None
+        self.chunk, self.position, self.current = chunk, {"chunk": 0, "index": 0}, None
 
     def ready(self):
         """Read the current chunk now (a bad prompt fails here, before a run writes anything)."""
@@ -130,10 +129,9 @@ def rollout(model, prompts, group_size, max_new_tokens, temperature, top_p, top_
             vocab_size=None, slots=None, prompt_keys=None):
     """Sample group_size completions per prompt (a list of token-id lists): their `Rollouts`.
 
-    Decoding is continuous batching (generate.generate_many) over `slots` rows (default: every row at
-    once); with fewer slots a finished group's rows take the next waiting prompt, and the KV cache
-    holds `slots` rows only. Prompt i's samples are drawn from the random streams of (seed,
-    prompt_keys[i]) (default i), so they do not depend on the slot count."""
+    Decoding is continuous batching (generate.generate_many) over `slots` rows (default: all of
+    them). Prompt i's samples are drawn from the random streams of (seed, prompt_keys[i]) (default
+    i), so they do not depend on the slot count."""
     generation = generate_many(model, prompts, max_new_tokens, slots=slots or len(prompts) * group_size,
                                temperature=temperature, top_p=top_p, top_k=top_k, num_samples=group_size,
                                eos_token_ids=eos_token_ids, seed=seed, pad_token_id=pad_token_id,
@@ -145,9 +143,8 @@ def rollout(model, prompts, group_size, max_new_tokens, temperature, top_p, top_
 
 
 def assemble(row_prompts, completions, sampled_logprobs, truncated, pad_token_id, device):
-    """The `Rollouts` of these rows: each row's prompt and completion
-    ids, the sampler's log-prob of each completion token, and whether it hit max_new_tokens. (Under
-    torchrun every rank assembles the whole step's batch from the rows all ranks sampled.)"""
+    """The `Rollouts` of these rows from each row's prompt and completion ids, the sampler's log-prob
+    of each completion token, and whether it hit max_new_tokens."""
     input_ids, _, completion_mask = data.pad_batch([p + c for p, c in zip(row_prompts, completions)], pad_token_id,
                                                    [[0] * len(p) + [1] * len(c) for p, c in zip(row_prompts, completions)])
     sampler_logprobs = torch.zeros(input_ids.shape)
