@@ -11,7 +11,7 @@ it renders with Agg, so no display is needed. It can run while the run is traini
 flushes whole lines, and a last line still being written is left for the next plot.
 
 One panel per group of PANELS that some run logged. The x axis is the optimiser step; a run is
-one colour in every panel, a key one line style. From Python (pipeline.py): plot_runs.
+one colour in every panel, a key one line style. From Python: plot_runs, plot_results (pipeline.py).
 """
 import json
 import math

@@ -87,7 +87,6 @@ LONG_NAME = {"ATE": "average treatment effect", "CDE": "controlled direct effect
              "ETT": "effect of treatment on the treated", "NDE": "natural direct effect",
              "NIE": "natural indirect effect", "PN": "probability of necessity",
              "PS": "probability of sufficiency"}
-# Index 0 is the official wording; the others are the "rephrased" variant. The parser reads all.
 PREAMBLES = ["Imagine a self-contained, hypothetical world with only the following conditions, and without any "
              "unmentioned factors or causal relationships:",
              "Consider a closed, hypothetical world governed only by the following conditions, with no unmentioned "
@@ -201,10 +200,7 @@ def render(scm, q, store, style="base", instruction=True, rng=None):
 def _name_key(name):
     """Names are compared without their list separators: the official data writes one name
     both as "(e.g. wind, humidity)" and "(e.g. wind and humidity)"."""
-    return _NAME_SEPARATOR.sub(" ", name)
-
-
-_NAME_SEPARATOR = re.compile(r", | and ")
+    return re.sub(r", | and ", " ", name)
 
 
 def _split_pairs(text, pair_re):

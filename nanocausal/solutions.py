@@ -1,12 +1,5 @@
-"""Worked solutions and wrong ones, for one generated Problem (nanocausal.problems.Problem).
-
-`solution` is the SFT target: the variables and their letters, the graph step (why the quantity
-is or is not zero, which backdoor and mediator sets identify it), the formula printed
-symbolically, the numbers read off the statements, the arithmetic, the conclusion and the answer
-JSON. Its arguments can override the correct reasoning, which is how `rejected_solution` writes
-the plausible wrong answers of DPO / KTO: a sign or complement error, a wrong formula, a missing
-adjustment, an arithmetic slip or a wrong LACK_CONDITION, always checked to be scored wrong by
-the official rule.
+"""Worked solutions (`solution`, the SFT target) and plausible wrong ones (`rejected_solution`, for
+DPO / KTO), for one generated Problem (nanocausal.problems.Problem).
 
 Both print formulas with nanocausal.scm's expression trees, so the worked numbers are the ones the
 generator labelled and the solver (nanocausal.problem_text.solve) computes. A Problem is only

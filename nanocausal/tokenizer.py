@@ -292,7 +292,8 @@ class Tokenizer:
         # This is what keeps <|endoftext|> a stop token for Qwen2.5 folders that ship no
         # generation_config.json (Qwen's own generation_config lists it as an eos).
         pad = self.special_tokens.get("pad_token")
-        if pad is not None and pad in self._special_added_tokens():
+        special = {t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special}
+        if pad is not None and pad in special:
             ids.append(self.token_to_id(pad))
         self.eos_token_ids = tuple(dict.fromkeys(i for i in ids if i is not None))
         if not self.eos_token_ids:
@@ -310,9 +311,6 @@ class Tokenizer:
         if not os.path.isfile(os.path.join(folder, "tokenizer.json")) and is_adapter(folder):
             return cls.from_pretrained(base_of(folder))  # a bare LoRA adapter: its base's tokenizer
         return cls(folder)
-
-    def _special_added_tokens(self):
-        return {t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special}
 
     # ---- text <-> ids ----------------------------------------------------------------------------
 
