@@ -21,21 +21,17 @@ def _structure(p):
     g, q = p.scm.graph, p.q
     X, Y = letter(q.x_var), letter(q.y_var)
     arrow = lambda path: "->".join(letter(v) for v in path)
+    if is_zero(q, g):
+        return [f"There is no edge {X}->{Y}, so {q.task} = 0." if q.task in ("CDE", "NDE") else
+                f"No directed path from {X} to {Y} passes through a third node, so NIE = 0." if q.task == "NIE" else
+                f"There is no directed path from {X} to {Y}, so changing {X} cannot change {Y}: {q.task} = 0."]
     if q.task in ("CDE", "NDE"):
-        found = q.y_var in g.children[q.x_var]
-        text = f"The edge {X}->{Y} exists." if found else f"There is no edge {X}->{Y}, so {q.task} = 0."
+        steps = [f"The edge {X}->{Y} exists."]
     elif q.task == "NIE":
-        found = g.has_indirect_path(q.x_var, q.y_var)
-        path = next((g.example_path(c, q.y_var) for c in g.children[q.x_var] if q.y_var in g.desc[c]), None)
-        text = f"There is a directed path through a mediator ({X}->{arrow(path)})." if found else \
-            f"No directed path from {X} to {Y} passes through a third node, so NIE = 0."
+        path = next(g.example_path(c, q.y_var) for c in g.children[q.x_var] if q.y_var in g.desc[c])
+        steps = [f"There is a directed path through a mediator ({X}->{arrow(path)})."]
     else:
-        found = g.has_path(q.x_var, q.y_var)
-        text = f"There is a directed path {arrow(g.example_path(q.x_var, q.y_var))}, so {X} can affect {Y}." \
-            if found else f"There is no directed path from {X} to {Y}, so changing {X} cannot change {Y}: {q.task} = 0."
-    steps = [text]
-    if not found:
-        return steps
+        steps = [f"There is a directed path {arrow(g.example_path(q.x_var, q.y_var))}, so {X} can affect {Y}."]
     if q.task in ("NDE", "NIE"):
         steps.append(f"Mediator set: {{{letter(p.m[0])}}}, on every directed path from {X} to {Y} except {X}->{Y}."
                      if p.m else f"Mediator set: empty, {X}->{Y} is the only directed path.")
