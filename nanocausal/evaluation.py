@@ -30,8 +30,7 @@ from nanocausal.problem_text import solve
 from nanocausal.generate import generate_many
 from nanocausal.tokenizer import Tokenizer
 
-# -----------------------------------------------------------------------------
-# Problems
+# ----------------------------------------------------------------------------- problems
 
 
 PSEUDO_MODELS = ("oracle", "gold")
@@ -93,8 +92,7 @@ def item_key(dataset, index, item):
     digest = hashlib.sha1(json.dumps(item["prompt"]).encode()).hexdigest()[:12]
     return f"{dataset}/{index}/{digest}"
 
-# -----------------------------------------------------------------------------
-# Answering and scoring
+# ----------------------------------------------------------------------------- answering and scoring
 
 
 def sample_key(key):
@@ -200,8 +198,7 @@ def accuracy(records, by="type"):
     return {group: correct[group] / total[group] for group in total}
 
 
-# -----------------------------------------------------------------------------
-# Files and the table
+# ----------------------------------------------------------------------------- files and the table
 
 
 def read_responses(path):
@@ -248,8 +245,7 @@ def rescore(path):
     print(format_table(columns))
     return records, columns
 
-# -----------------------------------------------------------------------------
-# eval.py
+# ----------------------------------------------------------------------------- eval.py
 
 
 @dataclass

@@ -50,8 +50,7 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 TINY_MODEL = dict(hidden_size=96, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=288)
 
 
-# -----------------------------------------------------------------------------
-# Tokenizer and model
+# ----------------------------------------------------------------------------- tokenizer and model
 
 
 def train_tokenizer(out_dir, vocab_size=1000, n_texts=3000, seed=1234):

@@ -101,8 +101,7 @@ def scalars(row):
             if key not in ("step", "time") and isinstance(value, numbers.Real)}
 
 
-# -----------------------------------------------------------------------------
-# The tracker: what the loop holds; it keeps a failing backend from stopping the run
+# ---------------------------------------- the tracker: what the loop holds; a failing backend never stops the run
 
 
 class Tracker:
@@ -136,8 +135,7 @@ class Tracker:
                 tqdm.write(f"warning: --report-to {backend.name}: {method} failed ({type(e).__name__}: "
                            f"{one_line(e)}); no more reporting to it, metrics.jsonl goes on")
 
-# -----------------------------------------------------------------------------
-# The backends: each one a few calls of its package's own API
+# ---------------------------------------- the backends: each one a few calls of its package's own API
 
 
 class LoggerBackend:
