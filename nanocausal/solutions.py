@@ -71,13 +71,11 @@ def solution(p, tree=None, lookup=None, value=None, missing=None):
     used = dict.fromkeys([q.x_var, q.y_var, *(v for v, _ in q.w), *p.m, *p.z])
     steps = ["Variables: " + "; ".join(f"{letter(v)} = {scm.names[v]} ({letter(v)}=0: {scm.values[v][0]}, "
                                        f"{letter(v)}=1: {scm.values[v][1]})" for v in used) + "."]
-    x, y = q.x, q.y
-    role = (f"Treatment {X}, outcome {Y}; the question sets {X}={x} and asks about {Y}={y}") + \
-        (f", given the factual {X}={q.xf}" if q.xf is not None else "") + \
-        (f" and {Y}={q.yf}" if q.yf is not None else "") + \
-        (f", with {' and '.join(f'{letter(v)}={b}' for v, b in q.w)}" if q.w else "") + \
-        (f"; it asks for the {q.bound} bound" if q.bound else "") + "."
-    steps.append(role)
+    steps.append(f"Treatment {X}, outcome {Y}; the question sets {X}={q.x} and asks about {Y}={q.y}" +
+                 (f", given the factual {X}={q.xf}" if q.xf is not None else "") +
+                 (f" and {Y}={q.yf}" if q.yf is not None else "") +
+                 (f", with {' and '.join(f'{letter(v)}={b}' for v, b in q.w)}" if q.w else "") +
+                 (f"; it asks for the {q.bound} bound" if q.bound else "") + ".")
     steps += _structure(p)
     if is_zero(q, scm.graph) and missing is None:
         steps.append(f"So {q.task} = 0.0000, and the answer is No.")
@@ -104,7 +102,7 @@ def solution(p, tree=None, lookup=None, value=None, missing=None):
     elif q.task == "ETT":
         yes = result <= -0.001
         steps.append(f"ETT = E[{Y}_(xf) - {Y}_(x) | {X}={q.xf}] = {result:.4f} "
-                     f"{'<=' if yes else '>'} -0.001, so {Y}={y} would {'' if yes else 'not '}have been "
+                     f"{'<=' if yes else '>'} -0.001, so {Y}={q.y} would {'' if yes else 'not '}have been "
                      f"more likely: the answer is {'Yes' if yes else 'No'}.")
     else:
         yes = result >= 0.001
