@@ -2,11 +2,10 @@
 both official formats, rendering a model and a query as text (`render`), reading such a text back
 (`parse`) and answering it exactly (`solve`, the symbolic solver).
 
-The solver reads only what the text shows: `Statements` holds the 4-decimal numbers of the
-problem, and `first_answer` is the decision rule shared by the solver and the generator: the zero
-answer when the structure is missing, else the first identifying (z, m) whose probabilities are
-all shown, else LACK_CONDITION. Index 0 of every template list is the official wording, the
-others are the "rephrased" variant; the parser reads them all, in either text format.
+The solver reads only what the text shows (`Statements`: the problem's 4-decimal numbers), and
+`first_answer` is the decision rule the solver and the generator share. Index 0 of every template
+list is the official wording, the others are the "rephrased" variant; the parser reads them all,
+in either text format.
 """
 import functools
 import re

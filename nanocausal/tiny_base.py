@@ -101,13 +101,11 @@ def build_tiny(out_dir, seed=0, vocab_size=1000, n_texts=3000, **model_kwargs):
     tokenizer = train_tokenizer(out_dir, vocab_size=vocab_size, n_texts=n_texts)
     eos_id, pad_id = tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")
     config = tiny_config(tokenizer.get_vocab_size(), eos_id, pad_id, **model_kwargs)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": [eos_id], "pad_token_id": pad_id}, f, indent=2)
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.from_dict(config)).init_weights()
-    checkpoint.save_model(model, out_dir)
+    checkpoint.save_model(model, out_dir)  # (writes config.json too)
     return out_dir
 
 def pretraining_text(rng):

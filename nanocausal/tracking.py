@@ -105,9 +105,8 @@ def scalars(row):
 
 
 class Tracker:
-    """Forwards each call to every backend still working. A backend that raises is reported in
-    one warning line and dropped; the others, and the run, go on. With no backends (report_to
-    "none", or a rank other than 0) every call does nothing."""
+    """Forwards each call to every backend still working (none: report_to "none", or a rank other
+    than 0); a backend that raises is dropped with one warning (module docstring)."""
 
     def __init__(self, backends):
         self.backends = list(backends)
