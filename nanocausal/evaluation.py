@@ -1,10 +1,10 @@
 """The CauGym evaluation protocol, run on a model: what eval.py, the trainers' periodic evaluation
 and pipeline.py all call.
 
-The protocol itself (the user message, 5 samples at temperature 0.6 / top_p 0.95, at most 8192
-new tokens, the official scoring rule) is fixed in nanocausal.caugym; this module loads the
-problems, answers them through the sampler (or the symbolic `oracle`), scores every sample and
-aggregates accuracy = correct samples / all samples, per task and overall (`run` is eval.py's job).
+The protocol itself (the user message, the sampling settings, the scoring rule) is fixed in
+nanocausal.caugym; this module loads the problems, answers them through the sampler (or the
+symbolic `oracle`), scores every sample and aggregates accuracy = correct samples / all samples,
+per task and overall (`run` is eval.py's job).
 
 CaLM-Lite task files (or folders of them) run through the same path with CaLM's own prompts and
 labelling (nanocausal.calm): their items carry the CaLM item, and `scoring` labels them by CaLM's
