@@ -35,69 +35,63 @@ _JSON_YES_NO = ('\nProvide the calculation result to four decimal places and a f
                 'format, like {"ANSWER": "Yes", "PROB": "0.1234"}:')
 _JSON_PROB = '\nProvide the calculation result to four decimal places in JSON format, like {"PROB": "0.1234"}:'
 _GRAPH = "You will be presented with a causal graph in the following form: %s.\nQuestion: "
+_YES_NO = "\nAnswer (Yes or No ?):"
+_SET_FIELDS = ("edges", "treatment", "outcome", "option1", "option2", "option3")
 _PAIR = " relative to an ordered pair of variables (%s, %s) in the above causal graph?"
 _THREE = "\nOption 1: %s\nOption 2: %s\nOption 3: %s\nAnswer (Option 1 or Option 2 or Option 3 ?):"
 _BACKDOOR = " satisfies the back-door criterion"
 
+
+def _styles(question, answer):
+    """{style: template} of a prompt whose zero-shot-CoT form puts the step sentence between its
+    question and its answer line."""
+    return {"basic": question + answer, "zero-shot-CoT": question + _STEP + answer}
+
+
+def _set_styles(question):
+    """The templates of a -C set task: which set of variables (question) for the pair, three options."""
+    return _styles(_GRAPH + question + _PAIR, _THREE)
+
+
 # prompt group -> (the item fields it is filled with, {style: template}); one group per CaLM module
 # (modules with the same templates share a group).
 PROMPTS = {
-    "cladder": (("given_info", "question"), {
-        "basic": "Input Info: %s\nQuestion: %s\nAnswer (Yes or No ?):",
-        "zero-shot-CoT": "Input Info: %s\nQuestion: %s" + _STEP + "\nAnswer (Yes or No ?):"}),
-    "effect": (("given_info", "Background", "Instruction", "Question"), {
-        "basic": "Input Info: %s\n%s\nInstruction: %s\nQuestion: %s" + _JSON_YES_NO,
-        "zero-shot-CoT": "Input Info: %s\n%s\nInstruction: %s\nQuestion: %s" + _STEP + _JSON_YES_NO}),
-    "pn_ps": (("given_info", "Background", "Instruction", "Question"), {
-        "basic": "Input Info: %s\n%s\nInstruction: %s\nQuestion: %s" + _JSON_PROB,
-        "zero-shot-CoT": "Input Info: %s\n%s\nInstruction: %s\nQuestion: %s" + _STEP + _JSON_PROB}),
+    "cladder": (("given_info", "question"), _styles("Input Info: %s\nQuestion: %s", _YES_NO)),
+    "effect": (("given_info", "Background", "Instruction", "Question"),
+               _styles("Input Info: %s\n%s\nInstruction: %s\nQuestion: %s", _JSON_YES_NO)),
+    "pn_ps": (("given_info", "Background", "Instruction", "Question"),
+              _styles("Input Info: %s\n%s\nInstruction: %s\nQuestion: %s", _JSON_PROB)),
     "causal_judgement": (("input",), {
         "basic": "Question: %s \nAnswer (Yes or No ?):",
         "zero-shot-CoT": "Question: %s\nLet's think step by step.\nAnswer (Yes or No ?):"}),
     "abstract_reasoning": (("ar_edges", "former", "latter"), {
         "basic": "Input Event: If %s.\nQuestion: Does %s cause %s?  \nAnswer (Yes or No ?): ",
-        "zero-shot-CoT": "Input Event: If %s.\nQuestion: Does %s cause %s?" + _STEP + "\nAnswer (Yes or No ?):"}),
-    "ancestor": (("edges", "sampled_ancestor", "attribution"), {
-        "basic": _GRAPH + "Does %s serve as the ancestor node of %s?\nAnswer (Yes or No ?):",
-        "zero-shot-CoT": _GRAPH + "Does %s serve as the ancestor node of %s?" + _STEP + "\nAnswer (Yes or No ?):"}),
-    "parent": (("edges", "sampled_parent", "attribution"), {
-        "basic": _GRAPH + "Does %s serve as the parent node of %s?\nAnswer (Yes or No ?):",
-        "zero-shot-CoT": _GRAPH + "Does %s serve as the parent node of %s?" + _STEP + "\nAnswer (Yes or No ?):"}),
+        "zero-shot-CoT": "Input Event: If %s.\nQuestion: Does %s cause %s?" + _STEP + _YES_NO}),
+    "ancestor": (("edges", "sampled_ancestor", "attribution"),
+                 _styles(_GRAPH + "Does %s serve as the ancestor node of %s?", _YES_NO)),
+    "parent": (("edges", "sampled_parent", "attribution"),
+               _styles(_GRAPH + "Does %s serve as the parent node of %s?", _YES_NO)),
     "identification": (("di_edges", "bi_edges", "treatment", "outcome"), {
         "basic": "You will be presented with a causal graph in the following form: %s.\nThere exist unobserved "
                  "confounders between: %s.\nQuestion: Whether the causal effect of %s on %s is identified or not? "
                  "\nAnswer (Yes or No ?):",
         "zero-shot-CoT": "You will be presented with a causal graph in the following form: %s.\nThere exist unobserved "
                          "confounders between: %s.\nQuestion: Whether the causal effect of %s on %s is identified or "
-                         "not?" + _STEP + "\nAnswer (Yes or No ?):"}),
+                         "not?" + _STEP + _YES_NO}),
     "event_causality": (("words", "events"), {
-        "basic": 'Input: %s\nQuestion: is there a causal relationship between "%s" and "%s" ?\nAnswer (Yes or No ?):',
+        "basic": 'Input: %s\nQuestion: is there a causal relationship between "%s" and "%s" ?' + _YES_NO,
         "zero-shot-CoT": 'Input: %s\nQuestion: is there a causal relationship between "%s" and "%s" ?' + _STEP
                          + "\nAnswer:"}),
-    "pairwise_binary": (("premise", "hypothesis"), {
-        "basic": "Event A: %s\nEvent B: %s\nQuestion: is there a causal relationship between Event A and Event B ?"
-                 "\nAnswer (Yes or No ?):",
-        "zero-shot-CoT": "Event A: %s\nEvent B: %s\nQuestion: is there a causal relationship between Event A and "
-                         "Event B ?" + _STEP + "\nAnswer (Yes or No ?):"}),
-    "pairwise_choice": (("premise", "ask-for", "hypothesis1", "hypothesis2"), {
-        "basic": "Input Event: %s\nQuestion: Please select the %s of the input event from the following options."
-                 "\nOption 1: %s\nOption 2: %s\nAnswer (Option 1 or Option 2 ?):",
-        "zero-shot-CoT": "Input Event: %s\nQuestion: Please select the %s of the input event from the following "
-                         "options." + _STEP + "\nOption 1: %s\nOption 2: %s\nAnswer (Option 1 or Option 2 ?):"}),
-    "max_bas": (("edges", "treatment", "outcome", "option1", "option2", "option3"), {
-        "basic": _GRAPH + "Which is the maximal set of variables that" + _BACKDOOR + _PAIR + _THREE,
-        "zero-shot-CoT": _GRAPH + "Which is the maximal set of variables that" + _BACKDOOR + _PAIR + _STEP + _THREE}),
-    "min_bas": (("edges", "treatment", "outcome", "option1", "option2", "option3"), {
-        "basic": _GRAPH + "Which is the minimal set of variables that" + _BACKDOOR + _PAIR + _THREE,
-        "zero-shot-CoT": _GRAPH + "Which is the minimal set of variables that" + _BACKDOOR + _PAIR + _STEP + _THREE}),
-    "mix_bas": (("edges", "treatment", "outcome", "option1", "option2", "option3"), {
-        "basic": _GRAPH + "Which set of variables that" + _BACKDOOR + _PAIR + _THREE,
-        "zero-shot-CoT": _GRAPH + "Which set of variables that" + _BACKDOOR + _PAIR + _STEP + _THREE}),
-    "frontdoor": (("edges", "treatment", "outcome", "option1", "option2", "option3"), {
-        "basic": _GRAPH + "Which set of variables that satisfies the front-door criterion" + _PAIR + _THREE,
-        "zero-shot-CoT": _GRAPH + "Which set of variables that satisfies the front-door criterion" + _PAIR + _STEP
-                         + _THREE}),
-    "instrument": (("edges", "treatment", "outcome", "option1", "option2", "option3"), {
+    "pairwise_binary": (("premise", "hypothesis"), _styles(
+        "Event A: %s\nEvent B: %s\nQuestion: is there a causal relationship between Event A and Event B ?", _YES_NO)),
+    "pairwise_choice": (("premise", "ask-for", "hypothesis1", "hypothesis2"), _styles(
+        "Input Event: %s\nQuestion: Please select the %s of the input event from the following options.",
+        "\nOption 1: %s\nOption 2: %s\nAnswer (Option 1 or Option 2 ?):")),
+    "max_bas": (_SET_FIELDS, _set_styles("Which is the maximal set of variables that" + _BACKDOOR)),
+    "min_bas": (_SET_FIELDS, _set_styles("Which is the minimal set of variables that" + _BACKDOOR)),
+    "mix_bas": (_SET_FIELDS, _set_styles("Which set of variables that" + _BACKDOOR)),
+    "frontdoor": (_SET_FIELDS, _set_styles("Which set of variables that satisfies the front-door criterion")),
+    "instrument": (_SET_FIELDS, {  # CaLM's basic template says "instrumental", its zero-shot-CoT "instrument"
         "basic": _GRAPH + "Which set of variables is the instrumental variables" + _PAIR + _THREE,
         "zero-shot-CoT": _GRAPH + "Which set of variables is the instrument variables" + _PAIR + _STEP + _THREE}),
     "crass": (("premise", "QCC", "Answer1", "Answer2", "Answer3", "Answer4"), {
@@ -105,10 +99,8 @@ PROMPTS = {
                  "Option 4: %s\nAnswer (Option 1 or 2 or 3 or 4?):",
         "zero-shot-CoT": "Input Event: %s\n    Counterfactual Question: %s" + _STEP + "\n    Option 1: %s\n    "
                          "Option 2: %s\n    Option 3: %s\n    Option 4: %s\n    Answer (Option 1 or 2 or 3 or 4?):"}),
-    "explanation": (("cause", "effect"), {
-        "basic": "Cause: %s\nEffect: %s\nQuestion: why the cause can lead to the effect ?\nAnswer:",
-        "zero-shot-CoT": "Cause: %s\nEffect: %s\nQuestion: why the cause can lead to the effect ?" + _STEP
-                         + "\nAnswer:"}),
+    "explanation": (("cause", "effect"),
+                    _styles("Cause: %s\nEffect: %s\nQuestion: why the cause can lead to the effect ?", "\nAnswer:")),
 }
 
 # task -> (rung, prompt group, labelling family, CaLM's random-guess accuracy in %; None where CaLM

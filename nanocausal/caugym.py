@@ -33,15 +33,13 @@ ANSWER_SPAN = re.compile(r'\{"(?:ANSWER|PROB)":[^}]*\}')
 
 
 def official_prompt(problem, variant="base", lack_hint=None):
-    """The official user message: problem + "\\n" + "Let's think step by step."; insufficient
-    items (or lack_hint=True) also get the LACK_CONDITION hint."""
+    """The official user message (module docstring); lack_hint overrides whether it has the hint."""
     hint = variant == "insufficient" if lack_hint is None else lack_hint
     return problem + "\n" + STEP + (" " + LACK_HINT if hint else "")
 
 
 def answer_spans(response):
-    """Every parsed answer JSON of the response, in order (lower-cased keys), per the official
-    rule: whitespace removed, spans from {"ANSWER": or {"PROB": to the next }."""
+    """Every parsed answer JSON of the response (the official rule's spans), in order, keys lower-cased."""
     out = []
     for span in ANSWER_SPAN.findall(re.sub(r"\s+", "", response)):
         try:

@@ -1,14 +1,10 @@
 """The CauGym evaluation protocol, run on a model: what eval.py, the trainers' periodic evaluation
 and pipeline.py all call.
 
-The protocol itself (the user message, 5 samples at temperature 0.6 / top_p 0.95, at most 8192
-new tokens, the official scoring rule) is fixed in nanocausal.caugym; this module loads the
-problems, answers them through the sampler (or the symbolic `oracle`), scores every sample and
-aggregates accuracy = correct samples / all samples, per task and overall.
-
-`run(EvalConfig)` is eval.py's whole job: a table of the seven tasks by data set, every response
-appended to <out>/responses.jsonl as soon as its problem is answered (a rerun resumes from it), and the
-scores in <out>/summary.json.
+The protocol itself (the user message, the sampling settings, the scoring rule) is fixed in
+nanocausal.caugym; this module loads the problems, answers them through the sampler (or the
+symbolic `oracle`), scores every sample and aggregates accuracy = correct samples / all samples,
+per task and overall (`run` is eval.py's job).
 
 CaLM-Lite task files (or folders of them) run through the same path with CaLM's own prompts and
 labelling (nanocausal.calm): their items carry the CaLM item, and `scoring` labels them by CaLM's
@@ -21,7 +17,7 @@ import hashlib
 import json
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import MISSING, dataclass
 
 import torch
@@ -34,8 +30,7 @@ from nanocausal.problem_text import solve
 from nanocausal.generate import generate_many
 from nanocausal.tokenizer import Tokenizer
 
-# -----------------------------------------------------------------------------
-# Problems
+# ----------------------------------------------------------------------------- problems
 
 
 PSEUDO_MODELS = ("oracle", "gold")
@@ -61,18 +56,17 @@ def load_dataset(spec, seed=0, tasks=caugym.TASKS, nodes=None, prompt_style="bas
             raise ValueError(f"--data {spec}: expected tiny:N or tiny-VARIANT:N with VARIANT one of "
                              f"{', '.join(tiny.VARIANTS[1:])} and N in 1..{MAX_GENERATED:,}")
         items = tiny.make_problems(int(n), seed=seed, variant=variant)
-        return spec, [dict(item, prompt=[{"role": "user", "content": caugym.official_prompt(item["problem"], variant)}])
-                      for item in items]
-    if spec.startswith("gen:"):
+    elif spec.startswith("gen:"):
         parts = spec.split(":")
         if len(parts) != 3 or parts[1] not in caugym.VARIANTS or not _count_ok(parts[2]):
             raise ValueError(f"--data {spec}: expected gen:VARIANT:N with VARIANT one of {', '.join(caugym.VARIANTS)} "
                              f"and N in 1..{MAX_GENERATED:,}")
-        rows = problems.generate(int(parts[2]), tasks=tasks, variant=parts[1], nodes=nodes, seed=seed)
-        return spec, [dict(row, prompt=[{"role": "user", "content": caugym.official_prompt(row["problem"], parts[1])}])
-                      for row in rows]
-    name = os.path.splitext(os.path.basename(spec))[0]
-    return name, data.load_examples(spec, "rl")
+        variant = parts[1]
+        items = problems.generate(int(parts[2]), tasks=tasks, variant=variant, nodes=nodes, seed=seed)
+    else:
+        return os.path.splitext(os.path.basename(spec))[0], data.load_examples(spec, "rl")
+    return spec, [dict(item, prompt=[{"role": "user", "content": caugym.official_prompt(item["problem"], variant)}])
+                  for item in items]
 
 
 MAX_GENERATED = 1_000_000  # problems of one generated set (the CauGym test sets have 700)
@@ -98,8 +92,7 @@ def item_key(dataset, index, item):
     digest = hashlib.sha1(json.dumps(item["prompt"]).encode()).hexdigest()[:12]
     return f"{dataset}/{index}/{digest}"
 
-# -----------------------------------------------------------------------------
-# Answering and scoring
+# ----------------------------------------------------------------------------- answering and scoring
 
 
 def sample_key(key):
@@ -205,8 +198,7 @@ def accuracy(records, by="type"):
     return {group: correct[group] / total[group] for group in total}
 
 
-# -----------------------------------------------------------------------------
-# Files and the table
+# ----------------------------------------------------------------------------- files and the table
 
 
 def read_responses(path):
@@ -253,8 +245,7 @@ def rescore(path):
     print(format_table(columns))
     return records, columns
 
-# -----------------------------------------------------------------------------
-# eval.py
+# ----------------------------------------------------------------------------- eval.py
 
 
 @dataclass
@@ -312,14 +303,6 @@ def check_prompts_fit(tokenizer, context, datasets):
             if length >= context:
                 raise ValueError(f"{where}: the prompt is {length} tokens, the model's whole context is {context}: "
                                  f"no room for a reply")
-
-
-def load_model_and_tokenizer(config: EvalConfig):
-    if config.model in PSEUDO_MODELS:
-        return config.model, None
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, config.dtype) if config.dtype else (torch.bfloat16 if "cuda" in device else torch.float32)
-    return checkpoint.load_model(config.model, dtype=dtype, device=device), Tokenizer.from_pretrained(config.model)
 
 
 def run_settings(config: EvalConfig):
@@ -405,18 +388,19 @@ def run(config: EvalConfig):
     if distributed.is_main() and os.path.isdir(config.out):
         rundir.lock(config.out)  # one eval.py writes an --out at a time, for its whole run
         check_same_run(config, settings, write=False)  # a refusal comes before the model loads
-    model, tokenizer = load_model_and_tokenizer(config)  # (a broken model fails before anything is written)
+    model, tokenizer = config.model, None
+    if config.model not in PSEUDO_MODELS:  # (a broken model fails before anything is written)
+        dtype = getattr(torch, config.dtype or ("bfloat16" if "cuda" in config.device else "float32"))
+        model = checkpoint.load_model(config.model, dtype=dtype, device=config.device)
+        tokenizer = Tokenizer.from_pretrained(config.model)
     if distributed.is_main():
         rundir.lock(config.out)  # (creates it; a no-op when held already)
         check_same_run(config, settings)
         fold_rank_files(responses_path)
     distributed.barrier()
     expected = 1 if config.temperature == 0 else config.num_samples
-    samples_per_key = defaultdict(int)
     previous = read_responses(responses_path)
-    for r in previous:
-        samples_per_key[r["key"]] += 1
-    done = {key for key, n in samples_per_key.items() if n >= expected}
+    done = {key for key, n in Counter(r["key"] for r in previous).items() if n >= expected}
     previous = [r for r in previous if r["key"] in done]  # a partly answered problem is answered again, whole
     if done and distributed.is_main():
         print(f"resuming: {len(done)} problems already answered in {responses_path}")

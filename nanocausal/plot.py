@@ -11,7 +11,7 @@ it renders with Agg, so no display is needed. It can run while the run is traini
 flushes whole lines, and a last line still being written is left for the next plot.
 
 One panel per group of PANELS that some run logged. The x axis is the optimiser step; a run is
-one colour in every panel, a key one line style. From Python (pipeline.py): plot_runs.
+one colour in every panel, a key one line style. From Python: plot_runs, plot_results (pipeline.py).
 """
 import json
 import math
@@ -193,15 +193,6 @@ def plot_results(pipeline_out, out_png=None):
     return out_png
 
 
-def parse_run(text):
-    """NAME=RUN_DIR, or RUN_DIR (an existing path holding "=" is a path)."""
-    if "=" in text and not os.path.exists(text):
-        name, path = text.split("=", 1)
-        if name and path:
-            return name, path
-    return None, text
-
-
 def main(argv=None):
     p = cli.parser_for(__doc__)
     p.prog = "python -m nanocausal.plot"
@@ -219,9 +210,13 @@ def main(argv=None):
         return
     if not args.runs:
         p.error("give RUN_DIRs to plot, or --results PIPELINE_OUT")
-    parsed = [parse_run(text) for text in args.runs]
-    run_dirs = [path for _, path in parsed]
-    names = [name or run_name(path) for name, path in parsed]
+    run_dirs, names = [], []
+    for text in args.runs:  # NAME=RUN_DIR, or RUN_DIR (an existing path holding "=" is a path)
+        name, _, path = text.partition("=")
+        if not (name and path) or os.path.exists(text):
+            name, path = run_name(text), text
+        run_dirs.append(path)
+        names.append(name)
     out = args.out
     if out is None:
         folder = run_dirs[0] if os.path.isdir(run_dirs[0]) else os.path.dirname(os.path.abspath(run_dirs[0]))

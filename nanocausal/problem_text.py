@@ -2,11 +2,10 @@
 both official formats, rendering a model and a query as text (`render`), reading such a text back
 (`parse`) and answering it exactly (`solve`, the symbolic solver).
 
-The solver reads only what the text shows: `Statements` holds the 4-decimal numbers of the
-problem, and `first_answer` is the decision rule shared by the solver and the generator: the zero
-answer when the structure is missing, else the first identifying (z, m) whose probabilities are
-all shown, else LACK_CONDITION. Index 0 of every template list is the official wording, the
-others are the "rephrased" variant; the parser reads them all, in either text format.
+The solver reads only what the text shows (`Statements`: the problem's 4-decimal numbers), and
+`first_answer` is the decision rule the solver and the generator share. Index 0 of every template
+list is the official wording, the others are the "rephrased" variant; the parser reads them all,
+in either text format.
 """
 import functools
 import re
@@ -87,7 +86,6 @@ LONG_NAME = {"ATE": "average treatment effect", "CDE": "controlled direct effect
              "ETT": "effect of treatment on the treated", "NDE": "natural direct effect",
              "NIE": "natural indirect effect", "PN": "probability of necessity",
              "PS": "probability of sufficiency"}
-# Index 0 is the official wording; the others are the "rephrased" variant. The parser reads all.
 PREAMBLES = ["Imagine a self-contained, hypothetical world with only the following conditions, and without any "
              "unmentioned factors or causal relationships:",
              "Consider a closed, hypothetical world governed only by the following conditions, with no unmentioned "
@@ -201,10 +199,7 @@ def render(scm, q, store, style="base", instruction=True, rng=None):
 def _name_key(name):
     """Names are compared without their list separators: the official data writes one name
     both as "(e.g. wind, humidity)" and "(e.g. wind and humidity)"."""
-    return _NAME_SEPARATOR.sub(" ", name)
-
-
-_NAME_SEPARATOR = re.compile(r", | and ")
+    return re.sub(r", | and ", " ", name)
 
 
 def _split_pairs(text, pair_re):

@@ -106,9 +106,6 @@ class Graph:
                 stack.extend(nbrs[u])
         return seen
 
-    def has_path(self, x, y):
-        return y in self.desc[x]
-
     def has_indirect_path(self, x, y):
         """A directed path x -> ... -> y of at least three nodes."""
         return any(y in self.desc[c] for c in self.children[x])
@@ -331,7 +328,7 @@ def is_zero(q, g):
         return q.y_var not in g.children[q.x_var]
     if q.task == "NIE":
         return not g.has_indirect_path(q.x_var, q.y_var)
-    return not g.has_path(q.x_var, q.y_var)
+    return q.y_var not in g.desc[q.x_var]
 
 
 def candidates(q, g, strict=False):

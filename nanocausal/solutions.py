@@ -1,12 +1,5 @@
-"""Worked solutions and wrong ones, for one generated Problem (nanocausal.problems.Problem).
-
-`solution` is the SFT target: the variables and their letters, the graph step (why the quantity
-is or is not zero, which backdoor and mediator sets identify it), the formula printed
-symbolically, the numbers read off the statements, the arithmetic, the conclusion and the answer
-JSON. Its arguments can override the correct reasoning, which is how `rejected_solution` writes
-the plausible wrong answers of DPO / KTO: a sign or complement error, a wrong formula, a missing
-adjustment, an arithmetic slip or a wrong LACK_CONDITION, always checked to be scored wrong by
-the official rule.
+"""Worked solutions (`solution`, the SFT target) and plausible wrong ones (`rejected_solution`, for
+DPO / KTO), for one generated Problem (nanocausal.problems.Problem).
 
 Both print formulas with nanocausal.scm's expression trees, so the worked numbers are the ones the
 generator labelled and the solver (nanocausal.problem_text.solve) computes. A Problem is only
@@ -28,21 +21,17 @@ def _structure(p):
     g, q = p.scm.graph, p.q
     X, Y = letter(q.x_var), letter(q.y_var)
     arrow = lambda path: "->".join(letter(v) for v in path)
+    if is_zero(q, g):
+        return [f"There is no edge {X}->{Y}, so {q.task} = 0." if q.task in ("CDE", "NDE") else
+                f"No directed path from {X} to {Y} passes through a third node, so NIE = 0." if q.task == "NIE" else
+                f"There is no directed path from {X} to {Y}, so changing {X} cannot change {Y}: {q.task} = 0."]
     if q.task in ("CDE", "NDE"):
-        found = q.y_var in g.children[q.x_var]
-        text = f"The edge {X}->{Y} exists." if found else f"There is no edge {X}->{Y}, so {q.task} = 0."
+        steps = [f"The edge {X}->{Y} exists."]
     elif q.task == "NIE":
-        found = g.has_indirect_path(q.x_var, q.y_var)
-        path = next((g.example_path(c, q.y_var) for c in g.children[q.x_var] if q.y_var in g.desc[c]), None)
-        text = f"There is a directed path through a mediator ({X}->{arrow(path)})." if found else \
-            f"No directed path from {X} to {Y} passes through a third node, so NIE = 0."
+        path = next(g.example_path(c, q.y_var) for c in g.children[q.x_var] if q.y_var in g.desc[c])
+        steps = [f"There is a directed path through a mediator ({X}->{arrow(path)})."]
     else:
-        found = g.has_path(q.x_var, q.y_var)
-        text = f"There is a directed path {arrow(g.example_path(q.x_var, q.y_var))}, so {X} can affect {Y}." \
-            if found else f"There is no directed path from {X} to {Y}, so changing {X} cannot change {Y}: {q.task} = 0."
-    steps = [text]
-    if not found:
-        return steps
+        steps = [f"There is a directed path {arrow(g.example_path(q.x_var, q.y_var))}, so {X} can affect {Y}."]
     if q.task in ("NDE", "NIE"):
         steps.append(f"Mediator set: {{{letter(p.m[0])}}}, on every directed path from {X} to {Y} except {X}->{Y}."
                      if p.m else f"Mediator set: empty, {X}->{Y} is the only directed path.")
@@ -82,13 +71,11 @@ def solution(p, tree=None, lookup=None, value=None, missing=None):
     used = dict.fromkeys([q.x_var, q.y_var, *(v for v, _ in q.w), *p.m, *p.z])
     steps = ["Variables: " + "; ".join(f"{letter(v)} = {scm.names[v]} ({letter(v)}=0: {scm.values[v][0]}, "
                                        f"{letter(v)}=1: {scm.values[v][1]})" for v in used) + "."]
-    x, y = q.x, q.y
-    role = (f"Treatment {X}, outcome {Y}; the question sets {X}={x} and asks about {Y}={y}") + \
-        (f", given the factual {X}={q.xf}" if q.xf is not None else "") + \
-        (f" and {Y}={q.yf}" if q.yf is not None else "") + \
-        (f", with {' and '.join(f'{letter(v)}={b}' for v, b in q.w)}" if q.w else "") + \
-        (f"; it asks for the {q.bound} bound" if q.bound else "") + "."
-    steps.append(role)
+    steps.append(f"Treatment {X}, outcome {Y}; the question sets {X}={q.x} and asks about {Y}={q.y}" +
+                 (f", given the factual {X}={q.xf}" if q.xf is not None else "") +
+                 (f" and {Y}={q.yf}" if q.yf is not None else "") +
+                 (f", with {' and '.join(f'{letter(v)}={b}' for v, b in q.w)}" if q.w else "") +
+                 (f"; it asks for the {q.bound} bound" if q.bound else "") + ".")
     steps += _structure(p)
     if is_zero(q, scm.graph) and missing is None:
         steps.append(f"So {q.task} = 0.0000, and the answer is No.")
@@ -115,7 +102,7 @@ def solution(p, tree=None, lookup=None, value=None, missing=None):
     elif q.task == "ETT":
         yes = result <= -0.001
         steps.append(f"ETT = E[{Y}_(xf) - {Y}_(x) | {X}={q.xf}] = {result:.4f} "
-                     f"{'<=' if yes else '>'} -0.001, so {Y}={y} would {'' if yes else 'not '}have been "
+                     f"{'<=' if yes else '>'} -0.001, so {Y}={q.y} would {'' if yes else 'not '}have been "
                      f"more likely: the answer is {'Yes' if yes else 'No'}.")
     else:
         yes = result >= 0.001

@@ -2,10 +2,9 @@
 tokenizer, a ~0.45M-parameter Qwen2 with a ChatML template, and a short generic pretraining.
 `python build_tiny_base.py` runs it; the tests build smaller ones with the same functions.
 
-The tokenizer is a byte-level BPE trained with `tokenizers` on generated problems and
-solutions. It uses Qwen2's pre-tokenizer, so digits are one per token (the column arithmetic needs to see
-single digits) and transformers' Qwen2Tokenizer reads the folder as nanocausal does; with ~1000
-merges every word of the CauGym template is a single token.
+The tokenizer is a byte-level BPE trained with `tokenizers` on generated problems and solutions
+(Qwen2's pre-tokenizer: digits one per token); with ~1000 merges every word of the CauGym template
+is a single token.
 
 Post-training starts from a pretrained model that can already read and do arithmetic; what SFT
 and RL add is the causal task. A randomly initialised model spends its first thousands of steps
@@ -15,9 +14,7 @@ every problem), so the tiny pipeline starts from a "base" pretrained on generic 
   - copying: a problem followed by "Numbers: a b", its numbers in order of appearance,
   - arithmetic: "a - b" written as in the solutions, on random pairs, with no problem around it.
 Which numbers the ATE needs, in which order, when there is no path, and the answer JSON are left
-to post-training. The shipped data/tiny-base was built on the shared 2-core machine by an earlier version
-of this code whose cosine followed the wall time (22 minutes: 1150 steps, then 12 minutes at lr
-2e-3, seed 1: 321 more steps); in steps, as the schedule now counts them:
+to post-training. The shipped data/tiny-base was built on a 2-core CPU (34 minutes) by the equivalent of:
   python build_tiny_base.py --out base1 --steps 1150
   python build_tiny_base.py --resume-from base1 --out data/tiny-base --steps 321 --lr 2e-3 --seed 1
 It then completes held-out column subtractions exactly 86 % of the time and
@@ -53,8 +50,7 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 TINY_MODEL = dict(hidden_size=96, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=288)
 
 
-# -----------------------------------------------------------------------------
-# Tokenizer and model
+# ----------------------------------------------------------------------------- tokenizer and model
 
 
 def train_tokenizer(out_dir, vocab_size=1000, n_texts=3000, seed=1234):
@@ -105,13 +101,11 @@ def build_tiny(out_dir, seed=0, vocab_size=1000, n_texts=3000, **model_kwargs):
     tokenizer = train_tokenizer(out_dir, vocab_size=vocab_size, n_texts=n_texts)
     eos_id, pad_id = tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")
     config = tiny_config(tokenizer.get_vocab_size(), eos_id, pad_id, **model_kwargs)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": [eos_id], "pad_token_id": pad_id}, f, indent=2)
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.from_dict(config)).init_weights()
-    checkpoint.save_model(model, out_dir)
+    checkpoint.save_model(model, out_dir)  # (writes config.json too)
     return out_dir
 
 def pretraining_text(rng):

@@ -19,10 +19,6 @@ Ending a reply. A chat model ends its turn by emitting an end-of-turn token (<|i
 <|eot_id|> for Llama 3). A model can also stop on other tokens: Qwen2.5 Instruct's
 generation_config.json lists both <|im_end|> and <|endoftext|>, Llama 3.1's three ids. So
 `eos_token_ids` is a set, and a sampler stops a row at the first token in it.
-
-Training on a reply. `encode_chat_completion` returns prompt + completion ids and a mask that is 1
-on the completion only, its end-of-turn token included: the model must learn to say the answer
-*and* to stop; a reply trained without its EOS never ends at sampling time.
 """
 import functools
 import json
@@ -292,7 +288,8 @@ class Tokenizer:
         # This is what keeps <|endoftext|> a stop token for Qwen2.5 folders that ship no
         # generation_config.json (Qwen's own generation_config lists it as an eos).
         pad = self.special_tokens.get("pad_token")
-        if pad is not None and pad in self._special_added_tokens():
+        special = {t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special}
+        if pad is not None and pad in special:
             ids.append(self.token_to_id(pad))
         self.eos_token_ids = tuple(dict.fromkeys(i for i in ids if i is not None))
         if not self.eos_token_ids:
@@ -310,9 +307,6 @@ class Tokenizer:
         if not os.path.isfile(os.path.join(folder, "tokenizer.json")) and is_adapter(folder):
             return cls.from_pretrained(base_of(folder))  # a bare LoRA adapter: its base's tokenizer
         return cls(folder)
-
-    def _special_added_tokens(self):
-        return {t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special}
 
     # ---- text <-> ids ----------------------------------------------------------------------------
 
@@ -383,14 +377,15 @@ class Tokenizer:
                               + encode(completion) + end_of_turn
             completion_mask = 0 on the prompt, 1 on encode(completion) + end_of_turn
 
-        end_of_turn is what the template writes after an assistant message, up to and including its
-        first eos id: <|im_end|> for ChatML, <|eot_id|> for Llama 3. We find it by rendering the
-        conversation with the assistant message and reading what follows the message, so it is the
-        template's own end of turn, not a guess (Llama 3.1's first generation_config eos,
-        <|end_of_text|>, is not what ends its turns). Whatever the template writes after that eos
-        (ChatML's "\\n") is dropped: sampling stops at the eos, so the model never produces it.
-        Where the template is prefix-consistent (Qwen2.5, SmolLM2, Qwen3 with enable_thinking=False)
-        the ids are therefore transformers' full-conversation ids up to that eos.
+        The mask covers end_of_turn because the model must learn to say the answer *and* to stop: a
+        reply trained without its EOS never ends at sampling time. end_of_turn is what the template
+        writes after an assistant message, up to and including its first eos id: <|im_end|> for ChatML,
+        <|eot_id|> for Llama 3. We find it by rendering the conversation with the assistant message and
+        reading what follows the message, so it is the template's own end of turn, not a guess (Llama
+        3.1's first generation_config eos, <|end_of_text|>, is not what ends its turns). Whatever the
+        template writes after that eos (ChatML's "\\n") is dropped: sampling stops at the eos, so the
+        model never produces it. Where the template is prefix-consistent (Qwen2.5, SmolLM2, Qwen3 with
+        enable_thinking=False) the ids are therefore transformers' full-conversation ids up to that eos.
 
         The completion is encoded on its own, not together with the prompt's text, because that is
         how a sampled reply is built: token by token after the prompt ids. The completion is

@@ -7,16 +7,9 @@ Biases, trackio or TensorBoard, so a long run can be watched while it trains.
     python train_rl.py ... --report-to wandb,tensorboard    # several at once
 
 metrics.jsonl stays the record of a run (plot it with `python -m nanocausal.plot OUT_DIR`); a
-tracker is a second copy for watching. The loop calls
-
-    tracking.check(report_to)               # optional, at parse time: a missing package fails at once
-    tracker = tracking.start(report_to, run_name, project, out_dir, config_dict)
-    tracker.log(row, step)                  # every row it writes to metrics.jsonl
-    tracker.log_completions(step, records)  # a table of sampled evaluation completions
-    tracker.finish()                        # at the end (also after Ctrl-C)
-
-What each backend receives: the numeric values of each row at x = row["step"] (scalars()), the
-completions as a table (wandb, trackio) or markdown text (TensorBoard), the run's config once.
+tracker is a second copy for watching: each backend receives the numeric values of each row at
+x = row["step"] (scalars()), the sampled evaluation completions as a table (wandb, trackio) or
+markdown text (TensorBoard), and the run's config once.
 
 Conventions pinned here:
 - Each backend is imported only when asked for. A missing package is a ValueError of one line
@@ -49,8 +42,8 @@ COMPLETION_COLUMNS = ("type", "variant", "answer", "response", "correct")
 
 
 def start(report_to="none", run_name=None, project="nanocausal", out_dir="out/run", config=None):
-    """A Tracker reporting to each backend of report_to (module docstring); run_name defaults to
-    out_dir's folder name; config (a dict) is stored with the run."""
+    """A Tracker reporting to each backend of report_to; run_name defaults to out_dir's folder name;
+    config (a dict) is stored with the run."""
     names = check(report_to)  # on every rank: a missing package stops all of them, before training
     if not names or int(os.environ.get("RANK", "0")) != 0:
         return Tracker([])
@@ -108,14 +101,12 @@ def scalars(row):
             if key not in ("step", "time") and isinstance(value, numbers.Real)}
 
 
-# -----------------------------------------------------------------------------
-# The tracker: what the loop holds; it keeps a failing backend from stopping the run
+# ---------------------------------------- the tracker: what the loop holds; a failing backend never stops the run
 
 
 class Tracker:
-    """Forwards each call to every backend still working. A backend that raises is reported in
-    one warning line and dropped; the others, and the run, go on. With no backends (report_to
-    "none", or a rank other than 0) every call does nothing."""
+    """Forwards each call to every backend still working (none: report_to "none", or a rank other
+    than 0); a backend that raises is dropped with one warning (module docstring)."""
 
     def __init__(self, backends):
         self.backends = list(backends)
@@ -143,8 +134,7 @@ class Tracker:
                 tqdm.write(f"warning: --report-to {backend.name}: {method} failed ({type(e).__name__}: "
                            f"{one_line(e)}); no more reporting to it, metrics.jsonl goes on")
 
-# -----------------------------------------------------------------------------
-# The backends: each one a few calls of its package's own API
+# ---------------------------------------- the backends: each one a few calls of its package's own API
 
 
 class LoggerBackend:
