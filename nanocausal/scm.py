@@ -78,7 +78,9 @@ def sample_names(rng, n, kind):
     names = set()
     while len(names) < n:
         names.add("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4)))
-    return [(name, rng.choice(VALUE_PAIRS)) for name in sorted(names, key=lambda s: rng.random())]
+    # sorted first: a set's order follows Python's per-process string hashing (PYTHONHASHSEED), and
+    # the random keys below must go to the same names in every process (--resume, eval sets)
+    return [(name, rng.choice(VALUE_PAIRS)) for name in sorted(sorted(names), key=lambda s: rng.random())]
 
 # ----------------------------------------------------------------------------- graph
 def letter(v):

@@ -35,6 +35,18 @@ def test_generate_is_deterministic_and_splits_share_no_model():
     assert len(train) >= 10 and not train & test
 
 
+def test_generate_is_the_same_in_every_process_whatever_the_string_hash_seed():
+    """A resumed run and an eval set regenerate their problems in a new process, whose string hashing
+    (PYTHONHASHSEED) differs: the problems, nonsense names included, must not depend on it."""
+    import os
+    import subprocess
+    import sys
+    code = "import json; from nanocausal.problems import generate; print(json.dumps(generate(60, seed=3), default=str))"
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
+    assert len(outputs) == 1
+
+
 def test_variants_have_no_surface_cue():
     for style_variant in ("deconfounding", "redundant", "insufficient", "omitted", "rephrased"):
         for p in problems(70, variant=style_variant, seed=9, split="cue"):
