@@ -2,10 +2,8 @@
 Generation by continuous batching: a fixed number of decode rows (slots) works through a queue of
 prompts, and a slot whose completion has ended takes the next waiting prompt while the other slots
 go on decoding. What eval.py and the RL rollouts run, with the log-prob of every sampled token.
-
-Why. A static batch decodes until its longest row ends; replies of reasoning models have a long
-tail of lengths, so most of its rows would compute padding. Here a finished row is refilled at once
-(up to `check_every` steps of waiting, below).
+Why: a static batch decodes until its longest row ends, and replies of reasoning models have a long
+tail of lengths, so most of its rows would compute padding.
 
 The cache of a slot (R slots, C columns per layer, (R, K, C, D) tensors):
 
@@ -13,43 +11,33 @@ The cache of a slot (R slots, C columns per layer, (R, K, C, D) tensors):
     slot s:   p p p p p p p p | t0 t1 ...    |  unused  | scratch
               its prompt       its new tokens (column = position)
 
-Each slot keeps its own position: column j of a slot holds its token at position j, so slots
-need not agree on anything: prompts of any length, completions at any point. model.hidden_states
-writes a step's keys and values at one column for the whole batch (cache_position, (T,)), so a
-step writes them at a scratch column (the last one attended, which no slot holds a token in) and
-then moves each row's pair to its own column: one (R, K, D) index_put per layer. The attention
-mask (R, C) is 1 on a row's columns 0 .. position-1; the scratch is the query's own slot, which
-hidden_states always lets a query see. Keys may sit in any column: a key's position is in its
-RoPE rotation (applied before it is cached), and attention is a sum over keys.
+Column j of a slot holds its token at position j, so slots need not agree on anything: prompts of
+any length, completions at any point. model.hidden_states writes a step's keys and values at one
+column for the whole batch (cache_position, (T,)), so a step writes them at a scratch column (the
+last one attended, where no slot holds a token) and then moves each row's pair to its own column:
+one (R, K, D) index_put per layer. The attention mask (R, C) is 1 on a row's columns 0 ..
+position-1; the scratch is the query's own slot, which hidden_states always lets a query see. Keys
+may sit in any column: a key's position is in its RoPE rotation (applied before it is cached), and
+attention is a sum over keys.
 
 Refill. Every `check_every` steps (a host sync) the slots that finished hand their completion
 back and waiting prompts are admitted, in input order. A prompt comes with its num_samples
 samples (a GRPO group): it waits until num_samples slots are free, any of them. The prompts
-admitted together are prefilled as one right-padded batch (so the padding, to the right of every
-real token, is hidden by the causal mask), `prefill_chunk` tokens at a time (activation memory
-stays bounded for long prompts), into a temporary cache whose keys and values are then copied into
-each sample's slot: a prompt is read once per group. Only the last position of each prompt goes
-through the output head; its logits give each sample its first token. The other slots keep their
-state; they wait for the prefill and resume.
+admitted together are prefilled as one right-padded batch (the causal mask hides padding to the
+right of every real token), `prefill_chunk` tokens at a time (bounded activation memory), into a
+temporary cache then copied into each sample's slot: a prompt is read once per group, and the
+logits of its last position give each sample its first token.
 
 Static shapes. A decode step reads and writes preallocated tensors only (each slot's token,
 position, completion column, token limit, random-stream key, the mask, the outputs) and admission
-edits them in place, so on CUDA the step is captured as a CUDA graph per width bucket (the
-columns in use rounded up to a multiple of GRAPH_BUCKET, scratch its last column) and replayed
-across every refill; on CPU it runs eagerly over the columns in use. A finished row keeps
-computing until it is refilled (shapes never change); what it computes is never recorded: its
-position and column stop advancing. compile_decode=True compiles the step with torch.compile
-before any capture (fewer, fused kernels per step: gpt-fast's route).
+edits them in place, so on CUDA the step is captured as a CUDA graph per width bucket
+(CudaGraphs) and replayed across every refill; on CPU it runs eagerly over the columns in use. A
+finished row keeps computing until it is refilled, but its position and column stop advancing, so
+nothing it computes is recorded. compile_decode=True compiles the step with torch.compile before
+any capture (fewer, fused kernels per step: gpt-fast's route).
 
-Sampling: sampling.sample_tokens. Token t of sample j of prompt i draws the uniform
-counter_uniform(stream_key(seed, prompt_keys[i], j), t) (sampling.py), a pure function of its
-coordinates: a completion depends neither on its slot, its neighbours nor the slot count.
-
-Weights. During a call every parameter is read in the compute dtype (compute_dtype_weights), and
-on CPU every linear layer multiplies by a transposed copy of its weight (cpu_weight_layout).
-
-Token limits. Prompt i gets min(max_new_tokens, context - len(prompt_i)) new tokens: a prompt
-near the end of the context stops by "length" sooner instead of failing the whole call.
+Sampling: token t of sample j of prompt i draws counter_uniform(stream_key(seed, prompt_keys[i],
+j), t) (sampling.py), so a completion depends neither on its slot, its neighbours nor the slot count.
 
 Left out: mixing prefill chunks into decode steps (vLLM's chunked prefill: the step would change
 shape), sharing a prefix across prompts (prefix caching), paged KV memory (every slot reserves C
@@ -97,10 +85,8 @@ class Generation:
 
 @contextmanager
 def cpu_weight_layout(model):
-    """On CPU, give every Linear of the model an (in, out) copy of its weight for the length of a
-    generate call (see model.Linear: decode steps multiply few rows, which MKL does several times
-    faster in that layout). The copies cost one pass over the weights per call and double the
-    weights' memory until the call ends. On other devices: nothing."""
+    """On CPU, give every Linear an (in, out) copy of its weight (model.Linear's weight_t) for the
+    length of a generate call: one pass over the weights per call, twice their memory until it ends."""
     on_cpu = model.embed_tokens.weight.device.type == "cpu"
     linears = [m for m in model.modules() if isinstance(m, Linear)] if on_cpu else []
     for m in linears:
@@ -114,25 +100,20 @@ def cpu_weight_layout(model):
 
 @contextmanager
 def compute_dtype_weights(model):
-    """For the length of a generate call, let every floating parameter of the model that is not in
-    the compute dtype (model.compute_dtype(): bf16 under autocast with float32 master weights) be
-    read from a copy in that dtype.
+    """For the length of a generate call, read every floating parameter not in the compute dtype
+    (model.compute_dtype(): bf16 under autocast with float32 weights) from a copy in that dtype.
 
-    Why: autocast casts a float32 weight to bf16 where a matmul reads it, and under inference_mode
-    it keeps no cache of those casts, so every decode step (and every replay of a captured step)
+    Why: under inference_mode autocast keeps no cache of its weight casts, so every decode step
     would read 4 bytes and write 2 per parameter before the matmul reads 2: 8 bytes per parameter
-    per token where decoding is bound by the 2 it needs. The copies are made once and kept on the
-    model (model.compute_dtype_copies, {id(parameter): (parameter, copy)}, not parameters: no optimiser,
-    checkpoint or .to() ever sees them) and are refreshed in place when a call starts: the weights
-    only change between calls (an optimiser step), one pass over them per call is nothing next to
-    one per token, and the copies keep their addresses, so a CUDA graph captured over them stays
-    valid. They cost 2 bytes per parameter for as long as the model lives (memory_plan's
-    rollout_copy). Weights already in the compute dtype (--dtype bfloat16) are read as they are.
-    """
+    per token where decoding is bound by the 2 it needs. The copies live on the model
+    (model.compute_dtype_copies: not parameters, so no optimiser, checkpoint or .to() sees them) and
+    are refreshed in place when a call starts: weights only change between calls, and the copies
+    keep their addresses, so a captured CUDA graph stays valid. Cost: 2 bytes per parameter for the
+    model's life (memory_plan's rollout_copy)."""
     dtype = model.compute_dtype()
-    swapped = []  # (module, name, the parameter to put back)
+    swapped = []
     if model.embed_tokens.weight.dtype != dtype:
-        copies = model.__dict__.setdefault("compute_dtype_copies", {})  # id(parameter) -> (parameter, copy)
+        copies = model.__dict__.setdefault("compute_dtype_copies", {})  # id(p) -> (p, copy)
         refreshed = set()
         for module in model.modules():
             for name, p in module._parameters.items():
@@ -157,33 +138,28 @@ def compute_dtype_weights(model):
 # -----------------------------------------------------------------------------
 # CUDA graphs, one per width bucket
 
-# Cache columns per CUDA-graph length bucket: a graph attends over a multiple of this many columns,
-# not over the whole prompt + max_new_tokens from the first step (replies that end near 2k of an
-# 8k budget would otherwise mostly read empty columns).
+# A graph attends over a multiple of this many columns, not over prompt + max_new_tokens from the
+# first step (replies that end near 2k of an 8k budget would mostly read empty columns).
 GRAPH_BUCKET = 512
 
 
 def bucket_width(needed, full, bucket=None):
-    """The cache width a step that needs `needed` columns runs at under CUDA graphs: needed rounded
-    up to a multiple of the bucket (GRAPH_BUCKET), at most `full`. Columns between needed and the
-    width are masked, so any width >= needed computes the same step."""
+    """`needed` columns rounded up to a multiple of the bucket (GRAPH_BUCKET), at most `full`; the
+    extra columns are masked, so any width >= needed computes the same step."""
     bucket = bucket or GRAPH_BUCKET
     return min(full, -(-needed // bucket) * bucket)
 
 
 class CudaGraphs:
-    """One captured CUDA graph of step(width) per width, captured on first use, sharing one memory
-    pool. Sharing is safe in any replay order because a step's temporaries all die inside it: what
-    it produces is written into tensors allocated before any capture (the Slots').
+    """One CUDA graph of step(width) per width, captured on first use, all sharing one memory pool:
+    safe in any replay order, since a step's temporaries die inside it and its results go to the
+    Slots' tensors, allocated before any capture.
 
-    Calling it runs one real step: a replay, or (a width not seen yet) one eager step on a side
-    stream (capture needs cuBLAS and the allocator warm) followed by the capture, which records
-    kernels without running them. Streams, capture and replay live on `device` (--device cuda:1
-    must not capture on device 0). capture_seconds[width] is the wall time of that warm-up step and
-    capture (torch.cuda.graph synchronises and empties the allocator's cache on entry). The graphs
-    live for one generate call: keeping them across calls would keep the static buffers they write,
-    the whole KV cache among them, allocated through the training phase, which the memory plan gives
-    to gradients and activations."""
+    A call runs one real step: a replay, or for a new width one eager step on a side stream (capture
+    needs cuBLAS and the allocator warm) and the capture, which records kernels without running
+    them; capture_seconds[width] times both. All on `device` (--device cuda:1 must not capture on
+    device 0). The graphs live for one generate call: kept, they would hold the KV cache through the
+    training phase, whose memory the plan gives to gradients and activations."""
 
     def __init__(self, step, device):
         self.step, self.device = step, torch.device(device)
