@@ -253,10 +253,8 @@ class Slots:
         G, n = len(prompts), len(slots) // len(prompts)
         lengths = [len(p) for p in prompts]
         P = max(lengths)
-        ids = torch.zeros(G, P, dtype=torch.long)
-        for g, p in enumerate(prompts):
-            ids[g, :len(p)] = torch.tensor(p, dtype=torch.long)  # right-padded: real tokens never see the padding
-        ids = ids.to(device)
+        # right-padded: real tokens never see the padding
+        ids = pad_sequence([torch.tensor(p, dtype=torch.long) for p in prompts], batch_first=True).to(device)
         # zeros, not empty: columns not written yet are masked, but 0 * NaN would still be NaN
         cache = [(torch.zeros_like(k[:G, :, :P]), torch.zeros_like(v[:G, :, :P])) for k, v in self.kv_cache]
         last_hidden = [None] * G
@@ -281,8 +279,7 @@ class Slots:
         if not torch.isfinite(logits.amax(-1)).all():  # a NaN anywhere makes its row's max NaN; one host sync per prefill
             raise ValueError("the model's logits are NaN or inf: its weights are broken (a diverged run?); "
                              "nothing can be sampled from it")
-        logits = logits[owner]  # (G * n, V): each sample draws its own first token
-        token, logprob = self.draw(logits, stream, torch.zeros_like(stream))
+        token, logprob = self.draw(logits[owner], stream, torch.zeros_like(stream))  # each sample its own first token
         self.tokens[slot_ids, 0] = token
         self.logprobs[slot_ids, 0] = logprob
         self.attention_mask[slot_ids] = (self.columns < L[:, None]).long()
@@ -311,32 +308,29 @@ def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top
                   prefill_chunk=512, check_every=None, use_cuda_graph=None, on_prompt_done=None, widths=None,
                   compile_decode=False) -> Generation:
     """Continue each prompt (a list of token ids) with up to max_new_tokens tokens, `slots` rows at a
-    time, a finished row taking the next waiting prompt. Returns the rows in input order,
-    prompt-major (row r continues prompts[r // num_samples]).
+    time. Returns the rows prompt-major, in input order (row r continues prompts[r // num_samples]).
 
-    slots: decode rows (at most len(prompts) * num_samples are allocated); >= num_samples.
-    max_new_tokens: per prompt, capped by what the model's context leaves after it.
+    slots: decode rows, >= num_samples (at most len(prompts) * num_samples are allocated).
+    max_new_tokens: per prompt, capped by what the model's context leaves after it (a prompt near
+        the end of the context stops by "length" sooner instead of failing the call).
     temperature: 0 is greedy; top_k: 0 keeps all ids; top_p: 1 keeps all ids (sampling.py).
     num_samples: completions per prompt (a GRPO group), decoded from one prefill of the prompt.
     eos_token_ids: an id or ids that end a completion (included in it); None: none.
-    seed: the run seed of the random streams (sampling.py); None: a random one (the global torch
-        RNG is never touched).
+    seed: the run seed of the random streams (sampling.py); None: a random one (torch's global RNG
+        is never touched).
     vocab_size: ids >= vocab_size are never sampled (the tokenizer's vocabulary when the
         checkpoint pads its embedding, as Qwen's do); default: the model's.
     pad_token_id: fills tokens after a completion; default: the first EOS id, else 0.
-    prompt_keys: the index that keys each prompt's random numbers; default 0, 1, ... . A process
-        given a share of a list passes its prompts' indices in the whole list, and samples what a
-        single process would.
+    prompt_keys: the index that keys each prompt's random numbers; default 0, 1, ... (a process given
+        a share of a list passes its prompts' indices in the whole list: it samples what one would).
     prefill_chunk: tokens of each prompt per prefill forward pass (prompts admitted together share it).
     check_every: decode steps between refills (each a host sync); default 1 on CPU, 4 on CUDA.
     use_cuda_graph: capture the decode step as CUDA graphs; default: when the model is on CUDA.
-    on_prompt_done: called as on_prompt_done(i, completions) as soon as every sample of prompts[i]
-        has ended, with its num_samples completions (token-id lists, EOS included): a caller can
-        save results while the rest decode (eval.py appends them to responses.jsonl).
-    widths: the cache columns a decode step attends over: "used" (eager default) or "bucket",
-        rounded up to a multiple of GRAPH_BUCKET (what CUDA graphs run). Masked columns change
-        nothing in exact arithmetic, but bf16 sums of other lengths round differently: a check that
-        graphs and eager decoding give the same tokens runs the eager side with widths="bucket".
+    on_prompt_done: called as on_prompt_done(i, completions) once every sample of prompts[i] has
+        ended, with its num_samples token-id lists (eval.py saves them while the rest decode).
+    widths: the cache columns a decode step attends over: "used" (eager default) or "bucket"
+        (bucket_width: what CUDA graphs run). Masked columns change nothing in exact arithmetic, but
+        bf16 sums of other lengths round differently: compare graphs with eager at "bucket".
     compile_decode: torch.compile the decode step (before any CUDA-graph capture).
     """
     config, device = model.config, model.embed_tokens.weight.device
@@ -358,7 +352,7 @@ def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top
                          f"got {widths!r}")
     check_every = check_every or (4 if device.type == "cuda" else 1)
     if seed is None:
-        seed = secrets.randbits(63)  # not from torch's global RNG, which stays untouched
+        seed = secrets.randbits(63)
 
     n, context = num_samples, config.max_position_embeddings
     limits = [min(max_new_tokens, context - len(p)) for p in prompts]
@@ -389,9 +383,9 @@ def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top
 
 
 def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every, step, bucketed, on_prompt_done=None):
-    """The host loop: admit, decode `check_every` steps (step(width), at bucket widths if
-    `bucketed`), hand back finished rows, refill; until the queue is empty and every slot has
-    finished. Returns (tokens, logprobs) CPU tensors per output row."""
+    """The host loop: admit, decode `check_every` steps (at bucket widths if `bucketed`), hand back
+    finished rows; until the queue is empty and every slot has finished. Returns (tokens, logprobs)
+    CPU tensors per output row."""
     R = state.rows.numel()
     waiting, free = deque(range(len(prompts))), list(range(R))
     done = [None] * (len(prompts) * n)
@@ -434,14 +428,13 @@ def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every,
             # attend over the columns in use: up to the highest position a row may have reached (its
             # column is then the scratch, or one beyond every row's: both are safe, Slots.step)
             width = 1 + max(min(L + steps - admitted, L + limit - 1) for _, L, limit, admitted in busy.values())
-            if bucketed:  # one graph per bucket: the width rounded up
+            if bucketed:
                 width = bucket_width(width, state.columns.numel())
             step(width)
             steps += 1
 
 
 def check_arguments(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples, vocab_size, slots):
-    """One clear ValueError per kind of bad input, before any work."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     if max_new_tokens < 1:

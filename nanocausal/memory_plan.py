@@ -49,11 +49,8 @@ optimizer state, reference, gradients, then activations and logits chunk, or the
 temporaries once backward is done). The total is the larger phase. weights, gradients, optimizer,
 optimizer_temporaries and KV cache are exact (tests/test_memory_plan.py compares them with the real tensors
 after a real step); activations are an estimate of what autograd saves (SDPA and allocator
-workspaces, fragmentation not included): read the total with ~15 % to spare.
-
-Before a run starts, the trainers call check_fits: a run whose exact components alone exceed the
-memory available now (free GPU memory, or the RAM the kernel calls available) is refused in one
-line naming the flags of its largest parts, instead of being killed by the OOM killer mid-way.
+workspaces, fragmentation not included): read the total with ~15 % to spare. check_fits refuses,
+before a run starts, one whose exact components alone exceed the memory available now.
 """
 import json
 import os
@@ -115,8 +112,6 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
         rows = min(config.rollout_slots or 1 << 62, max(1, config.prompts_per_step // gpus) * config.group_size)
         kv_cache = rows * (prompt_tokens + config.max_new_tokens) * per_token_kv
         prefill_cache = max(1, rows // config.group_size) * prompt_tokens * per_token_kv  # the prompts admitted at once
-
-    if rl:
         tokens = config.micro_batch_size * (prompt_tokens + config.max_new_tokens)
         if getattr(config, "micro_batch_tokens", 0):
             tokens = min(tokens, max(config.micro_batch_tokens, prompt_tokens + config.max_new_tokens))
@@ -249,10 +244,10 @@ def available_bytes(device):
 
 def check_fits(config, algo):
     """Refuse, before anything is allocated or written, a run this machine cannot hold: a --device
-    it lacks, or one whose certain bytes (those the plan knows exactly: weights, gradients, AdamW
-    state, reference, rollout copy, KV cache; not the activations nor the logits chunk, which follow
-    the real sequence lengths) exceed the memory available now. A ValueError of one line naming the
-    flags of the largest components; on the CPU, torchrun's ranks share one machine's RAM."""
+    it lacks, or one whose certain bytes (all but the activations and logits chunk, which follow the
+    real sequence lengths) exceed the memory available now (instead of the OOM killer mid-way). A
+    ValueError of one line naming the flags of the largest components; on the CPU, torchrun's ranks
+    share one machine's RAM."""
     problem = cli.device_problem(config.device)
     if problem:
         raise ValueError(problem)
@@ -263,11 +258,10 @@ def check_fits(config, algo):
     result = plan(config, algo, gpu_memory_gib=available / GIB, gpus=gpus)
     certain = {k: v for k, v in result["bytes"].items() if k not in ("activations", "logits_chunk")}
     sharing = 1 if str(config.device).startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    phases = [sum(certain.get(k, 0) for k in ("weights", "optimizer", "reference", "value_model", "rollout_copy",
-                                                 "kv_cache", "prefill_cache")),
-              sum(certain.get(k, 0) for k in ("weights", "optimizer", "reference", "value_model", "rollout_copy",
-                                                 "gradients", "fsdp_unsharded", "optimizer_temporaries"))]
-    needed = max(phases) * sharing
+    resident = sum(certain[k] for k in ("weights", "optimizer", "reference", "value_model", "rollout_copy"))
+    generation = certain["kv_cache"] + certain["prefill_cache"]
+    training = certain["gradients"] + certain.get("fsdp_unsharded", 0) + certain["optimizer_temporaries"]
+    needed = (resident + max(generation, training)) * sharing
     if needed > available:
         largest = sorted((k for k in certain if certain[k] and k in COMPONENT_FLAGS), key=certain.get, reverse=True)[:2]
         parts = ", ".join(f"{k} {certain[k] / GIB:.1f} GiB ({COMPONENT_FLAGS[k]})" for k in largest)

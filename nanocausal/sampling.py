@@ -5,12 +5,11 @@ log-prob, and the counter-based random numbers that make a sample independent of
 Sampling. With z the logits (float32) of the ids below `vocab_size`:
     temperature > 0:  z' = filter_logits(z / temperature, top_k, top_p)   (-inf outside the support)
                       p  = softmax(z'),  token ~ p  by inverse CDF: the first id whose
-                      cumulative probability exceeds u, u ~ Uniform(0, 1) per row (searched
-                      block by block, see sample_tokens).
+                      cumulative probability exceeds u, u ~ Uniform(0, 1) per row.
     temperature = 0:  token = argmax z (greedy).
-Inverse-CDF sampling needs one random number per row (torch.multinomial and the
-"argmax of p / Exponential(1)" trick draw one per vocabulary entry, which dominates a CPU step
-at 150k ids) and, like the trick, no host synchronisation, so it can be captured in a graph.
+Inverse-CDF sampling draws one random number per row (torch.multinomial and the "argmax of
+p / Exponential(1)" trick draw one per vocabulary entry, which dominates a CPU step at 150k ids)
+and needs no host synchronisation, so a CUDA graph can capture it.
 
 Conventions of the returned log-probs (what the RL losses rely on):
 - logprobs[r, t] = log p(token | prefix) under the distribution actually sampled from: after the
@@ -65,17 +64,15 @@ def filter_logits(logits, top_k=0, top_p=1.0):
 
 def sample_tokens(logits, temperature, top_k, top_p, generator=None, uniform=None):
     """One token per row from (R, V) float32 logits, and its log-prob (see the module docstring).
-
-    The random number of each row is drawn from `generator`, or given as `uniform`: (R,) floats
-    in [0, 1), one per row (nanocausal.generate takes them from counter_uniform, so that a row's
-    draws do not depend on its batch).
+    Each row's random number is drawn from `generator` or given in `uniform` ((R,) floats in [0, 1):
+    generate passes counter_uniform's).
 
     Both modes start from w = exp(z - max z), the unnormalised probabilities, summed in blocks of
     `block` ids (block = gcd(V, 1024): 128 for Qwen's 151,936 ids). A cumulative sum over the
     blocks finds the block holding the token, and one over that block's ids finds the id: the same
     inverse CDF as a cumulative sum over all V ids, for one pass over the logits instead of three
     (softmax, cumsum, search), which is most of a small model's sampling time on CPU.
-    log p(token) = z_token - max z - log(sum w). No host synchronisation: safe in a CUDA graph.
+    log p(token) = z_token - max z - log(sum w).
     """
     if temperature > 0:
         if temperature != 1.0:
