@@ -20,21 +20,17 @@ position-1; the scratch is the query's own slot, which hidden_states always lets
 may sit in any column: a key's position is in its RoPE rotation (applied before it is cached), and
 attention is a sum over keys.
 
-Refill. Every `check_every` steps (a host sync) the slots that finished hand their completion
-back and waiting prompts are admitted, in input order. A prompt comes with its num_samples
-samples (a GRPO group): it waits until num_samples slots are free, any of them. The prompts
-admitted together are prefilled as one right-padded batch (the causal mask hides padding to the
-right of every real token), `prefill_chunk` tokens at a time (bounded activation memory), into a
-temporary cache then copied into each sample's slot: a prompt is read once per group, and the
-logits of its last position give each sample its first token.
+Refill. Every `check_every` steps (a host sync) the finished slots hand their completion back
+and waiting prompts are admitted, in input order, each when num_samples slots are free (its GRPO
+group). The prompts admitted together are prefilled as one right-padded batch, `prefill_chunk`
+tokens at a time, into a temporary cache then copied into each sample's slot: a prompt is read
+once per group, and the logits of its last position give each sample its first token.
 
-Static shapes. A decode step reads and writes preallocated tensors only (each slot's token,
-position, completion column, token limit, random-stream key, the mask, the outputs) and admission
-edits them in place, so on CUDA the step is captured as a CUDA graph per width bucket
-(CudaGraphs) and replayed across every refill; on CPU it runs eagerly over the columns in use. A
-finished row keeps computing until it is refilled, but its position and column stop advancing, so
-nothing it computes is recorded. compile_decode=True compiles the step with torch.compile before
-any capture (fewer, fused kernels per step: gpt-fast's route).
+Static shapes. A decode step reads and writes preallocated tensors only (Slots) and admission
+edits them in place, so on CUDA the step is captured as a CUDA graph per width bucket (CudaGraphs)
+and replayed across every refill; on CPU it runs eagerly over the columns in use. A finished row
+keeps computing until it is refilled, but its position and column stop advancing, so nothing it
+computes is recorded.
 
 Sampling: token t of sample j of prompt i draws counter_uniform(stream_key(seed, prompt_keys[i],
 j), t) (sampling.py), so a completion depends neither on its slot, its neighbours nor the slot count.
@@ -143,11 +139,10 @@ def compute_dtype_weights(model):
 GRAPH_BUCKET = 512
 
 
-def bucket_width(needed, full, bucket=None):
-    """`needed` columns rounded up to a multiple of the bucket (GRAPH_BUCKET), at most `full`; the
-    extra columns are masked, so any width >= needed computes the same step."""
-    bucket = bucket or GRAPH_BUCKET
-    return min(full, -(-needed // bucket) * bucket)
+def bucket_width(needed, full):
+    """`needed` columns rounded up to a multiple of GRAPH_BUCKET, at most `full`; the extra columns
+    are masked, so any width >= needed computes the same step."""
+    return min(full, -(-needed // GRAPH_BUCKET) * GRAPH_BUCKET)
 
 
 class CudaGraphs:
@@ -331,7 +326,8 @@ def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top
     widths: the cache columns a decode step attends over: "used" (eager default) or "bucket"
         (bucket_width: what CUDA graphs run). Masked columns change nothing in exact arithmetic, but
         bf16 sums of other lengths round differently: compare graphs with eager at "bucket".
-    compile_decode: torch.compile the decode step (before any CUDA-graph capture).
+    compile_decode: torch.compile the decode step before any CUDA-graph capture (fewer, fused
+        kernels per step: gpt-fast's route).
     """
     config, device = model.config, model.embed_tokens.weight.device
     vocab_size = config.vocab_size if vocab_size is None else vocab_size
@@ -386,8 +382,7 @@ def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every,
     """The host loop: admit, decode `check_every` steps (at bucket widths if `bucketed`), hand back
     finished rows; until the queue is empty and every slot has finished. Returns (tokens, logprobs)
     CPU tensors per output row."""
-    R = state.rows.numel()
-    waiting, free = deque(range(len(prompts))), list(range(R))
+    waiting, free = deque(range(len(prompts))), list(range(state.rows.numel()))
     done = [None] * (len(prompts) * n)
     samples_left = [n] * len(prompts)
     busy = {}  # slot -> (output row, prompt length, limit, step count when admitted)
@@ -414,9 +409,9 @@ def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every,
             for j, s in enumerate(ended):
                 row = busy.pop(s)[0]
                 done[row] = (tokens[j, :lengths[j]], logprobs[j, :lengths[j]])
-                samples_left[row // n] -= 1
-                if on_prompt_done is not None and samples_left[row // n] == 0:
-                    i = row // n
+                i = row // n
+                samples_left[i] -= 1
+                if on_prompt_done is not None and samples_left[i] == 0:
                     on_prompt_done(i, [done[i * n + k][0].tolist() for k in range(n)])
             state.position[index] = 0  # a free row's position stays within any width
             free = sorted(free + ended)

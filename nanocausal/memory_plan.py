@@ -83,9 +83,8 @@ def count(params):
 
 def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
     """The plan of `config` (an SFTConfig, PreferenceConfig or RLConfig) for algo sft, dpo, kto,
-    grpo or ppo: a dict with parameters, trainable_parameters, bytes (per component), phases,
-    total_bytes, gpu_bytes, fits and advice (the first flag to change when it does not fit); per
-    GPU of `gpus` under torchrun."""
+    grpo or ppo, per GPU of `gpus` under torchrun: bytes per component and phase, whether it fits,
+    and the first flag to change when it does not."""
     model = meta_model(config.model)
     mc = model.config
     cuda = str(config.device).startswith("cuda")

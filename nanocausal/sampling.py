@@ -62,10 +62,9 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
-def sample_tokens(logits, temperature, top_k, top_p, generator=None, uniform=None):
-    """One token per row from (R, V) float32 logits, and its log-prob (see the module docstring).
-    Each row's random number is drawn from `generator` or given in `uniform` ((R,) floats in [0, 1):
-    generate passes counter_uniform's).
+def sample_tokens(logits, temperature, top_k, top_p, uniform=None):
+    """One token per row from (R, V) float32 logits, and its log-prob (see the module docstring),
+    given each row's random number in `uniform` ((R,) floats in [0, 1); None when greedy).
 
     Both modes start from w = exp(z - max z), the unnormalised probabilities, summed in blocks of
     `block` ids (block = gcd(V, 1024): 128 for Qwen's 151,936 ids). A cumulative sum over the
@@ -92,8 +91,6 @@ def sample_tokens(logits, temperature, top_k, top_p, generator=None, uniform=Non
     else:
         # u < total (strictly), so the first block whose cdf exceeds u holds some probability,
         # and the same clamp inside that block lands on an id of positive probability.
-        if uniform is None:
-            uniform = torch.rand(R, 1, device=logits.device, generator=generator)
         u = uniform.view(R, 1) * total
         u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
         in_block = torch.searchsorted(block_cdf, u, right=True)
