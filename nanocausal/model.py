@@ -318,12 +318,12 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.dtype
 
     @torch.no_grad()
-    def init_weights(self, std=0.02, generator=None):
-        """GPT-2 style initialisation: N(0, std) matrices, zero biases, unit norms (for models built
+    def init_weights(self, generator=None):
+        """GPT-2 style initialisation: N(0, 0.02) matrices, zero biases, unit norms (for models built
         from nothing: the tiny base, random-weight models of a real shape)."""
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, std, generator=generator)
+                p.normal_(0.0, 0.02, generator=generator)
             else:
                 p.fill_(1.0 if "norm" in name else 0.0)
         return self

@@ -14,11 +14,9 @@ and needs no host synchronisation, so a CUDA graph can capture it.
 Conventions of the returned log-probs (what the RL losses rely on):
 - logprobs[r, t] = log p(token | prefix) under the distribution actually sampled from: after the
   temperature, top-k and top-p filtering (renormalised over the kept ids) and the vocab_size mask.
-  With top_k = 0 and top_p = 1 this is log_softmax(z / temperature), which is exactly what
-  logprobs.token_logprobs(..., temperature=temperature) recomputes from the same tokens (up to
-  the mass of ids >= vocab_size, which is zero when vocab_size is the model's).
-- Greedy (temperature 0): the log-prob under the temperature-1 distribution, log_softmax(z)
-  (over the ids below vocab_size, like the sampled case).
+  With top_k = 0 and top_p = 1 this is log_softmax(z / temperature), what logprobs.token_logprobs
+  recomputes from the same tokens (up to the mass of ids >= vocab_size: zero at the model's).
+- Greedy (temperature 0): log_softmax(z) over the ids below vocab_size (temperature 1).
 - 0 wherever completion_mask is 0.
 
 Random numbers. Token t of sample j of prompt i is sampled with the uniform

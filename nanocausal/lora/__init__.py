@@ -68,10 +68,6 @@ def add_lora(model, rank, alpha=32.0, dropout=0.0, targets=TARGETS):
     return model
 
 
-def trainable_parameters(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def is_lora_model(model):
     return getattr(model, "lora", None) is not None
 
