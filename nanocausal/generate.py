@@ -190,10 +190,9 @@ class Slots:
     def __init__(self, model, R, C, N, sampling, eos_ids, pad_token_id, vocab_size):
         config, device = model.config, model.embed_tokens.weight.device
         dtype = model.compute_dtype()  # bf16 under autocast: the cache is read every step, at half the bytes
-        K, D = config.num_key_value_heads, config.head_dim
         self.model, self.sampling, self.eos_ids = model, sampling, eos_ids  # sampling: (temperature, top_k, top_p)
         self.pad_token_id, self.vocab_size = pad_token_id, vocab_size
-        shape = (R, K, C, D)
+        shape = (R, config.num_key_value_heads, C, config.head_dim)
         self.kv_cache = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                          for _ in range(config.num_hidden_layers)]
         self.attention_mask = torch.zeros(R, C, dtype=torch.long, device=device)  # 1 on the columns a row attends to
@@ -347,8 +346,7 @@ def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top
         raise ValueError(f"widths must be 'used' or 'bucket' ('bucket' with CUDA graphs: one graph per width), "
                          f"got {widths!r}")
     check_every = check_every or (4 if device.type == "cuda" else 1)
-    if seed is None:
-        seed = secrets.randbits(63)
+    seed = secrets.randbits(63) if seed is None else seed
 
     n, context = num_samples, config.max_position_embeddings
     limits = [min(max_new_tokens, context - len(p)) for p in prompts]
@@ -366,13 +364,12 @@ def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top
     lengths = torch.tensor([len(tokens) for tokens, _ in done])
     tokens = pad_sequence([tokens for tokens, _ in done], batch_first=True, padding_value=pad_token_id)
     logprobs = pad_sequence([logprobs for _, logprobs in done], batch_first=True, padding_value=0.0)
-    eos = set(eos_token_ids)
     return Generation(
         tokens=tokens.to(device),
         logprobs=logprobs.to(device),
         completion_mask=(torch.arange(tokens.shape[1])[None] < lengths[:, None]).long().to(device),
         lengths=lengths.to(device),
-        stop_reason=["eos" if int(row[-1]) in eos else "length" for row, _ in done],
+        stop_reason=["eos" if int(row[-1]) in eos_token_ids else "length" for row, _ in done],
         prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(n),
         stats={"capture_seconds": dict(getattr(step, "capture_seconds", {}))},
     )
