@@ -2,10 +2,8 @@
 Generation by continuous batching: a fixed number of decode rows (slots) works through a queue of
 prompts, and a slot whose completion has ended takes the next waiting prompt while the other slots
 go on decoding. What eval.py and the RL rollouts run, with the log-prob of every sampled token.
-
-Why. A static batch decodes until its longest row ends; replies of reasoning models have a long
-tail of lengths, so most of its rows would compute padding. Here a finished row is refilled at once
-(up to `check_every` steps of waiting, below).
+Why: a static batch decodes until its longest row ends, and replies of reasoning models have a long
+tail of lengths, so most of its rows would compute padding.
 
 The cache of a slot (R slots, C columns per layer, (R, K, C, D) tensors):
 
@@ -13,43 +11,29 @@ The cache of a slot (R slots, C columns per layer, (R, K, C, D) tensors):
     slot s:   p p p p p p p p | t0 t1 ...    |  unused  | scratch
               its prompt       its new tokens (column = position)
 
-Each slot keeps its own position: column j of a slot holds its token at position j, so slots
-need not agree on anything: prompts of any length, completions at any point. model.hidden_states
-writes a step's keys and values at one column for the whole batch (cache_position, (T,)), so a
-step writes them at a scratch column (the last one attended, which no slot holds a token in) and
-then moves each row's pair to its own column: one (R, K, D) index_put per layer. The attention
-mask (R, C) is 1 on a row's columns 0 .. position-1; the scratch is the query's own slot, which
-hidden_states always lets a query see. Keys may sit in any column: a key's position is in its
-RoPE rotation (applied before it is cached), and attention is a sum over keys.
+Column j of a slot holds its token at position j, so slots need not agree on anything: prompts of
+any length, completions at any point. model.hidden_states writes a step's keys and values at one
+column for the whole batch (cache_position, (T,)), so a step writes them at a scratch column (the
+last one attended, where no slot holds a token) and then moves each row's pair to its own column:
+one (R, K, D) index_put per layer. The attention mask (R, C) is 1 on a row's columns 0 ..
+position-1; the scratch is the query's own slot, which hidden_states always lets a query see. Keys
+may sit in any column: a key's position is in its RoPE rotation (applied before it is cached), and
+attention is a sum over keys.
 
-Refill. Every `check_every` steps (a host sync) the slots that finished hand their completion
-back and waiting prompts are admitted, in input order. A prompt comes with its num_samples
-samples (a GRPO group): it waits until num_samples slots are free, any of them. The prompts
-admitted together are prefilled as one right-padded batch (so the padding, to the right of every
-real token, is hidden by the causal mask), `prefill_chunk` tokens at a time (activation memory
-stays bounded for long prompts), into a temporary cache whose keys and values are then copied into
-each sample's slot: a prompt is read once per group. Only the last position of each prompt goes
-through the output head; its logits give each sample its first token. The other slots keep their
-state; they wait for the prefill and resume.
+Refill. Every `check_every` steps (a host sync) the finished slots hand their completion back
+and waiting prompts are admitted, in input order, each when num_samples slots are free (its GRPO
+group). The prompts admitted together are prefilled as one right-padded batch, `prefill_chunk`
+tokens at a time, into a temporary cache then copied into each sample's slot: a prompt is read
+once per group, and the logits of its last position give each sample its first token.
 
-Static shapes. A decode step reads and writes preallocated tensors only (each slot's token,
-position, completion column, token limit, random-stream key, the mask, the outputs) and admission
-edits them in place, so on CUDA the step is captured as a CUDA graph per width bucket (the
-columns in use rounded up to a multiple of GRAPH_BUCKET, scratch its last column) and replayed
-across every refill; on CPU it runs eagerly over the columns in use. A finished row keeps
-computing until it is refilled (shapes never change); what it computes is never recorded: its
-position and column stop advancing. compile_decode=True compiles the step with torch.compile
-before any capture (fewer, fused kernels per step: gpt-fast's route).
+Static shapes. A decode step reads and writes preallocated tensors only (Slots) and admission
+edits them in place, so on CUDA the step is captured as a CUDA graph per width bucket (CudaGraphs)
+and replayed across every refill; on CPU it runs eagerly over the columns in use. A finished row
+keeps computing until it is refilled, but its position and column stop advancing, so nothing it
+computes is recorded.
 
-Sampling: sampling.sample_tokens. Token t of sample j of prompt i draws the uniform
-counter_uniform(stream_key(seed, prompt_keys[i], j), t) (sampling.py), a pure function of its
-coordinates: a completion depends neither on its slot, its neighbours nor the slot count.
-
-Weights. During a call every parameter is read in the compute dtype (compute_dtype_weights), and
-on CPU every linear layer multiplies by a transposed copy of its weight (cpu_weight_layout).
-
-Token limits. Prompt i gets min(max_new_tokens, context - len(prompt_i)) new tokens: a prompt
-near the end of the context stops by "length" sooner instead of failing the whole call.
+Sampling: token t of sample j of prompt i draws counter_uniform(stream_key(seed, prompt_keys[i],
+j), t) (sampling.py), so a completion depends neither on its slot, its neighbours nor the slot count.
 
 Left out: mixing prefill chunks into decode steps (vLLM's chunked prefill: the step would change
 shape), sharing a prefix across prompts (prefix caching), paged KV memory (every slot reserves C
@@ -97,10 +81,8 @@ class Generation:
 
 @contextmanager
 def cpu_weight_layout(model):
-    """On CPU, give every Linear of the model an (in, out) copy of its weight for the length of a
-    generate call (see model.Linear: decode steps multiply few rows, which MKL does several times
-    faster in that layout). The copies cost one pass over the weights per call and double the
-    weights' memory until the call ends. On other devices: nothing."""
+    """On CPU, give every Linear an (in, out) copy of its weight (model.Linear's weight_t) for the
+    length of a generate call: one pass over the weights per call, twice their memory until it ends."""
     on_cpu = model.embed_tokens.weight.device.type == "cpu"
     linears = [m for m in model.modules() if isinstance(m, Linear)] if on_cpu else []
     for m in linears:
@@ -114,25 +96,20 @@ def cpu_weight_layout(model):
 
 @contextmanager
 def compute_dtype_weights(model):
-    """For the length of a generate call, let every floating parameter of the model that is not in
-    the compute dtype (model.compute_dtype(): bf16 under autocast with float32 master weights) be
-    read from a copy in that dtype.
+    """For the length of a generate call, read every floating parameter not in the compute dtype
+    (model.compute_dtype(): bf16 under autocast with float32 weights) from a copy in that dtype.
 
-    Why: autocast casts a float32 weight to bf16 where a matmul reads it, and under inference_mode
-    it keeps no cache of those casts, so every decode step (and every replay of a captured step)
+    Why: under inference_mode autocast keeps no cache of its weight casts, so every decode step
     would read 4 bytes and write 2 per parameter before the matmul reads 2: 8 bytes per parameter
-    per token where decoding is bound by the 2 it needs. The copies are made once and kept on the
-    model (model.compute_dtype_copies, {id(parameter): (parameter, copy)}, not parameters: no optimiser,
-    checkpoint or .to() ever sees them) and are refreshed in place when a call starts: the weights
-    only change between calls (an optimiser step), one pass over them per call is nothing next to
-    one per token, and the copies keep their addresses, so a CUDA graph captured over them stays
-    valid. They cost 2 bytes per parameter for as long as the model lives (memory_plan's
-    rollout_copy). Weights already in the compute dtype (--dtype bfloat16) are read as they are.
-    """
+    per token where decoding is bound by the 2 it needs. The copies live on the model
+    (model.compute_dtype_copies: not parameters, so no optimiser, checkpoint or .to() sees them) and
+    are refreshed in place when a call starts: weights only change between calls, and the copies
+    keep their addresses, so a captured CUDA graph stays valid. Cost: 2 bytes per parameter for the
+    model's life (memory_plan's rollout_copy)."""
     dtype = model.compute_dtype()
-    swapped = []  # (module, name, the parameter to put back)
+    swapped = []
     if model.embed_tokens.weight.dtype != dtype:
-        copies = model.__dict__.setdefault("compute_dtype_copies", {})  # id(parameter) -> (parameter, copy)
+        copies = model.__dict__.setdefault("compute_dtype_copies", {})  # id(p) -> (p, copy)
         refreshed = set()
         for module in model.modules():
             for name, p in module._parameters.items():
@@ -157,33 +134,27 @@ def compute_dtype_weights(model):
 # -----------------------------------------------------------------------------
 # CUDA graphs, one per width bucket
 
-# Cache columns per CUDA-graph length bucket: a graph attends over a multiple of this many columns,
-# not over the whole prompt + max_new_tokens from the first step (replies that end near 2k of an
-# 8k budget would otherwise mostly read empty columns).
+# A graph attends over a multiple of this many columns, not over prompt + max_new_tokens from the
+# first step (replies that end near 2k of an 8k budget would mostly read empty columns).
 GRAPH_BUCKET = 512
 
 
-def bucket_width(needed, full, bucket=None):
-    """The cache width a step that needs `needed` columns runs at under CUDA graphs: needed rounded
-    up to a multiple of the bucket (GRAPH_BUCKET), at most `full`. Columns between needed and the
-    width are masked, so any width >= needed computes the same step."""
-    bucket = bucket or GRAPH_BUCKET
-    return min(full, -(-needed // bucket) * bucket)
+def bucket_width(needed, full):
+    """`needed` columns rounded up to a multiple of GRAPH_BUCKET, at most `full`; the extra columns
+    are masked, so any width >= needed computes the same step."""
+    return min(full, -(-needed // GRAPH_BUCKET) * GRAPH_BUCKET)
 
 
 class CudaGraphs:
-    """One captured CUDA graph of step(width) per width, captured on first use, sharing one memory
-    pool. Sharing is safe in any replay order because a step's temporaries all die inside it: what
-    it produces is written into tensors allocated before any capture (the Slots').
+    """One CUDA graph of step(width) per width, captured on first use, all sharing one memory pool:
+    safe in any replay order, since a step's temporaries die inside it and its results go to the
+    Slots' tensors, allocated before any capture.
 
-    Calling it runs one real step: a replay, or (a width not seen yet) one eager step on a side
-    stream (capture needs cuBLAS and the allocator warm) followed by the capture, which records
-    kernels without running them. Streams, capture and replay live on `device` (--device cuda:1
-    must not capture on device 0). capture_seconds[width] is the wall time of that warm-up step and
-    capture (torch.cuda.graph synchronises and empties the allocator's cache on entry). The graphs
-    live for one generate call: keeping them across calls would keep the static buffers they write,
-    the whole KV cache among them, allocated through the training phase, which the memory plan gives
-    to gradients and activations."""
+    A call runs one real step: a replay, or for a new width one eager step on a side stream (capture
+    needs cuBLAS and the allocator warm) and the capture, which records kernels without running
+    them; capture_seconds[width] times both. All on `device` (--device cuda:1 must not capture on
+    device 0). The graphs live for one generate call: kept, they would hold the KV cache through the
+    training phase, whose memory the plan gives to gradients and activations."""
 
     def __init__(self, step, device):
         self.step, self.device = step, torch.device(device)
@@ -219,10 +190,9 @@ class Slots:
     def __init__(self, model, R, C, N, sampling, eos_ids, pad_token_id, vocab_size):
         config, device = model.config, model.embed_tokens.weight.device
         dtype = model.compute_dtype()  # bf16 under autocast: the cache is read every step, at half the bytes
-        K, D = config.num_key_value_heads, config.head_dim
         self.model, self.sampling, self.eos_ids = model, sampling, eos_ids  # sampling: (temperature, top_k, top_p)
         self.pad_token_id, self.vocab_size = pad_token_id, vocab_size
-        shape = (R, K, C, D)
+        shape = (R, config.num_key_value_heads, C, config.head_dim)
         self.kv_cache = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                          for _ in range(config.num_hidden_layers)]
         self.attention_mask = torch.zeros(R, C, dtype=torch.long, device=device)  # 1 on the columns a row attends to
@@ -277,10 +247,8 @@ class Slots:
         G, n = len(prompts), len(slots) // len(prompts)
         lengths = [len(p) for p in prompts]
         P = max(lengths)
-        ids = torch.zeros(G, P, dtype=torch.long)
-        for g, p in enumerate(prompts):
-            ids[g, :len(p)] = torch.tensor(p, dtype=torch.long)  # right-padded: real tokens never see the padding
-        ids = ids.to(device)
+        # right-padded: real tokens never see the padding
+        ids = pad_sequence([torch.tensor(p, dtype=torch.long) for p in prompts], batch_first=True).to(device)
         # zeros, not empty: columns not written yet are masked, but 0 * NaN would still be NaN
         cache = [(torch.zeros_like(k[:G, :, :P]), torch.zeros_like(v[:G, :, :P])) for k, v in self.kv_cache]
         last_hidden = [None] * G
@@ -305,8 +273,7 @@ class Slots:
         if not torch.isfinite(logits.amax(-1)).all():  # a NaN anywhere makes its row's max NaN; one host sync per prefill
             raise ValueError("the model's logits are NaN or inf: its weights are broken (a diverged run?); "
                              "nothing can be sampled from it")
-        logits = logits[owner]  # (G * n, V): each sample draws its own first token
-        token, logprob = self.draw(logits, stream, torch.zeros_like(stream))
+        token, logprob = self.draw(logits[owner], stream, torch.zeros_like(stream))  # each sample its own first token
         self.tokens[slot_ids, 0] = token
         self.logprobs[slot_ids, 0] = logprob
         self.attention_mask[slot_ids] = (self.columns < L[:, None]).long()
@@ -335,33 +302,31 @@ def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top
                   prefill_chunk=512, check_every=None, use_cuda_graph=None, on_prompt_done=None, widths=None,
                   compile_decode=False) -> Generation:
     """Continue each prompt (a list of token ids) with up to max_new_tokens tokens, `slots` rows at a
-    time, a finished row taking the next waiting prompt. Returns the rows in input order,
-    prompt-major (row r continues prompts[r // num_samples]).
+    time. Returns the rows prompt-major, in input order (row r continues prompts[r // num_samples]).
 
-    slots: decode rows (at most len(prompts) * num_samples are allocated); >= num_samples.
-    max_new_tokens: per prompt, capped by what the model's context leaves after it.
+    slots: decode rows, >= num_samples (at most len(prompts) * num_samples are allocated).
+    max_new_tokens: per prompt, capped by what the model's context leaves after it (a prompt near
+        the end of the context stops by "length" sooner instead of failing the call).
     temperature: 0 is greedy; top_k: 0 keeps all ids; top_p: 1 keeps all ids (sampling.py).
     num_samples: completions per prompt (a GRPO group), decoded from one prefill of the prompt.
     eos_token_ids: an id or ids that end a completion (included in it); None: none.
-    seed: the run seed of the random streams (sampling.py); None: a random one (the global torch
-        RNG is never touched).
+    seed: the run seed of the random streams (sampling.py); None: a random one (torch's global RNG
+        is never touched).
     vocab_size: ids >= vocab_size are never sampled (the tokenizer's vocabulary when the
         checkpoint pads its embedding, as Qwen's do); default: the model's.
     pad_token_id: fills tokens after a completion; default: the first EOS id, else 0.
-    prompt_keys: the index that keys each prompt's random numbers; default 0, 1, ... . A process
-        given a share of a list passes its prompts' indices in the whole list, and samples what a
-        single process would.
+    prompt_keys: the index that keys each prompt's random numbers; default 0, 1, ... (a process given
+        a share of a list passes its prompts' indices in the whole list: it samples what one would).
     prefill_chunk: tokens of each prompt per prefill forward pass (prompts admitted together share it).
     check_every: decode steps between refills (each a host sync); default 1 on CPU, 4 on CUDA.
     use_cuda_graph: capture the decode step as CUDA graphs; default: when the model is on CUDA.
-    on_prompt_done: called as on_prompt_done(i, completions) as soon as every sample of prompts[i]
-        has ended, with its num_samples completions (token-id lists, EOS included): a caller can
-        save results while the rest decode (eval.py appends them to responses.jsonl).
-    widths: the cache columns a decode step attends over: "used" (eager default) or "bucket",
-        rounded up to a multiple of GRAPH_BUCKET (what CUDA graphs run). Masked columns change
-        nothing in exact arithmetic, but bf16 sums of other lengths round differently: a check that
-        graphs and eager decoding give the same tokens runs the eager side with widths="bucket".
-    compile_decode: torch.compile the decode step (before any CUDA-graph capture).
+    on_prompt_done: called as on_prompt_done(i, completions) once every sample of prompts[i] has
+        ended, with its num_samples token-id lists (eval.py saves them while the rest decode).
+    widths: the cache columns a decode step attends over: "used" (eager default) or "bucket"
+        (bucket_width: what CUDA graphs run). Masked columns change nothing in exact arithmetic, but
+        bf16 sums of other lengths round differently: compare graphs with eager at "bucket".
+    compile_decode: torch.compile the decode step before any CUDA-graph capture (fewer, fused
+        kernels per step: gpt-fast's route).
     """
     config, device = model.config, model.embed_tokens.weight.device
     vocab_size = config.vocab_size if vocab_size is None else vocab_size
@@ -381,8 +346,7 @@ def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top
         raise ValueError(f"widths must be 'used' or 'bucket' ('bucket' with CUDA graphs: one graph per width), "
                          f"got {widths!r}")
     check_every = check_every or (4 if device.type == "cuda" else 1)
-    if seed is None:
-        seed = secrets.randbits(63)  # not from torch's global RNG, which stays untouched
+    seed = secrets.randbits(63) if seed is None else seed
 
     n, context = num_samples, config.max_position_embeddings
     limits = [min(max_new_tokens, context - len(p)) for p in prompts]
@@ -400,24 +364,22 @@ def generate_many(model, prompts, max_new_tokens, slots=16, temperature=1.0, top
     lengths = torch.tensor([len(tokens) for tokens, _ in done])
     tokens = pad_sequence([tokens for tokens, _ in done], batch_first=True, padding_value=pad_token_id)
     logprobs = pad_sequence([logprobs for _, logprobs in done], batch_first=True, padding_value=0.0)
-    eos = set(eos_token_ids)
     return Generation(
         tokens=tokens.to(device),
         logprobs=logprobs.to(device),
         completion_mask=(torch.arange(tokens.shape[1])[None] < lengths[:, None]).long().to(device),
         lengths=lengths.to(device),
-        stop_reason=["eos" if int(row[-1]) in eos else "length" for row, _ in done],
+        stop_reason=["eos" if int(row[-1]) in eos_token_ids else "length" for row, _ in done],
         prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(n),
         stats={"capture_seconds": dict(getattr(step, "capture_seconds", {}))},
     )
 
 
 def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every, step, bucketed, on_prompt_done=None):
-    """The host loop: admit, decode `check_every` steps (step(width), at bucket widths if
-    `bucketed`), hand back finished rows, refill; until the queue is empty and every slot has
-    finished. Returns (tokens, logprobs) CPU tensors per output row."""
-    R = state.rows.numel()
-    waiting, free = deque(range(len(prompts))), list(range(R))
+    """The host loop: admit, decode `check_every` steps (at bucket widths if `bucketed`), hand back
+    finished rows; until the queue is empty and every slot has finished. Returns (tokens, logprobs)
+    CPU tensors per output row."""
+    waiting, free = deque(range(len(prompts))), list(range(state.rows.numel()))
     done = [None] * (len(prompts) * n)
     samples_left = [n] * len(prompts)
     busy = {}  # slot -> (output row, prompt length, limit, step count when admitted)
@@ -444,9 +406,9 @@ def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every,
             for j, s in enumerate(ended):
                 row = busy.pop(s)[0]
                 done[row] = (tokens[j, :lengths[j]], logprobs[j, :lengths[j]])
-                samples_left[row // n] -= 1
-                if on_prompt_done is not None and samples_left[row // n] == 0:
-                    i = row // n
+                i = row // n
+                samples_left[i] -= 1
+                if on_prompt_done is not None and samples_left[i] == 0:
                     on_prompt_done(i, [done[i * n + k][0].tolist() for k in range(n)])
             state.position[index] = 0  # a free row's position stays within any width
             free = sorted(free + ended)
@@ -458,14 +420,13 @@ def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every,
             # attend over the columns in use: up to the highest position a row may have reached (its
             # column is then the scratch, or one beyond every row's: both are safe, Slots.step)
             width = 1 + max(min(L + steps - admitted, L + limit - 1) for _, L, limit, admitted in busy.values())
-            if bucketed:  # one graph per bucket: the width rounded up
+            if bucketed:
                 width = bucket_width(width, state.columns.numel())
             step(width)
             steps += 1
 
 
 def check_arguments(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples, vocab_size, slots):
-    """One clear ValueError per kind of bad input, before any work."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     if max_new_tokens < 1:

@@ -14,13 +14,11 @@ from torch.utils.checkpoint import checkpoint
 from nanocausal.model import Transformer
 
 
-def _chunk_logprobs(hidden, weight, targets, temperature, with_entropy=True):
-    logits = F.linear(hidden, weight).float() / temperature  # (N, V): one chunk only
-    logprobs = torch.log_softmax(logits, dim=-1)
+def _chunk_logprobs(hidden, weight, targets, temperature, with_entropy):
+    logprobs = torch.log_softmax(F.linear(hidden, weight).float() / temperature, dim=-1)  # (N, V): one chunk only
     token_logprobs = logprobs.gather(-1, targets[:, None]).squeeze(-1)
-    if not with_entropy:  # the entropy costs three more passes over (N, V), in forward and in the recompute
-        return token_logprobs, None
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    # the entropy costs three more passes over (N, V), in forward and in the recompute
+    entropy = -(logprobs.exp() * logprobs).sum(-1) if with_entropy else None
     return token_logprobs, entropy
 
 
@@ -32,12 +30,10 @@ def token_logprobs(model: Transformer, input_ids, attention_mask, completion_mas
     (the completion, EOS included) and must be 0 at t = 0. Returns (B, T) float32 log-probs, zero
     off the mask (and the per-token entropy of the same distributions when return_entropy).
 
-    Only the hidden states that predict a target token go through the output head (skipping the
-    prompt skips most of its FLOPs), a chunk of `chunk_size` tokens at a time, and under autograd
-    each chunk is recomputed in backward rather than stored: the float32 logits never exist for
-    more than one chunk, whatever the batch. `temperature` divides the logits, as the sampler
-    does, so the log-probs are those of the distribution actually sampled from.
-    `hidden` may be passed when the caller already ran `model.hidden_states` (e.g. for a value head).
+    Only the hidden states that predict a target go through the output head (skipping most of the
+    prompt's FLOPs), `chunk_size` tokens at a time, each chunk recomputed in backward rather than
+    stored. `temperature` divides the logits, as the sampler does. `hidden`: the caller's
+    model.hidden_states output, when it already has it (e.g. for a value head).
     The entropy is detached unless entropy_grad (an entropy bonus in the loss differentiates it).
     """
     if hidden is None:

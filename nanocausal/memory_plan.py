@@ -1,7 +1,6 @@
-"""The memory plan of a training run: the bytes it will hold on its GPU, component by component,
-from the model's shapes alone (built on the meta device: nothing is allocated, a 14B plan takes a
-second on a laptop), so a user learns before loading anything whether the run fits and, if not,
-which flag to change first. Every trainer prints it with --plan (--plan --json for a machine).
+"""The memory plan of a training run (--plan): the bytes it will hold on its GPU, component by
+component, from the model's shapes alone (a meta-device model: nothing is allocated), so a user
+learns before loading anything whether the run fits and, if not, which flag to change first.
 
 P = parameters, T = trainable parameters (P for full fine-tuning, the adapters with LoRA),
 w = bytes per weight (4 float32, 2 bfloat16), a = bytes per activation (2 under bf16 autocast on
@@ -18,19 +17,17 @@ CUDA, else w), C hidden size, F MLP width, H/K query/key-value heads of size D, 
     reference      P * w_ref when a separate frozen copy is loaded (DPO/KTO unless --precompute-ref;
                    GRPO with --beta > 0, PPO with --kl-coef > 0; bf16 on CUDA for RL); 0 with LoRA
     value_model    PPO's value head: (C + 1) * 4 * 4
-    rollout_copy   P * 2 for float32 weights on CUDA: the bf16 copy of the weights generation reads
-                   (generate.compute_dtype_weights), kept for the whole run; 0 for bf16 weights. LoRA
-                   RL on one GPU: lora.merged_copy_bytes (the adapted weights merged, and any weight
-                   not bf16, in bf16), alive in the generation phase only, when that phase then fits
-                   (result["merge_lora"]: the rollouts use lora.merged_for_generation); else as above
+    rollout_copy   P * 2 for float32 weights on CUDA: the bf16 copy generation reads, kept for the run
+                   (generate.compute_dtype_weights); 0 for bf16 weights. LoRA RL on one GPU, when the
+                   generation phase then fits (result["merge_lora"]): lora.merged_copy_bytes, alive in
+                   that phase only (the rollouts use lora.merged_for_generation); else as above
     kv_cache       rows * (prompt + new tokens) * L * 2 * K * D * a, rows = --rollout-slots, or
-                   prompts x group size (the rollouts' static cache, in the compute dtype: bf16 on CUDA)
-    prefill_cache  (rows / group size) * prompt * L * 2 * K * D * a: the prompts admitted at once,
-                   each prefilled once, then copied into its group's rows
-    activations    per micro-batch of N tokens, per layer, what backward keeps:
-                   N * (6C + 3HD + 2KD + 5F) * a (N = --micro-batch-size sequences of prompt +
-                   new tokens, or --micro-batch-tokens when smaller); with --activation-checkpointing only each
-                   layer's input, N * C * a, plus one layer's worth recomputed at a time
+                   prompts x group size (the rollouts' cache, in the compute dtype)
+    prefill_cache  (rows / group size) * prompt * L * 2 * K * D * a: the prompts admitted at once
+    activations    what backward keeps per layer, per micro-batch of N tokens (--micro-batch-size
+                   sequences of prompt + new tokens, or --micro-batch-tokens when smaller):
+                   N * (6C + 3HD + 2KD + 5F) * a; with --activation-checkpointing only each layer's
+                   input, N * C * a, plus one layer's worth recomputed at a time
     logits_chunk   chunk * V * 4 * 3: one chunk of float32 logits, their log-softmax and its exp
                    (logprobs.token_logprobs never holds more)
 
@@ -49,11 +46,8 @@ optimizer state, reference, gradients, then activations and logits chunk, or the
 temporaries once backward is done). The total is the larger phase. weights, gradients, optimizer,
 optimizer_temporaries and KV cache are exact (tests/test_memory_plan.py compares them with the real tensors
 after a real step); activations are an estimate of what autograd saves (SDPA and allocator
-workspaces, fragmentation not included): read the total with ~15 % to spare.
-
-Before a run starts, the trainers call check_fits: a run whose exact components alone exceed the
-memory available now (free GPU memory, or the RAM the kernel calls available) is refused in one
-line naming the flags of its largest parts, instead of being killed by the OOM killer mid-way.
+workspaces, fragmentation not included): read the total with ~15 % to spare. check_fits refuses,
+before a run starts, one whose exact components alone exceed the memory available now.
 """
 import json
 import os
@@ -86,9 +80,8 @@ def count(params):
 
 def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
     """The plan of `config` (an SFTConfig, PreferenceConfig or RLConfig) for algo sft, dpo, kto,
-    grpo or ppo: a dict with parameters, trainable_parameters, bytes (per component), phases,
-    total_bytes, gpu_bytes, fits and advice (the first flag to change when it does not fit); per
-    GPU of `gpus` under torchrun."""
+    grpo or ppo, per GPU of `gpus` under torchrun: bytes per component and phase, whether it fits,
+    and the first flag to change when it does not."""
     model = meta_model(config.model)
     mc = model.config
     cuda = str(config.device).startswith("cuda")
@@ -102,11 +95,9 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
     trainable = adapters or base
     rl = algo in ("grpo", "ppo")
 
-    reference = 0
     needs_reference = {"dpo": not getattr(config, "precompute_ref", False), "kto": not getattr(config, "precompute_ref", False),
                        "grpo": getattr(config, "beta", 0) != 0, "ppo": getattr(config, "kl_coef", 0) != 0}.get(algo, False)
-    if needs_reference and not adapters:
-        reference = base * (2 if rl and cuda else (4 if rl else w))
+    reference = base * (2 if rl and cuda else (4 if rl else w)) if needs_reference and not adapters else 0
     value = (mc.hidden_size + 1) * 4 * 4 if algo == "ppo" else 0
 
     kv_cache = prefill_cache = 0
@@ -115,15 +106,12 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
         rows = min(config.rollout_slots or 1 << 62, max(1, config.prompts_per_step // gpus) * config.group_size)
         kv_cache = rows * (prompt_tokens + config.max_new_tokens) * per_token_kv
         prefill_cache = max(1, rows // config.group_size) * prompt_tokens * per_token_kv  # the prompts admitted at once
-
-    if rl:
         tokens = config.micro_batch_size * (prompt_tokens + config.max_new_tokens)
         if getattr(config, "micro_batch_tokens", 0):
             tokens = min(tokens, max(config.micro_batch_tokens, prompt_tokens + config.max_new_tokens))
         chunk = config.logits_chunk_size
     else:
-        rows = config.batch_size * (2 if algo == "dpo" else 1)
-        tokens = rows * config.max_length
+        tokens = config.batch_size * (2 if algo == "dpo" else 1) * config.max_length
         chunk = 1024
     C, F, L = mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers
     HD, KD = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim
@@ -142,10 +130,8 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
         temporaries = 2 * 4 * min(max(trainable_tensors), optimizer.AdamW.CHUNK)
     low_bits = 0 if adapters or config.dtype == "float32" else 2 * base
     sharded = gpus > 1
-    unsharded = 0
-    if sharded:
-        block = count(model.layers[0].parameters())
-        unsharded = (base - L * block + 2 * block) * (2 if cuda else w)
+    block = count(model.layers[0].parameters())
+    unsharded = (base - (L - 2) * block) * (2 if cuda else w) if sharded else 0  # the root and two blocks
     components = {
         "weights": ((base * w) + adapters * 4) // gpus,
         "gradients": (adapters * 4 if adapters else base * w) // gpus,
@@ -249,10 +235,10 @@ def available_bytes(device):
 
 def check_fits(config, algo):
     """Refuse, before anything is allocated or written, a run this machine cannot hold: a --device
-    it lacks, or one whose certain bytes (those the plan knows exactly: weights, gradients, AdamW
-    state, reference, rollout copy, KV cache; not the activations nor the logits chunk, which follow
-    the real sequence lengths) exceed the memory available now. A ValueError of one line naming the
-    flags of the largest components; on the CPU, torchrun's ranks share one machine's RAM."""
+    it lacks, or one whose certain bytes (all but the activations and logits chunk, which follow the
+    real sequence lengths) exceed the memory available now (instead of the OOM killer mid-way). A
+    ValueError of one line naming the flags of the largest components; on the CPU, torchrun's ranks
+    share one machine's RAM."""
     problem = cli.device_problem(config.device)
     if problem:
         raise ValueError(problem)
@@ -263,11 +249,10 @@ def check_fits(config, algo):
     result = plan(config, algo, gpu_memory_gib=available / GIB, gpus=gpus)
     certain = {k: v for k, v in result["bytes"].items() if k not in ("activations", "logits_chunk")}
     sharing = 1 if str(config.device).startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    phases = [sum(certain.get(k, 0) for k in ("weights", "optimizer", "reference", "value_model", "rollout_copy",
-                                                 "kv_cache", "prefill_cache")),
-              sum(certain.get(k, 0) for k in ("weights", "optimizer", "reference", "value_model", "rollout_copy",
-                                                 "gradients", "fsdp_unsharded", "optimizer_temporaries"))]
-    needed = max(phases) * sharing
+    resident = sum(certain[k] for k in ("weights", "optimizer", "reference", "value_model", "rollout_copy"))
+    generation = certain["kv_cache"] + certain["prefill_cache"]
+    training = certain["gradients"] + certain.get("fsdp_unsharded", 0) + certain["optimizer_temporaries"]
+    needed = (resident + max(generation, training)) * sharing
     if needed > available:
         largest = sorted((k for k in certain if certain[k] and k in COMPONENT_FLAGS), key=certain.get, reverse=True)[:2]
         parts = ", ".join(f"{k} {certain[k] / GIB:.1f} GiB ({COMPONENT_FLAGS[k]})" for k in largest)

@@ -9,10 +9,8 @@ One decoder covers the checkpoints people post-train for causal reasoning:
 - Qwen3: Llama plus an RMSNorm over each head of q and k (before the rotation), no biases, and
   a head_dim that need not equal hidden_size / num_attention_heads.
 
-Everything is read from the checkpoint's config.json; module names follow the Hugging Face
-parameter names (minus the "model." prefix), so loading is a name-by-name copy in which every
-tensor is checked (nanocausal.checkpoint.load_model), and checkpoint.save_model writes a folder
-that transformers loads unchanged. This file holds the network only.
+Module names are the Hugging Face parameter names (minus the "model." prefix), so
+checkpoint.load_model and save_model copy tensors name by name, in folders transformers reads.
 
 Shapes in comments: B batch, T time (query positions), S key positions, C hidden size,
 H query heads, K key/value heads, D head dim, V vocabulary.
@@ -100,13 +98,11 @@ class ModelConfig:
 class Linear(nn.Linear):
     """nn.Linear with two optional extras, both off by default:
 
-    - LoRA adapters (nanocausal/lora: y = W x + b + scale * B A dropout(x)), set by lora.add_lora
-      as the submodules lora_A and lora_B, skipped while lora_enabled is False (the reference);
-    - an (in, out) copy of the weight to multiply by instead of the (out, in) weight itself. For
-      the few rows of a decode step on CPU, MKL runs x @ W_t 1.5x (1 thread) to 4.5x (2 threads)
-      faster than F.linear's x @ W^T (measured on SmolLM2's shapes), so generation sets
-      `weight_t` on every Linear for the length of a CPU call (generate.cpu_weight_layout). Checkpoints, training and GPU
-      runs never see it.
+    - LoRA adapters (nanocausal/lora: y = W x + b + scale * B A dropout(x)): submodules lora_A and
+      lora_B set by lora.add_lora, skipped while lora_enabled is False (the reference);
+    - weight_t, an (in, out) copy of the weight, set during CPU generation only
+      (generate.cpu_weight_layout): for the few rows of a decode step MKL runs x @ W_t 1.5x (1
+      thread) to 4.5x (2 threads) faster than F.linear's x @ W^T (measured on SmolLM2's shapes).
     """
 
     weight_t = None
@@ -161,14 +157,10 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rotate_half(x):
+def apply_rope(x, cos, sin):
     """The rotate-half convention of HF checkpoints: pairs are (x[i], x[i + D/2]), not adjacent."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    return x * cos + rotate_half(x) * sin
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -194,8 +186,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            # Write this step's keys/values into the preallocated cache at `cache_position` and
-            # attend over the whole cache; the mask hides slots not written yet. Shapes never change.
+            # the mask hides the columns not written yet: shapes never change
             k_cache, v_cache = kv_cache
             k_cache.index_copy_(2, cache_position, k.to(k_cache.dtype))
             v_cache.index_copy_(2, cache_position, v.to(v_cache.dtype))
@@ -327,12 +318,12 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.dtype
 
     @torch.no_grad()
-    def init_weights(self, std=0.02, generator=None):
-        """GPT-2 style initialisation: N(0, std) matrices, zero biases, unit norms (for models built
+    def init_weights(self, generator=None):
+        """GPT-2 style initialisation: N(0, 0.02) matrices, zero biases, unit norms (for models built
         from nothing: the tiny base, random-weight models of a real shape)."""
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, std, generator=generator)
+                p.normal_(0.0, 0.02, generator=generator)
             else:
                 p.fill_(1.0 if "norm" in name else 0.0)
         return self

@@ -37,16 +37,14 @@ class AdamW(torch.optim.Optimizer):
         float32 master          0 %    100 %    4 (bf16 weights then save no memory in training)
         p + low (this)       0.01 %   99.9 %    2 (float32 rounding of the folded bias corrections)
     On 2 CPU cores its step takes ~2.3x torch's float32 one (chunks, casts, bit operations).
-    tests/test_training.py checks the update and a short SFT run of the tiny model in bf16.
 
     Why chunks: a whole-tensor float32 update of the 545M-element embedding of a 7B model would
-    make float32 temporaries of 2.2 GB each. Each parameter is updated CHUNK elements at a time: the
-    step's extra memory is two 4-byte chunks (memory_plan's optimizer_temporaries). The ~25
-    elementwise passes read and write ~160 bytes per weight, but a chunk's working set (its m, v,
-    two temporaries: 16 MiB) fits a GPU's L2 (50 MB on an H100), so what reaches HBM is predicted
-    near the 26 bytes per weight it must move (g, p, low, m, v), for ~25 launches per chunk: ~0.5 s
-    a step at 7B (a prediction: no GPU has run it). float32 parameters (PPO's value head beside
-    bf16 weights) are updated in place and have no `low`."""
+    make float32 temporaries of 2.2 GB each; CHUNK elements at a time, the step's extra memory is
+    two 4-byte chunks (memory_plan's optimizer_temporaries). A chunk's working set (m, v, two
+    temporaries: 16 MiB) fits a GPU's L2 (50 MB on an H100), so its ~25 elementwise passes should
+    move near the 26 bytes per weight they must (g, p, low, m, v) through HBM: ~0.5 s a step at 7B
+    (a prediction: no GPU has run it). float32 parameters (PPO's value head beside bf16 weights)
+    are updated in place and have no `low`."""
 
     CHUNK = 1 << 20  # elements: 4 MiB per 4-byte temporary
 

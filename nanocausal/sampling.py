@@ -5,21 +5,18 @@ log-prob, and the counter-based random numbers that make a sample independent of
 Sampling. With z the logits (float32) of the ids below `vocab_size`:
     temperature > 0:  z' = filter_logits(z / temperature, top_k, top_p)   (-inf outside the support)
                       p  = softmax(z'),  token ~ p  by inverse CDF: the first id whose
-                      cumulative probability exceeds u, u ~ Uniform(0, 1) per row (searched
-                      block by block, see sample_tokens).
+                      cumulative probability exceeds u, u ~ Uniform(0, 1) per row.
     temperature = 0:  token = argmax z (greedy).
-Inverse-CDF sampling needs one random number per row (torch.multinomial and the
-"argmax of p / Exponential(1)" trick draw one per vocabulary entry, which dominates a CPU step
-at 150k ids) and, like the trick, no host synchronisation, so it can be captured in a graph.
+Inverse-CDF sampling draws one random number per row (torch.multinomial and the "argmax of
+p / Exponential(1)" trick draw one per vocabulary entry, which dominates a CPU step at 150k ids)
+and needs no host synchronisation, so a CUDA graph can capture it.
 
 Conventions of the returned log-probs (what the RL losses rely on):
 - logprobs[r, t] = log p(token | prefix) under the distribution actually sampled from: after the
   temperature, top-k and top-p filtering (renormalised over the kept ids) and the vocab_size mask.
-  With top_k = 0 and top_p = 1 this is log_softmax(z / temperature), which is exactly what
-  logprobs.token_logprobs(..., temperature=temperature) recomputes from the same tokens (up to
-  the mass of ids >= vocab_size, which is zero when vocab_size is the model's).
-- Greedy (temperature 0): the log-prob under the temperature-1 distribution, log_softmax(z)
-  (over the ids below vocab_size, like the sampled case).
+  With top_k = 0 and top_p = 1 this is log_softmax(z / temperature), what logprobs.token_logprobs
+  recomputes from the same tokens (up to the mass of ids >= vocab_size: zero at the model's).
+- Greedy (temperature 0): log_softmax(z) over the ids below vocab_size (temperature 1).
 - 0 wherever completion_mask is 0.
 
 Random numbers. Token t of sample j of prompt i is sampled with the uniform
@@ -63,19 +60,16 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
-def sample_tokens(logits, temperature, top_k, top_p, generator=None, uniform=None):
-    """One token per row from (R, V) float32 logits, and its log-prob (see the module docstring).
-
-    The random number of each row is drawn from `generator`, or given as `uniform`: (R,) floats
-    in [0, 1), one per row (nanocausal.generate takes them from counter_uniform, so that a row's
-    draws do not depend on its batch).
+def sample_tokens(logits, temperature, top_k, top_p, uniform=None):
+    """One token per row from (R, V) float32 logits, and its log-prob (see the module docstring),
+    given each row's random number in `uniform` ((R,) floats in [0, 1); None when greedy).
 
     Both modes start from w = exp(z - max z), the unnormalised probabilities, summed in blocks of
     `block` ids (block = gcd(V, 1024): 128 for Qwen's 151,936 ids). A cumulative sum over the
     blocks finds the block holding the token, and one over that block's ids finds the id: the same
     inverse CDF as a cumulative sum over all V ids, for one pass over the logits instead of three
     (softmax, cumsum, search), which is most of a small model's sampling time on CPU.
-    log p(token) = z_token - max z - log(sum w). No host synchronisation: safe in a CUDA graph.
+    log p(token) = z_token - max z - log(sum w).
     """
     if temperature > 0:
         if temperature != 1.0:
@@ -95,8 +89,6 @@ def sample_tokens(logits, temperature, top_k, top_p, generator=None, uniform=Non
     else:
         # u < total (strictly), so the first block whose cdf exceeds u holds some probability,
         # and the same clamp inside that block lands on an id of positive probability.
-        if uniform is None:
-            uniform = torch.rand(R, 1, device=logits.device, generator=generator)
         u = uniform.view(R, 1) * total
         u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
         in_block = torch.searchsorted(block_cdf, u, right=True)

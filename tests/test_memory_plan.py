@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_hf_checkpoint, run_script
-from nanocausal import checkpoint, generate, memory_plan, optimizer
+from nanocausal import checkpoint, generate, memory_plan, optimizer, training
 from nanocausal.rl import RLConfig, train_rl
 from rl_worker import on_token_ids
 
@@ -86,7 +86,7 @@ def test_the_plan_equals_the_real_tensors_after_a_step(tmp_path, monkeypatch, dt
     # the step's temporaries: torch's single-tensor AdamW (float32 trainables on CPU), or ours in chunks
     # (made smaller than the largest tensor here, so that chunking is what is measured)
     monkeypatch.setattr(optimizer.AdamW, "CHUNK", 1000)
-    adamw = optimizer.make_optimizer(model, lr=1e-3)
+    adamw = training.make_optimizer(model, lr=1e-3)
     adamw.step()  # (allocates the state)
     planned = memory_plan.plan(config, "grpo", prompt_tokens=prompt_tokens)["bytes"]
     peak = peak_allocated_bytes(adamw.step)  # (+ 12 bytes: the 0-dim scalar tensors of a step)

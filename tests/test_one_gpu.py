@@ -129,8 +129,9 @@ def test_padded_vocabulary_is_never_sampled(tiny):
     assert (out.tokens < 200).all()
 
 
-def test_bucket_width_arithmetic():
-    assert [generate.bucket_width(n, 1200, bucket=512) for n in (1, 511, 512, 513, 1024, 1025, 1200)] == \
+def test_bucket_width_arithmetic(monkeypatch):
+    monkeypatch.setattr(generate, "GRAPH_BUCKET", 512)
+    assert [generate.bucket_width(n, 1200) for n in (1, 511, 512, 513, 1024, 1025, 1200)] == \
         [512, 512, 512, 1024, 1024, 1200, 1200]
 
 

@@ -46,7 +46,8 @@ def test_sampled_frequencies_and_logprobs():
     generator = torch.Generator().manual_seed(0)
     for kw, kept in [(dict(top_k=0, top_p=1.0), [0, 1, 2, 3, 4]), (dict(top_k=3, top_p=1.0), [0, 1, 3]),
                      (dict(top_k=0, top_p=0.5), [1, 3])]:
-        token, logprob = sample_tokens(logits, 1.0, kw["top_k"], kw["top_p"], generator)
+        uniform = torch.rand(len(logits), generator=generator)
+        token, logprob = sample_tokens(logits, 1.0, kw["top_k"], kw["top_p"], uniform)
         renormalised = torch.zeros(5)
         renormalised[kept] = probs[kept] / probs[kept].sum()
         frequencies = torch.bincount(token, minlength=5) / len(token)
@@ -54,7 +55,7 @@ def test_sampled_frequencies_and_logprobs():
         assert (frequencies - renormalised).abs().max() < 0.01  # 4 standard deviations at n = 40000
         assert torch.allclose(logprob, renormalised.log()[token], atol=1e-6)
     # temperature divides the logits before anything else
-    token, logprob = sample_tokens(logits, 2.0, 0, 1.0, generator)
+    token, logprob = sample_tokens(logits, 2.0, 0, 1.0, torch.rand(len(logits), generator=generator))
     tempered = (probs.log() / 2).softmax(-1)
     assert (torch.bincount(token, minlength=5) / len(token) - tempered).abs().max() < 0.01
     assert torch.allclose(logprob, tempered.log()[token], atol=1e-6)
@@ -67,7 +68,7 @@ def test_block_search_samples_the_softmax_and_greedy_takes_the_first_max():
     logits[130:256] = float("-inf")  # the middle block is nearly all masked, the last ids too
     logits[-40:] = float("-inf")
     rows = logits[None].expand(60000, 384).contiguous()
-    token, logprob = sample_tokens(rows, 1.0, 0, 1.0, g)
+    token, logprob = sample_tokens(rows, 1.0, 0, 1.0, torch.rand(len(rows), generator=g))
     probs = logits.softmax(-1)
     assert probs[token].min() > 0  # never a masked id
     frequencies = torch.bincount(token, minlength=384) / len(token)
@@ -76,7 +77,7 @@ def test_block_search_samples_the_softmax_and_greedy_takes_the_first_max():
     tied = torch.zeros(2, 384)
     tied[0, [200, 300]] = 5.0  # two maxima: the first wins, as with argmax
     tied[1, 383] = 1.0
-    token, logprob = sample_tokens(tied, 0.0, 0, 1.0, g)
+    token, logprob = sample_tokens(tied, 0.0, 0, 1.0)
     assert token.tolist() == [200, 383]
     assert torch.allclose(logprob, torch.log_softmax(tied, -1)[[0, 1], [200, 383]])
 

@@ -11,20 +11,15 @@ little: policy-gradient runs with LoRA of rank 1-32 on all linear layers match f
 when the learning rate is about 10x the full-fine-tuning one (Schulman et al., "LoRA Without
 Regret", Thinking Machines, 2025).
 
-How it plugs in: `add_lora(model, rank, alpha, dropout, targets)` gives every targeted
-model.Linear two small nn.Linear layers, `lora_A` and `lora_B`, which Linear.forward adds to
-its output. The base weights keep their names, so a LoRA model still loads and saves as the
-base checkpoint plus an adapter. `disabled(model)` switches the adapters off: that is the
-reference model of DPO, KTO, PPO and GRPO's KL term, with no second copy of the weights.
-
-On disk an adapter is a peft folder, loadable by peft, transformers and vLLM:
+The base weights keep their names, so a LoRA model still loads and saves as the base checkpoint
+plus an adapter, and `disabled(model)` (adapters off) is the reference model of DPO, KTO and the
+RL KL terms, with no second copy of the weights. On disk an adapter is a peft folder, loadable by
+peft, transformers and vLLM:
     adapter_config.json         peft_type LORA, r, lora_alpha, lora_dropout, target_modules, ...
     adapter_model.safetensors   base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight, ...
-For generation (RL rollouts), `merged_for_generation(model)` gives a plain model whose weights are
-W + (alpha / r) B A in the compute dtype: no adapter work at each decoded token.
-`python -m nanocausal.lora merge ADAPTER_FOLDER OUT_FOLDER` (nanocausal/lora/__main__.py) writes
-W + (alpha / r) B A as a full Hugging Face folder. nanocausal.checkpoint.load_model loads an
-adapter folder as its base (base_model_name_or_path) with the adapters on top.
+checkpoint.load_model loads such a folder as its base with the adapters on top;
+`python -m nanocausal.lora merge ADAPTER_FOLDER OUT_FOLDER` writes W + (alpha / r) B A as a full
+Hugging Face folder.
 """
 import json
 import math
@@ -73,10 +68,6 @@ def add_lora(model, rank, alpha=32.0, dropout=0.0, targets=TARGETS):
     return model
 
 
-def trainable_parameters(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def is_lora_model(model):
     return getattr(model, "lora", None) is not None
 
@@ -84,7 +75,7 @@ def is_lora_model(model):
 @contextmanager
 def disabled(model):
     """The base model, for the length of the block: every adapter is skipped (a no-op for a model
-    without adapters). This is the frozen reference of DPO, KTO and the RL KL terms."""
+    without adapters)."""
     layers = [m for m in model.modules() if isinstance(m, Linear) and m.has_lora]
     for m in layers:
         m.lora_enabled = False
@@ -99,9 +90,10 @@ def disabled(model):
 # peft folders
 
 
-def peft_name(module_name, which):
-    """Our module name and "A"/"B" -> peft's tensor name in adapter_model.safetensors."""
-    return f"base_model.model.model.{module_name}.lora_{which}.weight"
+def adapter_weights(model):
+    """{peft's tensor name in adapter_model.safetensors: the adapter weight} of every adapted layer."""
+    return {f"base_model.model.model.{name}.lora_{which}.weight": getattr(m, f"lora_{which}").weight
+            for name, m in model.named_modules() if isinstance(m, Linear) and m.has_lora for which in "AB"}
 
 
 def save_adapter(model, out_dir, base_model_name_or_path):
@@ -109,11 +101,7 @@ def save_adapter(model, out_dir, base_model_name_or_path):
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {}
-    for name, m in model.named_modules():
-        if isinstance(m, Linear) and m.has_lora:
-            tensors[peft_name(name, "A")] = m.lora_A.weight.detach().contiguous().cpu()
-            tensors[peft_name(name, "B")] = m.lora_B.weight.detach().contiguous().cpu()
+    tensors = {key: weight.detach().contiguous().cpu() for key, weight in adapter_weights(model).items()}
     save_file(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model_name_or_path),
               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
@@ -151,10 +139,7 @@ def load_adapter(model, folder):
     if not os.path.isfile(path):
         raise ValueError(f"{folder}: no {ADAPTER_WEIGHTS}")
     saved = {k.replace(".default.", "."): v for k, v in read_tensors(path).items()}
-    expected = {}
-    for name, m in model.named_modules():
-        if isinstance(m, Linear) and m.has_lora:
-            expected[peft_name(name, "A")], expected[peft_name(name, "B")] = m.lora_A.weight, m.lora_B.weight
+    expected = adapter_weights(model)
     for key, tensor in saved.items():
         if key not in expected:
             raise ValueError(f"{path}: tensor {key} matches no layer of the base model")
@@ -193,16 +178,15 @@ def adapted_weight(m):
 
 @torch.no_grad()
 def merged_for_generation(model, dtype=None):
-    """A plain Transformer for generation whose adapted weights are W + (alpha / r) B A: what the
-    adapted model computes, with no adapter work per decoded token. Unmerged, every adapted Linear
-    of a bf16 base casts x to float32, runs A and B and casts back at every token: ~8 more small
-    kernels per layer and target, ~1,570 per decode step of a 7B model with the seven targets.
+    """A plain Transformer for generation (RL rollouts) whose adapted weights are W + (alpha / r) B A,
+    every tensor in `dtype` (default: model.compute_dtype()). Why: unmerged, every adapted Linear of
+    a bf16 base casts x to float32, runs A and B and casts back at every token: ~8 more small kernels
+    per layer and target, ~1,570 per decode step of a 7B model with the seven targets.
 
-    Every tensor is in `dtype` (default: model.compute_dtype(), bf16 under autocast on CUDA). The
-    adapted weights are new tensors; the others are the model's own where already in `dtype`, else
-    copies: merged_copy_bytes. The caller frees the copy after generating (the adapters change at
-    every optimiser step). Agrees with the adapted model up to one rounding of each merged weight
-    to `dtype` (tests/test_lora.py)."""
+    The adapted weights are new tensors; the others are the model's own where already in `dtype`,
+    else copies (merged_copy_bytes). The caller frees it after generating (the adapters change at
+    every optimiser step). It agrees with the adapted model up to one rounding of each merged
+    weight to `dtype`."""
     dtype = dtype or model.compute_dtype()
     with torch.device("meta"):
         copy = Transformer(model.config)

@@ -20,8 +20,8 @@ from nanocausal.lora import merge
 
 def check_out_folder(adapter, out, overwrite):
     """Refuse, in one line and before anything is loaded or written, an OUT that would destroy
-    what the merge reads (the adapter, its base: compared as resolved paths, so ./a/../a is a) or
-    a model folder the user did not ask to replace."""
+    what the merge reads (compared as resolved paths: ./a/../a is a), or a non-empty one without
+    --overwrite."""
     folder = checkpoint.resolve_model(adapter)
     if not checkpoint.is_adapter(folder):
         raise ValueError(f"{adapter} is not a LoRA adapter folder (it has no adapter_config.json): nothing to merge")
