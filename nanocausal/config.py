@@ -1,8 +1,7 @@
-"""Every setting of a training run, in one place: the config dataclasses of the trainers. Each
-field is declared once with cli.setting(default, help, ...) and is at the same time the flag of
-the train scripts (--grad-accum for grad_accum: cli.add_config_args), with that help, type and
-default; the config refuses what the flag would (cli.check_config), and each field says what a
-resumed run may do with it (rundir.check_resume).
+"""Every setting of a training run, in one place. Each field is declared once with
+cli.setting(default, help, ...) and is at the same time the flag of the train scripts
+(--grad-accum for grad_accum), with that help, type and default; the config refuses what the flag
+would, and each field says what a resumed run may do with it (rundir.check_resume).
 
     TrainConfig          what the loop reads (training.py): model, optimisation, hardware, LoRA,
                          evaluation, output
@@ -21,14 +20,9 @@ from nanocausal import caugym, cli, lora
 from nanocausal.cli import setting
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @dataclass
 class TrainConfig:
-    """What the loop reads, shared by every trainer's config (each adds its own settings). Each
-    field is a flag of the train scripts, described once (cli.setting): its help is the text below."""
+    """What the loop reads, shared by every trainer's config (each adds its own settings)."""
     model: str = setting("Qwen/Qwen2.5-0.5B-Instruct", "hub id or local Hugging Face folder to start from",
                          resume="content", group="model and generated problems")
     tasks: tuple = setting(caugym.TASKS, "comma-separated causal tasks of generated problems (ATE,CDE,ETT,NDE,NIE,PN,PS)",
@@ -45,8 +39,8 @@ class TrainConfig:
     weight_decay: float = setting(0.0, "AdamW weight decay (on matrices only)", type=cli.non_negative_float)
     clip: float = setting(1.0, "clip the gradient norm to this value (0: no clipping)", type=cli.non_negative_float)
     seed: int = setting(0, "seed of the data, its order, the sampler and the model's randomness", type=cli.seed)
-    device: str = setting(default_device(), "cuda or cpu (default: cuda when available)", type=cli.device,
-                          resume="free", group="hardware")
+    device: str = setting("cuda" if torch.cuda.is_available() else "cpu", "cuda or cpu (default: cuda when available)",
+                          type=cli.device, resume="free", group="hardware")
     dtype: str = setting("float32", "weight dtype; float32 weights + bf16 autocast on CUDA is the standard mixed "
                          "precision", choices=("float32", "bfloat16"))
     activation_checkpointing: bool | None = setting(

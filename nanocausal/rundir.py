@@ -1,23 +1,17 @@
-"""A run's out-dir, the checks before a run writes into it, and what the loop does to it besides
-saving: one process writes it at a time, nothing in it is followed through a symlink, nothing is
-created or cleared before the run is known to be able to start, a resumed run must match its
-checkpoint, a checkpoint whose weights diverged is moved aside.
+"""A run's out-dir: one process writes it at a time, nothing in it is followed through a symlink,
+nothing is created or cleared before the run is known to be able to start, a resumed run must
+match its checkpoint, a checkpoint whose weights diverged is moved aside. training.start_run
+calls check() before anything loads, training.train claim() once the trainer has built
+everything, and release() when the loop ends.
 
-training.start_run calls check() before anything loads; training.train calls claim() once the
-trainer has built its model, optimiser and data, and release() when the loop ends.
-
-The lock is an exclusive advisory fcntl.flock on out_dir/nanocausal.lock, which holds the
-holder's pid. The kernel drops it when the process ends, however it ends (kill -9 included), so
-a crashed run never leaves a stale lock behind; a second process asking for it is refused at once
-with one line naming the holder. Train scripts (rank 0 under torchrun) hold it for the run's life,
-eval.py for its --out.
+The lock is an exclusive fcntl.flock on out_dir/nanocausal.lock, which holds the holder's pid:
+the kernel drops it when the process ends, however it ends, so a crash leaves no stale lock.
 """
 import fcntl
 import json
 import os
 import shutil
 from dataclasses import asdict
-
 
 from nanocausal import checkpoint, cli
 
@@ -26,7 +20,7 @@ _held = {}  # real path of an out-dir -> the open lock file (this process holds 
 
 
 def lock(out_dir):
-    """Create out_dir if needed and take its lock for this process (again: a no-op) until release()."""
+    """Create out_dir if needed and take its lock (the module docstring) until release()."""
     key = os.path.realpath(out_dir)
     if key in _held:
         return
@@ -87,8 +81,7 @@ def set_aside_diverged(ckpt_dir, bad_step):
 
 
 def resume_rule(config, name):
-    """What a resumed run may do with setting `name`, as its field declares (cli.setting): None
-    (must match), "free", "content" (a path, compared by content) or "fixed"."""
+    """What a resumed run may do with setting `name` (cli.setting's `resume`)."""
     return cli.about(type(config), name).get("resume")
 
 
@@ -115,8 +108,8 @@ def check(config, ckpt_dir):
 
 
 def claim(config, ckpt_dir):
-    """Rank 0, at the start of train(): create and lock out_dir, and for --overwrite (only now,
-    once the trainer has loaded its model and data) delete the earlier run."""
+    """Rank 0, at the start of train(): create and lock out_dir, and for --overwrite (only now
+    that the trainer has loaded its model and data) delete the earlier run."""
     lock(config.out_dir)
     refuse_symlinks(config.out_dir)
     # a checkpoint saved since check() (by a process that has ended since) is not overwritten silently;
@@ -155,8 +148,8 @@ def check_resume(config, ckpt_dir):
 def changed_settings(saved: dict, config, fingerprints=None):
     """The settings of `config` that differ from the saved run's and change what it computes. A
     path setting (resume="content") is the same when it names the same content: a local path is
-    compared by checkpoint.fingerprint with the one saved (or, for a checkpoint that saved none,
-    by its resolved path, then by content while the old path exists); a hub id by its string."""
+    compared by checkpoint.fingerprint with the one saved (none saved: by its resolved path, then
+    by content while the old path exists); a hub id by its string."""
     current, fingerprints = asdict(config), fingerprints or {}
     changed = {}
     for k in current:
