@@ -73,10 +73,9 @@ def base_of(folder):
 
 
 def adapter_base(folder) -> str:
-    """The folder of an adapter's base model, checked to be a full model. An adapter on top of an
-    adapter is refused rather than followed: nanocausal holds one adapter per layer (a second
-    would replace the first), and refusing it also ends a base that is the adapter itself or a
-    cycle of adapters with one line instead of a RecursionError."""
+    """The folder of an adapter's base model, checked to be a full model. An adapter on an adapter
+    is refused: nanocausal holds one adapter per layer, and a cycle ends in one line, not a
+    RecursionError."""
     base = resolve_model(base_of(folder))
     if is_adapter(base):
         same = os.path.realpath(base) == os.path.realpath(folder)
@@ -84,6 +83,7 @@ def adapter_base(folder) -> str:
                          + ("this adapter itself" if same else f"{base}, another LoRA adapter")
                          + ": the base must be a full model (config.json + safetensors)")
     return base
+
 
 def file_sha256(path, chunk_bytes=16 * 1024**2) -> str:
     """The SHA-256 of a file's bytes, read a chunk at a time (about 1-2 GB/s on one core)."""
@@ -111,6 +111,7 @@ def fingerprint(name_or_path) -> str:
     if is_adapter(folder):
         digest.update(f"base {fingerprint(adapter_base(folder))}\n".encode())
     return digest.hexdigest()
+
 
 # -----------------------------------------------------------------------------
 # Weights: safetensors in, safetensors out
@@ -193,7 +194,7 @@ def random_model(config_json, dtype=None, device=None, seed=0):
 def save_model(model: Transformer, out_dir, max_shard_bytes=5 * 1024**3):
     """Write config.json and model.safetensors (or shards + index) that transformers loads; for a
     LoRA model, the adapters only, as a peft folder whose base is model.lora_base."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # looked up at each call: a test fills the disk through it
 
     os.makedirs(out_dir, exist_ok=True)
     if lora.is_lora_model(model):
@@ -256,10 +257,7 @@ def crash_point(name):
     """Fault injection for the tests: with NANOCAUSAL_CRASH_AT=name (or name:n) the process kills
     itself (SIGKILL: no cleanup, as a power cut or an OOM kill) the first (n-th) time a save
     reaches point `name`. Costs one environment lookup when unset."""
-    wanted = os.environ.get("NANOCAUSAL_CRASH_AT")
-    if not wanted:
-        return
-    point, _, nth = wanted.partition(":")
+    point, _, nth = os.environ.get("NANOCAUSAL_CRASH_AT", "").partition(":")
     if point == name:
         _crash_counts[name] = _crash_counts.get(name, 0) + 1
         if _crash_counts[name] == int(nth or 1):
@@ -269,8 +267,7 @@ def crash_point(name):
 _crash_counts = {}
 
 
-def _fsync(path):
-    """Ask the OS to put a file's (or a folder's entries') bytes on disk before we go on."""
+def _fsync(path):  # a file's bytes, or a folder's entries, on disk before we go on
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -258,18 +258,17 @@ def run_main(main):
     line naming what is wrong, without a traceback, unless NANOCAUSAL_DEBUG=1."""
     from nanocausal import distributed
     try:
+        return main()
+    except (ValueError, OSError, KeyError, RecursionError, jinja2.TemplateError) as e:
+        # (not RuntimeError, TypeError, ...: from torch or our code those are bugs, and keep their traceback)
         if os.environ.get("NANOCAUSAL_DEBUG") == "1":
-            return main()
-        try:
-            return main()
-        except (ValueError, OSError, KeyError, RecursionError, jinja2.TemplateError) as e:
-            # (not RuntimeError, TypeError, ...: from torch or our code those are bugs, and keep their traceback)
-            if isinstance(e, KeyError):
-                message = f"missing key {e}"
-            elif isinstance(e, RecursionError):
-                message = "input nested too deeply to read (RecursionError)"
-            else:
-                message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the library wrote
-            sys.exit(f"error: {message} (NANOCAUSAL_DEBUG=1 for the traceback)")
+            raise
+        if isinstance(e, KeyError):
+            message = f"missing key {e}"
+        elif isinstance(e, RecursionError):
+            message = "input nested too deeply to read (RecursionError)"
+        else:
+            message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the library wrote
+        sys.exit(f"error: {message} (NANOCAUSAL_DEBUG=1 for the traceback)")
     finally:
         distributed.teardown()  # under torchrun: leave the process group cleanly

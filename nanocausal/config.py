@@ -44,8 +44,7 @@ class TrainConfig:
     dtype: str = setting("float32", "weight dtype; float32 weights + bf16 autocast on CUDA is the standard mixed "
                          "precision", choices=("float32", "bfloat16"))
     activation_checkpointing: bool | None = setting(
-        None, "recompute each block in backward to save memory (default: on for CUDA, where memory is what runs out, "
-        "off on CPU)", resume="free")
+        None, "recompute each block in backward to save memory (default: on for CUDA, off on CPU)", resume="free")
     cpu_offload: bool = setting(False, "under torchrun: FSDP keeps the parameter shards, gradients and optimiser state "
                                 "in CPU memory (slower steps, room for a larger model; needs --device cuda)", resume="free")
     lora_rank: int = setting(0, "rank r of the adapters (0: full fine-tuning); with LoRA use about 10x the "
@@ -144,7 +143,6 @@ class PreferenceConfig(SFTConfig):
 class RLConfig(TrainConfig):
     algo: str = setting("grpo", "GRPO (group-relative advantages, no value model) or PPO (value head + GAE)",
                         choices=("grpo", "ppo"), resume="fixed", group="algorithm")
-    # rollouts
     data: str | None = setting(None, "prompts from a JSONL (prompt, answer) or CauGym file; default: generate them",
                                resume="content", group="rollouts")
     prompts_per_step: int = setting(32, "prompts sampled for each step", type=cli.positive_int)
@@ -179,7 +177,6 @@ class RLConfig(TrainConfig):
                                      "groups (or max-sampling-rounds rounds)")
     max_sampling_rounds: int = setting(4, "with --dynamic-sampling: at most this many rounds of prompts per step",
                                        type=cli.positive_int)
-    # update
     ppo_epochs: int = setting(1, "passes over each rollout batch (1: strictly on-policy)", type=cli.positive_int,
                               group="update", flags=("--num-iterations",))
     mini_batches: int = setting(1, "optimiser steps per pass over the rollout batch", type=cli.positive_int)
@@ -190,7 +187,6 @@ class RLConfig(TrainConfig):
                                       type=cli.non_negative_int, resume="free")
     logits_chunk_size: int = setting(256, "completion tokens whose float32 logits exist at once (memory: this x "
                                      "vocabulary x 4 bytes, a few times)", type=cli.positive_int, resume="free")
-    # GRPO
     beta: float = setting(0.0, "weight of the k3 KL penalty to the reference (0: no reference model is loaded)",
                           type=cli.non_negative_float,
                           group="GRPO (nanocausal.rl.GRPO: grpo_losses.group_advantages, grpo_losses.grpo_loss)")
@@ -216,7 +212,6 @@ class RLConfig(TrainConfig):
                                   type=cli.finite_float)
     top_entropy_quantile: float = setting(1.0, "only this top fraction of each micro-batch's tokens by entropy carries "
                                           "the policy loss (1: all)", type=cli.number_in(0, 1, low_open=True))
-    # PPO
     kl_coef: float = setting(0.05, "per-token KL penalty in the reward (0: no reference model is loaded)",
                              type=cli.non_negative_float,
                              group="PPO (nanocausal.rl.PPO: losses.ppo_rewards, gae, whiten, ppo_loss)")

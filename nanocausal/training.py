@@ -112,8 +112,9 @@ def torch_dtype(name):
 def start_run(config: TrainConfig):
     """Check the run can start (rundir.check: nothing created or cleared), then load the model it
     starts from (out_dir/checkpoint when resuming, else config.model) and add LoRA's adapters.
-    train() claims out_dir only once the trainer has built everything else. Under torchrun this joins the process group (config.device becomes this rank's GPU), rank 0
-    alone touches out_dir, and the model comes back sharded (distributed.shard)."""
+    train() claims out_dir only once the trainer has built everything else. Under torchrun this
+    joins the process group (config.device becomes this rank's GPU), rank 0 alone touches
+    out_dir, and the model comes back sharded (distributed.shard)."""
     config.device = distributed.setup(config.device)
     ckpt_dir = checkpoint_dir(config)
     try:
@@ -195,10 +196,6 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
-
-
-def format_row(row):
-    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
 
 
 # -----------------------------------------------------------------------------
@@ -300,7 +297,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
                 tracker.log(row, step)
                 progress.update(1)
                 if step % config.log_every == 0 or step == 1:
-                    say(format_row(row))
+                    say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
                 # optimizer_step skipped a non-finite update; a few in a row, or one at the end: diverged
                 broken = [k for k in ("loss", "grad_norm") if k in row and not math.isfinite(row[k])]
                 bad_steps = bad_steps + 1 if broken else 0
