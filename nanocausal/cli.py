@@ -152,12 +152,11 @@ def graph_sizes(text):
 def setting(default, help, type=None, choices=None, resume=None, group=None, flags=()):
     """A field of a config dataclass that is also a flag (--grad-accum for grad_accum): `help` is
     both the field's description and the flag's --help, `type` the flag's argparse type (and the
-    field's check: check_config), `group` the --help heading that starts at this field, `flags`
-    more spellings. `resume` is what a resumed run may do with it (rundir.check_resume): None
-    (changing it changes the run: refused unless --allow-changed-args), "free" (it changes nothing
-    the run computes: steps, logging, hardware), "content" (a path: compared by what it names, so a
-    moved folder resumes) or "fixed" (never: the checkpoint is built for it). A subclass that only
-    changes a default writes a plain `name: type = value` (config.py)."""
+    field's check), `group` the --help heading that starts at this field, `flags` more spellings.
+    `resume` is what a resumed run may do with it: None (changing it changes the run: refused
+    unless --allow-changed-args), "free" (it changes nothing the run computes: steps, logging,
+    hardware), "content" (a path: compared by what it names) or "fixed" (never: the checkpoint is
+    built for it)."""
     return dataclasses.field(default=default, metadata=dict(
         help=help, type=type, choices=choices, resume=resume, group=group, flags=flags))
 
@@ -198,8 +197,7 @@ def add_config_args(parser, config_class):
 
 def check_config(config):
     """A config's own check (its __post_init__ calls it): every set field is what its flag would
-    accept, else a ValueError naming the flag, as argparse would. Library users and the command
-    line get the same refusals from the same rule."""
+    accept, else a ValueError naming the flag, so library users get the command line's refusals."""
     for field in dataclasses.fields(config):
         meta, value = about(type(config), field.name), getattr(config, field.name)
         flag = "--" + field.name.replace("_", "-")
