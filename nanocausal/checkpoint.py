@@ -10,9 +10,8 @@ here, plus what --resume needs:
     trainer_state.pt             optimiser state, step, data position, RNG states, the run's config
     manifest.json                every file's size and SHA-256, written last: the folder is whole
 
-Every file is read through nanocausal.safe_files (no code path: resuming never runs code from a
-file), each weight checked against the config before it is copied into the model, and, in a
-folder that has a manifest, each file's SHA-256 first (`verify`).
+Every file is read through nanocausal.safe_files (no code path), each weight checked against the
+config before it is copied into the model, and each file's SHA-256 first (`verify`).
 """
 
 import hashlib

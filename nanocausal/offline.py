@@ -111,9 +111,8 @@ def kto_backward(policy, reference, batches, config: PreferenceConfig):
 class Reference:
     """DPO's and KTO's reference: the summed log-probs of a micro-batch from the frozen model, or
     looked up in the table precompute() filled (one row per example: [chosen, rejected] for DPO,
-    [completion, KL pair] for KTO). Either way no gradient flows into them. With LoRA the
-    reference is the policy itself with its adapters switched off (lora.disabled): no second copy
-    of the weights."""
+    [completion, KL pair] for KTO). With LoRA the reference is the policy itself with its
+    adapters switched off (lora.disabled): no second copy of the weights."""
 
     def __init__(self, model, device):
         self.model, self.device, self.table = model, device, None

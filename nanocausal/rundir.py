@@ -65,9 +65,8 @@ def refuse_symlinks(out_dir):
 
 def set_aside_diverged(ckpt_dir, bad_step):
     """ckpt_dir holds the weights of step bad_step, which then gave a non-finite loss: rename it
-    ckpt_dir-STEP-diverged (kept for inspection, outside --keep's rotation, which counts the names
-    ending in digits) and put the newest earlier checkpoint kept by --keep (ckpt_dir-STEP) in its
-    place. Returns the good checkpoint left (ckpt_dir, or None when none is)."""
+    ckpt_dir-STEP-diverged (outside --keep's rotation, which counts the names ending in digits)
+    and put the newest earlier checkpoint kept by --keep (ckpt_dir-STEP) in its place."""
     if checkpoint.is_complete(ckpt_dir) and checkpoint.saved_step(ckpt_dir) == bad_step:
         aside = f"{ckpt_dir}-{bad_step:06d}-diverged"
         if os.path.isdir(aside):
@@ -77,7 +76,6 @@ def set_aside_diverged(ckpt_dir, bad_step):
         kept = sorted(d for d in os.listdir(parent) if d.startswith(base + "-") and d.rsplit("-", 1)[1].isdigit())
         if kept:
             os.replace(os.path.join(parent, kept[-1]), ckpt_dir)
-    return ckpt_dir if checkpoint.is_complete(ckpt_dir) else None
 
 
 def resume_rule(config, name):

@@ -148,10 +148,7 @@ class MetricsLog:
     the rows in memory (`rows`); path None writes nothing (the ranks other than 0)."""
 
     def __init__(self, path, resume=False):
-        self.file = None
-        if path is not None:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.file = open(path, "a" if resume else "w")
+        self.file = None if path is None else open(path, "a" if resume else "w")  # (claim made out_dir)
         self.start = time.time()
         self.rows = []
 
