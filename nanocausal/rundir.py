@@ -149,17 +149,12 @@ def changed_settings(saved: dict, config, fingerprints=None):
     compared by checkpoint.fingerprint with the one saved (none saved: by its resolved path, then
     by content while the old path exists); a hub id by its string."""
     current, fingerprints = asdict(config), fingerprints or {}
-    changed = {}
-    for k in current:
-        if k not in saved or resume_rule(config, k) == "free":
-            continue
+
+    def same(k):
         if resume_rule(config, k) == "content":
-            same = same_content(saved[k], current[k], fingerprints.get(k))
-        else:
-            same = _plain(saved[k]) == _plain(current[k])
-        if not same:
-            changed[k] = (saved[k], current[k])
-    return changed
+            return same_content(saved[k], current[k], fingerprints.get(k))
+        return _plain(saved[k]) == _plain(current[k])
+    return {k: (saved[k], current[k]) for k in current if k in saved and resume_rule(config, k) != "free" and not same(k)}
 
 
 def same_content(saved, now, saved_fingerprint=None):
