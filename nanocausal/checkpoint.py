@@ -332,12 +332,10 @@ def saved_step(folder):
 
 def recover(out_dir):
     """Finish or undo a save that a crash interrupted, so that out_dir is the newest whole
-    checkpoint (or absent) and no leftover blocks the next save.
-
-    A save writes out_dir.tmp, then renames out_dir -> out_dir.old and out_dir.tmp -> out_dir,
-    then removes out_dir.old. A crash can leave: a partial .tmp (removed); a whole .tmp that is
-    newer than out_dir, or out_dir missing (the swap is finished); a .old beside a whole out_dir
-    (removed) or instead of it (put back)."""
+    checkpoint (or absent) and no leftover blocks the next save. A save writes out_dir.tmp, renames
+    out_dir -> out_dir.old and out_dir.tmp -> out_dir, then removes out_dir.old. A crash can leave:
+    a partial .tmp (removed); a whole .tmp newer than out_dir, or out_dir missing (the swap is
+    finished); a .old beside a whole out_dir (removed) or instead of it (put back)."""
     out_dir = out_dir.rstrip("/")
     tmp, old = out_dir + ".tmp", out_dir + ".old"
     if not (os.path.isdir(tmp) or os.path.isdir(old)):

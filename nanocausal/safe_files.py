@@ -61,10 +61,9 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 
 def _header_entries(header, data_bytes):
-    """[(begin, name, dtype, shape, nbytes)] of a parsed header, sorted by begin; raises ValueError
-    (without the file name: the caller adds it) for anything a well-formed file cannot hold: a
-    negative or reversed range, a range of the wrong length or past the end, two tensors whose
-    bytes overlap (writing one would change the other, and a crafted file could alias them)."""
+    """[(begin, name, dtype, shape, nbytes)] of a parsed header, sorted by begin; a ValueError
+    (the caller adds the file name) for a negative or reversed range, a range of the wrong length
+    or past the end, two tensors whose bytes overlap (a crafted file could alias them)."""
     entries = []
     for name, info in header.items():
         begin, end = info["data_offsets"]

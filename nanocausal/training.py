@@ -209,7 +209,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
 
     data_stream: the resumable source of the run's examples (data.Batches or rollout.PromptStream):
         its state_dict() is saved with every checkpoint and restored on --resume.
-    tokenizer: needed for the periodic evaluation (none: no evaluation) and copied into checkpoints.
+    tokenizer: needed for the periodic evaluation (none: no evaluation).
     extra_modules: {name: module} saved beside the model (PPO's value head).
     Under torchrun every rank runs this loop; rank 0 alone prints, logs and writes the Hugging Face
     folder (gathered from the shards), every rank saves its optimiser shard, each row carries
