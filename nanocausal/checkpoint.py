@@ -10,9 +10,8 @@ here, plus what --resume needs:
     trainer_state.pt             optimiser state, step, data position, RNG states, the run's config
     manifest.json                every file's size and SHA-256, written last: the folder is whole
 
-Every file is read through nanocausal.safe_files (no code path: resuming never runs code from a
-file), each weight checked against the config before it is copied into the model, and, in a
-folder that has a manifest, each file's SHA-256 first (`verify`).
+Every file is read through nanocausal.safe_files (no code path), each weight checked against the
+config before it is copied into the model, and each file's SHA-256 first (`verify`).
 """
 
 import hashlib
@@ -73,10 +72,9 @@ def base_of(folder):
 
 
 def adapter_base(folder) -> str:
-    """The folder of an adapter's base model, checked to be a full model. An adapter on top of an
-    adapter is refused rather than followed: nanocausal holds one adapter per layer (a second
-    would replace the first), and refusing it also ends a base that is the adapter itself or a
-    cycle of adapters with one line instead of a RecursionError."""
+    """The folder of an adapter's base model, checked to be a full model. An adapter on an adapter
+    is refused: nanocausal holds one adapter per layer, and a cycle ends in one line, not a
+    RecursionError."""
     base = resolve_model(base_of(folder))
     if is_adapter(base):
         same = os.path.realpath(base) == os.path.realpath(folder)
@@ -84,6 +82,7 @@ def adapter_base(folder) -> str:
                          + ("this adapter itself" if same else f"{base}, another LoRA adapter")
                          + ": the base must be a full model (config.json + safetensors)")
     return base
+
 
 def file_sha256(path, chunk_bytes=16 * 1024**2) -> str:
     """The SHA-256 of a file's bytes, read a chunk at a time (about 1-2 GB/s on one core)."""
@@ -97,9 +96,9 @@ def file_sha256(path, chunk_bytes=16 * 1024**2) -> str:
 def fingerprint(name_or_path) -> str:
     """What a model *is*, by content rather than by path: the SHA-256 over the names and SHA-256s
     of the files that define it (config, weights, adapter and tokenizer files, chat template; for
-    a LoRA adapter its base's too). A moved or renamed folder keeps its fingerprint; a folder whose weights were replaced
-    gets a new one. A plain file (a config.json of a random-weight model, a data file) is its own
-    SHA-256. Used by eval.py to refuse another model's answers and by --resume to compare paths."""
+    a LoRA adapter its base's too), so a moved folder keeps it. A plain file (a config.json of a
+    random-weight model, a data file) is its own SHA-256. Used by eval.py to refuse another
+    model's answers and by --resume to compare paths."""
     path = os.path.expanduser(os.fspath(name_or_path))
     if os.path.isfile(path):
         return file_sha256(path)
@@ -112,6 +111,7 @@ def fingerprint(name_or_path) -> str:
         digest.update(f"base {fingerprint(adapter_base(folder))}\n".encode())
     return digest.hexdigest()
 
+
 # -----------------------------------------------------------------------------
 # Weights: safetensors in, safetensors out
 
@@ -122,13 +122,11 @@ def hf_name(name: str) -> str:
 
 
 def load_model(name_or_path, dtype=None, device=None) -> Transformer:
-    """Load a local Hugging Face folder or a hub id (safetensors only) as a Transformer in eval mode.
-
-    The model is built on the meta device (no memory), then each parameter is read from disk
-    straight into its final tensor, so at no point do two copies of the weights exist.
-    dtype defaults to float32; device to CPU. A LoRA adapter folder loads as its base model with
-    the adapters added (nanocausal.lora); a config.json as a random-weight model of its shape.
-    """
+    """Load a local Hugging Face folder or a hub id (safetensors only) as a Transformer in eval mode
+    (float32 on the CPU by default). The model is built on the meta device, then each parameter is
+    read from disk straight into its final tensor: at no point do two copies of the weights exist.
+    A LoRA adapter folder loads as its base with the adapters added; a config.json as a
+    random-weight model of its shape."""
     if str(name_or_path).endswith(".json") and os.path.isfile(name_or_path):
         return random_model(name_or_path, dtype, device)
     path = resolve_model(name_or_path)
@@ -195,7 +193,7 @@ def random_model(config_json, dtype=None, device=None, seed=0):
 def save_model(model: Transformer, out_dir, max_shard_bytes=5 * 1024**3):
     """Write config.json and model.safetensors (or shards + index) that transformers loads; for a
     LoRA model, the adapters only, as a peft folder whose base is model.lora_base."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # looked up at each call: a test fills the disk through it
 
     os.makedirs(out_dir, exist_ok=True)
     if lora.is_lora_model(model):
@@ -258,10 +256,7 @@ def crash_point(name):
     """Fault injection for the tests: with NANOCAUSAL_CRASH_AT=name (or name:n) the process kills
     itself (SIGKILL: no cleanup, as a power cut or an OOM kill) the first (n-th) time a save
     reaches point `name`. Costs one environment lookup when unset."""
-    wanted = os.environ.get("NANOCAUSAL_CRASH_AT")
-    if not wanted:
-        return
-    point, _, nth = wanted.partition(":")
+    point, _, nth = os.environ.get("NANOCAUSAL_CRASH_AT", "").partition(":")
     if point == name:
         _crash_counts[name] = _crash_counts.get(name, 0) + 1
         if _crash_counts[name] == int(nth or 1):
@@ -271,8 +266,7 @@ def crash_point(name):
 _crash_counts = {}
 
 
-def _fsync(path):
-    """Ask the OS to put a file's (or a folder's entries') bytes on disk before we go on."""
+def _fsync(path):  # a file's bytes, or a folder's entries, on disk before we go on
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -281,8 +275,8 @@ def _fsync(path):
 
 
 def read_manifest(folder):
-    """manifest.json as {"step", "files": {name: bytes}, "sha256": {name: hex}} (sha256 absent in
-    checkpoints saved before it was recorded); one-line ValueError for anything else."""
+    """manifest.json as {"step", "files": {name: bytes}, "sha256": {name: hex}} (sha256 may be
+    absent); one-line ValueError for anything else."""
     path = os.path.join(folder, MANIFEST)
     manifest = read_json(path)
     files, hashes = manifest.get("files"), manifest.get("sha256", {})
@@ -293,12 +287,10 @@ def read_manifest(folder):
 
 
 def is_complete(folder):
-    """True when `folder` holds a manifest and every file it lists, at the listed size.
-
-    Sizes only, on purpose: crash recovery (recover) asks this of every leftover folder at the
-    start of every run and save, and a save interrupted by a crash shows as missing or short
-    files, never as same-size files with other bytes. Flipped bits are `verify`'s business, run
-    when a checkpoint is loaded."""
+    """True when `folder` holds a manifest and every file it lists, at the listed size. Sizes
+    only, on purpose: `recover` asks this at the start of every run and save, and an interrupted
+    save shows as missing or short files, never as other bytes of the same size (flipped bits are
+    `verify`'s business, when a checkpoint is loaded)."""
     try:
         files = read_manifest(folder)["files"]
     except (OSError, ValueError):
@@ -310,16 +302,14 @@ def is_complete(folder):
 def verify(folder, names):
     """Check the files `names` of a checkpoint folder against its manifest, before they are read:
     each must be listed (a file added after the save is not part of the checkpoint), present, of
-    its size and of its SHA-256. A folder without a manifest (a downloaded model, a checkpoint
-    from before manifests) passes; names that exist neither on disk nor in the manifest are
-    skipped (model.safetensors.index.json of a one-file model). The error names the file.
+    its size and of its SHA-256. A folder without a manifest (a downloaded model) passes; names
+    that exist neither on disk nor in the manifest are skipped (model.safetensors.index.json of a
+    one-file model).
 
     Cost: one read of each file at file_sha256's speed, 1.4 GB/s on one core of a shared laptop
-    CPU (a 1 GB file, page cache warm: `python -c "from nanocausal.checkpoint import file_sha256;
-    file_sha256('f')"` timed), so resuming a 7B model in bf16 (15 GB of weights) adds about 11 s,
-    and its full-fine-tuning trainer_state.pt (AdamW's two float32 moments, 61 GB) about 45 s,
-    against a load that reads those bytes anyway. Under torchrun each rank verifies what it reads:
-    the weights, and its own optimiser shard."""
+    CPU (a 1 GB file, page cache warm), so resuming a 7B model in bf16 adds about 11 s for its
+    15 GB of weights and 45 s for its full-fine-tuning trainer_state.pt (61 GB), against a load
+    that reads those bytes anyway. Under torchrun each rank verifies what it reads."""
     if not os.path.isfile(os.path.join(folder, MANIFEST)):
         return
     manifest = read_manifest(folder)
@@ -342,12 +332,10 @@ def saved_step(folder):
 
 def recover(out_dir):
     """Finish or undo a save that a crash interrupted, so that out_dir is the newest whole
-    checkpoint (or absent) and no leftover blocks the next save.
-
-    A save writes out_dir.tmp, then renames out_dir -> out_dir.old and out_dir.tmp -> out_dir,
-    then removes out_dir.old. A crash can leave: a partial .tmp (removed); a whole .tmp that is
-    newer than out_dir, or out_dir missing (the swap is finished); a .old beside a whole out_dir
-    (removed) or instead of it (put back)."""
+    checkpoint (or absent) and no leftover blocks the next save. A save writes out_dir.tmp, renames
+    out_dir -> out_dir.old and out_dir.tmp -> out_dir, then removes out_dir.old. A crash can leave:
+    a partial .tmp (removed); a whole .tmp newer than out_dir, or out_dir missing (the swap is
+    finished); a .old beside a whole out_dir (removed) or instead of it (put back)."""
     out_dir = out_dir.rstrip("/")
     tmp, old = out_dir + ".tmp", out_dir + ".old"
     if not (os.path.isdir(tmp) or os.path.isdir(old)):
@@ -385,19 +373,16 @@ def copy_tokenizer_files(source, out_dir):
 def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_state=None, extra_modules=None, keep=1,
                     staged=None):
     """Write out_dir as the folder of the module docstring, so that --resume continues exactly.
-    trainer_state must hold plain types only (numbers, strings, lists, dicts); extra_modules
-    (e.g. a PPO value head) are saved as <name>.safetensors.
+    trainer_state holds plain types only; extra_modules (PPO's value head) are saved as
+    <name>.safetensors; staged is a folder of files written before the call (under torchrun every
+    rank's optimiser shard and RNG state), moved in before the manifest.
 
-    Crash-safe: everything is written into a fresh out_dir.tmp and fsynced, the manifest (every
-    file's size and SHA-256) last; then out_dir.tmp replaces out_dir by two renames. A kill at any moment
-    leaves either the old or the new checkpoint whole, and `recover` (run by the next save and at
-    the start of every run) completes or removes what is left over. A write that fails (a full
-    disk) removes out_dir.tmp and raises one OSError naming out_dir; out_dir is untouched. keep > 1 keeps the previous
-    keep - 1 checkpoints beside it as out_dir-STEP (e.g. checkpoint-000400).
-
-    staged: a folder of files written before the call (every rank's optimiser shard and RNG state,
-    under torchrun: distributed.save_checkpoint), moved into the checkpoint before its manifest.
-    """
+    Crash-safe: everything is written into a fresh out_dir.tmp and fsynced, the manifest last; then
+    out_dir.tmp replaces out_dir by two renames. A kill at any moment leaves either the old or the
+    new checkpoint whole, and `recover` (run by the next save and at the start of every run)
+    completes or removes what is left over. A failed write (a full disk) removes out_dir.tmp and
+    raises one OSError naming out_dir, which is untouched. keep > 1 keeps the previous keep - 1
+    checkpoints beside it as out_dir-STEP (e.g. checkpoint-000400)."""
     out_dir = out_dir.rstrip("/")
     tmp_dir, old_dir = out_dir + ".tmp", out_dir + ".old"
     recover(out_dir)
@@ -428,7 +413,7 @@ def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_st
 
 def _write_folder(tmp_dir, model, tokenizer_source, optimizer, trainer_state, extra_modules, staged):
     """save_checkpoint's writing: every file into tmp_dir, fsynced, then the manifest (hashing
-    re-reads what was just written, from the page cache: the cost `verify` states)."""
+    re-reads the files from the page cache)."""
     from safetensors.torch import save_file
 
     save_model(model, tmp_dir)
@@ -477,7 +462,7 @@ def load_trainer_state(checkpoint_dir, optimizer=None):
 
 
 def load_module(module: nn.Module, checkpoint_dir, name):
-    """Load <checkpoint_dir>/<name>.safetensors (written by save_checkpoint's extra_modules) into module."""
+    """Load <checkpoint_dir>/<name>.safetensors (save_checkpoint's extra_modules) into module."""
     device = next(module.parameters()).device
     verify(checkpoint_dir, [f"{name}.safetensors"])
     tensors = read_tensors(os.path.join(checkpoint_dir, f"{name}.safetensors"))

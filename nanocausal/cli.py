@@ -1,11 +1,7 @@
 """Command-line plumbing shared by the scripts: typed argument checks, settings (a config field
-and its flag described once), flags -> a config dataclass, and one-line errors.
-
-Every setting of a run is a field of its config dataclass declared with setting(default, help,
-type, ...): add_config_args turns the fields into flags (--grad-accum for grad_accum; type,
-default, help and --help group from the field), config_from_args reads them back, and the
-config's __post_init__ refuses, with check_config, what the flag would refuse. A train script
-reads its config with config_from_flags(__doc__, ItsConfig) and hands it to its trainer.
+and its flag described once: setting, add_config_args, check_config), flags -> a config dataclass,
+and one-line errors. A train script reads its config with config_from_flags(__doc__, ItsConfig)
+and hands it to its trainer.
 """
 import argparse
 import dataclasses
@@ -39,35 +35,23 @@ def parser_for(doc):
 # range its formula allows: a probability in [0, 1], top-p in (0, 1], ...
 
 
-def positive_int(text):
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def integer_in(low, high, expected):
+    """The argparse type of an integer in [low, high]; its error says `expected`."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return value
+    return parse
 
 
-def non_negative_int(text):
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-MAX_SEED = 2**63  # numpy's and torch's generators take any seed in [0, 2**63)
-
-
-def seed(text):
-    value = _int(text)
-    if not 0 <= value < MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text}")
-    return value
-
-
-def _int(text):
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+positive_int = integer_in(1, math.inf, "a positive integer")
+non_negative_int = integer_in(0, math.inf, ">= 0")
+seed = integer_in(0, 2**63 - 1, "an integer in [0, 2**63)")  # numpy's and torch's generators take [0, 2**63)
+graph_size = integer_in(2, 16, "a graph size in 2..16")  # --nodes of eval.py's generated sets: what the generator draws
 
 
 def number_in(low=-math.inf, high=math.inf, low_open=False, high_open=False):
@@ -97,31 +81,25 @@ below_one = number_in(0, 1, high_open=True)  # dropout: 1 drops everything
 
 
 def device(text):
-    """--device: cpu, cuda, cuda:N or mps. Whether this machine has it is checked when a run starts
-    (device_problem), not here: --plan may plan a GPU run on a laptop."""
-    problem = device_name_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return text
-
-
-def device_name_problem(text):
-    """None when `text` names a kind of device nanocausal runs on, else what was expected."""
+    """--device: cpu, cuda, cuda:N or mps; whether this machine has it is device_problem's check
+    when a run starts, so that --plan may plan a GPU run on a laptop."""
     import torch
     try:
         kind = torch.device(text).type
     except (RuntimeError, TypeError):
         kind = None
-    return None if kind in ("cpu", "cuda", "mps") else f"expected cpu, cuda, cuda:N or mps, got {text!r}"
+    if kind not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
 
 
 def device_problem(text):
     """None when this machine has the device `text`, else why not (one line naming --device)."""
     import torch
-    problem = device_name_problem(text)
-    if problem:
-        return f"--device {problem}"
-    dev = torch.device(text)
+    try:
+        dev = torch.device(device(text))
+    except argparse.ArgumentTypeError as e:
+        return f"--device {e}"
     if dev.type == "cuda" and not torch.cuda.is_available():
         return f"--device {text}: this machine has no CUDA GPU (use --device cpu)"
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -132,7 +110,7 @@ def device_problem(text):
 
 
 def report_backends(text):
-    """--report-to: checked (names known, packages installed) before any model is loaded."""
+    """--report-to: names known and packages installed, before any model is loaded."""
     try:
         tracking.check(text)
     except ValueError as e:
@@ -149,24 +127,14 @@ def task_list(text):
 
 
 def name_list(text):
-    """--lora-targets: comma-separated names."""
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def variant_list(text):
-    """--variant: one variant, or a comma-separated mix of them."""
     variants = [v.strip() for v in text.split(",") if v.strip()]
     if not variants or any(v not in caugym.VARIANTS for v in variants):
         raise argparse.ArgumentTypeError(f"expected one or a comma-separated mix of {','.join(caugym.VARIANTS)}, got {text}")
     return text
-
-
-def graph_size(text):
-    """--nodes of one size N (eval.py's generated sets): an integer the generator can draw, 2..16."""
-    value = _int(text)
-    if not 2 <= value <= 16:
-        raise argparse.ArgumentTypeError(f"must be a graph size in 2..16, got {text}")
-    return value
 
 
 def graph_sizes(text):
@@ -185,12 +153,11 @@ def graph_sizes(text):
 def setting(default, help, type=None, choices=None, resume=None, group=None, flags=()):
     """A field of a config dataclass that is also a flag (--grad-accum for grad_accum): `help` is
     both the field's description and the flag's --help, `type` the flag's argparse type (and the
-    field's check: check_config), `group` the --help heading that starts at this field, `flags`
-    more spellings. `resume` is what a resumed run may do with it (rundir.check_resume): None
-    (changing it changes the run: refused unless --allow-changed-args), "free" (it changes nothing
-    the run computes: steps, logging, hardware), "content" (a path: compared by what it names, so a
-    moved folder resumes) or "fixed" (never: the checkpoint is built for it). A subclass that only
-    changes a default writes a plain `name: type = value`; the rest is read from its base."""
+    field's check), `group` the --help heading that starts at this field, `flags` more spellings.
+    `resume` is what a resumed run may do with it: None (changing it changes the run: refused
+    unless --allow-changed-args), "free" (it changes nothing the run computes: steps, logging,
+    hardware), "content" (a path: compared by what it names) or "fixed" (never: the checkpoint is
+    built for it)."""
     return dataclasses.field(default=default, metadata=dict(
         help=help, type=type, choices=choices, resume=resume, group=group, flags=flags))
 
@@ -231,8 +198,7 @@ def add_config_args(parser, config_class):
 
 def check_config(config):
     """A config's own check (its __post_init__ calls it): every set field is what its flag would
-    accept, else a ValueError naming the flag, as argparse would. Library users and the command
-    line get the same refusals from the same rule."""
+    accept, else a ValueError naming the flag, so library users get the command line's refusals."""
     for field in dataclasses.fields(config):
         meta, value = about(type(config), field.name), getattr(config, field.name)
         flag = "--" + field.name.replace("_", "-")
@@ -283,7 +249,6 @@ def config_from_flags(doc, config_class):
 
 
 def config_from_args(config_class, args):
-    """config_class with every field read from the parsed flag of the same name."""
     return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
 
 
@@ -292,18 +257,17 @@ def run_main(main):
     line naming what is wrong, without a traceback, unless NANOCAUSAL_DEBUG=1."""
     from nanocausal import distributed
     try:
+        return main()
+    except (ValueError, OSError, KeyError, RecursionError, jinja2.TemplateError) as e:
+        # (not RuntimeError, TypeError, ...: from torch or our code those are bugs, and keep their traceback)
         if os.environ.get("NANOCAUSAL_DEBUG") == "1":
-            return main()
-        try:
-            return main()
-        except (ValueError, OSError, KeyError, RecursionError, jinja2.TemplateError) as e:
-            # (not RuntimeError, TypeError, ...: from torch or our code those are bugs, and keep their traceback)
-            if isinstance(e, KeyError):
-                message = f"missing key {e}"
-            elif isinstance(e, RecursionError):
-                message = "input nested too deeply to read (RecursionError)"
-            else:
-                message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the library wrote
-            sys.exit(f"error: {message} (NANOCAUSAL_DEBUG=1 for the traceback)")
+            raise
+        if isinstance(e, KeyError):
+            message = f"missing key {e}"
+        elif isinstance(e, RecursionError):
+            message = "input nested too deeply to read (RecursionError)"
+        else:
+            message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the library wrote
+        sys.exit(f"error: {message} (NANOCAUSAL_DEBUG=1 for the traceback)")
     finally:
         distributed.teardown()  # under torchrun: leave the process group cleanly

@@ -1,8 +1,7 @@
-"""Every setting of a training run, in one place: the config dataclasses of the trainers. Each
-field is declared once with cli.setting(default, help, ...) and is at the same time the flag of
-the train scripts (--grad-accum for grad_accum: cli.add_config_args), with that help, type and
-default; the config refuses what the flag would (cli.check_config), and each field says what a
-resumed run may do with it (rundir.check_resume).
+"""Every setting of a training run, in one place. Each field is declared once with
+cli.setting(default, help, ...) and is at the same time the flag of the train scripts
+(--grad-accum for grad_accum), with that help, type and default; the config refuses what the flag
+would, and each field says what a resumed run may do with it (rundir.check_resume).
 
     TrainConfig          what the loop reads (training.py): model, optimisation, hardware, LoRA,
                          evaluation, output
@@ -21,14 +20,9 @@ from nanocausal import caugym, cli, lora
 from nanocausal.cli import setting
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @dataclass
 class TrainConfig:
-    """What the loop reads, shared by every trainer's config (each adds its own settings). Each
-    field is a flag of the train scripts, described once (cli.setting): its help is the text below."""
+    """What the loop reads, shared by every trainer's config (each adds its own settings)."""
     model: str = setting("Qwen/Qwen2.5-0.5B-Instruct", "hub id or local Hugging Face folder to start from",
                          resume="content", group="model and generated problems")
     tasks: tuple = setting(caugym.TASKS, "comma-separated causal tasks of generated problems (ATE,CDE,ETT,NDE,NIE,PN,PS)",
@@ -45,13 +39,12 @@ class TrainConfig:
     weight_decay: float = setting(0.0, "AdamW weight decay (on matrices only)", type=cli.non_negative_float)
     clip: float = setting(1.0, "clip the gradient norm to this value (0: no clipping)", type=cli.non_negative_float)
     seed: int = setting(0, "seed of the data, its order, the sampler and the model's randomness", type=cli.seed)
-    device: str = setting(default_device(), "cuda or cpu (default: cuda when available)", type=cli.device,
-                          resume="free", group="hardware")
+    device: str = setting("cuda" if torch.cuda.is_available() else "cpu", "cuda or cpu (default: cuda when available)",
+                          type=cli.device, resume="free", group="hardware")
     dtype: str = setting("float32", "weight dtype; float32 weights + bf16 autocast on CUDA is the standard mixed "
                          "precision", choices=("float32", "bfloat16"))
     activation_checkpointing: bool | None = setting(
-        None, "recompute each block in backward to save memory (default: on for CUDA, where memory is what runs out, "
-        "off on CPU)", resume="free")
+        None, "recompute each block in backward to save memory (default: on for CUDA, off on CPU)", resume="free")
     cpu_offload: bool = setting(False, "under torchrun: FSDP keeps the parameter shards, gradients and optimiser state "
                                 "in CPU memory (slower steps, room for a larger model; needs --device cuda)", resume="free")
     lora_rank: int = setting(0, "rank r of the adapters (0: full fine-tuning); with LoRA use about 10x the "
@@ -150,7 +143,6 @@ class PreferenceConfig(SFTConfig):
 class RLConfig(TrainConfig):
     algo: str = setting("grpo", "GRPO (group-relative advantages, no value model) or PPO (value head + GAE)",
                         choices=("grpo", "ppo"), resume="fixed", group="algorithm")
-    # rollouts
     data: str | None = setting(None, "prompts from a JSONL (prompt, answer) or CauGym file; default: generate them",
                                resume="content", group="rollouts")
     prompts_per_step: int = setting(32, "prompts sampled for each step", type=cli.positive_int)
@@ -185,7 +177,6 @@ class RLConfig(TrainConfig):
                                      "groups (or max-sampling-rounds rounds)")
     max_sampling_rounds: int = setting(4, "with --dynamic-sampling: at most this many rounds of prompts per step",
                                        type=cli.positive_int)
-    # update
     ppo_epochs: int = setting(1, "passes over each rollout batch (1: strictly on-policy)", type=cli.positive_int,
                               group="update", flags=("--num-iterations",))
     mini_batches: int = setting(1, "optimiser steps per pass over the rollout batch", type=cli.positive_int)
@@ -196,7 +187,6 @@ class RLConfig(TrainConfig):
                                       type=cli.non_negative_int, resume="free")
     logits_chunk_size: int = setting(256, "completion tokens whose float32 logits exist at once (memory: this x "
                                      "vocabulary x 4 bytes, a few times)", type=cli.positive_int, resume="free")
-    # GRPO
     beta: float = setting(0.0, "weight of the k3 KL penalty to the reference (0: no reference model is loaded)",
                           type=cli.non_negative_float,
                           group="GRPO (nanocausal.rl.GRPO: grpo_losses.group_advantages, grpo_losses.grpo_loss)")
@@ -222,7 +212,6 @@ class RLConfig(TrainConfig):
                                   type=cli.finite_float)
     top_entropy_quantile: float = setting(1.0, "only this top fraction of each micro-batch's tokens by entropy carries "
                                           "the policy loss (1: all)", type=cli.number_in(0, 1, low_open=True))
-    # PPO
     kl_coef: float = setting(0.05, "per-token KL penalty in the reward (0: no reference model is loaded)",
                              type=cli.non_negative_float,
                              group="PPO (nanocausal.rl.PPO: losses.ppo_rewards, gae, whiten, ppo_loss)")

@@ -1,8 +1,6 @@
 """Offline post-training: SFT, DPO and KTO side by side. Each is a `*_backward` function (the
-forward and backward passes of one optimiser step, returning its metrics) called by the one step
-function of train_offline, which the loop of training.py runs, the way rl.py plugs GRPO and PPO
-into it. The formulas are in losses.sft_loss, losses.dpo_loss and losses.kto_loss; the settings
-(SFTConfig, PreferenceConfig) in config.py.
+forward and backward passes of one optimiser step, returning its metrics) called by the step
+function of train_offline, which the loop of training.py runs. The formulas are in losses.py.
 
 What one optimiser step does, for all three:
   1. take batch_size * grad_accum examples from a seeded, resumable order (data.Batches) and cut
@@ -19,15 +17,13 @@ What one optimiser step does, for all three:
        KTO  first the KL pairs of the whole step (prompt i with another example's completion) are
             scored without gradient by policy and reference, giving one reference point z0 for the
             step; then each micro-batch backwards kto_loss with that z0, scaled like DPO's;
-  3. clip the gradient norm and take an AdamW step (training.optimizer_step); the loop sets the
-     warmup + cosine learning rate, logs, evaluates and saves.
-DPO's and KTO's metrics are computed once per step on all its examples: rewards, margins,
-accuracy (DPO), z0 (KTO). Batches are right-padded, so the model gets no attention mask: a real
-token never attends to the padding after it, and plain causal attention is the fast path (flash
-on CUDA); the padded positions are no target (tests/test_train_offline.py checks both).
+  3. one clipped AdamW step (training.optimizer_step).
+DPO's and KTO's metrics are computed once per step on all its examples. Batches are right-padded,
+so the model gets no attention mask: a real token never attends to the padding after it, and
+plain causal attention is the fast path (flash on CUDA); the padded positions are no target.
 Under torchrun each rank takes its contiguous share of the step's examples (distributed.share);
 the counts, z0's KL pairs and the metrics' log-probs are gathered over the ranks, so the N-rank
-gradient is the one-process one, and the reference is sharded like the policy (distributed.py).
+gradient is the one-process one.
 """
 import torch
 from tqdm import tqdm
@@ -45,8 +41,6 @@ from nanocausal.training import autocast
 
 
 def sft_backward(model, batches, device):
-    """SFT: backward every micro-batch of one optimiser step (this rank's share of it), each
-    sft_loss divided by the step's completion tokens N; returns the step's metrics."""
     num_target_tokens = distributed.all_sum(sum(int(b["completion_mask"][:, 1:].sum()) for b in batches))
     total_loss = 0.0
     for batch, weight in distributed.pad_to_longest(batches):
@@ -81,7 +75,7 @@ def dpo_backward(policy, reference, batches, config: PreferenceConfig):
             logps_seen.append(logps.detach().view(2, n))
             ref_seen.append(ref.view(2, n))
             lengths_seen.append(length.view(2, n))
-    # The step's metrics (and loss) over all its pairs at once: exact whatever the micro-batching.
+    # the step's metrics (and loss) over all its pairs at once: exact whatever the micro-batching
     logps, ref, lengths = (distributed.all_cat(torch.cat(seen, 1).float(), 1)
                            for seen in (logps_seen, ref_seen, lengths_seen))
     loss, metrics = dpo_loss(logps[0], logps[1], ref[0], ref[1], chosen_lengths=lengths[0],
@@ -117,9 +111,8 @@ def kto_backward(policy, reference, batches, config: PreferenceConfig):
 class Reference:
     """DPO's and KTO's reference: the summed log-probs of a micro-batch from the frozen model, or
     looked up in the table precompute() filled (one row per example: [chosen, rejected] for DPO,
-    [completion, KL pair] for KTO). Either way no gradient flows into them. With LoRA the
-    reference is the policy itself with its adapters switched off (lora.disabled): no second copy
-    of the weights."""
+    [completion, KL pair] for KTO). With LoRA the reference is the policy itself with its
+    adapters switched off (lora.disabled): no second copy of the weights."""
 
     def __init__(self, model, device):
         self.model, self.device, self.table = model, device, None

@@ -1,23 +1,17 @@
-"""A run's out-dir, the checks before a run writes into it, and what the loop does to it besides
-saving: one process writes it at a time, nothing in it is followed through a symlink, nothing is
-created or cleared before the run is known to be able to start, a resumed run must match its
-checkpoint, a checkpoint whose weights diverged is moved aside.
+"""A run's out-dir: one process writes it at a time, nothing in it is followed through a symlink,
+nothing is created or cleared before the run is known to be able to start, a resumed run must
+match its checkpoint, a checkpoint whose weights diverged is moved aside. training.start_run
+calls check() before anything loads, training.train claim() once the trainer has built
+everything, and release() when the loop ends.
 
-training.start_run calls check() before anything loads; training.train calls claim() once the
-trainer has built its model, optimiser and data, and release() when the loop ends.
-
-The lock is an exclusive advisory fcntl.flock on out_dir/nanocausal.lock, which holds the
-holder's pid. The kernel drops it when the process ends, however it ends (kill -9 included), so
-a crashed run never leaves a stale lock behind; a second process asking for it is refused at once
-with one line naming the holder. Train scripts (rank 0 under torchrun) hold it for the run's life,
-eval.py for its --out.
+The lock is an exclusive fcntl.flock on out_dir/nanocausal.lock, which holds the holder's pid:
+the kernel drops it when the process ends, however it ends, so a crash leaves no stale lock.
 """
 import fcntl
 import json
 import os
 import shutil
 from dataclasses import asdict
-
 
 from nanocausal import checkpoint, cli
 
@@ -26,7 +20,7 @@ _held = {}  # real path of an out-dir -> the open lock file (this process holds 
 
 
 def lock(out_dir):
-    """Create out_dir if needed and take its lock for this process (again: a no-op) until release()."""
+    """Create out_dir if needed and take its lock (the module docstring) until release()."""
     key = os.path.realpath(out_dir)
     if key in _held:
         return
@@ -71,9 +65,8 @@ def refuse_symlinks(out_dir):
 
 def set_aside_diverged(ckpt_dir, bad_step):
     """ckpt_dir holds the weights of step bad_step, which then gave a non-finite loss: rename it
-    ckpt_dir-STEP-diverged (kept for inspection, outside --keep's rotation, which counts the names
-    ending in digits) and put the newest earlier checkpoint kept by --keep (ckpt_dir-STEP) in its
-    place. Returns the good checkpoint left (ckpt_dir, or None when none is)."""
+    ckpt_dir-STEP-diverged (outside --keep's rotation, which counts the names ending in digits)
+    and put the newest earlier checkpoint kept by --keep (ckpt_dir-STEP) in its place."""
     if checkpoint.is_complete(ckpt_dir) and checkpoint.saved_step(ckpt_dir) == bad_step:
         aside = f"{ckpt_dir}-{bad_step:06d}-diverged"
         if os.path.isdir(aside):
@@ -83,12 +76,10 @@ def set_aside_diverged(ckpt_dir, bad_step):
         kept = sorted(d for d in os.listdir(parent) if d.startswith(base + "-") and d.rsplit("-", 1)[1].isdigit())
         if kept:
             os.replace(os.path.join(parent, kept[-1]), ckpt_dir)
-    return ckpt_dir if checkpoint.is_complete(ckpt_dir) else None
 
 
 def resume_rule(config, name):
-    """What a resumed run may do with setting `name`, as its field declares (cli.setting): None
-    (must match), "free", "content" (a path, compared by content) or "fixed"."""
+    """What a resumed run may do with setting `name` (cli.setting's `resume`)."""
     return cli.about(type(config), name).get("resume")
 
 
@@ -115,8 +106,8 @@ def check(config, ckpt_dir):
 
 
 def claim(config, ckpt_dir):
-    """Rank 0, at the start of train(): create and lock out_dir, and for --overwrite (only now,
-    once the trainer has loaded its model and data) delete the earlier run."""
+    """Rank 0, at the start of train(): create and lock out_dir, and for --overwrite (only now
+    that the trainer has loaded its model and data) delete the earlier run."""
     lock(config.out_dir)
     refuse_symlinks(config.out_dir)
     # a checkpoint saved since check() (by a process that has ended since) is not overwritten silently;
@@ -155,20 +146,15 @@ def check_resume(config, ckpt_dir):
 def changed_settings(saved: dict, config, fingerprints=None):
     """The settings of `config` that differ from the saved run's and change what it computes. A
     path setting (resume="content") is the same when it names the same content: a local path is
-    compared by checkpoint.fingerprint with the one saved (or, for a checkpoint that saved none,
-    by its resolved path, then by content while the old path exists); a hub id by its string."""
+    compared by checkpoint.fingerprint with the one saved (none saved: by its resolved path, then
+    by content while the old path exists); a hub id by its string."""
     current, fingerprints = asdict(config), fingerprints or {}
-    changed = {}
-    for k in current:
-        if k not in saved or resume_rule(config, k) == "free":
-            continue
+
+    def same(k):
         if resume_rule(config, k) == "content":
-            same = same_content(saved[k], current[k], fingerprints.get(k))
-        else:
-            same = _plain(saved[k]) == _plain(current[k])
-        if not same:
-            changed[k] = (saved[k], current[k])
-    return changed
+            return same_content(saved[k], current[k], fingerprints.get(k))
+        return _plain(saved[k]) == _plain(current[k])
+    return {k: (saved[k], current[k]) for k in current if k in saved and resume_rule(config, k) != "free" and not same(k)}
 
 
 def same_content(saved, now, saved_fingerprint=None):

@@ -1,12 +1,9 @@
 """Reading files that someone else may have written: JSON, safetensors and torch.save files of
 tensors and plain types, with no code path.
 
-Everything nanocausal reads from a checkpoint folder goes through here. JSON and safetensors are
-data formats, parsed with every length and offset checked; a torch.save file is read with
-torch.load(weights_only=True), which unpickles tensors and plain types only (`load_plain`).
-What was read is checked against what it must fit (`check_optimizer_state`). Errors are one line naming the
-file (and the tensor or key) and never quote the file's bytes, so pointing a loader at
-/etc/passwd prints nothing of it.
+Everything nanocausal reads from a checkpoint folder goes through here, every length and offset
+checked. Errors are one line naming the file (and the tensor or key) and never quote the file's
+bytes, so pointing a loader at /etc/passwd prints nothing of it.
 """
 import json
 import math
@@ -16,8 +13,8 @@ import torch
 
 
 def read_json(path):
-    """A JSON file's object; every failure is one ValueError naming the file: bytes that are not UTF-8, invalid JSON, nesting too deep for Python's parser (a
-    100 000-deep [[[...]]] raises RecursionError, not JSONDecodeError)."""
+    """A JSON file's object; every failure is one ValueError naming the file (nesting too deep
+    for Python's parser raises RecursionError, not JSONDecodeError)."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -33,12 +30,6 @@ def read_json(path):
     return value
 
 
-def is_plain_file_name(name):
-    """A name that stays inside the folder it is joined to: no separator, no '..', not absolute."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and "\0" not in name and os.path.basename(name) == name)
-
-
 def safetensors_files(path) -> list[str]:
     """The weight files of a Hugging Face folder: model.safetensors, or the files that
     model.safetensors.index.json names. The index must name plain file names of this folder:
@@ -48,8 +39,9 @@ def safetensors_files(path) -> list[str]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: expected a non-empty object 'weight_map' of tensor name -> file name")
-        for key, name in weight_map.items():
-            if not is_plain_file_name(name) or not name.endswith(".safetensors"):
+        for key, name in weight_map.items():  # a .safetensors name with no separator, "..", or NUL
+            if not (isinstance(name, str) and name.endswith(".safetensors") and os.path.basename(name) == name
+                    and "\\" not in name and "\0" not in name):
                 raise ValueError(f"{index}: tensor {key} maps to {str(name)[:80]!r}, which is not a .safetensors file "
                                  f"name inside {path}")
         files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
@@ -69,10 +61,9 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 
 def _header_entries(header, data_bytes):
-    """[(begin, name, dtype, shape, nbytes)] of a parsed header, sorted by begin; raises ValueError
-    (without the file name: the caller adds it) for anything a well-formed file cannot hold: a
-    negative or reversed range, a range of the wrong length or past the end, two tensors whose
-    bytes overlap (writing one would change the other, and a crafted file could alias them)."""
+    """[(begin, name, dtype, shape, nbytes)] of a parsed header, sorted by begin; a ValueError
+    (the caller adds the file name) for a negative or reversed range, a range of the wrong length
+    or past the end, two tensors whose bytes overlap (a crafted file could alias them)."""
     entries = []
     for name, info in header.items():
         begin, end = info["data_offsets"]
@@ -94,12 +85,11 @@ def _header_entries(header, data_bytes):
 def read_safetensors(file, only=None):
     """Yield (name, tensor) from a .safetensors file, reading each tensor straight into its memory.
 
-    The format is simple: 8 bytes (little-endian) giving the header's length, a JSON header mapping
-    each name to {dtype, shape, data_offsets}, then the raw bytes. Reading it with plain file reads
-    (no mmap) keeps peak memory at the size of the tensors we keep, and lets us check every offset
-    against the file's size, so a truncated or corrupted file fails loudly instead of half-loading.
-    Names outside `only` come back as meta tensors, so the caller can name them as unexpected.
-    """
+    The format: 8 bytes (little-endian) giving the header's length, a JSON header mapping each
+    name to {dtype, shape, data_offsets}, then the raw bytes. Plain file reads (no mmap) keep peak
+    memory at the size of the tensors we keep and check every offset against the file's size, so
+    a truncated or corrupted file fails loudly instead of half-loading. Names outside `only` come
+    back as meta tensors, so the caller can name them as unexpected."""
     file_size = os.path.getsize(file)
     with open(file, "rb") as f:
         try:
@@ -129,7 +119,7 @@ def read_safetensors(file, only=None):
 
 
 def read_tensors(file):
-    """{name: tensor} of a whole (small) .safetensors file, read by read_safetensors."""
+    """{name: tensor} of a whole (small) .safetensors file."""
     return dict(read_safetensors(file))
 
 

@@ -14,17 +14,8 @@ everything else, the same way for all five:
 
 Resuming (--resume) restores the optimiser, the RNG states, the data stream's position and the
 step from out_dir/checkpoint, and cuts metrics.jsonl back to that step, so an interrupted and
-resumed run equals an uninterrupted one (tests/test_train_offline.py, tests/test_train_rl.py),
-also after kill -9 (checkpoint.save_checkpoint is crash-safe: tests/test_crash_safety.py).
-A kill -9 loses the steps since the last save (--save-every). SIGTERM (timeout, SLURM, Kubernetes)
-is a Ctrl-C: checkpoint after the current step, then exit status 143 (StopOnSignal).
-A non-finite gradient skips its update; MAX_BAD_STEPS of them in a row, or one at the last step,
-stop the run with a ValueError (exit 1) naming the good checkpoint left, and a checkpoint whose
-weights produced the non-finite loss is moved aside (diverged). The out-dir is checked before
-anything is written, locked for the run's life, and never written through a symlink (rundir.py);
-a resumed run's settings must match its checkpoint's (paths by content). With LoRA (--lora-rank)
-the same loop trains the adapters only (start_run adds them; make_optimizer sees only trainable
-parameters).
+resumed run equals an uninterrupted one, also after kill -9 (README: "Interruptions, crashes and
+bad input"; StopOnSignal, diverged; the out-dir's checks and lock: rundir.py).
 """
 
 import json
@@ -57,22 +48,22 @@ class TrainResult:
 
 
 # -----------------------------------------------------------------------------
-# Precision (the optimiser and the schedule: nanocausal/optimizer.py)
+# The optimiser, the schedule and precision
 
 
-def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), extra_groups=()):
-    """AdamW; weight decay on matrices only (not on norms, biases), as nanoGPT does. extra_groups
-    are more parameter groups with their own lr (PPO's value head). Each group remembers its peak
-    lr as "peak_lr", which the loop's schedule scales. Non-float32 weights get float32 moments
-    (AdamW above)."""
+def make_optimizer(model, lr, weight_decay=0.0, extra_groups=()):
+    """AdamW, betas (0.9, 0.95); weight decay on matrices only (not on norms, biases), as nanoGPT
+    does. extra_groups are more parameter groups with their own lr (PPO's value head). Each group
+    remembers its peak lr as "peak_lr", which the loop's schedule scales. Non-float32 weights get
+    optimizer.AdamW (float32 moments and updates)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}, *extra_groups]
     every = [p for group in groups for p in group["params"]]
     if all(p.dtype == torch.float32 for p in every):
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=all(p.is_cuda for p in every) or None)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=all(p.is_cuda for p in every) or None)
     else:
-        optimizer = AdamW(groups, lr=lr, betas=betas)
+        optimizer = AdamW(groups, lr=lr)  # its default betas are (0.9, 0.95)
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
     return optimizer
@@ -88,12 +79,10 @@ def lr_factor(step, total_steps, warmup_steps=0, min_lr_ratio=0.1):
 
 
 def optimizer_step(optimizer, clip):
-    """Clip the gradient norm of every parameter the optimiser holds, take one AdamW step, zero the
-    gradients; returns the norm before clipping. A non-finite norm (a NaN or inf gradient
-    anywhere) skips the update: one bad batch must not poison every weight (the loop counts these
-    and stops after a few in a row)."""
+    """Clip the gradient norm (the global one under FSDP), take one AdamW step, zero the gradients;
+    returns the norm before clipping. A non-finite norm (a NaN or inf gradient anywhere) skips the
+    update: one bad batch must not poison every weight (the loop stops after a few in a row)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    # (under FSDP the gradients are DTensor shards and the norm is the global one)
     grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
     if torch.isfinite(grad_norm):
         optimizer.step()
@@ -121,13 +110,11 @@ def torch_dtype(name):
 
 
 def start_run(config: TrainConfig):
-    """Check the run can start, then load the model it starts from (out_dir/checkpoint when
-    resuming, else config.model). Nothing is created or cleared here (an existing out_dir is only
-    locked, and a save a crash interrupted finished): the model must resolve and a resumed run's
-    settings must match its checkpoint's first (rundir.check); train() claims
-    out_dir (lock, --overwrite's clearing) only once the trainer has built everything else.
-    Under torchrun this joins the process group (config.device becomes this rank's GPU), rank 0
-    alone touches out_dir, and the model comes back sharded (distributed.shard)."""
+    """Check the run can start (rundir.check: nothing created or cleared), then load the model it
+    starts from (out_dir/checkpoint when resuming, else config.model) and add LoRA's adapters.
+    train() claims out_dir only once the trainer has built everything else. Under torchrun this
+    joins the process group (config.device becomes this rank's GPU), rank 0 alone touches
+    out_dir, and the model comes back sharded (distributed.shard)."""
     config.device = distributed.setup(config.device)
     ckpt_dir = checkpoint_dir(config)
     try:
@@ -158,13 +145,10 @@ def checkpoint_dir(config: TrainConfig):
 
 class MetricsLog:
     """Append one JSON object per row to a .jsonl file (flushed, so a crash loses nothing) and keep
-    the rows in memory (`rows`) for the caller."""
+    the rows in memory (`rows`); path None writes nothing (the ranks other than 0)."""
 
     def __init__(self, path, resume=False):
-        self.file = None  # path None: keep the rows, write nothing (the ranks other than 0)
-        if path is not None:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.file = open(path, "a" if resume else "w")
+        self.file = None if path is None else open(path, "a" if resume else "w")  # (claim made out_dir)
         self.start = time.time()
         self.rows = []
 
@@ -183,12 +167,11 @@ class MetricsLog:
 
 
 class StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM (what `timeout`, SLURM, Kubernetes and torchrun send) asks the
-    loop to stop after the current step; it then writes a checkpoint. A second one interrupts at
-    once. Stopping between steps, never inside one, is what makes the checkpoint consistent:
-    weights, optimiser and data position all belong to the same step. After the checkpoint a
-    SIGTERM ends the process with status 143 (128 + 15, as if the signal had killed it: a
-    scheduler sees an unfinished run), a Ctrl-C returns normally (status 0)."""
+    """Ctrl-C (SIGINT) or SIGTERM (`timeout`, SLURM, Kubernetes, torchrun) asks the loop to stop
+    after the current step and write a checkpoint; a second one interrupts at once. Stopping
+    between steps, never inside one, keeps the checkpoint consistent: weights, optimiser and data
+    position belong to the same step. A SIGTERM then exits with status 143 (128 + 15: a scheduler
+    sees an unfinished run), a Ctrl-C with 0."""
 
     def __enter__(self):
         self.requested = 0  # the signal's number
@@ -212,10 +195,6 @@ class StopOnSignal:
             signal.signal(signum, handler)
 
 
-def format_row(row):
-    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-
-
 # -----------------------------------------------------------------------------
 # The loop
 
@@ -230,7 +209,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
 
     data_stream: the resumable source of the run's examples (data.Batches or rollout.PromptStream):
         its state_dict() is saved with every checkpoint and restored on --resume.
-    tokenizer: needed for the periodic evaluation (none: no evaluation) and copied into checkpoints.
+    tokenizer: needed for the periodic evaluation (none: no evaluation).
     extra_modules: {name: module} saved beside the model (PPO's value head).
     Under torchrun every rank runs this loop; rank 0 alone prints, logs and writes the Hugging Face
     folder (gathered from the shards), every rank saves its optimiser shard, each row carries
@@ -245,9 +224,8 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
         rundir.claim(config, ckpt_dir)  # released when the loop ends, however it ends
     fingerprints = None
     if config.resume:
-        # the optimiser as the trainer built it from this run's config: its hyperparameters (peak lr,
-        # weight decay; PPO's value head group its value_lr) win over the restored ones, which only
-        # differ under --allow-changed-args; the moments and step counts come from the checkpoint
+        # this run's hyperparameters (peak lr, weight decay, value_lr) win over the restored ones (they
+        # differ only under --allow-changed-args); the moments and step counts come from the checkpoint
         settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         state = checkpoint.load_trainer_state(ckpt_dir, optimizer if ranks == 1 else None)
         if ranks > 1 or state.get("world_size", 1) > 1:
@@ -316,9 +294,8 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
                 tracker.log(row, step)
                 progress.update(1)
                 if step % config.log_every == 0 or step == 1:
-                    say(format_row(row))
-                # -- finiteness guard (see diverged): optimizer_step skipped the update of a non-finite
-                # gradient; a few such steps in a row, or one at the end, mean the run has diverged
+                    say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+                # optimizer_step skipped a non-finite update; a few in a row, or one at the end: diverged
                 broken = [k for k in ("loss", "grad_norm") if k in row and not math.isfinite(row[k])]
                 bad_steps = bad_steps + 1 if broken else 0
                 if broken:
@@ -350,15 +327,11 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
 def diverged(ckpt_dir, step, bad_steps, metric, main):
     """The one-line message of a run stopped for divergence, after setting its bad checkpoint aside.
 
-    Which checkpoint is good? Finite loss and gradient at step k say nothing of the weights that
-    step k's update produced: at --lr 1e30 step 1 is finite and leaves finite weights of ~1e30,
-    whose loss at step 2 is NaN. The weights after step k are known good only once step k + 1
-    has computed a finite loss on them. Here the last bad_steps steps were all non-finite and their
-    updates skipped, so they all ran on the weights of step s = step - bad_steps: those weights
-    are the bad ones (a lone bad batch would have been followed by a finite step on the same
-    weights, clearing them). A checkpoint of step s holds exactly them: it is moved aside as
-    checkpoint-STEP-diverged and the newest earlier one kept by --keep takes its place
-    (rundir.set_aside_diverged). Any earlier checkpoint is good: the step after it was finite."""
+    Which checkpoint is good? The weights after step k are known good only once step k + 1 has
+    computed a finite loss on them (at --lr 1e30 step 1 is finite and leaves weights of ~1e30,
+    whose loss at step 2 is NaN). The last bad_steps steps were all non-finite and their updates
+    skipped, so they all ran on the weights of step s = step - bad_steps: those are the bad ones.
+    A checkpoint of step s is moved aside (rundir.set_aside_diverged); any earlier one is good."""
     bad_step = step - bad_steps
     if main:
         rundir.set_aside_diverged(ckpt_dir, bad_step)
