@@ -85,6 +85,14 @@ def build_parser(algo="grpo"):
                    "correct_strict, format, lack_condition, length) summed with --reward-weights and logged one by one "
                    "as reward/NAME; default: correct + format-weight * format")
     g.add_argument("--reward-weights", default=None, help="comma-separated weights of --rewards (default: 1 each)")
+    g.add_argument("--reward", default=d.reward, choices=("outcome", "step"),
+                   help="step: per-token credit from the exact solver's check of every intermediate step of a tiny "
+                        "worked solution (nanocausal/step_rewards.py); outcome: the answer's reward on every token")
+    g.add_argument("--curriculum", default=d.curriculum, choices=("fixed", "adaptive"),
+                   help="adaptive: generate tiny problems whose number of borrows follows the pass rate towards "
+                        "--curriculum-target (nanocausal/curriculum.py); fixed: --data or the generator as set")
+    g.add_argument("--curriculum-target", type=cli.probability, default=d.curriculum_target,
+                   help="with --curriculum adaptive: the group pass rate the difficulty knob keeps each step near")
     g.add_argument("--mask-truncated", action="store_true",
                    help="completions cut at max-new-tokens carry no loss (they still count in their group's advantages)")
     g.add_argument("--overlong-buffer", type=cli.non_negative_int, default=d.overlong_buffer,

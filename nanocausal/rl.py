@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nanocausal import checkpoint, cli, distributed, lora, memory_plan, training
+from nanocausal import checkpoint, cli, curriculum, distributed, lora, memory_plan, step_rewards, training
 from nanocausal.logprobs import token_logprobs
 from nanocausal.grpo_losses import group_advantages, grpo_loss, overlong_penalty
 from nanocausal.losses import gae, ppo_loss, ppo_rewards, whiten
@@ -84,6 +84,9 @@ class RLConfig(TrainConfig):
     strict: bool = False  # score only the last answer of a response
     rewards: str | None = None  # e.g. "correct,format": named rewards (rewards.REWARDS) instead of the default
     reward_weights: str | None = None  # e.g. "1,0.1" (default: 1 each)
+    reward: str = "outcome"  # or "step": verified per-token step credit (nanocausal/step_rewards.py)
+    curriculum: str = "fixed"  # or "adaptive": tiny problems at the difficulty the learner needs (curriculum.py)
+    curriculum_target: float = 0.5  # ... the pass rate the adaptive curriculum keeps each step near
     mask_truncated: bool = False  # completions cut at max_new_tokens carry no loss (TRL mask_truncated_completions)
     overlong_buffer: int = 0  # DAPO's soft overlong penalty over the last this many tokens of the budget (0: off)
     overlong_penalty: float = 1.0  # ... reaching -this at max_new_tokens
@@ -180,6 +183,10 @@ class GRPO:
         config = self.config
         batch["advantages"] = group_advantages(rewards, config.group_size, baseline=config.advantage_baseline,
                                                scale="none" if config.no_std_scaling else config.scale_rewards)
+        if "step_rewards" in batch:  # --reward step: per-token advantages, same loss (step_rewards.py)
+            batch["advantages"] = step_rewards.grpo_advantages(
+                batch["advantages"], rewards, batch["step_rewards"], batch["completion_mask"], config.group_size,
+                "none" if config.no_std_scaling else config.scale_rewards)
         if self.ref_model is not None:
             batch["ref_logprobs"] = score_tokens(self.ref_model, batch, config)
         return {}
@@ -212,6 +219,8 @@ class PPO:
         batch["old_values"] = score_tokens(self.policy, batch, config, self.value_head)
         ref_logprobs = score_tokens(self.ref_model, batch, config) if self.ref_model is not None else batch["old_logprobs"]
         token_rewards = ppo_rewards(rewards, batch["old_logprobs"], ref_logprobs, mask, config.kl_coef)
+        if "step_rewards" in batch:  # --reward step: the return-to-go of each token is its step credit
+            token_rewards = token_rewards + step_rewards.ppo_shaping(batch["step_rewards"], rewards, mask)
         first = int(mask.argmax(1).min())  # no completion starts earlier: GAE need not walk the prompts
         advantages, returns = gae(token_rewards[:, first:], batch["old_values"][:, first:], mask[:, first:],
                                   config.gamma, config.lam)
@@ -315,7 +324,7 @@ def rollout_metrics(scores, batch, group_size):
             "truncated": float(np.mean(batch["truncated"]))}
 
 
-def check_config(config: RLConfig):
+def check_config(config: RLConfig, reward_fn_given=False):
     """The settings no flag type can check alone, before anything is loaded or written."""
     if config.algo == "grpo" and config.group_size < 2:
         raise ValueError("--group-size must be >= 2 for GRPO: advantages compare completions of the same prompt")
@@ -334,6 +343,13 @@ def check_config(config: RLConfig):
                                  ("objective", config.objective, ("clip", "cispo"))]:
         if value not in allowed:
             raise ValueError(f"--{name} {value}: expected one of {', '.join(allowed)}")
+    if config.reward not in ("outcome", "step") or config.curriculum not in ("fixed", "adaptive"):
+        raise ValueError(f"--reward {config.reward} --curriculum {config.curriculum}: expected --reward outcome or step, "
+                         f"--curriculum fixed or adaptive")
+    if config.reward == "step" and (config.rewards or reward_fn_given):
+        raise ValueError("--reward step credits tokens relative to the default reward; it cannot be used with --rewards")
+    if config.curriculum == "adaptive" and config.data is not None:
+        raise ValueError(f"--curriculum adaptive generates its tiny problems; it cannot read --data {config.data}")
     if config.rewards:
         parse_rewards(config.rewards, config.reward_weights)
     elif config.reward_weights:
@@ -345,7 +361,7 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
     -> float replaces the causal reward and `examples` (dicts with prompt_ids, plus what reward_fn
     reads) the prompts: with both, the loop runs on token ids alone and needs no tokenizer (the
     tests do this)."""
-    check_config(config)
+    check_config(config, reward_fn is not None)
     torch.manual_seed(config.seed)
     memory_plan.check_fits(config, config.algo)
     model = training.start_run(config)
@@ -375,7 +391,9 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
         raise ValueError(f"--max-new-tokens {config.max_new_tokens} leaves no room for a prompt in the context of "
                          f"{config.model} ({context} tokens, max_position_embeddings)")
     stream = prompt_stream(config.seed, context - config.max_new_tokens, tokenizer,
-                           examples, config.data, config.tasks, config.variant, config.nodes)
+                           examples, config.data, config.tasks, config.variant, config.nodes) \
+        if config.curriculum == "fixed" else curriculum.AdaptiveStream(config.seed, tokenizer, config.curriculum_target,
+                                                                       config.variant)  # knobs saved as its state
     if not config.resume:
         stream.ready()  # the first chunk of prompts, read (and checked) before the run writes anything
 
@@ -408,6 +426,10 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
         row_examples = [ex for ex in step_examples for _ in range(config.group_size)]
         scores = score(row_examples, batch["completions"], tokenizer, config.format_weight, config.strict, reward_fn,
                        reward_terms)
+        if config.reward == "step":  # verified per-token credit, completion-aligned (step_rewards.py)
+            scores["step_rewards"], scores["reward/steps_verified"] = step_rewards.token_rewards(
+                row_examples, batch["completions"], tokenizer, scores["reward"], config.max_new_tokens,
+                right=1 + config.format_weight)
         if config.overlong_buffer:
             scores["overlong_penalty"] = overlong_penalty([len(c) for c in batch["completions"]],
                                                           config.max_new_tokens, config.overlong_buffer,
@@ -424,6 +446,9 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
         sampled_batch, sampled_scores, refill = batch, scores, {}
         if config.dynamic_sampling:
             batch, scores, sampled_batch, sampled_scores, refill = dynamic_sampling(step_examples, batch, scores, step)
+        if "step_rewards" in scores:  # into the batch's layout while every completion token is in the mask
+            batch["step_rewards"] = step_rewards.batch_layout(scores["step_rewards"], batch["completion_mask"])
+        knobs = stream.observe(scores.get("correct", scores["reward"])) if config.curriculum == "adaptive" else {}
         if config.mask_truncated:  # the rows stay in their groups' statistics; their tokens leave the loss
             batch["completion_mask"][torch.tensor(batch["truncated"], device=device, dtype=torch.bool)] = 0
         truncated_rows = torch.tensor(batch["truncated"], device=device, dtype=torch.bool)
@@ -434,7 +459,7 @@ def train_rl(config: RLConfig, reward_fn=None, examples=None) -> training.TrainR
         update_metrics, train_tokens = update(model, algorithm, optimizer, batch, config, step)
         training_s = training.seconds_since(started, device)
         generated = sum(len(c) for c in sampled_batch["completions"])
-        return {**rollout_metrics(sampled_scores, sampled_batch, config.group_size), **refill, **metrics,
+        return {**rollout_metrics(sampled_scores, sampled_batch, config.group_size), **refill, **metrics, **knobs,
                 "truncated_loss_tokens": loss_tokens[truncated_rows].sum() / loss_tokens.sum().clamp(min=1),
                 **update_metrics, "generation_s": round(seconds["generation_s"], 3),
                 "reward_s": round(seconds["reward_s"], 3), "training_s": round(training_s, 3),
