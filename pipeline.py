@@ -121,6 +121,18 @@ def parse_args(argv):
                         "the step has --prompts-per-step informative groups; README, docs/tiny_results.md)")
     p.add_argument("--max-sampling-rounds", type=cli.positive_int, default=RLConfig.max_sampling_rounds,
                    help="with --dynamic-sampling: at most this many rounds of prompts per GRPO step")
+    p.add_argument("--reward", choices=("outcome", "step"), default="outcome",
+                   help="GRPO and PPO reward: the answer's, or per-token credit from the exact check of every step of "
+                        "the worked solution (nanocausal/step_rewards.py)")
+    p.add_argument("--curriculum", choices=("fixed", "adaptive"), default="fixed",
+                   help="GRPO and PPO prompts: rl.jsonl, or effect problems generated with a number of borrows that "
+                        "follows the pass rate towards 0.5 (nanocausal/curriculum.py)")
+    p.add_argument("--varied", action="store_true",
+                   help="train every method on the varied curriculum (several wordings, Instruction line sometimes "
+                        "left out) and add the held-out wording (heldout) to the test sets (nanocausal/tiny.py)")
+    p.add_argument("--curve-every", type=cli.non_negative_int, default=0,
+                   help="SFT and RL score 50 problems of every test set every this many steps, side by side in their "
+                        "metrics.jsonl (eval_acc_<set>; 0: never)")
     p.add_argument("--reuse-sft", action="store_true",
                    help="skip SFT when <out>/sft/checkpoint exists (e.g. a link to another run's, same seed and flags): "
                         "compare a GRPO option without training SFT again")
@@ -155,6 +167,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=cli.seed, default=0, help="seed of the data, training and sampling")
     args = p.parse_args(argv)
     args.methods = ("sft",) + tuple(m for m in args.methods if m != "sft")  # SFT is every method's start
+    if args.varied and "heldout" not in args.variants:
+        args.variants = ("heldout",) + args.variants
     return args
 
 
@@ -164,19 +178,31 @@ def budgets(args):
     return {"grpo": args.grpo_steps, **{m: given[m] or round(STEPS_PER_GRPO_STEP[m] * args.grpo_steps) for m in given}}
 
 
+def curve_settings(args, data_dir, steps):
+    """The periodic evaluation of a trainer under --curve-every (none without it)."""
+    if not args.curve_every:
+        return dict(eval_every=0)
+    return dict(eval_every=min(args.curve_every, steps), eval_data=os.path.join(data_dir, "curve.jsonl"),
+                eval_problems=10**6, eval_temperature=0.0, eval_max_new_tokens=comparison.MAX_NEW_TOKENS,
+                eval_batch_size=100)
+
+
 def train_method(method, args, steps, data_dir, run_dir):
     """Train one method from the SFT checkpoint; returns the TrainResult."""
     sft_checkpoint = os.path.join(args.out, "sft", "checkpoint")
+    curve = curve_settings(args, data_dir, steps)
     if method in ("grpo", "ppo"):
         # GRPO: the group's mean is the baseline; PPO: a value head learns it (GAE with gamma = lam = 1,
         # veRL's defaults: the one reward at the end reaches every token undiscounted, the borrow
         # columns far from it included). The same prompts, samples and updates per step; no KL for
         # either (no reference model).
         return train_rl(RLConfig(
-            algo=method, model=sft_checkpoint, data=os.path.join(data_dir, "rl.jsonl"), steps=steps,
+            algo=method, model=sft_checkpoint, steps=steps, reward=args.reward, curriculum=args.curriculum,
+            variant="varied" if args.varied else "base",
+            data=os.path.join(data_dir, "rl.jsonl") if args.curriculum == "fixed" else None,
             prompts_per_step=args.prompts_per_step, group_size=args.group_size, max_new_tokens=comparison.MAX_NEW_TOKENS,
             temperature=args.rollout_temperature, micro_batch_size=64, mini_batches=args.grpo_mini_batches,
-            lr=args.grpo_lr, warmup_steps=args.grpo_warmup, kl_coef=0.0, lam=1.0, eval_every=0, overwrite=True,
+            lr=args.grpo_lr, warmup_steps=args.grpo_warmup, kl_coef=0.0, lam=1.0, **curve, overwrite=True,
             seed=args.seed, save_every=steps, out_dir=run_dir,
             dynamic_sampling=args.dynamic_sampling and method == "grpo", max_sampling_rounds=args.max_sampling_rounds))
     if method in ("dpo", "kto"):  # KTO's batch: the same replies as DPO's, unpaired
@@ -188,13 +214,14 @@ def train_method(method, args, steps, data_dir, run_dir):
     # the control: the same compute spent on more SFT, on the same worked solutions
     return train_sft(SFTConfig(
         model=sft_checkpoint, data=os.path.join(data_dir, "sft.jsonl"), steps=steps, batch_size=args.batch_size,
-        lr=args.sft_lr / 2, warmup_steps=0, save_every=steps, out_dir=run_dir, log_every=20, eval_every=0,
+        lr=args.sft_lr / 2, warmup_steps=0, save_every=steps, out_dir=run_dir, log_every=20, **curve,
         overwrite=True, seed=args.seed, max_length=512))
 
 
 def preference_prompts(args, seen):
     """Fresh prompts of the RL kinds, none of them a test problem, for DPO's and KTO's data."""
-    items = tiny.make_problems(2 * args.pref_prompts, seed=args.seed + 4, queries=args.queries)
+    items = tiny.make_problems(2 * args.pref_prompts, seed=args.seed + 4, variant="varied" if args.varied else "base",
+                               queries=args.queries)
     return [it for it in items if it["kind"] in args.rl_kinds and it["problem"] not in seen][:args.pref_prompts]
 
 
@@ -275,7 +302,8 @@ def main(argv=None):
     tests, seen = comparison.make_data(
         data_dir, args.seed, args.sft_examples, rl_prompts=4 * args.grpo_steps * args.prompts_per_step + 100,
         rl_kinds=args.rl_kinds, test_problems=args.test_problems, variant_problems=args.variant_problems,
-        variants=args.variants, queries=args.queries, slip_rate=args.teacher_slip_rate)
+        variants=args.variants, queries=args.queries, slip_rate=args.teacher_slip_rate,
+        train_variant="varied" if args.varied else "base", curve_problems=50 if args.curve_every else 0)
     seconds = {}
 
     if args.reuse_sft and os.path.isdir(os.path.join(args.out, "sft", "checkpoint")):
@@ -285,7 +313,8 @@ def main(argv=None):
         result = train_sft(SFTConfig(
             model=args.base, data=os.path.join(data_dir, "sft.jsonl"), steps=args.sft_steps, batch_size=args.batch_size,
             lr=args.sft_lr, warmup_steps=10, save_every=args.sft_steps, out_dir=os.path.join(args.out, "sft"),
-            log_every=20, eval_every=0, overwrite=True, seed=args.seed, max_length=512))
+            log_every=20, **curve_settings(args, data_dir, args.sft_steps), overwrite=True, seed=args.seed,
+            max_length=512))
         seconds["sft"] = result.wall_seconds
 
     methods = [m for m in args.methods if m != "sft"] + ([] if args.no_control else ["control"])
