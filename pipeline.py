@@ -64,8 +64,13 @@ from nanocausal.sft import SFTConfig, train_sft
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("sft", "dpo", "kto", "ppo", "grpo")
+# GRPO variants from the same SFT start (issue 30), named only, never part of --methods all:
+# {name: (reward, curriculum)} (the plain grpo and ppo stages follow --reward and --curriculum)
+GRPO_VARIANTS = {"grpo_step": ("step", "fixed"), "grpo_adaptive": ("outcome", "adaptive")}
+RL_METHODS = ("ppo", "grpo", *GRPO_VARIANTS)
 NAMES = {"sft": "SFT", "dpo": "SFT + DPO", "kto": "SFT + KTO", "ppo": "SFT + PPO", "grpo": "SFT + GRPO",
-         "control": "SFT + more SFT (control)"}
+         "control": "SFT + more SFT (control)", "grpo_step": "SFT + GRPO, step reward",
+         "grpo_adaptive": "SFT + GRPO, adaptive curriculum"}
 # The fixed step budgets: steps of each method that took as long as one GRPO step on the 2-core
 # machine, calibrated once at the defaults (docs/tiny_results.md); DPO's and KTO's include their
 # share of sampling the preference data. A count that followed this run's timings would make the
@@ -73,23 +78,27 @@ NAMES = {"sft": "SFT", "dpo": "SFT + DPO", "kto": "SFT + KTO", "ppo": "SFT + PPO
 STEPS_PER_GRPO_STEP = {"control": 12, "ppo": 0.65, "dpo": 3.9, "kto": 2.6}
 
 
-def name_list(allowed):
-    """argparse type: comma-separated names from `allowed`, or "all" for every one, in allowed's order."""
+def name_list(allowed, extra=()):
+    """argparse type: comma-separated names from `allowed` (+ `extra`), or "all" for every one of
+    `allowed`, in allowed's order."""
     def parse(text):
         names = allowed if text == "all" else tuple(n.strip() for n in text.split(",") if n.strip())
-        bad = [n for n in names if n not in allowed]
+        allowed_here = allowed + tuple(extra)
+        bad = [n for n in names if n not in allowed_here]
         if bad or not names:
-            raise argparse.ArgumentTypeError(f"unknown {bad[0] if bad else text!r}: expected all or some of {', '.join(allowed)}")
-        return tuple(n for n in allowed if n in names)
+            raise argparse.ArgumentTypeError(f"unknown {bad[0] if bad else text!r}: expected all or some of "
+                                             f"{', '.join(allowed_here)}")
+        return tuple(n for n in allowed_here if n in names)
     return parse
 
 
 def parse_args(argv):
     p = cli.parser_for(__doc__)
-    p.add_argument("--methods", type=name_list(METHODS), default="sft,grpo",
+    p.add_argument("--methods", type=name_list(METHODS, GRPO_VARIANTS), default="sft,grpo",
                    help="post-training methods to compare from the shared SFT start, comma-separated from "
                         "sft, dpo, kto, ppo, grpo, or all (SFT always runs: it is every method's start; the "
-                        "same-compute SFT control always runs too)")
+                        "same-compute SFT control always runs too); also grpo_step (GRPO with the step reward) "
+                        "and grpo_adaptive (GRPO on the adaptive curriculum), not part of all")
     p.add_argument("--base", default=os.path.join(ROOT, "data", "tiny-base"), help="the pretrained tiny base folder")
     p.add_argument("--out", default="runs/pipeline", help="output folder (data, checkpoints, results)")
     p.add_argument("--queries", type=name_list(tiny.QUERIES), default="ATE",
@@ -131,8 +140,8 @@ def parse_args(argv):
                    help="train every method on the varied curriculum (several wordings, Instruction line sometimes "
                         "left out) and add the held-out wording (heldout) to the test sets (nanocausal/tiny.py)")
     p.add_argument("--curve-every", type=cli.non_negative_int, default=0,
-                   help="SFT and RL score 50 problems of every test set every this many steps, side by side in their "
-                        "metrics.jsonl (eval_acc_<set>; 0: never)")
+                   help="SFT and RL score 50 problems of every test set every this many steps (at most 4 times a run), "
+                        "side by side in their metrics.jsonl (eval_acc_<set>; 0: never)")
     p.add_argument("--reuse-sft", action="store_true",
                    help="skip SFT when <out>/sft/checkpoint exists (e.g. a link to another run's, same seed and flags): "
                         "compare a GRPO option without training SFT again")
@@ -155,7 +164,7 @@ def parse_args(argv):
     p.add_argument("--kto-lr", type=cli.non_negative_float, default=1e-5, help="KTO peak learning rate (cosine)")
     p.add_argument("--pref-beta", type=cli.non_negative_float, default=0.1, help="DPO and KTO beta (the implicit KL strength)")
     p.add_argument("--test-problems", type=cli.positive_int, default=200, help="held-out problems of the base test set")
-    p.add_argument("--variants", type=name_list(tiny.VARIANTS[1:]), default="omitted,redundant",
+    p.add_argument("--variants", type=name_list(tiny.VARIANTS[1:5], ("heldout",)), default="omitted,redundant",
                    help="held-out test variants beside the base set, comma-separated from rephrased, omitted, "
                         "redundant, insufficient (nanocausal/tiny.py; no method trains on any)")
     p.add_argument("--variant-problems", type=cli.positive_int, default=100, help="held-out problems per variant")
@@ -175,14 +184,15 @@ def parse_args(argv):
 def budgets(args):
     """{method: fixed steps}: the flag, or the calibrated multiple of --grpo-steps."""
     given = {"ppo": args.ppo_steps, "dpo": args.dpo_steps, "kto": args.kto_steps, "control": args.control_steps}
-    return {"grpo": args.grpo_steps, **{m: given[m] or round(STEPS_PER_GRPO_STEP[m] * args.grpo_steps) for m in given}}
+    return {"grpo": args.grpo_steps, **dict.fromkeys(GRPO_VARIANTS, args.grpo_steps), **{m: given[m] or round(STEPS_PER_GRPO_STEP[m] * args.grpo_steps) for m in given}}
 
 
 def curve_settings(args, data_dir, steps):
-    """The periodic evaluation of a trainer under --curve-every (none without it)."""
+    """The periodic evaluation of a trainer under --curve-every (none without it): at the start, then
+    every --curve-every steps but at most 4 times more (a point costs a few hundred greedy replies)."""
     if not args.curve_every:
         return dict(eval_every=0)
-    return dict(eval_every=min(args.curve_every, steps), eval_data=os.path.join(data_dir, "curve.jsonl"),
+    return dict(eval_every=min(max(args.curve_every, steps // 4), steps), eval_data=os.path.join(data_dir, "curve.jsonl"),
                 eval_problems=10**6, eval_temperature=0.0, eval_max_new_tokens=comparison.MAX_NEW_TOKENS,
                 eval_batch_size=100)
 
@@ -191,15 +201,17 @@ def train_method(method, args, steps, data_dir, run_dir):
     """Train one method from the SFT checkpoint; returns the TrainResult."""
     sft_checkpoint = os.path.join(args.out, "sft", "checkpoint")
     curve = curve_settings(args, data_dir, steps)
-    if method in ("grpo", "ppo"):
+    if method in RL_METHODS:
         # GRPO: the group's mean is the baseline; PPO: a value head learns it (GAE with gamma = lam = 1,
         # veRL's defaults: the one reward at the end reaches every token undiscounted, the borrow
         # columns far from it included). The same prompts, samples and updates per step; no KL for
         # either (no reference model).
+        reward, curriculum = GRPO_VARIANTS.get(method, (args.reward, args.curriculum))
         return train_rl(RLConfig(
-            algo=method, model=sft_checkpoint, steps=steps, reward=args.reward, curriculum=args.curriculum,
+            algo="ppo" if method == "ppo" else "grpo", model=sft_checkpoint, steps=steps, reward=reward,
+            curriculum=curriculum,
             variant="varied" if args.varied else "base",
-            data=os.path.join(data_dir, "rl.jsonl") if args.curriculum == "fixed" else None,
+            data=os.path.join(data_dir, "rl.jsonl") if curriculum == "fixed" else None,
             prompts_per_step=args.prompts_per_step, group_size=args.group_size, max_new_tokens=comparison.MAX_NEW_TOKENS,
             temperature=args.rollout_temperature, micro_batch_size=64, mini_batches=args.grpo_mini_batches,
             lr=args.grpo_lr, warmup_steps=args.grpo_warmup, kl_coef=0.0, lam=1.0, **curve, overwrite=True,
@@ -250,7 +262,7 @@ def job(kind, method, args, *rest):
         if kind == "train":
             steps, data_dir = rest
             result = train_method(method, args, steps, data_dir, folder)
-            out = result.history if method in ("grpo", "ppo") else None
+            out = result.history if method in RL_METHODS else None
         elif kind == "preference":
             data_dir, seen = rest
             out = comparison.preference_data(os.path.join(args.out, "sft", "checkpoint"), data_dir,
@@ -339,7 +351,7 @@ def main(argv=None):
     seconds["eval"] = time.time() - clock
     seconds["total"] = time.time() - started
     constant = comparison.constant_scores(tests)
-    curves = {NAMES[m]: comparison.reward_curve(histories[m]) for m in ("ppo", "grpo") if m in histories}
+    curves = {NAMES[m]: comparison.reward_curve(histories[m]) for m in RL_METHODS if m in histories}
     timing = ("wall time: " + ", ".join(f"{m} {s:.0f}s" + (f" ({steps[m]} steps)" if m in steps else "")
                                         for m, s in seconds.items())
               + f" ({args.jobs} jobs of {args.threads} torch thread{'s' if args.threads > 1 else ''})")
