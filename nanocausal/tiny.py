@@ -53,8 +53,6 @@ from nanocausal.problem_text import CONDS, EDGES, INSTRUCTIONS, LONG_NAME, MARGS
 
 TINY_NAMES = ["smku", "eons", "arbu", "pgqh", "ahpi", "lsrx", "imah", "ojko", "wexo", "qlun",
               "dovr", "fibe", "tazu", "kryp", "mulo", "gesh", "vunt", "yelb", "niqo", "hast"]
-PREAMBLE = ("Input Info: Imagine a self-contained, hypothetical world with only the following conditions, "
-            "and without any unmentioned factors or causal relationships: ")
 # Held-out wording (the "rephrased" variant of the go-beyond experiment): same problems, other words.
 PREAMBLE_REPHRASED = ("Input Info: Consider an isolated, imaginary world where only these conditions hold, "
                       "with no other factors or causal links: ")
