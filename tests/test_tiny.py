@@ -67,6 +67,18 @@ def test_the_varied_curriculum_never_shows_the_held_out_wording():
     assert 0.15 < omitted < 0.35
 
 
+def test_the_old_variants_render_byte_identical_through_the_engines_templates():
+    """make_problem renders through problem_text's templates since issue 30; every variant that
+    existed before renders the very texts it did (the digest was computed with the implementation
+    before that change, commit 2b0f17a), so the default pipeline's data is unchanged."""
+    import hashlib
+    texts = [it["problem"] for v in tiny.VARIANTS[:5] for it in tiny.make_problems(200, seed=11, variant=v,
+                                                                                   queries=tiny.QUERIES)]
+    texts += [it["problem"] for it in tiny.make_problems(200, seed=0)]
+    assert hashlib.sha256(json.dumps(texts).encode()).hexdigest() == \
+        "dc5a03e310e436a47a0177e9f50acb3c5a33369369d797284490c30e66bbdb09"
+
+
 def test_worked_solution_ends_with_the_right_answer():
     items = tiny.make_problems(200, seed=5, queries=tiny.QUERIES)
     for item in items:
