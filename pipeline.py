@@ -8,6 +8,9 @@ a model's causal reasoning, in distribution and on held-out variants?
     python pipeline.py --methods sft,dpo,kto --variants omitted,redundant,insufficient
     python pipeline.py --teacher-slip-rate 0    # flawless worked solutions (there more SFT wins)
     python pipeline.py --sft-steps 60 --grpo-steps 10 --test-problems 50   # a smoke run of a few minutes
+    python pipeline.py --varied --methods grpo,grpo_step,grpo_adaptive --curve-every 10
+                                            # issue 30: the varied curriculum and its held-out wording,
+                                            # GRPO with outcome / verified step reward / adaptive curriculum
 
 It starts from data/tiny-base, a 0.45M-parameter Qwen2-architecture model with a 1000-token
 byte-level BPE (digits one per token) pretrained only on generic skills (reading CauGym problem
