@@ -44,7 +44,7 @@ from functools import lru_cache
 
 import torch
 
-from nanocausal import problem_text, scm, tiny
+from nanocausal import problem_text, scm, solutions, tiny
 
 TOY_CLAIM = re.compile(r"(?m)^path: \w+|^(?:ATE|ETT) = [^\n]*|\d+-\d+-\d+=\d+|^= [^\n]*")
 CAUGYM_CLAIM = re.compile(r"(P\([^)]*\)) = (?:1 - \d+\.\d+ = )?(-?\d+\.\d+)|^Step \d+: (\w+) = [^\n]*= (-?\d+\.\d+)$",
@@ -79,11 +79,10 @@ def caugym_claims(response, p):
     """[(start, end, ok)] for the "name = value" steps of a CauGym-format worked solution
     (nanocausal.solutions) of the generated Problem p: each P(...) read off the statements against
     the exact value of that leaf of the formula, the final "TASK = ... = v" against the answer."""
-    from nanocausal.solutions import _symbol  # (solutions imports problems, which imports this module's users)
     exact = {}
     if p.answer != "LACK_CONDITION" and not scm.is_zero(p.q, p.scm.graph):
         tree = scm.formula(p.q, p.z, p.m)
-        exact = {_symbol(leaf): p.store.lookup(leaf[1], leaf[2]) for leaf in scm.leaves(tree)}
+        exact = {solutions._symbol(leaf): p.store.lookup(leaf[1], leaf[2]) for leaf in scm.leaves(tree)}
         exact[p.q.task] = scm.round_answer(scm.value_of(tree, p.store.lookup))
     claims = []
     for m in CAUGYM_CLAIM.finditer(response):
