@@ -55,7 +55,8 @@ class AdaptiveStream:
         self.state = {"borrows": float(knob), "drawn": 0}
 
     def ready(self):
-        pass  # nothing to read: every problem is generated when it is asked for
+        """Check the variant now, before a run writes anything (problems are drawn when asked for)."""
+        draw(self.seed, 0, self.state["borrows"], self.variant)
 
     def next(self, n):
         first, self.state["drawn"] = self.state["drawn"], self.state["drawn"] + n
