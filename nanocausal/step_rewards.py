@@ -62,7 +62,7 @@ def toy_reference(problem):
     answer, sets = problem_text.first_answer(q, g, store)
     tree = scm.formula(q, *sets) if sets else None
     if tree is not None and (tree[0] != "-" or len(tree) != 3 or any(leaf[0] != "P" for leaf in tree[1:])):
-        raise ValueError(f"not a tiny-curriculum problem: its formula is not a difference of two statements")
+        raise ValueError("not a tiny-curriculum problem: its formula is not a difference of two statements")
     numbers = None if tree is None else tuple(store.lookup(leaf[1], leaf[2]) for leaf in tree[1:])
     return tiny.solution({"answer": answer, "numbers": numbers, "type": q.task})
 
