@@ -8,6 +8,9 @@ a model's causal reasoning, in distribution and on held-out variants?
     python pipeline.py --methods sft,dpo,kto --variants omitted,redundant,insufficient
     python pipeline.py --teacher-slip-rate 0    # flawless worked solutions (there more SFT wins)
     python pipeline.py --sft-steps 60 --grpo-steps 10 --test-problems 50   # a smoke run of a few minutes
+    python pipeline.py --varied --methods grpo,grpo_step,grpo_adaptive --curve-every 10
+                                            # issue 30: the varied curriculum and its held-out wording,
+                                            # GRPO with outcome / verified step reward / adaptive curriculum
 
 It starts from data/tiny-base, a 0.45M-parameter Qwen2-architecture model with a 1000-token
 byte-level BPE (digits one per token) pretrained only on generic skills (reading CauGym problem
@@ -63,8 +66,13 @@ from nanocausal.rl import RLConfig, train_rl
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("sft", "dpo", "kto", "ppo", "grpo")
+# GRPO variants from the same SFT start (issue 30), named only, never part of --methods all:
+# {name: (reward, curriculum)} (the plain grpo and ppo stages follow --reward and --curriculum)
+GRPO_VARIANTS = {"grpo_step": ("step", "fixed"), "grpo_adaptive": ("outcome", "adaptive")}
+RL_METHODS = ("ppo", "grpo", *GRPO_VARIANTS)
 NAMES = {"sft": "SFT", "dpo": "SFT + DPO", "kto": "SFT + KTO", "ppo": "SFT + PPO", "grpo": "SFT + GRPO",
-         "control": "SFT + more SFT (control)"}
+         "control": "SFT + more SFT (control)", "grpo_step": "SFT + GRPO, step reward",
+         "grpo_adaptive": "SFT + GRPO, adaptive curriculum"}
 # The fixed step budgets: steps of each method that took as long as one GRPO step on the 2-core
 # machine, calibrated once at the defaults (docs/tiny_results.md); DPO's and KTO's include their
 # share of sampling the preference data. A count that followed this run's timings would make the
@@ -72,23 +80,27 @@ NAMES = {"sft": "SFT", "dpo": "SFT + DPO", "kto": "SFT + KTO", "ppo": "SFT + PPO
 STEPS_PER_GRPO_STEP = {"control": 12, "ppo": 0.65, "dpo": 3.9, "kto": 2.6}
 
 
-def name_list(allowed):
-    """argparse type: comma-separated names from `allowed`, or "all" for every one, in allowed's order."""
+def name_list(allowed, extra=()):
+    """argparse type: comma-separated names from `allowed` (+ `extra`), or "all" for every one of
+    `allowed`, in allowed's order."""
     def parse(text):
         names = allowed if text == "all" else tuple(n.strip() for n in text.split(",") if n.strip())
-        bad = [n for n in names if n not in allowed]
+        allowed_here = allowed + tuple(extra)
+        bad = [n for n in names if n not in allowed_here]
         if bad or not names:
-            raise argparse.ArgumentTypeError(f"unknown {bad[0] if bad else text!r}: expected all or some of {', '.join(allowed)}")
-        return tuple(n for n in allowed if n in names)
+            raise argparse.ArgumentTypeError(f"unknown {bad[0] if bad else text!r}: expected all or some of "
+                                             f"{', '.join(allowed_here)}")
+        return tuple(n for n in allowed_here if n in names)
     return parse
 
 
 def parse_args(argv):
     p = cli.parser_for(__doc__)
-    p.add_argument("--methods", type=name_list(METHODS), default="sft,grpo",
+    p.add_argument("--methods", type=name_list(METHODS, GRPO_VARIANTS), default="sft,grpo",
                    help="post-training methods to compare from the shared SFT start, comma-separated from "
                         "sft, dpo, kto, ppo, grpo, or all (SFT always runs: it is every method's start; the "
-                        "same-compute SFT control always runs too)")
+                        "same-compute SFT control always runs too); also grpo_step (GRPO with the step reward) "
+                        "and grpo_adaptive (GRPO on the adaptive curriculum), not part of all")
     p.add_argument("--base", default=os.path.join(ROOT, "data", "tiny-base"), help="the pretrained tiny base folder")
     p.add_argument("--out", default="runs/pipeline", help="output folder (data, checkpoints, results)")
     p.add_argument("--queries", type=name_list(tiny.QUERIES), default="ATE",
@@ -120,6 +132,18 @@ def parse_args(argv):
                         "the step has --prompts-per-step informative groups; README, docs/tiny_results.md)")
     p.add_argument("--max-sampling-rounds", type=cli.positive_int, default=RLConfig.max_sampling_rounds,
                    help="with --dynamic-sampling: at most this many rounds of prompts per GRPO step")
+    p.add_argument("--reward", choices=("outcome", "step"), default="outcome",
+                   help="GRPO and PPO reward: the answer's, or per-token credit from the exact check of every step of "
+                        "the worked solution (nanocausal/step_rewards.py)")
+    p.add_argument("--curriculum", choices=("fixed", "adaptive"), default="fixed",
+                   help="GRPO and PPO prompts: rl.jsonl, or effect problems generated with a number of borrows that "
+                        "follows the pass rate towards 0.5 (nanocausal/curriculum.py)")
+    p.add_argument("--varied", action="store_true",
+                   help="train every method on the varied curriculum (several wordings, Instruction line sometimes "
+                        "left out) and add the held-out wording (heldout) to the test sets (nanocausal/tiny.py)")
+    p.add_argument("--curve-every", type=cli.non_negative_int, default=0,
+                   help="SFT and RL score 50 problems of every test set every this many steps (at most 4 times a run), "
+                        "side by side in their metrics.jsonl (eval_acc_<set>; 0: never)")
     p.add_argument("--reuse-sft", action="store_true",
                    help="skip SFT when <out>/sft/checkpoint exists (e.g. a link to another run's, same seed and flags): "
                         "compare a GRPO option without training SFT again")
@@ -142,7 +166,7 @@ def parse_args(argv):
     p.add_argument("--kto-lr", type=cli.non_negative_float, default=1e-5, help="KTO peak learning rate (cosine)")
     p.add_argument("--pref-beta", type=cli.non_negative_float, default=0.1, help="DPO and KTO beta (the implicit KL strength)")
     p.add_argument("--test-problems", type=cli.positive_int, default=200, help="held-out problems of the base test set")
-    p.add_argument("--variants", type=name_list(tiny.VARIANTS[1:]), default="omitted,redundant",
+    p.add_argument("--variants", type=name_list(tiny.VARIANTS[1:5], ("heldout",)), default="omitted,redundant",
                    help="held-out test variants beside the base set, comma-separated from rephrased, omitted, "
                         "redundant, insufficient (nanocausal/tiny.py; no method trains on any)")
     p.add_argument("--variant-problems", type=cli.positive_int, default=100, help="held-out problems per variant")
@@ -154,28 +178,45 @@ def parse_args(argv):
     p.add_argument("--seed", type=cli.seed, default=0, help="seed of the data, training and sampling")
     args = p.parse_args(argv)
     args.methods = ("sft",) + tuple(m for m in args.methods if m != "sft")  # SFT is every method's start
+    if args.varied and "heldout" not in args.variants:
+        args.variants = ("heldout",) + args.variants
     return args
 
 
 def budgets(args):
     """{method: fixed steps}: the flag, or the calibrated multiple of --grpo-steps."""
     given = {"ppo": args.ppo_steps, "dpo": args.dpo_steps, "kto": args.kto_steps, "control": args.control_steps}
-    return {"grpo": args.grpo_steps, **{m: given[m] or round(STEPS_PER_GRPO_STEP[m] * args.grpo_steps) for m in given}}
+    return {"grpo": args.grpo_steps, **dict.fromkeys(GRPO_VARIANTS, args.grpo_steps), **{m: given[m] or round(STEPS_PER_GRPO_STEP[m] * args.grpo_steps) for m in given}}
+
+
+def curve_settings(args, data_dir, steps):
+    """The periodic evaluation of a trainer under --curve-every (none without it): at the start, then
+    every --curve-every steps but at most 4 times more (a point costs a few hundred greedy replies)."""
+    if not args.curve_every:
+        return dict(eval_every=0)
+    return dict(eval_every=min(max(args.curve_every, steps // 4), steps), eval_data=os.path.join(data_dir, "curve.jsonl"),
+                eval_problems=10**6, eval_temperature=0.0, eval_max_new_tokens=comparison.MAX_NEW_TOKENS,
+                eval_batch_size=100)
 
 
 def train_method(method, args, steps, data_dir, run_dir):
     """Train one method from the SFT checkpoint; returns the TrainResult."""
     sft_checkpoint = os.path.join(args.out, "sft", "checkpoint")
-    if method in ("grpo", "ppo"):
+    curve = curve_settings(args, data_dir, steps)
+    if method in RL_METHODS:
         # GRPO: the group's mean is the baseline; PPO: a value head learns it (GAE with gamma = lam = 1,
         # veRL's defaults: the one reward at the end reaches every token undiscounted, the borrow
         # columns far from it included). The same prompts, samples and updates per step; no KL for
         # either (no reference model).
+        reward, curriculum = GRPO_VARIANTS.get(method, (args.reward, args.curriculum))
         return train_rl(RLConfig(
-            algo=method, model=sft_checkpoint, data=os.path.join(data_dir, "rl.jsonl"), steps=steps,
+            algo="ppo" if method == "ppo" else "grpo", model=sft_checkpoint, steps=steps, reward=reward,
+            curriculum=curriculum,
+            variant="varied" if args.varied else "base",
+            data=os.path.join(data_dir, "rl.jsonl") if curriculum == "fixed" else None,
             prompts_per_step=args.prompts_per_step, group_size=args.group_size, max_new_tokens=comparison.MAX_NEW_TOKENS,
             temperature=args.rollout_temperature, micro_batch_size=64, mini_batches=args.grpo_mini_batches,
-            lr=args.grpo_lr, warmup_steps=args.grpo_warmup, kl_coef=0.0, lam=1.0, eval_every=0, overwrite=True,
+            lr=args.grpo_lr, warmup_steps=args.grpo_warmup, kl_coef=0.0, lam=1.0, **curve, overwrite=True,
             seed=args.seed, save_every=steps, out_dir=run_dir,
             dynamic_sampling=args.dynamic_sampling and method == "grpo", max_sampling_rounds=args.max_sampling_rounds))
     if method in ("dpo", "kto"):  # KTO's batch: the same replies as DPO's, unpaired
@@ -187,13 +228,14 @@ def train_method(method, args, steps, data_dir, run_dir):
     # the control: the same compute spent on more SFT, on the same worked solutions
     return train_offline(SFTConfig(
         model=sft_checkpoint, data=os.path.join(data_dir, "sft.jsonl"), steps=steps, batch_size=args.batch_size,
-        lr=args.sft_lr / 2, warmup_steps=0, save_every=steps, out_dir=run_dir, log_every=20, eval_every=0,
+        lr=args.sft_lr / 2, warmup_steps=0, save_every=steps, out_dir=run_dir, log_every=20, **curve,
         overwrite=True, seed=args.seed, max_length=512))
 
 
 def preference_prompts(args, seen):
     """Fresh prompts of the RL kinds, none of them a test problem, for DPO's and KTO's data."""
-    items = tiny.make_problems(2 * args.pref_prompts, seed=args.seed + 4, queries=args.queries)
+    items = tiny.make_problems(2 * args.pref_prompts, seed=args.seed + 4, variant="varied" if args.varied else "base",
+                               queries=args.queries)
     return [it for it in items if it["kind"] in args.rl_kinds and it["problem"] not in seen][:args.pref_prompts]
 
 
@@ -222,7 +264,7 @@ def job(kind, method, args, *rest):
         if kind == "train":
             steps, data_dir = rest
             result = train_method(method, args, steps, data_dir, folder)
-            out = result.history if method in ("grpo", "ppo") else None
+            out = result.history if method in RL_METHODS else None
         elif kind == "preference":
             data_dir, seen = rest
             out = comparison.preference_data(os.path.join(args.out, "sft", "checkpoint"), data_dir,
@@ -274,7 +316,8 @@ def main(argv=None):
     tests, seen = comparison.make_data(
         data_dir, args.seed, args.sft_examples, rl_prompts=4 * args.grpo_steps * args.prompts_per_step + 100,
         rl_kinds=args.rl_kinds, test_problems=args.test_problems, variant_problems=args.variant_problems,
-        variants=args.variants, queries=args.queries, slip_rate=args.teacher_slip_rate)
+        variants=args.variants, queries=args.queries, slip_rate=args.teacher_slip_rate,
+        train_variant="varied" if args.varied else "base", curve_problems=50 if args.curve_every else 0)
     seconds = {}
 
     if args.reuse_sft and os.path.isdir(os.path.join(args.out, "sft", "checkpoint")):
@@ -284,7 +327,8 @@ def main(argv=None):
         result = train_offline(SFTConfig(
             model=args.base, data=os.path.join(data_dir, "sft.jsonl"), steps=args.sft_steps, batch_size=args.batch_size,
             lr=args.sft_lr, warmup_steps=10, save_every=args.sft_steps, out_dir=os.path.join(args.out, "sft"),
-            log_every=20, eval_every=0, overwrite=True, seed=args.seed, max_length=512))
+            log_every=20, **curve_settings(args, data_dir, args.sft_steps), overwrite=True, seed=args.seed,
+            max_length=512))
         seconds["sft"] = result.wall_seconds
 
     methods = [m for m in args.methods if m != "sft"] + ([] if args.no_control else ["control"])
@@ -309,7 +353,7 @@ def main(argv=None):
     seconds["eval"] = time.time() - clock
     seconds["total"] = time.time() - started
     constant = comparison.constant_scores(tests)
-    curves = {NAMES[m]: comparison.reward_curve(histories[m]) for m in ("ppo", "grpo") if m in histories}
+    curves = {NAMES[m]: comparison.reward_curve(histories[m]) for m in RL_METHODS if m in histories}
     timing = ("wall time: " + ", ".join(f"{m} {s:.0f}s" + (f" ({steps[m]} steps)" if m in steps else "")
                                         for m, s in seconds.items())
               + f" ({args.jobs} jobs of {args.threads} torch thread{'s' if args.threads > 1 else ''})")

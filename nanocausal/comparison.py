@@ -44,24 +44,32 @@ def with_chat_prompt(items):
 
 
 def make_data(folder, seed, sft_examples, rl_prompts, rl_kinds, test_problems, variant_problems, variants,
-              queries, slip_rate):
+              queries, slip_rate, train_variant="base", curve_problems=0):
     """Writes <folder>/sft.jsonl (worked solutions by the careless teacher, slip_rate) and rl.jsonl
-    (answer-only prompts of rl_kinds); returns the held-out test sets {name: items}, "base" first,
-    and the set of their problem texts. The sets are drawn from different seeds and any training
-    problem whose text is also a test problem is dropped."""
-    tests = {"base": tiny.make_problems(test_problems, seed=seed + 100, queries=queries)}
+    (answer-only prompts of rl_kinds), both of train_variant ("base", or "varied": the varied
+    curriculum, tiny.make_problem); returns the held-out test sets {name: items}, train_variant's
+    first, and the set of their problem texts. The sets are drawn from different seeds and any
+    training problem whose text is also a test problem is dropped. curve_problems > 0 also writes
+    <folder>/curve.jsonl, the first curve_problems of every test set, each tagged with its variant:
+    what the trainers' periodic evaluation scores, every set beside the others."""
+    tests = {train_variant: tiny.make_problems(test_problems, seed=seed + 100, variant=train_variant, queries=queries)}
     for i, variant in enumerate(variants):
         tests[variant] = tiny.make_problems(variant_problems, seed=seed + 101 + i, variant=variant, queries=queries)
     seen = {it["problem"] for items in tests.values() for it in items}
     fresh = lambda items: [it for it in items if it["problem"] not in seen]
-    sft = fresh(tiny.make_problems(sft_examples, seed=seed + 1, queries=queries))
-    rl = [it for it in fresh(tiny.make_problems(rl_prompts, seed=seed + 2, queries=queries)) if it["kind"] in rl_kinds]
+    sft = fresh(tiny.make_problems(sft_examples, seed=seed + 1, variant=train_variant, queries=queries))
+    rl = [it for it in fresh(tiny.make_problems(rl_prompts, seed=seed + 2, variant=train_variant, queries=queries))
+          if it["kind"] in rl_kinds]
     slips = random.Random(seed + 3)
     os.makedirs(folder, exist_ok=True)
     data.write_jsonl(os.path.join(folder, "sft.jsonl"), [
         {"prompt": caugym.official_prompt(it["problem"]), "completion": tiny.solution(it, slip_rate, slips)} for it in sft])
     data.write_jsonl(os.path.join(folder, "rl.jsonl"), [
         {"prompt": caugym.official_prompt(it["problem"]), "answer": it["answer"], "type": it["type"]} for it in rl])
+    if curve_problems:
+        data.write_jsonl(os.path.join(folder, "curve.jsonl"), [
+            {"prompt": caugym.official_prompt(it["problem"], it["variant"]), "answer": it["answer"], "type": it["type"],
+             "variant": it["variant"]} for items in tests.values() for it in items[:curve_problems]])
     return {name: with_chat_prompt(items) for name, items in tests.items()}, seen
 
 

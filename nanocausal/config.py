@@ -167,6 +167,14 @@ class RLConfig(TrainConfig):
                                   "correct_strict, format, lack_condition, length) summed with --reward-weights and "
                                   "logged one by one as reward/NAME; default: correct + format-weight * format")
     reward_weights: str | None = setting(None, "comma-separated weights of --rewards (default: 1 each)")
+    reward: str = setting("outcome", "step: per-token credit from the exact solver's check of every intermediate step "
+                          "of a tiny worked solution (nanocausal/step_rewards.py); outcome: the answer's reward on "
+                          "every token", choices=("outcome", "step"))
+    curriculum: str = setting("fixed", "adaptive: generated tiny problems whose number of borrows follows the pass rate "
+                              "towards --curriculum-target (nanocausal/curriculum.py); fixed: --data or the generator "
+                              "as set", choices=("fixed", "adaptive"))
+    curriculum_target: float = setting(0.5, "with --curriculum adaptive: the group pass rate the difficulty knob keeps "
+                                       "each step near", type=cli.probability)
     mask_truncated: bool = setting(False, "completions cut at max-new-tokens carry no loss (they still count in their "
                                    "group's advantages; TRL's mask_truncated_completions)")
     overlong_buffer: int = setting(0, "DAPO's soft overlong penalty: the reward falls linearly to -overlong-penalty "

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanocausal import checkpoint, distributed, lora, memory_plan, training
+from nanocausal import checkpoint, curriculum, distributed, lora, memory_plan, step_rewards, training
 from nanocausal.config import RLConfig
 from nanocausal.logprobs import token_logprobs
 from nanocausal.grpo_losses import group_advantages, grpo_loss, overlong_penalty
@@ -96,8 +96,12 @@ class GRPO:
 
     def advantages(self, rollouts, rewards):
         config = self.config
-        return {"advantages": group_advantages(rewards, config.group_size, baseline=config.advantage_baseline,
-                                               scale="none" if config.no_std_scaling else config.scale_rewards)}
+        scale = "none" if config.no_std_scaling else config.scale_rewards
+        advantages = group_advantages(rewards, config.group_size, baseline=config.advantage_baseline, scale=scale)
+        if rollouts.step_rewards is not None:  # --reward step: per-token advantages, the same loss
+            advantages = step_rewards.grpo_advantages(advantages, rewards, rollouts.step_rewards,
+                                                      rollouts.completion_mask, config.group_size, scale)
+        return {"advantages": advantages}
 
     def loss(self, mb, logprobs, old_logprobs, entropies, hidden, num_tokens, num_sequences):
         c = self.config
@@ -125,6 +129,8 @@ class PPO:
         config, mask = self.config, rollouts.completion_mask
         ref = rollouts.sampler_logprobs if rollouts.ref_logprobs is None else rollouts.ref_logprobs
         token_rewards = ppo_rewards(rewards, rollouts.sampler_logprobs, ref, mask, config.kl_coef)
+        if rollouts.step_rewards is not None:  # --reward step: each token's return-to-go is its verified credit
+            token_rewards = token_rewards + step_rewards.ppo_shaping(rollouts.step_rewards, rewards, mask)
         first = int(mask.argmax(1).min())  # no completion starts earlier: GAE need not walk the prompts
         advantages, returns = gae(token_rewards[:, first:], rollouts.old_values[:, first:], mask[:, first:],
                                   config.gamma, config.lam)
@@ -219,6 +225,10 @@ def check_config(config: RLConfig):
                          f"{config.max_new_tokens} (the last tokens of the budget over which the penalty grows)")
     if config.dynamic_sampling and config.group_size < 2:
         raise ValueError("--dynamic-sampling needs --group-size >= 2: it keeps the groups whose rewards differ")
+    if config.reward == "step" and config.rewards:
+        raise ValueError("--reward step credits tokens relative to the default reward; it cannot be used with --rewards")
+    if config.curriculum == "adaptive" and config.data is not None:
+        raise ValueError(f"--curriculum adaptive generates its tiny problems; it cannot read --data {config.data}")
     if config.rewards:
         parse_rewards(config.rewards, config.reward_weights)
     elif config.reward_weights:
@@ -259,7 +269,8 @@ def train_rl(config: RLConfig) -> training.TrainResult:
         raise ValueError(f"--max-new-tokens {config.max_new_tokens} leaves no room for a prompt in the context of "
                          f"{config.model} ({context} tokens, max_position_embeddings)")
     stream = prompt_stream(config.seed, context - config.max_new_tokens, tokenizer, config.data, config.tasks,
-                           config.variant, config.nodes)
+                           config.variant, config.nodes) if config.curriculum == "fixed" else \
+        curriculum.AdaptiveStream(config.seed, tokenizer, config.curriculum_target, config.variant)  # knob: its state
     if not config.resume:
         stream.ready()  # the first chunk of prompts, read (and checked) before the run writes anything
 
@@ -277,6 +288,9 @@ def train_rl(config: RLConfig) -> training.TrainResult:
         sampled, refill = (rollouts, scores), {}
         if config.dynamic_sampling:
             rollouts, scores, *sampled, refill = dynamic_sampling(step_examples, rollouts, scores, step)
+        if config.reward == "step":  # before truncated rows leave the mask: into the rollouts' (R, T) layout
+            rollouts.step_rewards = step_rewards.batch_layout(scores["step_rewards"], rollouts.completion_mask)
+        knobs = stream.observe(scores.get("correct", scores["reward"])) if config.curriculum == "adaptive" else {}
         truncated = torch.tensor(rollouts.truncated, device=device, dtype=torch.bool)
         if config.mask_truncated:  # the rows stay in their groups' statistics; their tokens leave the loss
             rollouts.completion_mask[truncated] = 0
@@ -295,7 +309,7 @@ def train_rl(config: RLConfig) -> training.TrainResult:
         training_s = training.seconds_since(started, device)
         kl = {"kl": (rollouts.sampler_logprobs - rollouts.ref_logprobs)[rollouts.completion_mask.bool()].mean()} \
             if config.algo == "ppo" and ref_model is not None else {}  # PPO's reward penalty, as sampled
-        return {**rollout_metrics(sampled[1], sampled[0], config.group_size), **refill, **kl,
+        return {**rollout_metrics(sampled[1], sampled[0], config.group_size), **refill, **kl, **knobs,
                 "truncated_loss_tokens": loss_tokens[truncated].sum() / loss_tokens.sum().clamp(min=1),
                 **update_metrics, "generation_s": round(timing["generation_s"], 3),
                 "reward_s": round(timing["reward_s"], 3), "training_s": round(training_s, 3),
@@ -324,6 +338,10 @@ def train_rl(config: RLConfig) -> training.TrainResult:
         timing["generated_tokens"] = timing.get("generated_tokens", 0) + sum(len(c) for c in rollouts.completions)
         started = time.time()
         scores = score(row_examples, rollouts.completions, tokenizer, config.format_weight, config.strict, reward_terms)
+        if config.reward == "step":  # verified per-token credit, completion-aligned (step_rewards.py)
+            scores["step_rewards"], scores["reward/steps_verified"] = step_rewards.token_rewards(
+                row_examples, rollouts.completions, tokenizer, scores["reward"], config.max_new_tokens,
+                right=1 + config.format_weight)
         if config.overlong_buffer:
             scores["overlong_penalty"] = overlong_penalty([len(c) for c in rollouts.completions],
                                                           config.max_new_tokens, config.overlong_buffer,

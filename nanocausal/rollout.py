@@ -91,6 +91,7 @@ class Rollouts:
       old_values        (R, T)  PPO: the value head's estimates before the update (rl.old_values)
       advantages        (R,) GRPO (one per completion) or (R, T) PPO (GAE, whitened)
       returns           (R, T)  PPO: the value targets
+      step_rewards      (R, T)  --reward step: each completion token's verified credit (step_rewards.py)
     """
     input_ids: torch.Tensor
     completion_mask: torch.Tensor
@@ -102,6 +103,7 @@ class Rollouts:
     old_values: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    step_rewards: torch.Tensor | None = None
 
     def sampled_logprob_lists(self):
         """Each row's sampler log-probs of its completion tokens (what assemble takes back)."""

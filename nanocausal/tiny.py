@@ -49,18 +49,17 @@ import json
 import random
 
 from nanocausal.caugym import LACK
-from nanocausal.problem_text import PROVIDE   # the official answer-format line
+from nanocausal.problem_text import CONDS, EDGES, INSTRUCTIONS, LONG_NAME, MARGS, PREAMBLES, PROVIDE, QUESTIONS
 
 TINY_NAMES = ["smku", "eons", "arbu", "pgqh", "ahpi", "lsrx", "imah", "ojko", "wexo", "qlun",
               "dovr", "fibe", "tazu", "kryp", "mulo", "gesh", "vunt", "yelb", "niqo", "hast"]
-PREAMBLE = ("Input Info: Imagine a self-contained, hypothetical world with only the following conditions, "
-            "and without any unmentioned factors or causal relationships: ")
 # Held-out wording (the "rephrased" variant of the go-beyond experiment): same problems, other words.
 PREAMBLE_REPHRASED = ("Input Info: Consider an isolated, imaginary world where only these conditions hold, "
                       "with no other factors or causal links: ")
 KINDS = ("effect", "no path")
 QUERIES = ("ATE", "ETT")
-VARIANTS = ("base", "rephrased", "omitted", "redundant", "insufficient")
+VARIANTS = ("base", "rephrased", "omitted", "redundant", "insufficient", "varied", "heldout")
+TRAIN_WORDINGS, HELDOUT_WORDING = (0, 1), 2  # indices into the engine's templates (problem_text.PREAMBLES, ...)
 
 # ----------------------------------------------------------------------------- problems
 
@@ -85,9 +84,18 @@ def make_problem(rng, no_path_share=0.375, variant="base", easy_order=True, quer
       redundant         one more true statement that no formula of the question reads: the third
                         node's probability, given one of its parents if it has one, at a random place;
       insufficient      an effect item with one of its two needed statements removed: the answer is
-                        LACK_CONDITION (the prompt then carries the official hint, caugym.official_prompt).
+                        LACK_CONDITION (the prompt then carries the official hint, caugym.official_prompt);
+      varied            the varied training curriculum: every sentence (preamble, edges, statements,
+                        instruction, question) in one of the engine's wordings TRAIN_WORDINGS (0: the
+                        official one, 1: its first rephrasing), drawn sentence by sentence, and the
+                        Instruction line left out one time in four;
+      heldout           every sentence in the engine's wording HELDOUT_WORDING, which "varied" never uses:
+                        the generalisation test of a model trained on the varied curriculum.
     The base and rephrased variants draw exactly the random numbers they always did, so the tiny
     base's pretraining data stays what it was."""
+    # the engine's template index of each sentence: base-like variants always 0 (no random draw)
+    pick = (lambda: rng.choice(TRAIN_WORDINGS)) if variant == "varied" else \
+        (lambda: HELDOUT_WORDING) if variant == "heldout" else (lambda: 0)
     if variant not in VARIANTS:
         raise ValueError(f"tiny variant {variant!r}: expected one of {', '.join(VARIANTS)}")
     if variant == "insufficient":
@@ -112,7 +120,7 @@ def make_problem(rng, no_path_share=0.375, variant="base", easy_order=True, quer
     x, y = rng.choice(ok)
     x_value, y_value = rng.choice(["low", "high"]), rng.choice(["low", "high"])
     other = "high" if x_value == "low" else "low"
-    edge_text = " ".join(f"{_sentence_case(names[a])} has a direct effect on {names[b]}." for a, b in edges)
+    edge_text = " ".join(EDGES[pick()].format(a=_sentence_case(names[a]), b=names[b]) for a, b in edges)
     statements = []
     if want_path:
         p_x, p_other = rng.randint(1, 9999) / 10000, rng.randint(1, 9999) / 10000
@@ -121,7 +129,7 @@ def make_problem(rng, no_path_share=0.375, variant="base", easy_order=True, quer
         shown = [(x_value, p_x), (other, p_other)]
         if not easy_order:
             rng.shuffle(shown)
-        statements = [f"For those with {names[x]} being {v}, the probability of {names[y]} being {y_value} is {p:.4f}."
+        statements = [CONDS[pick()].format(c=f"{names[x]} being {v}", t=f"{names[y]} being {y_value}", p=f"{p:.4f}")
                       for v, p in shown]
         numbers = (p_x, p_other) if query == "ATE" else (p_other, p_x)
         value = round(numbers[0] - numbers[1], 4)
@@ -132,27 +140,21 @@ def make_problem(rng, no_path_share=0.375, variant="base", easy_order=True, quer
     if variant == "redundant":
         w = 3 - x - y
         parents = [a for a, b in edges if b == w]
-        given = f"For those with {names[rng.choice(parents)]} being {rng.choice(['low', 'high'])}, the" if parents else "The"
-        statements.insert(rng.randint(0, len(statements)),
-                          f"{given} probability of {names[w]} being {rng.choice(['low', 'high'])} is "
-                          f"{rng.randint(1, 9999) / 10000:.4f}.")
+        given = f"{names[rng.choice(parents)]} being {rng.choice(['low', 'high'])}" if parents else None
+        statements.insert(rng.randint(0, len(statements)), (CONDS[0] if given else MARGS[0]).format(
+            c=given, t=f"{names[w]} being {rng.choice(['low', 'high'])}", p=f"{rng.randint(1, 9999) / 10000:.4f}"))
     elif variant == "insufficient":
         statements.pop(rng.randrange(2))
         answer = LACK
     stats = " ".join(statements) + " " if statements else ""
     rephrased = variant == "rephrased"
-    preamble = PREAMBLE_REPHRASED if rephrased else PREAMBLE
-    if query == "ATE":
-        instruction = f"the average treatment effect (ATE) of {names[x]} on {names[y]}"
-        question = (f"Would setting {names[x]} to {x_value} make {names[y]} more likely to be {y_value}?" if rephrased
-                    else f"If {names[x]} is changed to be {x_value}, will {names[y]} be more likely to be {y_value}?")
-    else:
-        instruction = f"the effect of treatment on the treated (ETT) of {names[x]} on {names[y]}"
-        question = (f"Among those whose {names[x]} is {other}, had their {names[x]} been {x_value}, would the "
-                    f"{names[y]} have been more likely to be {y_value}?" if rephrased else
-                    f"For those with {names[x]} being {other}, if their {names[x]} had been {x_value}, would the "
-                    f"{names[y]} have been more likely to be {y_value}?")
-    instruction_line = "" if variant == "omitted" else f"Instruction: Consider {instruction}.\n"
+    preamble = PREAMBLE_REPHRASED if rephrased else f"Input Info: {PREAMBLES[pick()]} "
+    instruction = INSTRUCTIONS[pick()].format(long=LONG_NAME[query], abbr=query, X=names[x], Y=names[y])
+    # the toy's own rephrasing ("rephrased") asks ATE in the engine's wording 2 and ETT in its wording 1
+    question = QUESTIONS[query][{"ATE": 2, "ETT": 1}[query] if rephrased else pick()].format(
+        X=names[x], x=x_value, Y=names[y], y=y_value, xf=other)
+    omit = variant == "omitted" or (variant == "varied" and rng.random() < 0.25)
+    instruction_line = "" if omit else f"Instruction: {instruction}\n"
     problem = f"{preamble}{edge_text}\n{stats}\n{instruction_line}Question: {question}\n{PROVIDE}"
     return {"problem": problem, "answer": answer, "type": query, "kind": "effect" if want_path else "no path",
             "variant": variant, "numbers": numbers}

@@ -368,6 +368,8 @@ def held_out_scores(model, tokenizer, problems, config: TrainConfig, write=print
               f"{'correct' if record['correct'] else 'wrong'}:\n{record['response'][-600:]}")
     scores = {("eval_acc" if group == "overall" else f"eval_acc_{group}"): value
               for group, value in evaluation.accuracy(records).items()}
+    by_variant = evaluation.accuracy(records, by="variant")  # in-distribution and held-out sets side by side
+    scores.update({f"eval_acc_{v}": a for v, a in by_variant.items() if v != "overall"} if len(by_variant) > 2 else {})
     if config.eval_samples > 1 and config.eval_temperature > 0:  # does RL sharpen pass@1 or widen coverage?
         overall = pass_at_k.pass_and_majority(records, config.eval_samples)["overall"]
         scores.update({f"eval_{name}": value for name, value in overall.items() if name != "pass@1"})

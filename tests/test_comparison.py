@@ -55,7 +55,15 @@ def test_methods_flag():
     with pytest.raises(SystemExit):
         pipeline.parse_args(["--variants", "deconfounding"])
     steps = pipeline.budgets(pipeline.parse_args(["--grpo-steps", "10", "--dpo-steps", "7"]))
-    assert steps == {"grpo": 10, "dpo": 7, **{m: round(pipeline.STEPS_PER_GRPO_STEP[m] * 10) for m in ("ppo", "kto", "control")}}
+    assert steps == {"grpo": 10, "grpo_step": 10, "grpo_adaptive": 10, "dpo": 7,
+                     **{m: round(pipeline.STEPS_PER_GRPO_STEP[m] * 10) for m in ("ppo", "kto", "control")}}
+    # issue 30's GRPO variants and the held-out wording are named, never part of "all"
+    assert pipeline.parse_args(["--methods", "grpo_adaptive,grpo,grpo_step"]).methods == \
+        ("sft", "grpo", "grpo_step", "grpo_adaptive")
+    assert pipeline.parse_args(["--variants", "all"]).variants == tiny.VARIANTS[1:5]
+    assert pipeline.parse_args(["--varied"]).variants == ("heldout", "omitted", "redundant")
+    defaults = pipeline.parse_args([])
+    assert (defaults.reward, defaults.curriculum, defaults.varied, defaults.curve_every) == ("outcome", "fixed", False, 0)
 
 
 def table_numbers(markdown):
@@ -81,7 +89,8 @@ def test_the_pipeline_runs_all_methods_on_two_jobs_as_on_one_and_writes_what_it_
     assert results["preference_data"]["pairs"] >= 2
     cells = table_numbers(markdown)
     columns = [(name, group) for name in ("base", "omitted", "redundant") for group in ("effect", "no path", "overall")]
-    assert set(cells) == {("constant answer", "-")} | {(name, mode) for name in pipeline.NAMES.values()
+    trained = pipeline.METHODS + ("control",)
+    assert set(cells) == {("constant answer", "-")} | {(pipeline.NAMES[m], mode) for m in trained
                                                       for mode in ("greedy", "sampled")}
     for (model, mode), row in cells.items():
         assert len(row) == len(columns)
@@ -90,9 +99,24 @@ def test_the_pipeline_runs_all_methods_on_two_jobs_as_on_one_and_writes_what_it_
         assert row == [f"{100 * source[name][group]:.1f}" for name, group in columns]
     assert set(results["reward_curves"]) == {"SFT + PPO", "SFT + GRPO"}
     assert (tmp_path / "all" / "results.png").stat().st_size > 10_000
-    assert all((tmp_path / "all" / m / "checkpoint" / "model.safetensors").is_file() for m in pipeline.NAMES)
+    assert all((tmp_path / "all" / m / "checkpoint" / "model.safetensors").is_file() for m in trained)
 
     pipeline.main(["--out", str(tmp_path / "default"), "--jobs", "1"] + SMOKE)
     again = table_numbers((tmp_path / "default" / "results.md").read_text())
     assert set(again) == {k for k in cells if k[0] in ("constant answer", "SFT", "SFT + GRPO", "SFT + more SFT (control)")}
     assert all(again[k] == cells[k] for k in again)
+
+
+def test_varied_data_never_trains_on_the_held_out_wording_and_the_curve_file_tags_every_set(tmp_path):
+    from nanocausal.problem_text import PREAMBLES
+    tests, _ = comparison.make_data(str(tmp_path), 0, sft_examples=60, rl_prompts=60, rl_kinds=("effect",),
+                                       test_problems=30, variant_problems=20, variants=("heldout", "redundant"),
+                                       queries=("ATE",), slip_rate=0.0, train_variant="varied", curve_problems=10)
+    assert list(tests) == ["varied", "heldout", "redundant"]
+    rows = {name: [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")] for name in ("sft", "rl", "curve")}
+    training = [r["prompt"] for r in rows["sft"] + rows["rl"]]
+    assert not any(PREAMBLES[2] in prompt for prompt in training)  # the held-out wording is never trained on
+    assert any(PREAMBLES[1] in prompt for prompt in training) and any(PREAMBLES[0] in prompt for prompt in training)
+    assert all(PREAMBLES[2] in it["problem"] for it in tests["heldout"])
+    assert [r["variant"] for r in rows["curve"]] == ["varied"] * 10 + ["heldout"] * 10 + ["redundant"] * 10
+    assert [r["answer"] for r in rows["curve"]] == [it["answer"] for items in tests.values() for it in items[:10]]

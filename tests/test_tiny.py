@@ -33,7 +33,8 @@ def test_problems_of_every_variant_and_query_are_solved_alike_by_the_official_so
             assert item["answer"] == solved == caugym.LACK, item["problem"]
         else:
             assert json.loads(solved) == json.loads(item["answer"]), item["problem"]
-        assert ("Instruction:" in item["problem"]) == (variant != "omitted")
+        if variant != "varied":  # (varied leaves the Instruction out one time in four)
+            assert ("Instruction:" in item["problem"]) == (variant != "omitted")
 
 
 def test_variants_change_only_what_they_say():
@@ -47,6 +48,35 @@ def test_variants_change_only_what_they_say():
     assert tiny.make_problems(20, seed=9) == tiny.make_problems(20, seed=9, queries=("ATE",))
     with pytest.raises(ValueError, match="tiny variant 'deconfounding'"):
         tiny.make_problems(1, seed=0, variant="deconfounding")
+
+
+def test_the_varied_curriculum_never_shows_the_held_out_wording():
+    """varied mixes the engine's wordings 0 and 1 sentence by sentence; heldout is wording 2 alone."""
+    from nanocausal.problem_text import CONDS, EDGES, PREAMBLES
+    varied = tiny.make_problems(300, seed=4, variant="varied", queries=tiny.QUERIES)
+    heldout = tiny.make_problems(100, seed=4, variant="heldout", queries=tiny.QUERIES)
+    held = [PREAMBLES[2], EDGES[2].split("{a}")[1].split("{b}")[0], CONDS[2].split("{c}")[0]]
+    assert not any(phrase in it["problem"] for it in varied for phrase in held)
+    assert all(PREAMBLES[2] in it["problem"] for it in heldout)
+    assert any(CONDS[2].split("{c}")[0] in it["problem"] for it in heldout)
+    for i in (0, 1):  # both training wordings, of every kind of sentence, occur
+        assert any(PREAMBLES[i] in it["problem"] for it in varied)
+        assert any(EDGES[i].split("{a}")[1].split("{b}")[0] in it["problem"] for it in varied)
+        assert any(CONDS[i].split("{c}")[0] in it["problem"] for it in varied)
+    omitted = sum("Instruction:" not in it["problem"] for it in varied) / len(varied)
+    assert 0.15 < omitted < 0.35
+
+
+def test_the_old_variants_render_byte_identical_through_the_engines_templates():
+    """make_problem renders through problem_text's templates since issue 30; every variant that
+    existed before renders the very texts it did (the digest was computed with the implementation
+    before that change, commit 2b0f17a), so the default pipeline's data is unchanged."""
+    import hashlib
+    texts = [it["problem"] for v in tiny.VARIANTS[:5] for it in tiny.make_problems(200, seed=11, variant=v,
+                                                                                   queries=tiny.QUERIES)]
+    texts += [it["problem"] for it in tiny.make_problems(200, seed=0)]
+    assert hashlib.sha256(json.dumps(texts).encode()).hexdigest() == \
+        "dc5a03e310e436a47a0177e9f50acb3c5a33369369d797284490c30e66bbdb09"
 
 
 def test_worked_solution_ends_with_the_right_answer():

@@ -303,6 +303,8 @@ def test_dynamic_sampling_trains_informative_groups(tiny_model, tmp_path, monkey
     (["--rewards", "correct,format", "--reward-weights", "1"], "--reward-weights 1: expected 2 comma-separated finite numbers"),
     (["--reward-weights", "1"], "--reward-weights needs --rewards"),
     (["--dynamic-sampling", "--group-size", "1"], "--group-size must be >= 2"),
+    (["--reward", "step", "--rewards", "correct"], "--reward step credits tokens relative to the default reward"),
+    (["--curriculum", "adaptive", "--data", "prompts.jsonl"], "--curriculum adaptive generates its tiny problems"),
 ])
 def test_bad_option_values_are_one_line_errors_before_anything_runs(tmp_path, flags, message):
     out = run_script("train_rl.py", "--model", tmp_path / "no-model", "--out-dir", tmp_path / "out", *flags, check=False)
