@@ -153,6 +153,9 @@ class RLConfig(TrainConfig):
     rollout_slots: int | None = setting(None, "rows decoded at once (default: prompts-per-step * group-size, all of "
                                         "them); fewer bound the KV cache, and a finished group's rows take the next "
                                         "waiting prompt (continuous batching)", type=cli.positive_int)
+    compile_decode: bool = setting(False, "torch.compile the decode step before the CUDA graphs "
+                                   "capture it (gpt-fast's route: fewer, fused kernels per token; one compilation per "
+                                   "process, minutes on first use)", resume="free")
     temperature: float = setting(1.0, "sampling temperature; the log-probs of the loss use the same one",
                                  type=cli.positive_float)
     top_p: float = setting(1.0, "nucleus sampling threshold (1: the full distribution, as the policy gradient assumes; "

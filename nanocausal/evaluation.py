@@ -103,7 +103,7 @@ def sample_key(key):
 
 
 def answer(model, tokenizer, items, num_samples, temperature, top_p, top_k, max_new_tokens, seed, keys=None,
-           slots=16, on_answered=None):
+           slots=16, on_answered=None, compile_decode=False):
     """Responses (num_samples per item, item-major) for `items`, decoded by continuous batching
     (generate.generate_many) over `slots` rows: a finished reply's row takes the next waiting one.
 
@@ -126,7 +126,7 @@ def answer(model, tokenizer, items, num_samples, temperature, top_p, top_k, max_
     generate_many(model, prompts, max_new_tokens, slots=max(slots, num_samples), temperature=temperature,
                   top_p=top_p, top_k=top_k, num_samples=num_samples, eos_token_ids=tokenizer.eos_token_ids,
                   seed=seed, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
-                  prompt_keys=[sample_key(key) for key in keys],
+                  prompt_keys=[sample_key(key) for key in keys], compile_decode=compile_decode,
                   on_prompt_done=lambda i, completions: answered(
                       i, [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]))
     return responses
@@ -151,7 +151,8 @@ def scoring(item, response):
 
 
 def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature=0.6, top_p=0.95, top_k=0,
-             max_new_tokens=8192, batch_size=16, seed=0, done=(), on_records=None, progress=True, rank=0, world_size=1):
+             max_new_tokens=8192, batch_size=16, seed=0, done=(), on_records=None, progress=True, rank=0, world_size=1,
+             compile_decode=False):
     """Answer and score `items`; returns one record per sample, in item order:
     {key, dataset, index, sample, type, kind, variant, answer, response, correct} (CaLM items also
     rung, style and label).
@@ -180,7 +181,7 @@ def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature
     if todo:
         answer(model, tokenizer, [item for _, item in todo], num_samples, temperature, top_p, top_k, max_new_tokens,
                seed, keys=[item_key(dataset, i, item) for i, item in todo], slots=batch_size * num_samples,
-               on_answered=answered)
+               on_answered=answered, compile_decode=compile_decode)
     bar.close()
     return [record for index in sorted(records) for record in records[index]]
 
@@ -275,6 +276,9 @@ class EvalConfig:
     batch_size: int = setting(16, "problems decoded at once by continuous batching: batch-size * num-samples rows, a "
                               "finished row taking the next waiting problem", type=cli.positive_int, group="running")
     seed: int = setting(0, "sampling seed (and generation seed of gen:/tiny: sets)", type=cli.seed)
+    compile_decode: bool = setting(False, "torch.compile the decode step before the CUDA graphs "
+                                   "capture it (gpt-fast's route: fewer, fused kernels per token; one compilation per "
+                                   "process, minutes on first use)")
     dtype: str | None = setting(None, "model weights dtype (default: bfloat16 on GPU, float32 on CPU)",
                                 choices=("float32", "bfloat16", "float16"))
     device: str | None = setting(None, "cuda, cpu, mps (default: the best available)", type=cli.device)
@@ -418,6 +422,7 @@ def run(config: EvalConfig):
                                temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                                max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                                seed=config.seed, done=done, on_records=append, progress=distributed.is_main(),
+                               compile_decode=config.compile_decode,
                                rank=rank, world_size=ranks)
             records = sorted((r for part in distributed.all_objects(records) for r in part),
                              key=lambda r: (r["index"], r["sample"]))

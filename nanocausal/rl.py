@@ -328,7 +328,7 @@ def train_rl(config: RLConfig) -> training.TrainResult:
             rollouts = rollout(generator, prompts, config.group_size, config.max_new_tokens, config.temperature,
                                config.top_p, config.top_k, config.seed * 100_003 + step, tokenizer.eos_token_ids,
                                pad_token_id, tokenizer.vocab_size, slots=config.rollout_slots,
-                               prompt_keys=[first_key + i for i in mine])
+                               prompt_keys=[first_key + i for i in mine], compile_decode=config.compile_decode)
         row_examples = [ex for ex in step_examples for _ in range(config.group_size)]
         if ranks > 1:  # every rank assembles the step's whole rollouts from the rows all ranks sampled
             del generator

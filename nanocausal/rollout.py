@@ -128,7 +128,7 @@ class Rollouts:
 
 @torch.no_grad()
 def rollout(model, prompts, group_size, max_new_tokens, temperature, top_p, top_k, seed, eos_token_ids, pad_token_id,
-            vocab_size=None, slots=None, prompt_keys=None):
+            vocab_size=None, slots=None, prompt_keys=None, compile_decode=False):
     """Sample group_size completions per prompt (a list of token-id lists): their `Rollouts`.
 
     Decoding is continuous batching (generate.generate_many) over `slots` rows (default: all of
@@ -137,7 +137,7 @@ def rollout(model, prompts, group_size, max_new_tokens, temperature, top_p, top_
     generation = generate_many(model, prompts, max_new_tokens, slots=slots or len(prompts) * group_size,
                                temperature=temperature, top_p=top_p, top_k=top_k, num_samples=group_size,
                                eos_token_ids=eos_token_ids, seed=seed, pad_token_id=pad_token_id,
-                               vocab_size=vocab_size, prompt_keys=prompt_keys)
+                               vocab_size=vocab_size, prompt_keys=prompt_keys, compile_decode=compile_decode)
     mask = generation.completion_mask.bool()
     return assemble([prompts[i] for i in generation.prompt_index.tolist()], generation.completions(),
                     [row[m].tolist() for row, m in zip(generation.logprobs, mask)],

@@ -310,3 +310,20 @@ def test_bad_option_values_are_one_line_errors_before_anything_runs(tmp_path, fl
     out = run_script("train_rl.py", "--model", tmp_path / "no-model", "--out-dir", tmp_path / "out", *flags, check=False)
     assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_compile_decode_reaches_the_generator_and_changes_no_rollout(tiny_model, tmp_path, monkeypatch):
+    """--compile-decode is handed to generate_many by the rollouts (its compiled-vs-eager token
+    parity is tests/test_generate.py's); the flag changes nothing the run computes otherwise."""
+    from nanocausal import rollout as rollout_module
+    seen, real = [], rollout_module.generate_many
+
+    def recording(*args, compile_decode=False, **kwargs):
+        seen.append(compile_decode)
+        return real(*args, **kwargs)  # eager here: compiling takes minutes on CPU
+    monkeypatch.setattr(rollout_module, "generate_many", recording)
+    _, plain = run(tiny_model, tmp_path / "plain", steps=2, group_size=4, lr=1e-2)
+    _, flagged = run(tiny_model, tmp_path / "flagged", steps=2, group_size=4, lr=1e-2, compile_decode=True)
+    assert seen == [False, False, True, True]
+    assert [r["reward"] for r in plain] == [r["reward"] for r in flagged]
+    assert [r["grad_norm"] for r in plain] == [r["grad_norm"] for r in flagged]
