@@ -3,10 +3,12 @@ causal problems, the official CauGym rule scores the answers, and the policy mov
 answers that scored better than their alternatives. One step (`step_fn` in train_rl; the loop
 around it, shared with SFT, DPO and KTO, is training.train):
 
-  1. Prompts: prompts_per_step problems from a seeded, resumable stream (rollout.prompt_stream).
+  1. Prompts: prompts_per_step problems from a seeded, resumable stream (rollout.prompt_stream;
+     --curriculum adaptive: curriculum.AdaptiveStream, at the difficulty the learner needs).
   2. Rollouts: group_size completions per prompt at the training temperature (rollout.rollout).
   3. Rewards (rollout.score), plus DAPO's soft overlong penalty; --dynamic-sampling (DAPO) drops
-     the groups whose rewards are all equal and samples more prompts to refill the step.
+     the groups whose rewards are all equal and samples more prompts to refill the step;
+     --reward step adds each token's verified credit (step_rewards.py).
   4. What the loss compares against (the reference's log-probs, PPO's old values, the old
      policy's log-probs), then the advantages: one class per algorithm, `GRPO` and `PPO` below
      (formulas in grpo_losses.py and losses.py).
