@@ -257,7 +257,9 @@ def run_main(main):
     line naming what is wrong, without a traceback, unless NANOCAUSAL_DEBUG=1."""
     from nanocausal import distributed
     try:
-        return main()
+        result = main()
+        distributed.barrier()  # under torchrun the ranks leave together: a rank tearing down first can abort another
+        return result
     except (ValueError, OSError, KeyError, RecursionError, jinja2.TemplateError) as e:
         # (not RuntimeError, TypeError, ...: from torch or our code those are bugs, and keep their traceback)
         if os.environ.get("NANOCAUSAL_DEBUG") == "1":
