@@ -67,7 +67,7 @@ sys.path[:0] = [ROOT, HERE]  # no install needed: the package and roofline.py fr
 import torch  # noqa: E402
 
 import roofline  # noqa: E402
-from nanocausal import checkpoint, generate, memory_plan  # noqa: E402
+from nanocausal import checkpoint, cli, generate, memory_plan  # noqa: E402
 from nanocausal.rl import RLConfig, train_rl  # noqa: E402
 
 SMALL, LARGE = "DeepSeek-R1-Distill-Qwen-1.5B", "DeepSeek-R1-Distill-Qwen-7B"
@@ -454,10 +454,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: check that everything runs")
     parser.add_argument("--out", default="gpu_check.json", help="the JSON, rewritten after every section")
-    parser.add_argument("--budget-s", type=float, default=450.0, help="skip a section whose estimate would end past this")
-    parser.add_argument("--hbm-tb-s", type=float, default=None, help="peak HBM TB/s (default: from the device name)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s (default: from the name)")
-    parser.add_argument("--new-tokens", type=int, default=256, help="decode steps per speed measurement")
+    parser.add_argument("--budget-s", type=cli.positive_float, default=450.0, help="skip a section whose estimate would end past this")
+    parser.add_argument("--hbm-tb-s", type=cli.positive_float, default=None, help="peak HBM TB/s (default: from the device name)")
+    parser.add_argument("--peak-tflops", type=cli.positive_float, default=None, help="peak dense bf16 TFLOP/s (default: from the name)")
+    parser.add_argument("--new-tokens", type=cli.positive_int, default=256, help="decode steps per speed measurement")
     args = parser.parse_args()
     if not args.cpu_smoke and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py: no CUDA device: run with --cpu-smoke on a machine without a GPU")
