@@ -122,8 +122,7 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
 
     trainable_tensors = [p.numel() // gpus for p in model.parameters() if p.requires_grad]
     if adapters or config.dtype == "float32":  # float32 trainables: torch.optim.AdamW (make_optimizer)
-        # fused on CUDA; on CPU its single-tensor loop makes sqrt(v) and its quotient while the previous
-        # tensor's quotient is still referenced, in each of make_optimizer's groups (matrices, then the rest)
+        # the CPU loop of the module docstring, run per group of make_optimizer (matrices, then the rest)
         groups = [[p.numel() // gpus for p in model.parameters() if p.requires_grad and (p.dim() >= 2) == matrices]
                   for matrices in (True, False)]
         temporaries = 0 if cuda else 4 * max(2 * n + previous for g in groups for previous, n in zip([0] + g, g))
