@@ -385,17 +385,16 @@ def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every,
     busy = {}  # slot -> (output row, prompt length, limit, step count when admitted)
     steps = 0
     while True:
-        admitted, admitted_slots, admitted_streams = [], [], []
+        admitted, admitted_slots = [], []
         while waiting and len(free) >= n:  # admit every group that fits, with one prefill
             i = waiting.popleft()
             taken, free = free[:n], free[n:]
             admitted.append(i)
             admitted_slots += taken
-            admitted_streams += streams[i]
             busy.update({s: (i * n + j, len(prompts[i]), limits[i], steps) for j, s in enumerate(taken)})
         if admitted:
-            state.admit([prompts[i] for i in admitted], admitted_slots, [limits[i] for i in admitted], admitted_streams,
-                        prefill_chunk)
+            state.admit([prompts[i] for i in admitted], admitted_slots, [limits[i] for i in admitted],
+                        [key for i in admitted for key in streams[i]], prefill_chunk)
 
         finished = state.finished.tolist()  # the host sync of a refill
         ended = sorted(s for s in busy if finished[s])

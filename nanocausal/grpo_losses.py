@@ -10,7 +10,7 @@ option TRL has.
 
 import torch
 
-from nanocausal.losses import _check_same_shape, _masked_sum
+from nanocausal.losses import _check_shapes, _masked_sum
 
 
 def group_advantages(rewards, group_size, scale="group", baseline="mean", eps=1e-4):
@@ -95,11 +95,10 @@ def high_entropy_mask(entropies, completion_mask, quantile):
     Sources: Wang et al. 2025, "Beyond the 80/20 rule", arXiv 2506.01939; TRL top_entropy_quantile.
     """
     mask = completion_mask.bool()
-    values = entropies.detach().float()[mask]
-    if values.numel() == 0:
+    entropies = entropies.detach().float()
+    if not mask.any():
         return torch.zeros_like(mask)
-    threshold = torch.quantile(values, 1 - quantile)
-    return mask & (entropies.detach().float() >= threshold)
+    return mask & (entropies >= torch.quantile(entropies[mask], 1 - quantile))
 
 
 def grpo_loss(logps, old_logps, advantages, completion_mask, ref_logps=None, beta=0.0, eps_low=0.2,
@@ -168,10 +167,9 @@ def grpo_loss(logps, old_logps, advantages, completion_mask, ref_logps=None, bet
     when q < 1), num_tokens.
     """
     mask = completion_mask.bool()
-    _check_same_shape("logps", logps, "completion_mask", completion_mask)
+    _check_shapes("completion_mask", completion_mask, logps=logps, old_logps=old_logps)
     logps = logps.float()
     old_logps = old_logps.detach().float()
-    _check_same_shape("old_logps", old_logps, "completion_mask", completion_mask)
     advantages = advantages.detach().float()
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)  # (B, 1): one advantage per completion
@@ -200,7 +198,7 @@ def grpo_loss(logps, old_logps, advantages, completion_mask, ref_logps=None, bet
     per_token = torch.where(policy_mask, policy_per_token, torch.zeros_like(policy_per_token))
     kl_per_token = None
     if ref_logps is not None:
-        _check_same_shape("ref_logps", ref_logps, "completion_mask", completion_mask)
+        _check_shapes("completion_mask", completion_mask, ref_logps=ref_logps)
         ref_minus_logp = ref_logps.detach().float() - logps
         kl_per_token = torch.exp(ref_minus_logp) - ref_minus_logp - 1
         if beta != 0.0:

@@ -33,10 +33,12 @@ def _masked_sum(values, mask, dim=None):
     return picked.sum() if dim is None else picked.sum(dim)
 
 
-def _check_same_shape(name, tensor, reference_name, reference):
-    if tensor.shape != reference.shape:
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(reference.shape)} "
-                         f"(the shape of {reference_name})")
+def _check_shapes(reference_name, reference, **tensors):
+    """ValueError (one line) naming the first of `tensors` whose shape is not `reference`'s."""
+    for name, tensor in tensors.items():
+        if tensor.shape != reference.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(reference.shape)} "
+                             f"(the shape of {reference_name})")
 
 
 # -----------------------------------------------------------------------------
@@ -64,7 +66,7 @@ def sft_loss(logprobs, completion_mask, num_target_tokens=None):
     num_tokens (this batch's target tokens).
     """
     mask = completion_mask.bool()
-    _check_same_shape("logprobs", logprobs, "completion_mask", completion_mask)
+    _check_shapes("completion_mask", completion_mask, logprobs=logprobs)
     logprobs = logprobs.float()
     num_tokens = mask.sum().float()
     normaliser = num_tokens if num_target_tokens is None else torch.as_tensor(num_target_tokens, dtype=torch.float32)
@@ -110,9 +112,8 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     rejected_reward, reward_margin = mean of their difference, reward_accuracy = share of pairs with
     chosen_reward > rejected_reward (strict), chosen_logps, rejected_logps (means).
     """
-    for name, tensor in [("rejected_logps", rejected_logps), ("ref_chosen_logps", ref_chosen_logps),
-                         ("ref_rejected_logps", ref_rejected_logps)]:
-        _check_same_shape(name, tensor, "chosen_logps", chosen_logps)
+    _check_shapes("chosen_logps", chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+                  ref_rejected_logps=ref_rejected_logps)
     chosen_logratios = chosen_logps.float() - ref_chosen_logps.float()
     rejected_logratios = rejected_logps.float() - ref_rejected_logps.float()
 
@@ -180,9 +181,8 @@ def kto_loss(logps, ref_logps, kl_logps, ref_kl_logps, desirable, beta=0.1, desi
     batch has none of that kind, as TRL then skips the entry), reward_margin (their difference),
     num_desirable, num_undesirable.
     """
-    for name, tensor in [("ref_logps", ref_logps), ("desirable", desirable)]:
-        _check_same_shape(name, tensor, "logps", logps)
-    _check_same_shape("ref_kl_logps", ref_kl_logps, "kl_logps", kl_logps)
+    _check_shapes("logps", logps, ref_logps=ref_logps, desirable=desirable)
+    _check_shapes("kl_logps", kl_logps, ref_kl_logps=ref_kl_logps)
     desirable = desirable.bool()
     logratios = logps.float() - ref_logps.float()
     z0 = (kl_logps.float() - ref_kl_logps.float()).mean().clamp(min=0).detach()
@@ -228,8 +228,7 @@ def ppo_rewards(scores, logps, ref_logps, completion_mask, kl_coef):
     arXiv 2403.17031 (the N+ implementation details of RLHF with PPO); TRL PPOTrainer (trl < 1.0).
     """
     mask = completion_mask.bool()
-    _check_same_shape("ref_logps", ref_logps, "logps", logps)
-    _check_same_shape("completion_mask", completion_mask, "logps", logps)
+    _check_shapes("logps", logps, ref_logps=ref_logps, completion_mask=completion_mask)
     kl = logps.detach().float() - ref_logps.detach().float()
     rewards = torch.where(mask, -kl_coef * kl, torch.zeros_like(kl))
     positions = torch.arange(mask.shape[1], device=mask.device)
@@ -256,8 +255,7 @@ def gae(rewards, values, completion_mask, gamma=1.0, lam=0.95):
     Sources: Schulman et al. 2015, arXiv 1506.02438 (Eq. 16); TRL PPOTrainer (trl < 1.0).
     """
     mask = completion_mask.bool()
-    _check_same_shape("values", values, "rewards", rewards)
-    _check_same_shape("completion_mask", completion_mask, "rewards", rewards)
+    _check_shapes("rewards", rewards, values=values, completion_mask=completion_mask)
     rewards, values = rewards.float(), values.float()
     advantages = torch.zeros_like(rewards)
     running_advantage = torch.zeros_like(rewards[:, 0])
@@ -322,9 +320,8 @@ def ppo_loss(logps, old_logps, advantages, values, old_values, returns, completi
     ratio_mean, num_tokens.
     """
     mask = completion_mask.bool()
-    for name, tensor in [("logps", logps), ("old_logps", old_logps), ("advantages", advantages),
-                         ("values", values), ("old_values", old_values), ("returns", returns)]:
-        _check_same_shape(name, tensor, "completion_mask", completion_mask)
+    _check_shapes("completion_mask", completion_mask, logps=logps, old_logps=old_logps, advantages=advantages,
+                  values=values, old_values=old_values, returns=returns)
     logps, values = logps.float(), values.float()
     old_logps, old_values = old_logps.detach().float(), old_values.detach().float()
     advantages, returns = advantages.detach().float(), returns.detach().float()

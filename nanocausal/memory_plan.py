@@ -88,15 +88,16 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
     w = BYTES[config.dtype]
     act = 2 if cuda else w
     base = count(model.parameters())
-    model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype])  # (meta: nothing moves)
+    model.to(getattr(torch, config.dtype))  # (meta: nothing moves)
     if config.lora_rank > 0:
         lora.add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
     adapters = count(p for n, p in model.named_parameters() if ".lora_" in n)
     trainable = adapters or base
     rl = algo in ("grpo", "ppo")
 
-    needs_reference = {"dpo": not getattr(config, "precompute_ref", False), "kto": not getattr(config, "precompute_ref", False),
-                       "grpo": getattr(config, "beta", 0) != 0, "ppo": getattr(config, "kl_coef", 0) != 0}.get(algo, False)
+    precomputed = getattr(config, "precompute_ref", False)
+    needs_reference = {"dpo": not precomputed, "kto": not precomputed, "grpo": getattr(config, "beta", 0) != 0,
+                       "ppo": getattr(config, "kl_coef", 0) != 0}.get(algo, False)
     reference = base * (2 if rl and cuda else (4 if rl else w)) if needs_reference and not adapters else 0
     value = (mc.hidden_size + 1) * 4 * 4 if algo == "ppo" else 0
 
@@ -121,8 +122,7 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
 
     trainable_tensors = [p.numel() // gpus for p in model.parameters() if p.requires_grad]
     if adapters or config.dtype == "float32":  # float32 trainables: torch.optim.AdamW (make_optimizer)
-        # fused on CUDA; on CPU its single-tensor loop makes sqrt(v) and its quotient while the previous
-        # tensor's quotient is still referenced, in each of make_optimizer's groups (matrices, then the rest)
+        # the CPU loop of the module docstring, run per group of make_optimizer (matrices, then the rest)
         groups = [[p.numel() // gpus for p in model.parameters() if p.requires_grad and (p.dim() >= 2) == matrices]
                   for matrices in (True, False)]
         temporaries = 0 if cuda else 4 * max(2 * n + previous for g in groups for previous, n in zip([0] + g, g))
@@ -156,10 +156,10 @@ def plan(config, algo, prompt_tokens=512, gpu_memory_gib=None, gpus=1):
     if merge_lora:
         components["rollout_copy"] = merged
     copy = components["rollout_copy"]
-    if not (sharded or merge_lora):  # one GPU: kept for the run; torchrun and merged: made for the rollouts, then freed
-        resident += copy
-    phases = {"generation": resident + kv_cache + prefill_cache + (copy if sharded or merge_lora else 0) if rl else 0,
-              "training": resident + components["gradients"] + unsharded + max(activations + logits_chunk, temporaries)}
+    copy_in_training = 0 if sharded or merge_lora else copy  # torchrun and merged: made for the rollouts, then freed
+    phases = {"generation": resident + copy + kv_cache + prefill_cache if rl else 0,
+              "training": resident + copy_in_training + components["gradients"] + unsharded
+              + max(activations + logits_chunk, temporaries)}
     total = max(phases.values())
     result = {"model": str(config.model), "algo": algo, "gpus": gpus, "parameters": base + adapters, "trainable_parameters": trainable,
               "bytes": components, "phases": phases, "total_bytes": total, "gpu_bytes": gpu, "fits": total <= gpu,

@@ -56,15 +56,11 @@ class ModelConfig:
         # rope_theta / rope_scaling at the top level. Accept both.
         rope = dict(cfg.get("rope_parameters") or {})
         rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-        rope_scaling = cfg.get("rope_scaling") or rope or None
-        if rope_scaling is not None:
-            rope_scaling = dict(rope_scaling)
-            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            if rope_type not in ("default", "linear", "llama3"):
-                raise ValueError(f"{source}: rope_scaling type {rope_type!r} is not supported (supported: default, linear, llama3)")
-            rope_scaling["rope_type"] = rope_type
-            if rope_type == "default":
-                rope_scaling = None
+        rope_scaling = dict(cfg.get("rope_scaling") or rope)
+        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"{source}: rope_scaling type {rope_type!r} is not supported (supported: default, linear, llama3)")
+        rope_scaling = dict(rope_scaling, rope_type=rope_type) if rope_type != "default" else None
         try:
             heads = cfg["num_attention_heads"]
             return cls(

@@ -37,7 +37,6 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-BACKENDS = ("none", "wandb", "trackio", "tensorboard")
 COMPLETION_COLUMNS = ("type", "variant", "answer", "response", "correct")
 
 
@@ -52,7 +51,7 @@ def start(report_to="none", run_name=None, project="nanocausal", out_dir="out/ru
     opened = []
     for name in names:
         try:
-            opened.append(BACKEND_CLASSES[name](name, run_name, project, out_dir, config))
+            opened.append(BACKENDS[name](name, run_name, project, out_dir, config))
         except Exception as e:
             for backend in opened:  # leave no half-started run behind
                 backend.finish()
@@ -65,9 +64,10 @@ def check(report_to):
     ValueError (one line) for an unknown name or a missing package. A script can call it right
     after parsing its flags, to fail before it loads a model."""
     names = [name.strip() for name in (report_to or "none").split(",") if name.strip()]
-    unknown = [name for name in names if name not in BACKENDS]
+    unknown = [name for name in names if name != "none" and name not in BACKENDS]
     if unknown:
-        raise ValueError(f"--report-to: unknown {', '.join(unknown)} (expected one or more of {', '.join(BACKENDS)})")
+        raise ValueError(f"--report-to: unknown {', '.join(unknown)} "
+                         f"(expected one or more of {', '.join(['none', *BACKENDS])})")
     names = [name for name in dict.fromkeys(names) if name != "none"]  # dict: drop repeats, keep order
     for name in names:
         import_backend(name)
@@ -206,4 +206,4 @@ def code_block(text):
     return "\n".join("    " + line for line in text.splitlines() or [""])
 
 
-BACKEND_CLASSES = {"wandb": LoggerBackend, "trackio": LoggerBackend, "tensorboard": TensorBoardBackend}
+BACKENDS = {"wandb": LoggerBackend, "trackio": LoggerBackend, "tensorboard": TensorBoardBackend}  # with "none"

@@ -12,6 +12,7 @@ Three kinds of checks:
 """
 
 import math
+import re
 import types
 from collections import defaultdict
 
@@ -328,6 +329,19 @@ def test_whiten_by_hand():
     mask = torch.tensor([[1, 1, 1, 0]])
     scale = 1 / math.sqrt(1.0 + 1e-8)  # mean 2, unbiased variance 1
     torch.testing.assert_close(whiten(values, mask), torch.tensor([[-scale, 0.0, scale, 0.0]]))
+
+
+def test_a_misshaped_input_is_one_line_naming_it_and_the_shape_expected():
+    pair, row, rows, wider = torch.zeros(2), torch.zeros(3), torch.zeros(2, 3), torch.zeros(2, 4)
+    for call, message in [
+        (lambda: dpo_loss(pair, pair, row, pair), "ref_chosen_logps has shape (3,), expected (2,) (the shape of chosen_logps)"),
+        (lambda: kto_loss(pair, pair, pair, row, pair.bool()), "ref_kl_logps has shape (3,), expected (2,) (the shape of kl_logps)"),
+        (lambda: ppo_loss(rows, rows, rows, rows, rows, wider, rows),
+         "returns has shape (2, 4), expected (2, 3) (the shape of completion_mask)"),
+        (lambda: grpo_loss(rows, wider, pair, rows), "old_logps has shape (2, 4), expected (2, 3) (the shape of completion_mask)"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            call()
 
 
 def test_ppo_loss_by_hand():

@@ -127,6 +127,22 @@ def test_unknown_model_type(tmp_path):
         load_model(tmp_path)
 
 
+def test_rope_settings_top_level_or_nested_and_the_default_type_is_plain_rope():
+    from nanocausal.model import ModelConfig
+
+    shape = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                 num_attention_heads=2)
+    read = lambda **rope: ModelConfig.from_dict({**shape, **rope})
+    nested = read(rope_parameters={"rope_theta": 5.0, "rope_type": "linear", "factor": 2.0})
+    assert (nested.rope_theta, nested.rope_scaling) == (5.0, {"rope_type": "linear", "factor": 2.0})
+    assert read(rope_scaling={"type": "linear", "factor": 4.0}).rope_scaling == {"type": "linear", "factor": 4.0,
+                                                                                 "rope_type": "linear"}
+    assert read(rope_parameters={"rope_theta": 5.0, "rope_type": "default"}).rope_scaling is None
+    assert read(rope_scaling=None).rope_scaling is None and read().rope_theta == 10000.0
+    with pytest.raises(ValueError, match="config.json: rope_scaling type 'yarn' is not supported"):
+        read(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+
+
 def test_missing_unexpected_and_misshaped_tensors(tmp_path):
     from safetensors.torch import load_file, save_file
 
