@@ -217,29 +217,8 @@ def rollout_metrics(scores, batch, group_size):
             "truncated": float(np.mean(batch.truncated))}
 
 
-def check_config(config: RLConfig):
-    """The settings no flag type can check alone (RLConfig checks each field: cli.check_config),
-    before anything is loaded or written."""
-    if config.algo == "grpo" and config.group_size < 2:
-        raise ValueError("--group-size must be >= 2 for GRPO: advantages compare completions of the same prompt")
-    if not 0 <= config.overlong_buffer <= config.max_new_tokens:
-        raise ValueError(f"--overlong-buffer {config.overlong_buffer}: expected 0 (off) to --max-new-tokens "
-                         f"{config.max_new_tokens} (the last tokens of the budget over which the penalty grows)")
-    if config.dynamic_sampling and config.group_size < 2:
-        raise ValueError("--dynamic-sampling needs --group-size >= 2: it keeps the groups whose rewards differ")
-    if config.reward == "step" and config.rewards:
-        raise ValueError("--reward step credits tokens relative to the default reward; it cannot be used with --rewards")
-    if config.curriculum == "adaptive" and config.data is not None:
-        raise ValueError(f"--curriculum adaptive generates its tiny problems; it cannot read --data {config.data}")
-    if config.rewards:
-        parse_rewards(config.rewards, config.reward_weights)
-    elif config.reward_weights:
-        raise ValueError("--reward-weights needs --rewards (the names of the rewards they weigh)")
-
-
 def train_rl(config: RLConfig) -> training.TrainResult:
-    """GRPO or PPO (config.algo) from config.model."""
-    check_config(config)
+    """GRPO or PPO (config.algo) from config.model (RLConfig has checked its settings)."""
     torch.manual_seed(config.seed)
     memory_plan.check_fits(config, config.algo)
     model = training.start_run(config)
