@@ -42,9 +42,7 @@ class TrainResult:
     """What a trainer returns: the trained model and how the run went."""
     model: torch.nn.Module
     history: list  # every row written to metrics.jsonl by this process (steps and evaluations)
-    steps: int  # the step the run ended at
-    train_seconds: float  # time spent in step functions (evaluation and saving excluded)
-    wall_seconds: float  # the loop's whole time, evaluation and saving included (loading excluded)
+    steps: int  # the step the run ended at (the rows' step_s and time say how long it took)
 
 
 # -----------------------------------------------------------------------------
@@ -215,7 +213,6 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
     folder (gathered from the shards), every rank saves its optimiser shard, each row carries
     world_size.
     """
-    loop_started = time.time()
     ckpt_dir = checkpoint_dir(config)
     metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
     step = 0
@@ -275,7 +272,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
 
     if problems and step == 0:
         evaluate_and_log()  # the starting point of the learning curve
-    train_seconds, bad_steps, stop = 0.0, 0, 0
+    bad_steps, stop = 0, 0
     try:
         with StopOnSignal() as interrupt:
             while step < config.steps:
@@ -285,7 +282,6 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
                 started = time.time()
                 metrics = step_fn(step)
                 step_seconds = seconds_since(started, config.device)
-                train_seconds += step_seconds
                 step += 1
                 tokens = metrics.pop("tokens", None)
                 row = log.log(step=step, world_size=ranks, lr=optimizer.param_groups[0]["lr"], **metrics,
@@ -320,8 +316,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
     if stop == signal.SIGTERM:
         raise SystemExit(128 + signal.SIGTERM)  # after the checkpoint: the scheduler sees an unfinished run
     model.eval()
-    return TrainResult(model=model, history=log.rows, steps=step, train_seconds=train_seconds,
-                       wall_seconds=time.time() - loop_started)
+    return TrainResult(model=model, history=log.rows, steps=step)
 
 
 def diverged(ckpt_dir, step, bad_steps, metric, main):
