@@ -197,8 +197,7 @@ class StopOnSignal:
 # The loop
 
 
-def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer=None, extra_modules=None,
-          desc="train"):
+def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer, extra_modules=None, desc="train"):
     """Run step_fn(step) -> metrics from the current step to config.steps; log, evaluate, save.
 
     step_fn's contract: it runs one step's passes and optimiser step(s) and returns {name: number}
@@ -207,7 +206,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
 
     data_stream: the resumable source of the run's examples (data.Batches or rollout.PromptStream):
         its state_dict() is saved with every checkpoint and restored on --resume.
-    tokenizer: needed for the periodic evaluation (none: no evaluation).
+    tokenizer: the periodic evaluation's.
     extra_modules: {name: module} saved beside the model (PPO's value head).
     Under torchrun every rank runs this loop; rank 0 alone prints, logs and writes the Hugging Face
     folder (gathered from the shards), every rank saves its optimiser shard, each row carries
@@ -242,7 +241,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
     tracker = tracking.start(config.report_to if main else "none", config.run_name, config.project, config.out_dir,
                              asdict(config))
     problems = None
-    if config.eval_every > 0 and tokenizer is not None:
+    if config.eval_every > 0:
         problems = data.eval_problems(config.eval_data, n=config.eval_problems, seed=config.seed,
                                       tasks=config.tasks, variant=config.variant, nodes=config.nodes)
     model.train()
