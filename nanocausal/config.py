@@ -1,7 +1,5 @@
-"""Every setting of a training run, in one place. Each field is declared once with
-cli.setting(default, help, ...) and is at the same time the flag of the train scripts
-(--grad-accum for grad_accum), with that help, type and default; the config refuses what the flag
-would, and each field says what a resumed run may do with it (rundir.check_resume).
+"""Every setting of a training run, in one place: each field is also its flag (cli.setting), and
+the config refuses what the flag would.
 
     TrainConfig          what the loop reads (training.py): model, optimisation, hardware, LoRA,
                          evaluation, output

@@ -150,10 +150,8 @@ class PPO:
 
 
 def update(model, algorithm, optimizer, rollouts, config: RLConfig, step):
-    """config.ppo_epochs passes over the rollouts, config.mini_batches optimiser steps each, each
-    accumulated over micro-batches whose losses are normalised by the token (sequence) count of
-    their whole optimiser step. Returns the metrics (token-weighted means over every micro-batch)
-    and the number of tokens run through."""
+    """Step 5 of the module docstring. Returns the metrics (token-weighted means over every
+    micro-batch) and the number of tokens run through."""
     mask = rollouts.completion_mask
     # A row of zero advantage adds nothing to the GRPO loss unless a KL term or an entropy bonus reads
     # it (nor does a masked truncated row): skip its forward/backward; the normaliser still counts it.
