@@ -42,7 +42,8 @@ class TrainResult:
     """What a trainer returns: the trained model and how the run went."""
     model: torch.nn.Module
     history: list  # every row written to metrics.jsonl by this process (steps and evaluations)
-    steps: int  # the step the run ended at (the rows' step_s and time say how long it took)
+    steps: int  # the step the run ended at (each row's step_s: the time in its step function)
+    wall_seconds: float  # the loop's whole time, evaluation and saving included (loading excluded)
 
 
 # -----------------------------------------------------------------------------
@@ -212,6 +213,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
     folder (gathered from the shards), every rank saves its optimiser shard, each row carries
     world_size.
     """
+    loop_started = time.time()
     ckpt_dir = checkpoint_dir(config)
     metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
     step = 0
@@ -315,7 +317,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
     if stop == signal.SIGTERM:
         raise SystemExit(128 + signal.SIGTERM)  # after the checkpoint: the scheduler sees an unfinished run
     model.eval()
-    return TrainResult(model=model, history=log.rows, steps=step)
+    return TrainResult(model=model, history=log.rows, steps=step, wall_seconds=time.time() - loop_started)
 
 
 def diverged(ckpt_dir, step, bad_steps, metric, main):
