@@ -96,10 +96,7 @@ def device(text):
 def device_problem(text):
     """None when this machine has the device `text`, else why not (one line naming --device)."""
     import torch
-    try:
-        dev = torch.device(device(text))
-    except argparse.ArgumentTypeError as e:
-        return f"--device {e}"
+    dev = torch.device(text)  # (already checked by the config: cli.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         return f"--device {text}: this machine has no CUDA GPU (use --device cpu)"
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -214,8 +211,12 @@ def check_config(config):
                 raise ValueError(f"{flag} {e}") from None
 
 
-def add_plan_args(parser):
-    """--plan and its options: the memory plan instead of a run (nanocausal/memory_plan.py)."""
+def config_from_flags(doc, config_class):
+    """A train script's flags: config_class's settings, and --plan with its options (the memory plan
+    instead of a run: nanocausal/memory_plan.py), parsed once, as a config; with --plan the memory
+    plan is printed instead and None returned."""
+    parser = parser_for(doc)
+    add_config_args(parser, config_class)
     g = parser.add_argument_group("memory plan")
     g.add_argument("--plan", action="store_true",
                    help="print the memory plan (bytes by component, from the shapes alone: --model may be a config.json) "
@@ -228,14 +229,6 @@ def add_plan_args(parser):
                         "over them); the plan is per GPU")
     g.add_argument("--plan-prompt-tokens", type=positive_int, default=512,
                    help="with --plan: prompt length assumed for the KV cache and RL activations")
-
-
-def config_from_flags(doc, config_class):
-    """A train script's flags: config_class's settings (+ --plan), parsed once, as a config; with
-    --plan the memory plan is printed instead and None returned."""
-    parser = parser_for(doc)
-    add_config_args(parser, config_class)
-    add_plan_args(parser)
     args = parser.parse_args()
     config = config_from_args(config_class, args)
     if not args.plan:

@@ -1,7 +1,5 @@
-"""Every setting of a training run, in one place. Each field is declared once with
-cli.setting(default, help, ...) and is at the same time the flag of the train scripts
-(--grad-accum for grad_accum), with that help, type and default; the config refuses what the flag
-would, and each field says what a resumed run may do with it (rundir.check_resume).
+"""Every setting of a training run, in one place: each field is also its flag (cli.setting), and
+the config refuses what the flag would.
 
     TrainConfig          what the loop reads (training.py): model, optimisation, hardware, LoRA,
                          evaluation, output
@@ -18,6 +16,7 @@ import torch
 
 from nanocausal import caugym, cli, lora
 from nanocausal.cli import setting
+from nanocausal.rewards import parse_rewards
 
 
 @dataclass
@@ -245,7 +244,23 @@ class RLConfig(TrainConfig):
     show_completions: int = 2
     save_every: int = 50
 
-    def __post_init__(self):
+    def __post_init__(self):  # each field's own check, then the settings no flag type can check alone
         if self.group_size is None:
             self.group_size = 8 if self.algo == "grpo" else 1
         super().__post_init__()
+        if self.algo == "grpo" and self.group_size < 2:
+            raise ValueError("--group-size must be >= 2 for GRPO: advantages compare completions of the same prompt")
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
+            raise ValueError(f"--overlong-buffer {self.overlong_buffer}: expected 0 (off) to --max-new-tokens "
+                             f"{self.max_new_tokens} (the last tokens of the budget over which the penalty grows)")
+        if self.dynamic_sampling and self.group_size < 2:
+            raise ValueError("--dynamic-sampling needs --group-size >= 2: it keeps the groups whose rewards differ")
+        if self.reward == "step" and self.rewards:
+            raise ValueError("--reward step credits tokens relative to the default reward; it cannot be used with "
+                             "--rewards")
+        if self.curriculum == "adaptive" and self.data is not None:
+            raise ValueError(f"--curriculum adaptive generates its tiny problems; it cannot read --data {self.data}")
+        if self.rewards:
+            parse_rewards(self.rewards, self.reward_weights)
+        elif self.reward_weights:
+            raise ValueError("--reward-weights needs --rewards (the names of the rewards they weigh)")

@@ -50,40 +50,36 @@ def read_records(path):
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
+    located = []  # (JSON value, where)
     try:
-        located = _read_located(path)
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".json"):
+                try:
+                    items = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise ValueError(f"{path}: JSON nested too deeply to read") from None
+                if not isinstance(items, list):
+                    raise ValueError(f"{path}: expected a JSON list of examples, got a {type(items).__name__}")
+                located = [(item, f"{path}: item {i}") for i, item in enumerate(items)]
+            else:
+                for line_number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue  # a trailing blank line is not an example
+                    try:
+                        located.append((json.loads(line), f"{path}:{line_number}"))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg} at column "
+                                         f"{e.colno})") from None
+                    except RecursionError:
+                        raise ValueError(f"{path}:{line_number}: JSON nested too deeply to read") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     for record, where in located:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     return [{**record, "_where": where} for record, where in located]
-
-
-def _read_located(path):
-    """[(JSON value, "file:line N" or "file: item N")] of a .json list or a .jsonl file."""
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            try:
-                items = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-            except RecursionError:
-                raise ValueError(f"{path}: JSON nested too deeply to read") from None
-            if not isinstance(items, list):
-                raise ValueError(f"{path}: expected a JSON list of examples, got a {type(items).__name__}")
-            return [(item, f"{path}: item {i}") for i, item in enumerate(items)]
-        located = []
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # a trailing blank line is not an example
-            try:
-                located.append((json.loads(line), f"{path}:{line_number}"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            except RecursionError:
-                raise ValueError(f"{path}:{line_number}: JSON nested too deeply to read") from None
-        return located
 
 
 def normalise(record, kind, variant="base"):
@@ -221,7 +217,7 @@ def tokenize(examples, tokenizer, kind, max_length=None, progress=True):
                                       f"the completion of example {other} (KTO's KL pair)")
             rows.append({"ids": ids, "completion_mask": mask, "label": example["label"],
                          "kl_ids": kl_ids, "kl_mask": kl_mask})
-        elif kind == "rl":
+        else:  # rl
             try:
                 prompt_ids = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True)
             except ValueError as e:
@@ -231,8 +227,6 @@ def tokenize(examples, tokenizer, kind, max_length=None, progress=True):
                                  f"context of {max_length} tokens")
             rows.append({"prompt_ids": prompt_ids, "answer": example["answer"], "type": example.get("type"),
                          "variant": example.get("variant")})
-        else:
-            raise ValueError(f"unknown dataset kind {kind!r}, expected one of {sorted(FIELDS)}")
     return rows
 
 
@@ -273,13 +267,11 @@ class Batches:
         self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
         self.epoch, self.index = 0, 0
 
-    def _order(self):
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_examples)
-
     def next(self):
         if self.index + self.batch_size > self.num_examples:
             self.epoch, self.index = self.epoch + 1, 0
-        batch = self._order()[self.index:self.index + self.batch_size].tolist()
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_examples)
+        batch = order[self.index:self.index + self.batch_size].tolist()
         self.index += self.batch_size
         return batch
 

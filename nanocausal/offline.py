@@ -4,8 +4,7 @@ function of train_offline, which the loop of training.py runs. The formulas are 
 
 What one optimiser step does, for all three:
   1. take batch_size * grad_accum examples from a seeded, resumable order (data.Batches) and cut
-     them into micro-batches (data.micro_batches: at most batch_size examples and, with
-     micro_batch_tokens, that many padded tokens each);
+     them into micro-batches (data.micro_batches);
   2. backward every micro-batch, each loss scaled by the step's normaliser rather than its own, so
      the summed gradient is that of the whole step's mean loss, whatever the split (accumulation
      equals one big batch):

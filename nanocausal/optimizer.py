@@ -64,9 +64,6 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # (closure: torch's signature; FSDP's state-dict helpers call step(closure=None))
-        if closure is not None:
-            with torch.enable_grad():
-                closure()
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:

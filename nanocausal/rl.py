@@ -150,10 +150,8 @@ class PPO:
 
 
 def update(model, algorithm, optimizer, rollouts, config: RLConfig, step):
-    """config.ppo_epochs passes over the rollouts, config.mini_batches optimiser steps each, each
-    accumulated over micro-batches whose losses are normalised by the token (sequence) count of
-    their whole optimiser step. Returns the metrics (token-weighted means over every micro-batch)
-    and the number of tokens run through."""
+    """Step 5 of the module docstring. Returns the metrics (token-weighted means over every
+    micro-batch) and the number of tokens run through."""
     mask = rollouts.completion_mask
     # A row of zero advantage adds nothing to the GRPO loss unless a KL term or an entropy bonus reads
     # it (nor does a masked truncated row): skip its forward/backward; the normaliser still counts it.
@@ -203,10 +201,10 @@ def update(model, algorithm, optimizer, rollouts, config: RLConfig, step):
 # The step and the run
 
 
-def rollout_metrics(scores, batch, group_size):
-    """What the log shows of a rollout batch: reward, accuracy, format rate, equal-reward groups, lengths."""
+def rollout_metrics(scores, completions, truncated, group_size):
+    """What the log shows of sampled rows: reward, accuracy, format rate, equal-reward groups, lengths."""
     rewards = scores["reward"]
-    lengths = torch.tensor([len(c) for c in batch.completions], dtype=torch.float32)
+    lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
     grouped = rewards.view(-1, group_size)
     return {"reward": rewards.mean(), "reward_std": rewards.std() if len(rewards) > 1 else 0.0,
             **{name: scores[key].mean() for name, key in (("accuracy", "correct"), ("format_rate", "format_ok"))
@@ -214,32 +212,11 @@ def rollout_metrics(scores, batch, group_size):
             **{key: scores[key].mean() for key in scores if key.startswith("reward/") or key == "overlong_penalty"},
             **({"equal_reward_groups": (grouped == grouped[:, :1]).all(1).float().mean()} if group_size > 1 else {}),
             "completion_len": lengths.mean(), "completion_len_max": lengths.max(),
-            "truncated": float(np.mean(batch.truncated))}
-
-
-def check_config(config: RLConfig):
-    """The settings no flag type can check alone (RLConfig checks each field: cli.check_config),
-    before anything is loaded or written."""
-    if config.algo == "grpo" and config.group_size < 2:
-        raise ValueError("--group-size must be >= 2 for GRPO: advantages compare completions of the same prompt")
-    if not 0 <= config.overlong_buffer <= config.max_new_tokens:
-        raise ValueError(f"--overlong-buffer {config.overlong_buffer}: expected 0 (off) to --max-new-tokens "
-                         f"{config.max_new_tokens} (the last tokens of the budget over which the penalty grows)")
-    if config.dynamic_sampling and config.group_size < 2:
-        raise ValueError("--dynamic-sampling needs --group-size >= 2: it keeps the groups whose rewards differ")
-    if config.reward == "step" and config.rewards:
-        raise ValueError("--reward step credits tokens relative to the default reward; it cannot be used with --rewards")
-    if config.curriculum == "adaptive" and config.data is not None:
-        raise ValueError(f"--curriculum adaptive generates its tiny problems; it cannot read --data {config.data}")
-    if config.rewards:
-        parse_rewards(config.rewards, config.reward_weights)
-    elif config.reward_weights:
-        raise ValueError("--reward-weights needs --rewards (the names of the rewards they weigh)")
+            "truncated": float(np.mean(truncated))}
 
 
 def train_rl(config: RLConfig) -> training.TrainResult:
-    """GRPO or PPO (config.algo) from config.model."""
-    check_config(config)
+    """GRPO or PPO (config.algo) from config.model (RLConfig has checked its settings)."""
     torch.manual_seed(config.seed)
     memory_plan.check_fits(config, config.algo)
     model = training.start_run(config)
@@ -287,9 +264,9 @@ def train_rl(config: RLConfig) -> training.TrainResult:
         # 1-3. prompts, rollouts, rewards (--dynamic-sampling: the informative groups of several rounds)
         step_examples = stream.next(config.prompts_per_step)
         rollouts, scores = sample(step_examples, 0, step)
-        sampled, refill = (rollouts, scores), {}
+        sampled, refill = (scores, rollouts.completions, rollouts.truncated), {}
         if config.dynamic_sampling:
-            rollouts, scores, *sampled, refill = dynamic_sampling(step_examples, rollouts, scores, step)
+            rollouts, scores, sampled, refill = dynamic_sampling(step_examples, rollouts, scores, step)
         if config.reward == "step":  # before truncated rows leave the mask: into the rollouts' (R, T) layout
             rollouts.step_rewards = step_rewards.batch_layout(scores["step_rewards"], rollouts.completion_mask)
         knobs = stream.observe(scores.get("correct", scores["reward"])) if config.curriculum == "adaptive" else {}
@@ -311,7 +288,7 @@ def train_rl(config: RLConfig) -> training.TrainResult:
         training_s = training.seconds_since(started, device)
         kl = {"kl": (rollouts.sampler_logprobs - rollouts.ref_logprobs)[rollouts.completion_mask.bool()].mean()} \
             if config.algo == "ppo" and ref_model is not None else {}  # PPO's reward penalty, as sampled
-        return {**rollout_metrics(sampled[1], sampled[0], config.group_size), **refill, **kl, **knobs,
+        return {**rollout_metrics(*sampled, config.group_size), **refill, **kl, **knobs,
                 "truncated_loss_tokens": loss_tokens[truncated].sum() / loss_tokens.sum().clamp(min=1),
                 **update_metrics, "generation_s": round(timing["generation_s"], 3),
                 "reward_s": round(timing["reward_s"], 3), "training_s": round(training_s, 3),
@@ -358,7 +335,8 @@ def train_rl(config: RLConfig) -> training.TrainResult:
         groups are kept or max_sampling_rounds rounds are done; then the step trains the first
         prompts_per_step kept groups, topped up with dropped ones (which add tokens to the normaliser
         but no gradient) when the rounds ran out. The counts are global (every rank holds every
-        group). Returns the step's rollouts and scores, every sampled row's (for the log), and the counts."""
+        group). Returns the step's rollouts and scores, every sampled row's (scores, completions,
+        truncated: for the log), and the counts."""
         size, n = config.group_size, config.prompts_per_step
         rounds = [(examples, rollouts, scores)]
         informative = lambda s: (s["reward"].view(-1, size) != s["reward"].view(-1, size)[:, :1]).any(1)  # noqa: E731
@@ -369,16 +347,12 @@ def train_rl(config: RLConfig) -> training.TrainResult:
         columns = [[x for _, r, _ in rounds for x in column(r)] for column in
                    (lambda r: r.completions, Rollouts.sampled_logprob_lists, lambda r: r.truncated)]
         every_score = {k: torch.cat([s[k] for *_, s in rounds]) for k in scores}
-
-        def rows_of(groups):
-            rows = [g * size + i for g in groups for i in range(size)]
-            return (assemble([prompts[r] for r in rows], *([c[r] for r in rows] for c in columns), pad_token_id,
-                             device), {k: v[rows] for k, v in every_score.items()})
         kept = informative(every_score).tolist()
         chosen = ([g for g, k in enumerate(kept) if k] + [g for g, k in enumerate(kept) if not k])[:n]
-        sampled = rows_of(range(len(kept))) if len(rounds) > 1 else (rollouts, scores)
-        return (*rows_of(chosen), *sampled, {"sampling_rounds": len(rounds), "prompts_drawn": len(rounds) * n,
-                                              "groups_kept": min(sum(kept), n)})
+        rows = [g * size + i for g in chosen for i in range(size)]
+        rollouts = assemble([prompts[r] for r in rows], *([c[r] for r in rows] for c in columns), pad_token_id, device)
+        return (rollouts, {k: v[rows] for k, v in every_score.items()}, (every_score, columns[0], columns[2]),
+                {"sampling_rounds": len(rounds), "prompts_drawn": len(rounds) * n, "groups_kept": min(sum(kept), n)})
 
     return training.train(config, model, optimizer, step_fn, stream, tokenizer,
                           extra_modules={"value_head": value_head} if value_head is not None else None,

@@ -42,8 +42,7 @@ class TrainResult:
     """What a trainer returns: the trained model and how the run went."""
     model: torch.nn.Module
     history: list  # every row written to metrics.jsonl by this process (steps and evaluations)
-    steps: int  # the step the run ended at
-    train_seconds: float  # time spent in step functions (evaluation and saving excluded)
+    steps: int  # the step the run ended at (each row's step_s: the time in its step function)
     wall_seconds: float  # the loop's whole time, evaluation and saving included (loading excluded)
 
 
@@ -199,8 +198,7 @@ class StopOnSignal:
 # The loop
 
 
-def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer=None, extra_modules=None,
-          desc="train"):
+def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer, extra_modules=None, desc="train"):
     """Run step_fn(step) -> metrics from the current step to config.steps; log, evaluate, save.
 
     step_fn's contract: it runs one step's passes and optimiser step(s) and returns {name: number}
@@ -209,7 +207,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
 
     data_stream: the resumable source of the run's examples (data.Batches or rollout.PromptStream):
         its state_dict() is saved with every checkpoint and restored on --resume.
-    tokenizer: needed for the periodic evaluation (none: no evaluation).
+    tokenizer: the periodic evaluation's.
     extra_modules: {name: module} saved beside the model (PPO's value head).
     Under torchrun every rank runs this loop; rank 0 alone prints, logs and writes the Hugging Face
     folder (gathered from the shards), every rank saves its optimiser shard, each row carries
@@ -245,7 +243,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
     tracker = tracking.start(config.report_to if main else "none", config.run_name, config.project, config.out_dir,
                              asdict(config))
     problems = None
-    if config.eval_every > 0 and tokenizer is not None:
+    if config.eval_every > 0:
         problems = data.eval_problems(config.eval_data, n=config.eval_problems, seed=config.seed,
                                       tasks=config.tasks, variant=config.variant, nodes=config.nodes)
     model.train()
@@ -275,7 +273,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
 
     if problems and step == 0:
         evaluate_and_log()  # the starting point of the learning curve
-    train_seconds, bad_steps, stop = 0.0, 0, 0
+    bad_steps, stop = 0, 0
     try:
         with StopOnSignal() as interrupt:
             while step < config.steps:
@@ -285,7 +283,6 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
                 started = time.time()
                 metrics = step_fn(step)
                 step_seconds = seconds_since(started, config.device)
-                train_seconds += step_seconds
                 step += 1
                 tokens = metrics.pop("tokens", None)
                 row = log.log(step=step, world_size=ranks, lr=optimizer.param_groups[0]["lr"], **metrics,
@@ -320,8 +317,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
     if stop == signal.SIGTERM:
         raise SystemExit(128 + signal.SIGTERM)  # after the checkpoint: the scheduler sees an unfinished run
     model.eval()
-    return TrainResult(model=model, history=log.rows, steps=step, train_seconds=train_seconds,
-                       wall_seconds=time.time() - loop_started)
+    return TrainResult(model=model, history=log.rows, steps=step, wall_seconds=time.time() - loop_started)
 
 
 def diverged(ckpt_dir, step, bad_steps, metric, main):
