@@ -168,24 +168,25 @@ def make_problems(n, seed, no_path_share=0.375, variant="base", easy_order=True,
             for _ in range(n)]
 
 
-def subtraction_columns(top, bottom, forget_borrow=lambda: False):
-    """Column-by-column subtraction of two 4-decimal numbers in [0, 1) with top >= bottom, right to
-    left: ["18-0-5=3", ...] (top digit raised by 10 when the column borrows) and the result digits.
+def subtraction_columns(a, b, forget_borrow=lambda: False):
+    """a - b for two 4-decimal numbers in [0, 1), by the school method on the larger minus the
+    smaller, right to left: ["18-0-5=3", ...] (top digit raised by 10 when the column borrows) and
+    the signed result ("-0.0843" when a < b).
 
     forget_borrow() is asked at every column that owes a borrow; when it says True the column
     forgets it ("9-0-8=1" instead of "9-1-8=0"), the classic slip of a careless teacher."""
-    top_digits, bottom_digits = f"{top:.4f}"[2:], f"{bottom:.4f}"[2:]
+    top_digits, bottom_digits = f"{max(a, b):.4f}"[2:], f"{min(a, b):.4f}"[2:]
     columns, result, borrow = [], [], 0
-    for t, b in zip(map(int, reversed(top_digits)), map(int, reversed(bottom_digits))):
+    for top, bottom in zip(map(int, reversed(top_digits)), map(int, reversed(bottom_digits))):
         if borrow and forget_borrow():
             borrow = 0
-        borrow_out = int(t - borrow < b)
-        digit = t + 10 * borrow_out - borrow - b
-        columns.append(f"{t + 10 * borrow_out}-{borrow}-{b}={digit}")
+        borrow_out = int(top - borrow < bottom)
+        digit = top + 10 * borrow_out - borrow - bottom
+        columns.append(f"{top + 10 * borrow_out}-{borrow}-{bottom}={digit}")
         result.append(str(digit))
         borrow = borrow_out
-    assert borrow == 0, "top must be >= bottom"
-    return columns, "0." + "".join(reversed(result))
+    magnitude = "0." + "".join(reversed(result))
+    return columns, magnitude if a >= b or magnitude == "0.0000" else "-" + magnitude
 
 
 def solution(item, slip_rate=0.0, rng=None):
@@ -198,15 +199,13 @@ def solution(item, slip_rate=0.0, rng=None):
         return "path: no\n" + json.dumps(answer)
     forget_borrow = (lambda: rng.random() < slip_rate) if slip_rate > 0 else (lambda: False)
     a, b = item["numbers"]  # the answer is a - b
-    if a >= b:
-        head = f"{item['type']} = {a:.4f} - {b:.4f}"
-        columns, magnitude = subtraction_columns(a, b, forget_borrow)
-        result = magnitude
-    else:
-        head = f"{item['type']} = {a:.4f} - {b:.4f} = -({b:.4f} - {a:.4f})"
-        columns, magnitude = subtraction_columns(b, a, forget_borrow)
-        result = "-" + magnitude if magnitude != "0.0000" else magnitude
+    columns, result = subtraction_columns(a, b, forget_borrow)
     if slip_rate == 0:
         assert float(result) == float(answer["PROB"]), (result, answer)
     answer["PROB"] = result
-    return f"path: yes\n{head}\n{' '.join(columns)}\n= {result}\n{json.dumps(answer)}"
+    return f"path: yes\n{item['type']} = {difference(a, b)}\n{' '.join(columns)}\n= {result}\n{json.dumps(answer)}"
+
+
+def difference(a, b):
+    """The head of a worked a - b: "a - b", then "= -(b - a)" when the columns subtract the other way round."""
+    return f"{a:.4f} - {b:.4f}" + ("" if a >= b else f" = -({b:.4f} - {a:.4f})")

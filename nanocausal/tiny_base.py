@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from nanocausal import checkpoint, training
 from nanocausal.model import ModelConfig, Transformer
-from nanocausal.tiny import make_problem, make_problems, solution, subtraction_columns
+from nanocausal.tiny import difference, make_problem, make_problems, solution, subtraction_columns
 from nanocausal.tokenizer import Tokenizer
 
 CHATML_TEMPLATE = (
@@ -113,11 +113,8 @@ def pretraining_text(rng):
     kind = rng.random()
     if kind < 0.4:
         a, b = rng.randint(1, 9999) / 10000, rng.randint(1, 9999) / 10000
-        top, bottom = max(a, b), min(a, b)
-        columns, magnitude = subtraction_columns(top, bottom)
-        head = f"{a:.4f} - {b:.4f}" + ("" if a >= b else f" = -({top:.4f} - {bottom:.4f})")
-        result = magnitude if a >= b or magnitude == "0.0000" else "-" + magnitude
-        return f"{head}\n{' '.join(columns)}\n= {result}"
+        columns, result = subtraction_columns(a, b)
+        return f"{difference(a, b)}\n{' '.join(columns)}\n= {result}"
     item = make_problem(rng, no_path_share=0.2, variant="rephrased" if rng.random() < 0.2 else "base", easy_order=False)
     if kind < 0.7 or item["numbers"] is None:
         return item["problem"]
