@@ -50,6 +50,7 @@ import random
 
 from nanocausal.caugym import LACK
 from nanocausal.problem_text import CONDS, EDGES, INSTRUCTIONS, LONG_NAME, MARGS, PREAMBLES, PROVIDE, QUESTIONS
+from nanocausal.scm import Graph
 
 TINY_NAMES = ["smku", "eons", "arbu", "pgqh", "ahpi", "lsrx", "imah", "ojko", "wexo", "qlun",
               "dovr", "fibe", "tazu", "kryp", "mulo", "gesh", "vunt", "yelb", "niqo", "hast"]
@@ -62,12 +63,6 @@ VARIANTS = ("base", "rephrased", "omitted", "redundant", "insufficient", "varied
 TRAIN_WORDINGS, HELDOUT_WORDING = (0, 1), 2  # indices into the engine's templates (problem_text.PREAMBLES, ...)
 
 # ----------------------------------------------------------------------------- problems
-
-
-def _sentence_case(name):
-    return name[0].upper() + name[1:]
-
-
 def make_problem(rng, no_path_share=0.375, variant="base", easy_order=True, query="ATE"):
     """One tiny-curriculum item: dict(problem, answer, type, kind, variant, numbers), where numbers
     = (a, b) are the two shown probabilities the answer is a - b of (None without a path).
@@ -105,22 +100,19 @@ def make_problem(rng, no_path_share=0.375, variant="base", easy_order=True, quer
         edges = [(i, j) for i in range(3) for j in range(i + 1, 3) if rng.random() < 0.6]
         if {v for e in edges for v in e} == {0, 1, 2}:
             break
-    children = {i: [j for a, j in edges if a == i] for i in range(3)}
-
-    def reaches(a, b):
-        return a == b or any(reaches(c, b) for c in children[a])
+    graph = Graph([[a for a, b in edges if b == v] for v in range(3)])
     pairs = [(a, b) for a in range(3) for b in range(3) if a != b]
     want_path = rng.random() >= no_path_share
     # An effect needs a directed path and no confounder (no third node W with W -> X and W -> Y),
     # so that the empty set is a valid adjustment set and ATE = P(y|x) - P(y|x').
-    ok = [(a, b) for a, b in pairs if reaches(a, b) == want_path
+    ok = [(a, b) for a, b in pairs if (b in graph.desc[a]) == want_path
           and not any((w, a) in edges and (w, b) in edges for w in range(3))]
     if not ok:
         return make_problem(rng, no_path_share, variant, easy_order, query)
     x, y = rng.choice(ok)
     x_value, y_value = rng.choice(["low", "high"]), rng.choice(["low", "high"])
     other = "high" if x_value == "low" else "low"
-    edge_text = " ".join(EDGES[pick()].format(a=_sentence_case(names[a]), b=names[b]) for a, b in edges)
+    edge_text = " ".join(EDGES[pick()].format(a=names[a][0].upper() + names[a][1:], b=names[b]) for a, b in edges)
     statements = []
     if want_path:
         p_x, p_other = rng.randint(1, 9999) / 10000, rng.randint(1, 9999) / 10000
@@ -139,7 +131,7 @@ def make_problem(rng, no_path_share=0.375, variant="base", easy_order=True, quer
         numbers, answer = None, json.dumps({"ANSWER": "No", "PROB": "0.0000"})
     if variant == "redundant":
         w = 3 - x - y
-        parents = [a for a, b in edges if b == w]
+        parents = graph.parents[w]
         given = f"{names[rng.choice(parents)]} being {rng.choice(['low', 'high'])}" if parents else None
         statements.insert(rng.randint(0, len(statements)), (CONDS[0] if given else MARGS[0]).format(
             c=given, t=f"{names[w]} being {rng.choice(['low', 'high'])}", p=f"{rng.randint(1, 9999) / 10000:.4f}"))

@@ -46,9 +46,6 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                r"|\s+(?!\S)|\s+")
 
-# The shipped preset: 4 layers of width 96, 4 query / 2 key-value heads (~0.45M parameters).
-TINY_MODEL = dict(hidden_size=96, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=288)
-
 
 # ----------------------------------------------------------------------------- tokenizer and model
 
@@ -83,9 +80,10 @@ def train_tokenizer(out_dir, vocab_size=1000, n_texts=3000, seed=1234):
     return tokenizer
 
 
-def tiny_config(vocab_size, eos_id, pad_id, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                intermediate_size=384, max_positions=512):
-    """A Qwen2 config.json (q/k/v bias, tied embeddings), as transformers writes it."""
+def tiny_config(vocab_size, eos_id, pad_id, hidden_size=96, num_layers=4, num_heads=4, num_kv_heads=2,
+                intermediate_size=288, max_positions=512):
+    """A Qwen2 config.json (q/k/v bias, tied embeddings), as transformers writes it; the defaults are
+    the shipped preset (4 layers of width 96, 4 query / 2 key-value heads: ~0.45M parameters)."""
     return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab_size,
             "hidden_size": hidden_size, "intermediate_size": intermediate_size,
             "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
