@@ -7,7 +7,7 @@ read here (p.scm, p.q, p.z, p.m, p.store, p.answer, p.problem); nanocausal.probl
 defines it, imports this module.
 """
 from nanocausal.caugym import LACK, is_correct
-from nanocausal.scm import Query, answer_json, formula, is_zero, leaves, letter, round_answer, show, value_of
+from nanocausal.scm import CLAMPS, Query, answer_json, formula, is_zero, leaves, letter, round_answer, show, value_of
 
 # ----------------------------------------------------------------------------- worked solution
 def _symbol(leaf):
@@ -50,12 +50,11 @@ def _arithmetic(tree, lookup):
     lines = [show(tree, num)]
     body, wrap = (tree[1], tree[0]) if tree[0] in ("min1", "max0") else (tree, None)
     if body[0] != "P" and any(c[0] != "P" for c in body[1:]):
-        sep = {"+": " + ", "-": " - ", "*": " * ", "/": " / "}[body[0]]
         fmt = lambda c, v: (f"{v:.4f}" if c[0] == "P" else f"{v:.6f}") if v >= 0 else f"({v:.6f})"
-        parts = sep.join(fmt(c, value_of(c, lookup)) for c in body[1:])
-        lines.append({"min1": "min{1, %s}", "max0": "max{0, %s}", None: "%s"}[wrap] % parts)
+        parts = f" {body[0]} ".join(fmt(c, value_of(c, lookup)) for c in body[1:])
+        lines.append(CLAMPS[wrap].format(parts) if wrap else parts)
     if wrap:
-        lines.append({"min1": "min{1, %.4f}", "max0": "max{0, %.4f}"}[wrap] % value_of(body, lookup))
+        lines.append(CLAMPS[wrap].format(f"{value_of(body, lookup):.4f}"))
     return lines
 
 
