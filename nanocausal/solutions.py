@@ -6,8 +6,10 @@ generator labelled and the solver (nanocausal.problem_text.solve) computes. A Pr
 read here (p.scm, p.q, p.z, p.m, p.store, p.answer, p.problem); nanocausal.problems, which
 defines it, imports this module.
 """
+from dataclasses import replace
+
 from nanocausal.caugym import LACK, is_correct
-from nanocausal.scm import CLAMPS, Query, answer_json, formula, is_zero, leaves, letter, round_answer, show, value_of
+from nanocausal.scm import CLAMPS, answer_json, formula, is_zero, leaves, letter, round_answer, show, value_of
 
 # ----------------------------------------------------------------------------- worked solution
 def _symbol(leaf):
@@ -157,14 +159,13 @@ def rejected_solution(p, rng):
                 if (0 <= v + delta <= 1) if q.task in ("PN", "PS") else -1 <= v + delta <= 1:
                     return solution(p, value=round_answer(v + delta))
         swap = {"NDE": "NIE", "NIE": "NDE"}
+        asked_otherwise = lambda **change: solution(p, formula(replace(q, **change), p.z, p.m))
         kinds = {
             "sign": lambda: None if q.task in ("PN", "PS") else solution(p, (tree[0], tree[2], tree[1])) if
-            q.task == "ETT" else solution(p, formula(Query(**{**q.__dict__, "x": 1 - q.x}), p.z, p.m)),
+            q.task == "ETT" else asked_otherwise(x=1 - q.x),
             "formula": lambda: solution(p, _first_terms(tree)),
-            "swap": lambda: solution(p, formula(Query(**{**q.__dict__, "task": swap[q.task]}), p.z, p.m))
-            if q.task in swap else None,
-            "bound": lambda: solution(p, formula(Query(**{**q.__dict__, "bound": "upper" if q.bound == "lower"
-                                                          else "lower"}), p.z, p.m)) if q.bound else None,
+            "swap": lambda: asked_otherwise(task=swap[q.task]) if q.task in swap else None,
+            "bound": lambda: asked_otherwise(bound="upper" if q.bound == "lower" else "lower") if q.bound else None,
             "adjust": lambda: solution(p, _one_stratum(tree, p.z[0])) if p.z else None,
             "arithmetic": arithmetic,
             "lack": lambda: solution(p, tree, missing=[rng.choice(leaves(tree))]),
