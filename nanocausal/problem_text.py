@@ -61,22 +61,20 @@ class Statements:
     def without(self, drop):
         """A copy without the facts whose indices are in `drop`."""
         out = Statements()
-        for i, g in enumerate(self.groups):
-            if i not in drop:
-                gi = None
-                for t, c, p in g:
-                    gi = out.add(t, c, p, gi)
+        out.groups = [list(g) for i, g in enumerate(self.groups) if i not in drop]
+        out.table = {(frozenset(t), frozenset(c)): p for t, c, p in out.facts()}
         return out
 
 
 def first_answer(q, g, store):
     """The solver's decision rule: zero answer, else the first identifying (z, m) whose
-    probabilities are all shown, else LACK_CONDITION."""
+    probabilities are all shown, else LACK_CONDITION; (answer, the formula it used or None)."""
     if is_zero(q, g):
         return answer_json(q.task, 0.0), None
     for z, m in candidates(q, g):
+        tree = formula(q, z, m)
         try:
-            return answer_json(q.task, round_answer(value_of(formula(q, z, m), store.lookup))), (z, m)
+            return answer_json(q.task, round_answer(value_of(tree, store.lookup))), tree
         except KeyError:
             continue
     return LACK, None
@@ -178,13 +176,10 @@ def render(scm, q, store, style="base", instruction=True, rng=None):
         text = pick(CONDS).format(c=join_pairs([pair(v, val) for v, val in cond]), t=t, p=f"{p:.4f}") if cond \
             else pick(MARGS).format(t=t, p=f"{p:.4f}")
         stmts.append(text)
-    X, Y, val = scm.names[q.x_var], scm.names[q.y_var], (lambda v, i: scm.values[v][i])
-    slots = dict(X=X, Y=Y, x=val(q.x_var, q.x), y=val(q.y_var, q.y), bound=q.bound,
+    X, Y, x_values, y_values = scm.names[q.x_var], scm.names[q.y_var], scm.values[q.x_var], scm.values[q.y_var]
+    slots = dict(X=X, Y=Y, x=x_values[q.x], y=y_values[q.y], bound=q.bound,
+                 xf=None if q.xf is None else x_values[q.xf], yf=None if q.yf is None else y_values[q.yf],
                  W=join_pairs([pair(v, b, False) for v, b in q.w]) if q.w else "")
-    if q.xf is not None:
-        slots["xf"] = val(q.x_var, q.xf)
-    if q.yf is not None:
-        slots["yf"] = val(q.y_var, q.yf)
     sep = " " if style == "base" else ""
     lines = ["Input Info: " + pick(PREAMBLES) + sep + sep.join(edges), " ".join(stmts) + (" " if stmts else "")]
     if instruction:
