@@ -15,10 +15,8 @@ official base wording, with two kinds of item:
 - "no path": there is no directed path X -> ... -> Y, the problem shows no numbers, and the
   answer is {"ANSWER": "No", "PROB": "0.0000"}.
 
-A second query type, the effect of treatment on the treated (ETT), can join it (queries=): the
-same items, the subtraction the other way round (make_problem). And the test variants of CauGym
-(rephrased, omitted instruction, redundant or insufficient information) are built the way
-nanocausal.problems builds them, as held-out tests of what the model learned.
+make_problem adds a second query type (ETT: the subtraction the other way round) and the test
+variants of CauGym, as held-out tests of what the model learned.
 
 The problems are genuine CauGym problems: nanocausal.problem_text.solve parses them and returns
 the same answer, in every variant (tests/test_tiny.py checks it), and eval.py scores them with
@@ -152,11 +150,11 @@ def make_problem(rng, no_path_share=0.375, variant="base", easy_order=True, quer
             "variant": variant, "numbers": numbers}
 
 
-def make_problems(n, seed, no_path_share=0.375, variant="base", easy_order=True, queries=("ATE",)):
+def make_problems(n, seed, variant="base", queries=("ATE",)):
     """n items from one seeded stream; with several queries each item draws its own (one query
     draws nothing, so the ATE-only stream is what it always was)."""
     rng = random.Random(seed)
-    return [make_problem(rng, no_path_share, variant, easy_order, rng.choice(queries) if len(queries) > 1 else queries[0])
+    return [make_problem(rng, variant=variant, query=rng.choice(queries) if len(queries) > 1 else queries[0])
             for _ in range(n)]
 
 
@@ -182,10 +180,8 @@ def subtraction_columns(a, b, forget_borrow=lambda: False):
 
 
 def solution(item, slip_rate=0.0, rng=None):
-    """The worked solution of a tiny-curriculum item (see the module docstring for the format).
-
-    slip_rate > 0 writes it as a careless teacher would: each borrow owed is forgotten with this
-    probability (drawn from rng), and the wrong result is carried to the final answer."""
+    """The worked solution of a tiny-curriculum item (module docstring), by the careless teacher
+    when slip_rate > 0 (each borrow owed forgotten with that probability, drawn from rng)."""
     answer = json.loads(item["answer"])
     if item["numbers"] is None:
         return "path: no\n" + json.dumps(answer)
