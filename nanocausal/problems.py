@@ -165,9 +165,12 @@ def node_range(nodes, variant):
 
 def problems(n, tasks=TASKS, variant="base", nodes=None, seed=0, split="train", style=None,
              questions_per_model=20, zero_share=None):
-    """n Problem objects (see generate). Item i asks task i % len(tasks), variant cycling over
-    the variants; every `questions_per_model` items share one causal model, drawn from the seed
-    string f"{split}/{seed}/{k}", so different splits (or seeds) never share a model."""
+    """n Problem objects, deterministic in all arguments. tasks / variant: a name, a comma list or
+    a list; nodes: int, (lo, hi) or "lo-hi" (default 3-5 for base/omitted/rephrased, else 8);
+    style: 'base' or 'generated' (default by variant); zero_share: share of ATE-NIE items whose
+    answer is 0 (default 1/3 base style, else 0.1). Item i asks task i % len(tasks), variant
+    cycling over the variants; every `questions_per_model` items share one causal model, drawn
+    from the seed string f"{split}/{seed}/{k}", so different splits (or seeds) never share a model."""
     tasks, variants = _as_list(tasks, TASKS, "task"), _as_list(variant, VARIANTS, "variant")
     sizes = {v: node_range(nodes, v) for v in variants}
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -201,13 +204,9 @@ def problems(n, tasks=TASKS, variant="base", nodes=None, seed=0, split="train", 
     return out
 
 
-def generate(n, tasks=TASKS, variant="base", nodes=None, seed=0, split="train", style=None,
-             questions_per_model=20, zero_share=None):
-    """n dicts {problem, answer, solution, type, variant}, deterministic in all arguments.
-    tasks / variant: a name, a comma list or a list; nodes: int, (lo, hi) or "lo-hi" (default
-    3-5 for base/omitted/rephrased, else 8); style: 'base' or 'generated' (default by variant);
-    zero_share: share of ATE-NIE items whose answer is 0 (default 1/3 base style, else 0.1)."""
-    return [p.record() for p in problems(n, tasks, variant, nodes, seed, split, style, questions_per_model, zero_share)]
+def generate(*args, **kwargs):
+    """problems(...) as plain dicts {problem, answer, solution, type, variant}."""
+    return [p.record() for p in problems(*args, **kwargs)]
 
 # ----------------------------------------------------------------------------- datasets and CLI
 def dataset_rows(items, fmt, seed=0, lack_hint=None):
