@@ -226,7 +226,7 @@ def _edge_sentences(text):
             yield []
             return
         for j in range(i, min(len(pieces), i + 8), 2):   # a name holds at most 3 full stops
-            m = next((m for r in _EDGE_RE if (m := r.fullmatch("".join(pieces[i:j + 1])))), None)
+            m = read("".join(pieces[i:j + 1]))
             if m:
                 for rest in reads(j + 2):
                     yield [m] + rest

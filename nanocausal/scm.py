@@ -224,9 +224,6 @@ def sample_scm(rng, n, edge_prob, name_kind):
     return SCM(Graph(parents), cpt, [nm for nm, _ in names], [vals for _, vals in names])
 
 # ----------------------------------------------------------------------------- formulas
-# Expression trees: ("P", targets, cond) | ("+", *terms) | ("-", a, b) | ("*", *factors)
-# | ("/", a, b) | ("min1", e) | ("max0", e) | ("r4", e).
-
 def prob(targets, cond=()):
     """The leaf P(targets | cond) of a formula; both are ((var, value), ...)."""
     return ("P", tuple(targets), tuple(cond))

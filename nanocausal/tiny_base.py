@@ -33,6 +33,7 @@ from tokenizers import Tokenizer as BPETokenizer
 from tqdm import tqdm
 
 from nanocausal import checkpoint, training
+from nanocausal.caugym import official_prompt
 from nanocausal.model import ModelConfig, Transformer
 from nanocausal.tiny import difference, make_problem, make_problems, solution, subtraction_columns
 from nanocausal.tokenizer import Tokenizer
@@ -63,7 +64,7 @@ def train_tokenizer(out_dir, vocab_size=1000, n_texts=3000, seed=1234):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     items = make_problems(n_texts, seed) + make_problems(n_texts // 4, seed + 1, variant="rephrased")
-    texts = [it["problem"] + "\nLet's think step by step." for it in items] + [solution(it) for it in items]
+    texts = [official_prompt(it["problem"]) for it in items] + [solution(it) for it in items]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), max_token_length=48)
     tokenizer.train_from_iterator(texts, trainer)
