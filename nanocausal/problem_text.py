@@ -23,19 +23,15 @@ class Statements:
         self.groups, self.table = [], {}
         self.unreadable = []  # sentences of a parsed problem that were no readable statement
 
-    def add(self, targets, cond, p, group=None):
-        """Append P(targets | cond) = p to fact `group` (None: a new fact); returns the group."""
+    def add(self, targets, cond, p, group=None, at=None):
+        """Append P(targets | cond) = p to fact `group`, or (group None) make it a new fact, at
+        position `at` of the display order (None: last); returns the group."""
         self.table[(frozenset(targets), frozenset(cond))] = p
         if group is None:
-            self.groups.append([])
-            group = len(self.groups) - 1
+            group = len(self.groups) if at is None else at
+            self.groups.insert(group, [])
         self.groups[group].append((tuple(targets), tuple(cond), p))
         return group
-
-    def insert(self, position, targets, cond, p):
-        """A new one-statement fact at `position` of the display order."""
-        self.table[(frozenset(targets), frozenset(cond))] = p
-        self.groups.insert(position, [(tuple(targets), tuple(cond), p)])
 
     def lookup(self, targets, cond):
         key = (frozenset(targets), frozenset(cond))

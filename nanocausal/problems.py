@@ -122,7 +122,7 @@ def make_problem(rng, scm, task, variant, style, zero):
             target = ((v, _coin(rng)),)
             if store.shows(target, cond):
                 continue
-            store.insert(rng.randint(0, len(store.groups)), target, cond, round(scm.prob(target, cond), 4))
+            store.add(target, cond, round(scm.prob(target, cond), 4), at=rng.randint(0, len(store.groups)))
             added += 1
     elif variant == "insufficient":  # two needed facts removed (a value and its complement are one)
         if len(store.groups) < 2:
