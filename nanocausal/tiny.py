@@ -48,7 +48,7 @@ import random
 
 from nanocausal.caugym import LACK
 from nanocausal.problem_text import CONDS, EDGES, INSTRUCTIONS, LONG_NAME, MARGS, PREAMBLES, PROVIDE, QUESTIONS
-from nanocausal.scm import Graph
+from nanocausal.scm import Graph, answer_json, round_answer
 
 TINY_NAMES = ["smku", "eons", "arbu", "pgqh", "ahpi", "lsrx", "imah", "ojko", "wexo", "qlun",
               "dovr", "fibe", "tazu", "kryp", "mulo", "gesh", "vunt", "yelb", "niqo", "hast"]
@@ -122,11 +122,9 @@ def make_problem(rng, no_path_share=0.375, variant="base", easy_order=True, quer
         statements = [CONDS[pick()].format(c=f"{names[x]} being {v}", t=f"{names[y]} being {y_value}", p=f"{p:.4f}")
                       for v, p in shown]
         numbers = (p_x, p_other) if query == "ATE" else (p_other, p_x)
-        value = round(numbers[0] - numbers[1], 4)
-        yes = value >= 0.001 if query == "ATE" else value <= -0.001  # ETT: Yes iff the counterfactual is more likely
-        answer = json.dumps({"ANSWER": "Yes" if yes else "No", "PROB": f"{value + 0.0:.4f}"})
+        answer = answer_json(query, round_answer(numbers[0] - numbers[1]))  # the engine's Yes rule of each query
     else:
-        numbers, answer = None, json.dumps({"ANSWER": "No", "PROB": "0.0000"})
+        numbers, answer = None, answer_json(query, 0.0)
     if variant == "redundant":
         w = 3 - x - y
         parents = graph.parents[w]
