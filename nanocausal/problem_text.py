@@ -266,10 +266,10 @@ def parse(problem):
                 names.append(nm)
         edges.append((index[_name_key(m[0])], index[_name_key(m[1])]))
     pair_re, question_res = _name_patterns(tuple(names))
-    question = next((ln[len("question:"):].strip() for ln in lines if ln.startswith("question:")), None)
+    after = lambda label: next((ln[len(label):].strip() for ln in lines if ln.startswith(label)), None)
+    question, instr = after("question:"), after("instruction:")
     if question is None:
         raise ValueError("no 'Question:' line")
-    instr = next((ln[len("instruction:"):].strip() for ln in lines if ln.startswith("instruction:")), None)
     body = " ".join(ln for ln in lines[1:] if not ln.startswith(("question:", "instruction:", "provide", "let's")))
     raw = []   # (targets, cond, p) with (name, value, code) pairs
     # A sentence that is no probability statement we can read is skipped, not fatal: the official
