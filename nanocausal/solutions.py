@@ -143,11 +143,10 @@ def rejected_solution(p, rng):
     formula, a missing adjustment, an arithmetic slip, a wrong LACK_CONDITION (or, for an
     insufficient item, a number computed from a guessed 0.5). Never scored correct."""
     q, tree = p.q, formula(p.q, p.z, p.m)
-    zero = p.answer != LACK and is_zero(q, p.scm.graph)
     if p.answer == LACK:
         guess = lambda t, c: p.store.lookup(t, c) if p.store.shows(t, c) else 0.5
         kinds = {"guess": lambda: solution(p, tree, lookup=guess)}
-    elif zero:
+    elif is_zero(q, p.scm.graph):
         steps = solution(p).split("\n")[:2]   # variables and roles, then a wrong reading of "no numbers"
         kinds = {"lack": lambda: "\n".join(steps) + f"\nStep 3: The statements give no probabilities for "
                  f"{letter(q.x_var)} and {letter(q.y_var)}, so {q.task} cannot be computed from the given "
