@@ -23,12 +23,8 @@ clamps and rounding "min1", "max0", "r4". The same tree is evaluated (`value_of`
 symbolically and printed with numbers (`show`), so the generator, the solver and the worked
 solution can never disagree.
 
-The modules built on this one, each importing only those before it:
-    nanocausal.caugym        the benchmark's fixed parts (TASKS, VARIANTS, LACK, the prompt, scoring)
-    nanocausal.scm           this module: names, Graph, SCM, formulas, queries
-    nanocausal.problem_text  the problem text: statements, templates, render, parse, solve
-    nanocausal.solutions     worked solutions and plausible wrong ones
-    nanocausal.problems      the generator, dataset rows and the CLI
+The problem modules (README's "What is inside") each import only those before them:
+caugym -> scm -> problem_text -> solutions -> problems.
 """
 import json
 import math
