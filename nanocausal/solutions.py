@@ -1,10 +1,9 @@
 """Worked solutions (`solution`, the SFT target) and plausible wrong ones (`rejected_solution`, for
 DPO / KTO), for one generated Problem (nanocausal.problems.Problem).
 
-Both print formulas with nanocausal.scm's expression trees, so the worked numbers are the ones the
-generator labelled and the solver (nanocausal.problem_text.solve) computes. A Problem is only
-read here (p.scm, p.q, p.z, p.m, p.store, p.answer, p.problem); nanocausal.problems, which
-defines it, imports this module.
+Both print the formulas of nanocausal.scm (one tree for the label, the solver and the text). A
+Problem is only read here (p.scm, p.q, p.z, p.m, p.store, p.answer, p.problem); nanocausal.problems,
+which defines it, imports this module.
 """
 from dataclasses import replace
 

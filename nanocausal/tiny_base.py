@@ -107,6 +107,7 @@ def build_tiny(out_dir, seed=0, vocab_size=1000, n_texts=3000, **model_kwargs):
     checkpoint.save_model(model, out_dir)  # (writes config.json too)
     return out_dir
 
+
 def pretraining_text(rng):
     """One pretraining document (plain text, no chat template), chosen among the three kinds."""
     kind = rng.random()
