@@ -14,12 +14,10 @@ every problem), so the tiny pipeline starts from a "base" pretrained on generic 
   - copying: a problem followed by "Numbers: a b", its numbers in order of appearance,
   - arithmetic: "a - b" written as in the solutions, on random pairs, with no problem around it.
 Which numbers the ATE needs, in which order, when there is no path, and the answer JSON are left
-to post-training. The shipped data/tiny-base was built on a 2-core CPU (34 minutes) by the equivalent of:
-  python build_tiny_base.py --out base1 --steps 1150
-  python build_tiny_base.py --resume-from base1 --out data/tiny-base --steps 321 --lr 2e-3 --seed 1
-It then completes held-out column subtractions exactly 86 % of the time and
-copies a problem's two numbers exactly 64 % of the time (greedy; 50 items each). The first 1150
-steps alone gave 12 % and 2 %: the copying skill appears late and suddenly.
+to post-training. The shipped data/tiny-base was built on a 2-core CPU (34 minutes) by the two
+commands of build_tiny_base.py. It then completes held-out column subtractions exactly 86 % of
+the time and copies a problem's two numbers exactly 64 % of the time (greedy; 50 items each).
+The first 1150 steps alone gave 12 % and 2 %: the copying skill appears late and suddenly.
 """
 import json
 import os
