@@ -29,7 +29,7 @@ BASE_STYLE = ("base", "omitted", "rephrased")   # variants written in the base t
 
 @dataclass
 class Problem:
-    """One generated item with everything needed to re-derive it (public view: record())."""
+    """One generated item with everything needed to re-derive it (generate() gives its public view)."""
     scm: SCM                # the causal model the question is about
     q: Query
     z: tuple                # the backdoor set the label uses, () or (node,)
@@ -40,10 +40,6 @@ class Problem:
     problem: str = ""
     answer: str = ""
     missing: list = None    # insufficient: the leaves whose statements were removed
-
-    def record(self):
-        return {"problem": self.problem, "answer": self.answer, "solution": solution(self, missing=self.missing),
-                "type": self.q.task, "variant": self.variant}
 
 
 def _coin(rng):
@@ -206,7 +202,8 @@ def problems(n, tasks=TASKS, variant="base", nodes=None, seed=0, split="train", 
 
 def generate(*args, **kwargs):
     """problems(...) as plain dicts {problem, answer, solution, type, variant}."""
-    return [p.record() for p in problems(*args, **kwargs)]
+    return [{"problem": p.problem, "answer": p.answer, "solution": solution(p, missing=p.missing), "type": p.q.task,
+             "variant": p.variant} for p in problems(*args, **kwargs)]
 
 # ----------------------------------------------------------------------------- datasets and CLI
 def dataset_rows(items, fmt, seed=0, lack_hint=None):
