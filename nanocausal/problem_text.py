@@ -157,7 +157,7 @@ def render(scm, q, store, style="base", instruction=True, rng=None):
     """Problem text. style 'base' (CaLM: spaces, plain values) or 'generated' (values carry
     letter codes such as "low (A=0)", no space between edge sentences). A random rng picks
     the rephrased wording; rng=None keeps the official wording."""
-    pick = (lambda options: rng.choice(options)) if rng else (lambda options: options[0])
+    pick = rng.choice if rng else (lambda options: options[0])
     coded = style == "generated"
 
     def pair(v, val, code=coded):
