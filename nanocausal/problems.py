@@ -258,8 +258,6 @@ def main(argv=None):
             ap.error(f"{args.solve}: not JSON or JSONL ({e.msg}, line {e.lineno})")
         except RecursionError:
             ap.error(f"{args.solve}: JSON nested too deeply to read")
-        if not isinstance(data, list):
-            ap.error(f"{args.solve}: expected a JSON list or JSONL")
         for i, row in enumerate(data):
             text = row.get("problem", row.get("prompt")) if isinstance(row, dict) else row
             if not isinstance(text, str):
