@@ -30,7 +30,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         if args.resume_from is None:
-            tiny_base.build_tiny(scratch, seed=args.seed, **tiny_base.TINY_MODEL)
+            tiny_base.build_tiny(scratch, seed=args.seed)
         tiny_base.pretrain(args.resume_from or scratch, args.out, args.steps, lr=args.lr, seed=args.seed)
     print(f"{args.out}: {args.steps} pretraining steps")
 

@@ -30,7 +30,7 @@ MAX_BORROWS = 3  # a 4-decimal subtraction with top >= bottom borrows into at mo
 def borrows(item):
     """Borrows in the worked subtraction of an effect item (columns whose top digit was raised by 10)."""
     a, b = item["numbers"]
-    columns, _ = tiny.subtraction_columns(max(a, b), min(a, b))
+    columns, _ = tiny.subtraction_columns(a, b)
     return sum(int(column.split("-")[0]) >= 10 for column in columns)
 
 

@@ -23,19 +23,15 @@ class Statements:
         self.groups, self.table = [], {}
         self.unreadable = []  # sentences of a parsed problem that were no readable statement
 
-    def add(self, targets, cond, p, group=None):
-        """Append P(targets | cond) = p to fact `group` (None: a new fact); returns the group."""
+    def add(self, targets, cond, p, group=None, at=None):
+        """Append P(targets | cond) = p to fact `group`, or (group None) make it a new fact, at
+        position `at` of the display order (None: last); returns the group."""
         self.table[(frozenset(targets), frozenset(cond))] = p
         if group is None:
-            self.groups.append([])
-            group = len(self.groups) - 1
+            group = len(self.groups) if at is None else at
+            self.groups.insert(group, [])
         self.groups[group].append((tuple(targets), tuple(cond), p))
         return group
-
-    def insert(self, position, targets, cond, p):
-        """A new one-statement fact at `position` of the display order."""
-        self.table[(frozenset(targets), frozenset(cond))] = p
-        self.groups.insert(position, [(tuple(targets), tuple(cond), p)])
 
     def lookup(self, targets, cond):
         key = (frozenset(targets), frozenset(cond))
@@ -61,22 +57,20 @@ class Statements:
     def without(self, drop):
         """A copy without the facts whose indices are in `drop`."""
         out = Statements()
-        for i, g in enumerate(self.groups):
-            if i not in drop:
-                gi = None
-                for t, c, p in g:
-                    gi = out.add(t, c, p, gi)
+        out.groups = [list(g) for i, g in enumerate(self.groups) if i not in drop]
+        out.table = {(frozenset(t), frozenset(c)): p for t, c, p in out.facts()}
         return out
 
 
 def first_answer(q, g, store):
     """The solver's decision rule: zero answer, else the first identifying (z, m) whose
-    probabilities are all shown, else LACK_CONDITION."""
+    probabilities are all shown, else LACK_CONDITION; (answer, the formula it used or None)."""
     if is_zero(q, g):
         return answer_json(q.task, 0.0), None
     for z, m in candidates(q, g):
+        tree = formula(q, z, m)
         try:
-            return answer_json(q.task, round_answer(value_of(formula(q, z, m), store.lookup))), (z, m)
+            return answer_json(q.task, round_answer(value_of(tree, store.lookup))), tree
         except KeyError:
             continue
     return LACK, None
@@ -163,7 +157,7 @@ def render(scm, q, store, style="base", instruction=True, rng=None):
     """Problem text. style 'base' (CaLM: spaces, plain values) or 'generated' (values carry
     letter codes such as "low (A=0)", no space between edge sentences). A random rng picks
     the rephrased wording; rng=None keeps the official wording."""
-    pick = (lambda options: rng.choice(options)) if rng else (lambda options: options[0])
+    pick = rng.choice if rng else (lambda options: options[0])
     coded = style == "generated"
 
     def pair(v, val, code=coded):
@@ -178,13 +172,10 @@ def render(scm, q, store, style="base", instruction=True, rng=None):
         text = pick(CONDS).format(c=join_pairs([pair(v, val) for v, val in cond]), t=t, p=f"{p:.4f}") if cond \
             else pick(MARGS).format(t=t, p=f"{p:.4f}")
         stmts.append(text)
-    X, Y, val = scm.names[q.x_var], scm.names[q.y_var], (lambda v, i: scm.values[v][i])
-    slots = dict(X=X, Y=Y, x=val(q.x_var, q.x), y=val(q.y_var, q.y), bound=q.bound,
+    X, Y, x_values, y_values = scm.names[q.x_var], scm.names[q.y_var], scm.values[q.x_var], scm.values[q.y_var]
+    slots = dict(X=X, Y=Y, x=x_values[q.x], y=y_values[q.y], bound=q.bound,
+                 xf=None if q.xf is None else x_values[q.xf], yf=None if q.yf is None else y_values[q.yf],
                  W=join_pairs([pair(v, b, False) for v, b in q.w]) if q.w else "")
-    if q.xf is not None:
-        slots["xf"] = val(q.x_var, q.xf)
-    if q.yf is not None:
-        slots["yf"] = val(q.y_var, q.yf)
     sep = " " if style == "base" else ""
     lines = ["Input Info: " + pick(PREAMBLES) + sep + sep.join(edges), " ".join(stmts) + (" " if stmts else "")]
     if instruction:
@@ -231,7 +222,7 @@ def _edge_sentences(text):
             yield []
             return
         for j in range(i, min(len(pieces), i + 8), 2):   # a name holds at most 3 full stops
-            m = next((m for r in _EDGE_RE if (m := r.fullmatch("".join(pieces[i:j + 1])))), None)
+            m = read("".join(pieces[i:j + 1]))
             if m:
                 for rest in reads(j + 2):
                     yield [m] + rest
@@ -275,10 +266,10 @@ def parse(problem):
                 names.append(nm)
         edges.append((index[_name_key(m[0])], index[_name_key(m[1])]))
     pair_re, question_res = _name_patterns(tuple(names))
-    question = next((ln[len("question:"):].strip() for ln in lines if ln.startswith("question:")), None)
+    after = lambda label: next((ln[len(label):].strip() for ln in lines if ln.startswith(label)), None)
+    question, instr = after("question:"), after("instruction:")
     if question is None:
         raise ValueError("no 'Question:' line")
-    instr = next((ln[len("instruction:"):].strip() for ln in lines if ln.startswith("instruction:")), None)
     body = " ".join(ln for ln in lines[1:] if not ln.startswith(("question:", "instruction:", "provide", "let's")))
     raw = []   # (targets, cond, p) with (name, value, code) pairs
     # A sentence that is no probability statement we can read is skipped, not fatal: the official

@@ -29,7 +29,7 @@ BASE_STYLE = ("base", "omitted", "rephrased")   # variants written in the base t
 
 @dataclass
 class Problem:
-    """One generated item with everything needed to re-derive it (public view: record())."""
+    """One generated item with everything needed to re-derive it (generate() gives its public view)."""
     scm: SCM                # the causal model the question is about
     q: Query
     z: tuple                # the backdoor set the label uses, () or (node,)
@@ -40,10 +40,6 @@ class Problem:
     problem: str = ""
     answer: str = ""
     missing: list = None    # insufficient: the leaves whose statements were removed
-
-    def record(self):
-        return {"problem": self.problem, "answer": self.answer, "solution": solution(self, missing=self.missing),
-                "type": self.q.task, "variant": self.variant}
 
 
 def _coin(rng):
@@ -122,7 +118,7 @@ def make_problem(rng, scm, task, variant, style, zero):
             target = ((v, _coin(rng)),)
             if store.shows(target, cond):
                 continue
-            store.insert(rng.randint(0, len(store.groups)), target, cond, round(scm.prob(target, cond), 4))
+            store.add(target, cond, round(scm.prob(target, cond), 4), at=rng.randint(0, len(store.groups)))
             added += 1
     elif variant == "insufficient":  # two needed facts removed (a value and its complement are one)
         if len(store.groups) < 2:
@@ -165,9 +161,12 @@ def node_range(nodes, variant):
 
 def problems(n, tasks=TASKS, variant="base", nodes=None, seed=0, split="train", style=None,
              questions_per_model=20, zero_share=None):
-    """n Problem objects (see generate). Item i asks task i % len(tasks), variant cycling over
-    the variants; every `questions_per_model` items share one causal model, drawn from the seed
-    string f"{split}/{seed}/{k}", so different splits (or seeds) never share a model."""
+    """n Problem objects, deterministic in all arguments. tasks / variant: a name, a comma list or
+    a list; nodes: int, (lo, hi) or "lo-hi" (default 3-5 for base/omitted/rephrased, else 8);
+    style: 'base' or 'generated' (default by variant); zero_share: share of ATE-NIE items whose
+    answer is 0 (default 1/3 base style, else 0.1). Item i asks task i % len(tasks), variant
+    cycling over the variants; every `questions_per_model` items share one causal model, drawn
+    from the seed string f"{split}/{seed}/{k}", so different splits (or seeds) never share a model."""
     tasks, variants = _as_list(tasks, TASKS, "task"), _as_list(variant, VARIANTS, "variant")
     sizes = {v: node_range(nodes, v) for v in variants}
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -201,13 +200,10 @@ def problems(n, tasks=TASKS, variant="base", nodes=None, seed=0, split="train", 
     return out
 
 
-def generate(n, tasks=TASKS, variant="base", nodes=None, seed=0, split="train", style=None,
-             questions_per_model=20, zero_share=None):
-    """n dicts {problem, answer, solution, type, variant}, deterministic in all arguments.
-    tasks / variant: a name, a comma list or a list; nodes: int, (lo, hi) or "lo-hi" (default
-    3-5 for base/omitted/rephrased, else 8); style: 'base' or 'generated' (default by variant);
-    zero_share: share of ATE-NIE items whose answer is 0 (default 1/3 base style, else 0.1)."""
-    return [p.record() for p in problems(n, tasks, variant, nodes, seed, split, style, questions_per_model, zero_share)]
+def generate(*args, **kwargs):
+    """problems(...) as plain dicts {problem, answer, solution, type, variant}."""
+    return [{"problem": p.problem, "answer": p.answer, "solution": solution(p, missing=p.missing), "type": p.q.task,
+             "variant": p.variant} for p in problems(*args, **kwargs)]
 
 # ----------------------------------------------------------------------------- datasets and CLI
 def dataset_rows(items, fmt, seed=0, lack_hint=None):
@@ -262,8 +258,6 @@ def main(argv=None):
             ap.error(f"{args.solve}: not JSON or JSONL ({e.msg}, line {e.lineno})")
         except RecursionError:
             ap.error(f"{args.solve}: JSON nested too deeply to read")
-        if not isinstance(data, list):
-            ap.error(f"{args.solve}: expected a JSON list or JSONL")
         for i, row in enumerate(data):
             text = row.get("problem", row.get("prompt")) if isinstance(row, dict) else row
             if not isinstance(text, str):

@@ -23,12 +23,8 @@ clamps and rounding "min1", "max0", "r4". The same tree is evaluated (`value_of`
 symbolically and printed with numbers (`show`), so the generator, the solver and the worked
 solution can never disagree.
 
-The modules built on this one, each importing only those before it:
-    nanocausal.caugym        the benchmark's fixed parts (TASKS, VARIANTS, LACK, the prompt, scoring)
-    nanocausal.scm           this module: names, Graph, SCM, formulas, queries
-    nanocausal.problem_text  the problem text: statements, templates, render, parse, solve
-    nanocausal.solutions     worked solutions and plausible wrong ones
-    nanocausal.problems      the generator, dataset rows and the CLI
+The problem modules (README's "What is inside") each import only those before them:
+caugym -> scm -> problem_text -> solutions -> problems.
 """
 import json
 import math
@@ -224,29 +220,22 @@ def sample_scm(rng, n, edge_prob, name_kind):
     return SCM(Graph(parents), cpt, [nm for nm, _ in names], [vals for _, vals in names])
 
 # ----------------------------------------------------------------------------- formulas
-# Expression trees: ("P", targets, cond) | ("+", *terms) | ("-", a, b) | ("*", *factors)
-# | ("/", a, b) | ("min1", e) | ("max0", e) | ("r4", e).
-
 def prob(targets, cond=()):
     """The leaf P(targets | cond) of a formula; both are ((var, value), ...)."""
     return ("P", tuple(targets), tuple(cond))
 
 
+OPERATORS = {"+": sum, "-": lambda args: args[0] - args[1], "*": math.prod, "/": lambda args: args[0] / args[1],
+             "min1": lambda args: min(1.0, args[0]), "max0": lambda args: max(0.0, args[0]),
+             "r4": lambda args: round(args[0], 4)}   # each takes the list of its operands' values
+CLAMPS = {"min1": "min{{1, {}}}", "max0": "max{{0, {}}}", "r4": "round({}, 4)"}   # how show() prints them
+
+
 def value_of(expr, lookup):
     """The number an expression stands for; lookup(targets, cond) gives each probability leaf."""
-    op = expr[0]
-    if op == "P":
+    if expr[0] == "P":
         return lookup(expr[1], expr[2])
-    args = [value_of(e, lookup) for e in expr[1:]]
-    if op == "+":
-        return sum(args)
-    if op == "-":
-        return args[0] - args[1]
-    if op == "*":
-        return math.prod(args)
-    if op == "/":
-        return args[0] / args[1]
-    return {"min1": lambda v: min(1.0, v), "max0": lambda v: max(0.0, v), "r4": lambda v: round(v, 4)}[op](args[0])
+    return OPERATORS[expr[0]]([value_of(e, lookup) for e in expr[1:]])
 
 
 def show(expr, leaf, parent=None):
@@ -254,11 +243,9 @@ def show(expr, leaf, parent=None):
     op = expr[0]
     if op == "P":
         return leaf(expr)
-    if op in ("min1", "max0", "r4"):
-        inner = show(expr[1], leaf)
-        return {"min1": f"min{{1, {inner}}}", "max0": f"max{{0, {inner}}}", "r4": f"round({inner}, 4)"}[op]
-    sep = {"+": " + ", "-": " - ", "*": " * ", "/": " / "}[op]
-    text = sep.join(show(e, leaf, op) for e in expr[1:])
+    if op in CLAMPS:
+        return CLAMPS[op].format(show(expr[1], leaf))
+    text = f" {op} ".join(show(e, leaf, op) for e in expr[1:])
     return f"[{text}]" if parent in ("*", "/", "-") and op in ("+", "-") or parent == "/" and op == "/" else text
 
 
@@ -291,6 +278,8 @@ def formula(q, z=(), m=()):
             diff = ("-", prob([(Y, y)], [(X, x), *q.w, *zc]), prob([(Y, y)], [(X, x_), *q.w, *zc]))
             return ("*", diff, prob(zc)) if zc else diff
         return ("+", *[term(zc) for zc in zs]) if z else term(())
+    if q.task in ("PN", "PS"):
+        return _bound_formula(q, z)
     if q.task == "ETT":
         if not z:
             return ("-", prob([(Y, y)], [(X, q.xf)]), prob([(Y, y)], [(X, x)]))
@@ -302,10 +291,8 @@ def formula(q, z=(), m=()):
             if q.task == "NDE":
                 t = [("-", prob([(Y, y)], [*mc, (X, x), *zc]), prob([(Y, y)], [*mc, (X, x_), *zc])),
                      prob(mc, [(X, x_), *zc])]
-            elif q.task == "NIE":
+            else:  # NIE
                 t = [prob([(Y, y)], [*mc, (X, x_), *zc]), ("-", prob(mc, [(X, x), *zc]), prob(mc, [(X, x_), *zc]))]
-            else:  # PN, PS
-                return _bound_formula(q, z)
             terms.append(("*", *t, prob(zc)) if zc else ("*", *t))
     return ("+", *terms)
 

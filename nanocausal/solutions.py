@@ -1,13 +1,14 @@
 """Worked solutions (`solution`, the SFT target) and plausible wrong ones (`rejected_solution`, for
 DPO / KTO), for one generated Problem (nanocausal.problems.Problem).
 
-Both print formulas with nanocausal.scm's expression trees, so the worked numbers are the ones the
-generator labelled and the solver (nanocausal.problem_text.solve) computes. A Problem is only
-read here (p.scm, p.q, p.z, p.m, p.store, p.answer, p.problem); nanocausal.problems, which
-defines it, imports this module.
+Both print the formulas of nanocausal.scm (one tree for the label, the solver and the text). A
+Problem is only read here (p.scm, p.q, p.z, p.m, p.store, p.answer, p.problem); nanocausal.problems,
+which defines it, imports this module.
 """
+from dataclasses import replace
+
 from nanocausal.caugym import LACK, is_correct
-from nanocausal.scm import Query, answer_json, formula, is_zero, leaves, letter, round_answer, show, value_of
+from nanocausal.scm import CLAMPS, answer_json, formula, is_zero, leaves, letter, round_answer, show, value_of
 
 # ----------------------------------------------------------------------------- worked solution
 def _symbol(leaf):
@@ -50,12 +51,11 @@ def _arithmetic(tree, lookup):
     lines = [show(tree, num)]
     body, wrap = (tree[1], tree[0]) if tree[0] in ("min1", "max0") else (tree, None)
     if body[0] != "P" and any(c[0] != "P" for c in body[1:]):
-        sep = {"+": " + ", "-": " - ", "*": " * ", "/": " / "}[body[0]]
         fmt = lambda c, v: (f"{v:.4f}" if c[0] == "P" else f"{v:.6f}") if v >= 0 else f"({v:.6f})"
-        parts = sep.join(fmt(c, value_of(c, lookup)) for c in body[1:])
-        lines.append({"min1": "min{1, %s}", "max0": "max{0, %s}", None: "%s"}[wrap] % parts)
+        parts = f" {body[0]} ".join(fmt(c, value_of(c, lookup)) for c in body[1:])
+        lines.append(CLAMPS[wrap].format(parts) if wrap else parts)
     if wrap:
-        lines.append({"min1": "min{1, %.4f}", "max0": "max{0, %.4f}"}[wrap] % value_of(body, lookup))
+        lines.append(CLAMPS[wrap].format(f"{value_of(body, lookup):.4f}"))
     return lines
 
 
@@ -142,11 +142,10 @@ def rejected_solution(p, rng):
     formula, a missing adjustment, an arithmetic slip, a wrong LACK_CONDITION (or, for an
     insufficient item, a number computed from a guessed 0.5). Never scored correct."""
     q, tree = p.q, formula(p.q, p.z, p.m)
-    zero = p.answer != LACK and is_zero(q, p.scm.graph)
     if p.answer == LACK:
         guess = lambda t, c: p.store.lookup(t, c) if p.store.shows(t, c) else 0.5
         kinds = {"guess": lambda: solution(p, tree, lookup=guess)}
-    elif zero:
+    elif is_zero(q, p.scm.graph):
         steps = solution(p).split("\n")[:2]   # variables and roles, then a wrong reading of "no numbers"
         kinds = {"lack": lambda: "\n".join(steps) + f"\nStep 3: The statements give no probabilities for "
                  f"{letter(q.x_var)} and {letter(q.y_var)}, so {q.task} cannot be computed from the given "
@@ -158,14 +157,13 @@ def rejected_solution(p, rng):
                 if (0 <= v + delta <= 1) if q.task in ("PN", "PS") else -1 <= v + delta <= 1:
                     return solution(p, value=round_answer(v + delta))
         swap = {"NDE": "NIE", "NIE": "NDE"}
+        asked_otherwise = lambda **change: solution(p, formula(replace(q, **change), p.z, p.m))
         kinds = {
             "sign": lambda: None if q.task in ("PN", "PS") else solution(p, (tree[0], tree[2], tree[1])) if
-            q.task == "ETT" else solution(p, formula(Query(**{**q.__dict__, "x": 1 - q.x}), p.z, p.m)),
+            q.task == "ETT" else asked_otherwise(x=1 - q.x),
             "formula": lambda: solution(p, _first_terms(tree)),
-            "swap": lambda: solution(p, formula(Query(**{**q.__dict__, "task": swap[q.task]}), p.z, p.m))
-            if q.task in swap else None,
-            "bound": lambda: solution(p, formula(Query(**{**q.__dict__, "bound": "upper" if q.bound == "lower"
-                                                          else "lower"}), p.z, p.m)) if q.bound else None,
+            "swap": lambda: asked_otherwise(task=swap[q.task]) if q.task in swap else None,
+            "bound": lambda: asked_otherwise(bound="upper" if q.bound == "lower" else "lower") if q.bound else None,
             "adjust": lambda: solution(p, _one_stratum(tree, p.z[0])) if p.z else None,
             "arithmetic": arithmetic,
             "lack": lambda: solution(p, tree, missing=[rng.choice(leaves(tree))]),

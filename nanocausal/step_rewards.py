@@ -59,8 +59,7 @@ def toy_reference(problem):
     """The exact worked solution (tiny.solution) of a tiny-curriculum problem text, from the solver:
     parse the text, take the formula the solver answers with; a - b are its two shown operands."""
     g, q, store, _ = problem_text.parse(problem)
-    answer, sets = problem_text.first_answer(q, g, store)
-    tree = scm.formula(q, *sets) if sets else None
+    answer, tree = problem_text.first_answer(q, g, store)
     if tree is not None and (tree[0] != "-" or len(tree) != 3 or any(leaf[0] != "P" for leaf in tree[1:])):
         raise ValueError("not a tiny-curriculum problem: its formula is not a difference of two statements")
     numbers = None if tree is None else tuple(store.lookup(leaf[1], leaf[2]) for leaf in tree[1:])

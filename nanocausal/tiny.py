@@ -15,10 +15,8 @@ official base wording, with two kinds of item:
 - "no path": there is no directed path X -> ... -> Y, the problem shows no numbers, and the
   answer is {"ANSWER": "No", "PROB": "0.0000"}.
 
-A second query type, the effect of treatment on the treated (ETT), can join it (queries=): the
-same items, the subtraction the other way round (make_problem). And the test variants of CauGym
-(rephrased, omitted instruction, redundant or insufficient information) are built the way
-nanocausal.problems builds them, as held-out tests of what the model learned.
+make_problem adds a second query type (ETT: the subtraction the other way round) and the test
+variants of CauGym, as held-out tests of what the model learned.
 
 The problems are genuine CauGym problems: nanocausal.problem_text.solve parses them and returns
 the same answer, in every variant (tests/test_tiny.py checks it), and eval.py scores them with
@@ -50,6 +48,7 @@ import random
 
 from nanocausal.caugym import LACK
 from nanocausal.problem_text import CONDS, EDGES, INSTRUCTIONS, LONG_NAME, MARGS, PREAMBLES, PROVIDE, QUESTIONS
+from nanocausal.scm import Graph, answer_json, round_answer
 
 TINY_NAMES = ["smku", "eons", "arbu", "pgqh", "ahpi", "lsrx", "imah", "ojko", "wexo", "qlun",
               "dovr", "fibe", "tazu", "kryp", "mulo", "gesh", "vunt", "yelb", "niqo", "hast"]
@@ -62,12 +61,6 @@ VARIANTS = ("base", "rephrased", "omitted", "redundant", "insufficient", "varied
 TRAIN_WORDINGS, HELDOUT_WORDING = (0, 1), 2  # indices into the engine's templates (problem_text.PREAMBLES, ...)
 
 # ----------------------------------------------------------------------------- problems
-
-
-def _sentence_case(name):
-    return name[0].upper() + name[1:]
-
-
 def make_problem(rng, no_path_share=0.375, variant="base", easy_order=True, query="ATE"):
     """One tiny-curriculum item: dict(problem, answer, type, kind, variant, numbers), where numbers
     = (a, b) are the two shown probabilities the answer is a - b of (None without a path).
@@ -105,22 +98,19 @@ def make_problem(rng, no_path_share=0.375, variant="base", easy_order=True, quer
         edges = [(i, j) for i in range(3) for j in range(i + 1, 3) if rng.random() < 0.6]
         if {v for e in edges for v in e} == {0, 1, 2}:
             break
-    children = {i: [j for a, j in edges if a == i] for i in range(3)}
-
-    def reaches(a, b):
-        return a == b or any(reaches(c, b) for c in children[a])
+    graph = Graph([[a for a, b in edges if b == v] for v in range(3)])
     pairs = [(a, b) for a in range(3) for b in range(3) if a != b]
     want_path = rng.random() >= no_path_share
     # An effect needs a directed path and no confounder (no third node W with W -> X and W -> Y),
     # so that the empty set is a valid adjustment set and ATE = P(y|x) - P(y|x').
-    ok = [(a, b) for a, b in pairs if reaches(a, b) == want_path
+    ok = [(a, b) for a, b in pairs if (b in graph.desc[a]) == want_path
           and not any((w, a) in edges and (w, b) in edges for w in range(3))]
     if not ok:
         return make_problem(rng, no_path_share, variant, easy_order, query)
     x, y = rng.choice(ok)
     x_value, y_value = rng.choice(["low", "high"]), rng.choice(["low", "high"])
     other = "high" if x_value == "low" else "low"
-    edge_text = " ".join(EDGES[pick()].format(a=_sentence_case(names[a]), b=names[b]) for a, b in edges)
+    edge_text = " ".join(EDGES[pick()].format(a=names[a][0].upper() + names[a][1:], b=names[b]) for a, b in edges)
     statements = []
     if want_path:
         p_x, p_other = rng.randint(1, 9999) / 10000, rng.randint(1, 9999) / 10000
@@ -132,14 +122,12 @@ def make_problem(rng, no_path_share=0.375, variant="base", easy_order=True, quer
         statements = [CONDS[pick()].format(c=f"{names[x]} being {v}", t=f"{names[y]} being {y_value}", p=f"{p:.4f}")
                       for v, p in shown]
         numbers = (p_x, p_other) if query == "ATE" else (p_other, p_x)
-        value = round(numbers[0] - numbers[1], 4)
-        yes = value >= 0.001 if query == "ATE" else value <= -0.001  # ETT: Yes iff the counterfactual is more likely
-        answer = json.dumps({"ANSWER": "Yes" if yes else "No", "PROB": f"{value + 0.0:.4f}"})
+        answer = answer_json(query, round_answer(numbers[0] - numbers[1]))  # the engine's Yes rule of each query
     else:
-        numbers, answer = None, json.dumps({"ANSWER": "No", "PROB": "0.0000"})
+        numbers, answer = None, answer_json(query, 0.0)
     if variant == "redundant":
         w = 3 - x - y
-        parents = [a for a, b in edges if b == w]
+        parents = graph.parents[w]
         given = f"{names[rng.choice(parents)]} being {rng.choice(['low', 'high'])}" if parents else None
         statements.insert(rng.randint(0, len(statements)), (CONDS[0] if given else MARGS[0]).format(
             c=given, t=f"{names[w]} being {rng.choice(['low', 'high'])}", p=f"{rng.randint(1, 9999) / 10000:.4f}"))
@@ -160,53 +148,50 @@ def make_problem(rng, no_path_share=0.375, variant="base", easy_order=True, quer
             "variant": variant, "numbers": numbers}
 
 
-def make_problems(n, seed, no_path_share=0.375, variant="base", easy_order=True, queries=("ATE",)):
+def make_problems(n, seed, variant="base", queries=("ATE",)):
     """n items from one seeded stream; with several queries each item draws its own (one query
     draws nothing, so the ATE-only stream is what it always was)."""
     rng = random.Random(seed)
-    return [make_problem(rng, no_path_share, variant, easy_order, rng.choice(queries) if len(queries) > 1 else queries[0])
+    return [make_problem(rng, variant=variant, query=rng.choice(queries) if len(queries) > 1 else queries[0])
             for _ in range(n)]
 
 
-def subtraction_columns(top, bottom, forget_borrow=lambda: False):
-    """Column-by-column subtraction of two 4-decimal numbers in [0, 1) with top >= bottom, right to
-    left: ["18-0-5=3", ...] (top digit raised by 10 when the column borrows) and the result digits.
+def subtraction_columns(a, b, forget_borrow=lambda: False):
+    """a - b for two 4-decimal numbers in [0, 1), by the school method on the larger minus the
+    smaller, right to left: ["18-0-5=3", ...] (top digit raised by 10 when the column borrows) and
+    the signed result ("-0.0843" when a < b).
 
     forget_borrow() is asked at every column that owes a borrow; when it says True the column
     forgets it ("9-0-8=1" instead of "9-1-8=0"), the classic slip of a careless teacher."""
-    top_digits, bottom_digits = f"{top:.4f}"[2:], f"{bottom:.4f}"[2:]
+    top_digits, bottom_digits = f"{max(a, b):.4f}"[2:], f"{min(a, b):.4f}"[2:]
     columns, result, borrow = [], [], 0
-    for t, b in zip(map(int, reversed(top_digits)), map(int, reversed(bottom_digits))):
+    for top, bottom in zip(map(int, reversed(top_digits)), map(int, reversed(bottom_digits))):
         if borrow and forget_borrow():
             borrow = 0
-        borrow_out = int(t - borrow < b)
-        digit = t + 10 * borrow_out - borrow - b
-        columns.append(f"{t + 10 * borrow_out}-{borrow}-{b}={digit}")
+        borrow_out = int(top - borrow < bottom)
+        digit = top + 10 * borrow_out - borrow - bottom
+        columns.append(f"{top + 10 * borrow_out}-{borrow}-{bottom}={digit}")
         result.append(str(digit))
         borrow = borrow_out
-    assert borrow == 0, "top must be >= bottom"
-    return columns, "0." + "".join(reversed(result))
+    magnitude = "0." + "".join(reversed(result))
+    return columns, magnitude if a >= b or magnitude == "0.0000" else "-" + magnitude
 
 
 def solution(item, slip_rate=0.0, rng=None):
-    """The worked solution of a tiny-curriculum item (see the module docstring for the format).
-
-    slip_rate > 0 writes it as a careless teacher would: each borrow owed is forgotten with this
-    probability (drawn from rng), and the wrong result is carried to the final answer."""
+    """The worked solution of a tiny-curriculum item (module docstring), by the careless teacher
+    when slip_rate > 0 (each borrow owed forgotten with that probability, drawn from rng)."""
     answer = json.loads(item["answer"])
     if item["numbers"] is None:
         return "path: no\n" + json.dumps(answer)
     forget_borrow = (lambda: rng.random() < slip_rate) if slip_rate > 0 else (lambda: False)
     a, b = item["numbers"]  # the answer is a - b
-    if a >= b:
-        head = f"{item['type']} = {a:.4f} - {b:.4f}"
-        columns, magnitude = subtraction_columns(a, b, forget_borrow)
-        result = magnitude
-    else:
-        head = f"{item['type']} = {a:.4f} - {b:.4f} = -({b:.4f} - {a:.4f})"
-        columns, magnitude = subtraction_columns(b, a, forget_borrow)
-        result = "-" + magnitude if magnitude != "0.0000" else magnitude
+    columns, result = subtraction_columns(a, b, forget_borrow)
     if slip_rate == 0:
         assert float(result) == float(answer["PROB"]), (result, answer)
     answer["PROB"] = result
-    return f"path: yes\n{head}\n{' '.join(columns)}\n= {result}\n{json.dumps(answer)}"
+    return f"path: yes\n{item['type']} = {difference(a, b)}\n{' '.join(columns)}\n= {result}\n{json.dumps(answer)}"
+
+
+def difference(a, b):
+    """The head of a worked a - b: "a - b", then "= -(b - a)" when the columns subtract the other way round."""
+    return f"{a:.4f} - {b:.4f}" + ("" if a >= b else f" = -({b:.4f} - {a:.4f})")

@@ -14,12 +14,10 @@ every problem), so the tiny pipeline starts from a "base" pretrained on generic 
   - copying: a problem followed by "Numbers: a b", its numbers in order of appearance,
   - arithmetic: "a - b" written as in the solutions, on random pairs, with no problem around it.
 Which numbers the ATE needs, in which order, when there is no path, and the answer JSON are left
-to post-training. The shipped data/tiny-base was built on a 2-core CPU (34 minutes) by the equivalent of:
-  python build_tiny_base.py --out base1 --steps 1150
-  python build_tiny_base.py --resume-from base1 --out data/tiny-base --steps 321 --lr 2e-3 --seed 1
-It then completes held-out column subtractions exactly 86 % of the time and
-copies a problem's two numbers exactly 64 % of the time (greedy; 50 items each). The first 1150
-steps alone gave 12 % and 2 %: the copying skill appears late and suddenly.
+to post-training. The shipped data/tiny-base was built on a 2-core CPU (34 minutes) by the two
+commands of build_tiny_base.py. It then completes held-out column subtractions exactly 86 % of
+the time and copies a problem's two numbers exactly 64 % of the time (greedy; 50 items each).
+The first 1150 steps alone gave 12 % and 2 %: the copying skill appears late and suddenly.
 """
 import json
 import os
@@ -33,8 +31,9 @@ from tokenizers import Tokenizer as BPETokenizer
 from tqdm import tqdm
 
 from nanocausal import checkpoint, training
+from nanocausal.caugym import official_prompt
 from nanocausal.model import ModelConfig, Transformer
-from nanocausal.tiny import make_problem, make_problems, solution, subtraction_columns
+from nanocausal.tiny import difference, make_problem, make_problems, solution, subtraction_columns
 from nanocausal.tokenizer import Tokenizer
 
 CHATML_TEMPLATE = (
@@ -45,9 +44,6 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                r"|\s+(?!\S)|\s+")
-
-# The shipped preset: 4 layers of width 96, 4 query / 2 key-value heads (~0.45M parameters).
-TINY_MODEL = dict(hidden_size=96, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=288)
 
 
 # ----------------------------------------------------------------------------- tokenizer and model
@@ -66,7 +62,7 @@ def train_tokenizer(out_dir, vocab_size=1000, n_texts=3000, seed=1234):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     items = make_problems(n_texts, seed) + make_problems(n_texts // 4, seed + 1, variant="rephrased")
-    texts = [it["problem"] + "\nLet's think step by step." for it in items] + [solution(it) for it in items]
+    texts = [official_prompt(it["problem"]) for it in items] + [solution(it) for it in items]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), max_token_length=48)
     tokenizer.train_from_iterator(texts, trainer)
@@ -83,9 +79,10 @@ def train_tokenizer(out_dir, vocab_size=1000, n_texts=3000, seed=1234):
     return tokenizer
 
 
-def tiny_config(vocab_size, eos_id, pad_id, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                intermediate_size=384, max_positions=512):
-    """A Qwen2 config.json (q/k/v bias, tied embeddings), as transformers writes it."""
+def tiny_config(vocab_size, eos_id, pad_id, hidden_size=96, num_layers=4, num_heads=4, num_kv_heads=2,
+                intermediate_size=288, max_positions=512):
+    """A Qwen2 config.json (q/k/v bias, tied embeddings), as transformers writes it; the defaults are
+    the shipped preset (4 layers of width 96, 4 query / 2 key-value heads: ~0.45M parameters)."""
     return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab_size,
             "hidden_size": hidden_size, "intermediate_size": intermediate_size,
             "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
@@ -108,16 +105,14 @@ def build_tiny(out_dir, seed=0, vocab_size=1000, n_texts=3000, **model_kwargs):
     checkpoint.save_model(model, out_dir)  # (writes config.json too)
     return out_dir
 
+
 def pretraining_text(rng):
     """One pretraining document (plain text, no chat template), chosen among the three kinds."""
     kind = rng.random()
     if kind < 0.4:
         a, b = rng.randint(1, 9999) / 10000, rng.randint(1, 9999) / 10000
-        top, bottom = max(a, b), min(a, b)
-        columns, magnitude = subtraction_columns(top, bottom)
-        head = f"{a:.4f} - {b:.4f}" + ("" if a >= b else f" = -({top:.4f} - {bottom:.4f})")
-        result = magnitude if a >= b or magnitude == "0.0000" else "-" + magnitude
-        return f"{head}\n{' '.join(columns)}\n= {result}"
+        columns, result = subtraction_columns(a, b)
+        return f"{difference(a, b)}\n{' '.join(columns)}\n= {result}"
     item = make_problem(rng, no_path_share=0.2, variant="rephrased" if rng.random() < 0.2 else "base", easy_order=False)
     if kind < 0.7 or item["numbers"] is None:
         return item["problem"]

@@ -100,6 +100,7 @@ def test_column_subtraction_is_exact():
         assert abs(float(result) - (top - bottom)) < 1e-9
         assert len(columns) == 4
     assert tiny.subtraction_columns(0.9288, 0.8445) == (["8-0-5=3", "8-0-4=4", "12-0-4=8", "9-1-8=0"], "0.0843")
+    assert tiny.subtraction_columns(0.8445, 0.9288) == (["8-0-5=3", "8-0-4=4", "12-0-4=8", "9-1-8=0"], "-0.0843")
 
 
 def test_tokenizer_splits_digits_and_matches_transformers_chat_template(tiny_folder):
