@@ -15,7 +15,10 @@ the labels are verified, not estimated:
                                     same position (the numbers come from nanocausal.problem_text.parse
                                     of the prompt: the solver, not the generator);
   CauGym format (solutions.py)      every "P(...) = value" read off the statements and the final
-                                    "TASK = ... = value", within the format's rounding (|error| <= 1e-4).
+                                    "TASK = ... = value", within the format's rounding (|error| <= 1e-4),
+                                    by `caugym_claims` given the generated Problem: its letters are the
+                                    generator's topological order, which the prompt's text does not fix,
+                                    so a run (`token_rewards`) credits toy-format responses only.
 
 The first claim that disagrees is the first wrong step, at characters [s, e) of the response.
 Per-token reward of completion i, token t (its characters end at end_t, start at start_t):
