@@ -103,8 +103,8 @@ def compute_dtype_weights(model):
     would read 4 bytes and write 2 per parameter before the matmul reads 2: 8 bytes per parameter
     per token where decoding is bound by the 2 it needs. The copies live on the model
     (model.compute_dtype_copies: not parameters, so no optimiser, checkpoint or .to() sees them) and
-    are refreshed in place when a call starts: weights only change between calls, and the copies
-    keep their addresses, so a captured CUDA graph stays valid. Cost: 2 bytes per parameter for the
+    are refreshed in place when a call starts (weights only change between calls), so no call
+    allocates them again. Cost: 2 bytes per parameter for the
     model's life (memory_plan's rollout_copy)."""
     dtype = model.compute_dtype()
     swapped = []
