@@ -442,20 +442,26 @@ def _write_folder(tmp_dir, model, tokenizer_source, optimizer, trainer_state, ex
     _fsync(tmp_dir)
 
 
-def load_trainer_state(checkpoint_dir, optimizer=None):
-    """Restore the optimiser and RNG states saved by save_checkpoint; return its trainer_state dict."""
+def read_trainer_state(checkpoint_dir, mmap=False):
+    """trainer_state.pt, checked to be one save_checkpoint wrote; mmap leaves the optimiser state on disk."""
     path = os.path.join(checkpoint_dir, "trainer_state.pt")
     if not os.path.isfile(path):
         raise ValueError(f"{checkpoint_dir} cannot be resumed: it has no trainer_state.pt")
-    verify(checkpoint_dir, ["trainer_state.pt"])
-    saved = load_plain(path, "a trainer state")
+    saved = load_plain(path, "a trainer state", mmap=mmap)
     if not (isinstance(saved, dict) and isinstance(saved.get("trainer_state"), dict) and "rng" in saved):
         raise ValueError(f"{path}: not a trainer state nanocausal saved (expected optimizer, trainer_state and rng)")
+    return saved
+
+
+def load_trainer_state(checkpoint_dir, optimizer=None):
+    """Restore the optimiser and RNG states saved by save_checkpoint; return its trainer_state dict."""
+    verify(checkpoint_dir, ["trainer_state.pt"])
+    saved = read_trainer_state(checkpoint_dir)
     if optimizer is not None:
         if saved.get("optimizer") is None:  # sharded in optimizer-rankR files (distributed.save_checkpoint)
             raise ValueError(f"{checkpoint_dir} was saved by {saved['trainer_state'].get('world_size')} ranks: resume it "
                              f"under torchrun with that many processes")
-        check_optimizer_state(saved["optimizer"], optimizer, path)
+        check_optimizer_state(saved["optimizer"], optimizer, os.path.join(checkpoint_dir, "trainer_state.pt"))
         optimizer.load_state_dict(saved["optimizer"])
     set_rng_state(saved["rng"])
     return saved["trainer_state"]

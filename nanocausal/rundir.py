@@ -125,11 +125,7 @@ def check_resume(config, ckpt_dir):
     """Refuse, before anything loads, to resume with settings that change the run (one line naming
     each; --allow-changed-args lets them through) or that cannot change at all: LoRA's (the
     checkpoint is an adapter folder or it is not) and the algorithm (its optimiser groups)."""
-    path = os.path.join(ckpt_dir, "trainer_state.pt")
-    saved = checkpoint.load_plain(path, "a trainer state", mmap=True)  # mmap: the optimiser state stays on disk
-    if not (isinstance(saved, dict) and isinstance(saved.get("trainer_state"), dict)):
-        raise ValueError(f"{path}: not a trainer state nanocausal saved (expected a trainer_state dict)")
-    saved = saved["trainer_state"]
+    saved = checkpoint.read_trainer_state(ckpt_dir, mmap=True)["trainer_state"]
     changed = changed_settings(saved.get("config", {}), config, saved.get("fingerprints", {}))
     fixed = [k for k in changed if resume_rule(config, k) == "fixed"]
     if fixed:
