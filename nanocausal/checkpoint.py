@@ -403,12 +403,18 @@ def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_st
     crash_point("moved_new")
     if keep > 1 and previous_step is not None:
         os.replace(old_dir, f"{out_dir}-{previous_step:06d}")
-        kept = sorted(d for d in os.listdir(os.path.dirname(os.path.abspath(out_dir)))
-                      if d.startswith(os.path.basename(out_dir) + "-") and d.rsplit("-", 1)[1].isdigit())
-        for name in kept[:max(0, len(kept) - (keep - 1))]:
-            shutil.rmtree(os.path.join(os.path.dirname(os.path.abspath(out_dir)), name))
+        kept = kept_checkpoints(out_dir)
+        for path in kept[:max(0, len(kept) - (keep - 1))]:
+            shutil.rmtree(path)
     shutil.rmtree(old_dir, ignore_errors=True)
     crash_point("removed_old")
+
+
+def kept_checkpoints(out_dir):
+    """The paths of the earlier checkpoints --keep holds beside out_dir (out_dir-STEP), oldest first."""
+    parent, base = os.path.split(os.path.abspath(out_dir))
+    return sorted(os.path.join(parent, d) for d in os.listdir(parent)
+                  if d.startswith(base + "-") and d.rsplit("-", 1)[1].isdigit())
 
 
 def _write_folder(tmp_dir, model, tokenizer_source, optimizer, trainer_state, extra_modules, staged):

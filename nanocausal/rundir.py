@@ -72,10 +72,9 @@ def set_aside_diverged(ckpt_dir, bad_step):
         if os.path.isdir(aside):
             shutil.rmtree(aside)
         os.replace(ckpt_dir, aside)
-        parent, base = os.path.split(os.path.abspath(ckpt_dir))
-        kept = sorted(d for d in os.listdir(parent) if d.startswith(base + "-") and d.rsplit("-", 1)[1].isdigit())
+        kept = checkpoint.kept_checkpoints(ckpt_dir)
         if kept:
-            os.replace(os.path.join(parent, kept[-1]), ckpt_dir)
+            os.replace(kept[-1], ckpt_dir)
 
 
 def resume_rule(config, name):
