@@ -370,7 +370,7 @@ def copy_tokenizer_files(source, out_dir):
             shutil.copy(os.path.join(folder, name), out_dir)
 
 
-def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_state=None, extra_modules=None, keep=1,
+def save_checkpoint(out_dir, model, tokenizer_source, optimizer, trainer_state, extra_modules=None, keep=1,
                     staged=None):
     """Write out_dir as the folder of the module docstring, so that --resume continues exactly.
     trainer_state holds plain types only; extra_modules (PPO's value head) are saved as
@@ -428,10 +428,8 @@ def _write_folder(tmp_dir, model, tokenizer_source, optimizer, trainer_state, ex
     for name, module in (extra_modules or {}).items():  # modules, or their state dicts (gathered under torchrun)
         state = module if isinstance(module, dict) else module.state_dict()
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp_dir, f"{name}.safetensors"))
-    if optimizer is not None or trainer_state is not None:
-        torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
-                    "trainer_state": trainer_state or {}, "rng": rng_state()},
-                   os.path.join(tmp_dir, "trainer_state.pt"))
+    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "trainer_state": trainer_state, "rng": rng_state()}, os.path.join(tmp_dir, "trainer_state.pt"))
     crash_point("trainer_state")
     if staged is not None:
         for name in os.listdir(staged):
@@ -441,7 +439,7 @@ def _write_folder(tmp_dir, model, tokenizer_source, optimizer, trainer_state, ex
     for name in files:
         _fsync(os.path.join(tmp_dir, name))
     with open(os.path.join(tmp_dir, MANIFEST), "w") as f:
-        json.dump({"step": (trainer_state or {}).get("step"),
+        json.dump({"step": trainer_state.get("step"),
                    "files": {n: os.path.getsize(os.path.join(tmp_dir, n)) for n in files},
                    "sha256": {n: file_sha256(os.path.join(tmp_dir, n)) for n in files}}, f, indent=1)
     _fsync(os.path.join(tmp_dir, MANIFEST))
