@@ -49,6 +49,11 @@ def is_main():
     return rank() == 0
 
 
+# The process group's backend for each kind of device: nccl reduces CUDA tensors only, so a CUDA run
+# adds gloo for the CPU scalars (token counts, metric sums, flags) the helpers below reduce.
+BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
+
+
 def setup(device):
     """Join torchrun's process group when there is one (WORLD_SIZE > 1); returns this rank's device
     (cuda:LOCAL_RANK for --device cuda). A no-op in a single process."""
@@ -61,11 +66,6 @@ def setup(device):
     if not dist.is_initialized():
         dist.init_process_group(BACKENDS["cuda" if cuda else "cpu"])
     return device
-
-
-# The process group's backend for each kind of device: nccl reduces CUDA tensors only, so a CUDA run
-# adds gloo for the CPU scalars (token counts, metric sums, flags) the helpers below reduce.
-BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
 
 
 def teardown():
@@ -323,9 +323,8 @@ def all_cat(t, dim=-1):
 
 def pad_to_longest(chunks, filler=None):
     """chunks + zero-weight repeats of its last one (or of `filler` when it is empty) up to the
-    longest list on any rank: [(chunk, weight)], weight 1 for the real ones and 0 for the repeats,
-    so that every rank runs as many forward/backward passes as the busiest one (FSDP's
-    all-gathers are collectives)."""
+    longest list on any rank: [(chunk, weight)], weight 1 for the real ones and 0 for the repeats
+    (the module docstring's one rule: every rank runs as many passes as the busiest one)."""
     longest = all_max(len(chunks))
     repeat = chunks[-1] if chunks else filler
     return [(c, 1.0) for c in chunks] + [(repeat, 0.0)] * (longest - len(chunks))
