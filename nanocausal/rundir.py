@@ -138,12 +138,12 @@ def check_resume(config, ckpt_dir):
             "to resume anyway)")
 
 
-def changed_settings(saved: dict, config, fingerprints=None):
+def changed_settings(saved: dict, config, fingerprints: dict):
     """The settings of `config` that differ from the saved run's and change what it computes. A
     path setting (resume="content") is the same when it names the same content: a local path is
     compared by checkpoint.fingerprint with the one saved (none saved: by its resolved path, then
     by content while the old path exists); a hub id by its string."""
-    current, fingerprints = asdict(config), fingerprints or {}
+    current = asdict(config)
 
     def same(k):
         if resume_rule(config, k) == "content":
@@ -152,7 +152,7 @@ def changed_settings(saved: dict, config, fingerprints=None):
     return {k: (saved[k], current[k]) for k in current if k in saved and resume_rule(config, k) != "free" and not same(k)}
 
 
-def same_content(saved, now, saved_fingerprint=None):
+def same_content(saved, now, saved_fingerprint):
     if saved is None or now is None or not os.path.exists(os.path.expanduser(now)):
         return saved == now  # unset, or a hub id
     if saved_fingerprint is None:
