@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from nanocausal import checkpoint, lora
 from nanocausal.model import Transformer
-from nanocausal.safe_files import read_json, read_tensors
+from nanocausal.safe_files import load_plain, read_json, read_tensors
 
 
 def world_size():
@@ -242,7 +242,7 @@ def fill_optimizer_state(template, folder):
             if key not in group:
                 raise ValueError(f"{json_file}: param_groups lack {key!r}")
             ours[key] = tuple(group[key]) if isinstance(value, tuple) else group[key]  # JSON has no tuples (betas)
-    return checkpoint.load_plain(rng_file, "an RNG state")
+    return load_plain(rng_file, "an RNG state")
 
 
 def load_shards(folder, saved_world_size, model, extra_modules, optimizer):
