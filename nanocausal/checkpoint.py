@@ -370,7 +370,7 @@ def copy_tokenizer_files(source, out_dir):
             shutil.copy(os.path.join(folder, name), out_dir)
 
 
-def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_state=None, extra_modules=None, keep=1,
+def save_checkpoint(out_dir, model, tokenizer_source, optimizer, trainer_state, extra_modules=None, keep=1,
                     staged=None):
     """Write out_dir as the folder of the module docstring, so that --resume continues exactly.
     trainer_state holds plain types only; extra_modules (PPO's value head) are saved as
@@ -403,12 +403,18 @@ def save_checkpoint(out_dir, model, tokenizer_source, optimizer=None, trainer_st
     crash_point("moved_new")
     if keep > 1 and previous_step is not None:
         os.replace(old_dir, f"{out_dir}-{previous_step:06d}")
-        kept = sorted(d for d in os.listdir(os.path.dirname(os.path.abspath(out_dir)))
-                      if d.startswith(os.path.basename(out_dir) + "-") and d.rsplit("-", 1)[1].isdigit())
-        for name in kept[:max(0, len(kept) - (keep - 1))]:
-            shutil.rmtree(os.path.join(os.path.dirname(os.path.abspath(out_dir)), name))
+        kept = kept_checkpoints(out_dir)
+        for path in kept[:max(0, len(kept) - (keep - 1))]:
+            shutil.rmtree(path)
     shutil.rmtree(old_dir, ignore_errors=True)
     crash_point("removed_old")
+
+
+def kept_checkpoints(out_dir):
+    """The paths of the earlier checkpoints --keep holds beside out_dir (out_dir-STEP), oldest first."""
+    parent, base = os.path.split(os.path.abspath(out_dir))
+    return sorted(os.path.join(parent, d) for d in os.listdir(parent)
+                  if d.startswith(base + "-") and d.rsplit("-", 1)[1].isdigit())
 
 
 def _write_folder(tmp_dir, model, tokenizer_source, optimizer, trainer_state, extra_modules, staged):
@@ -422,10 +428,8 @@ def _write_folder(tmp_dir, model, tokenizer_source, optimizer, trainer_state, ex
     for name, module in (extra_modules or {}).items():  # modules, or their state dicts (gathered under torchrun)
         state = module if isinstance(module, dict) else module.state_dict()
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp_dir, f"{name}.safetensors"))
-    if optimizer is not None or trainer_state is not None:
-        torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
-                    "trainer_state": trainer_state or {}, "rng": rng_state()},
-                   os.path.join(tmp_dir, "trainer_state.pt"))
+    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "trainer_state": trainer_state, "rng": rng_state()}, os.path.join(tmp_dir, "trainer_state.pt"))
     crash_point("trainer_state")
     if staged is not None:
         for name in os.listdir(staged):
@@ -435,27 +439,33 @@ def _write_folder(tmp_dir, model, tokenizer_source, optimizer, trainer_state, ex
     for name in files:
         _fsync(os.path.join(tmp_dir, name))
     with open(os.path.join(tmp_dir, MANIFEST), "w") as f:
-        json.dump({"step": (trainer_state or {}).get("step"),
+        json.dump({"step": trainer_state.get("step"),
                    "files": {n: os.path.getsize(os.path.join(tmp_dir, n)) for n in files},
                    "sha256": {n: file_sha256(os.path.join(tmp_dir, n)) for n in files}}, f, indent=1)
     _fsync(os.path.join(tmp_dir, MANIFEST))
     _fsync(tmp_dir)
 
 
-def load_trainer_state(checkpoint_dir, optimizer=None):
-    """Restore the optimiser and RNG states saved by save_checkpoint; return its trainer_state dict."""
+def read_trainer_state(checkpoint_dir, mmap=False):
+    """trainer_state.pt, checked to be one save_checkpoint wrote; mmap leaves the optimiser state on disk."""
     path = os.path.join(checkpoint_dir, "trainer_state.pt")
     if not os.path.isfile(path):
         raise ValueError(f"{checkpoint_dir} cannot be resumed: it has no trainer_state.pt")
-    verify(checkpoint_dir, ["trainer_state.pt"])
-    saved = load_plain(path, "a trainer state")
+    saved = load_plain(path, "a trainer state", mmap=mmap)
     if not (isinstance(saved, dict) and isinstance(saved.get("trainer_state"), dict) and "rng" in saved):
         raise ValueError(f"{path}: not a trainer state nanocausal saved (expected optimizer, trainer_state and rng)")
+    return saved
+
+
+def load_trainer_state(checkpoint_dir, optimizer=None):
+    """Restore the optimiser and RNG states saved by save_checkpoint; return its trainer_state dict."""
+    verify(checkpoint_dir, ["trainer_state.pt"])
+    saved = read_trainer_state(checkpoint_dir)
     if optimizer is not None:
         if saved.get("optimizer") is None:  # sharded in optimizer-rankR files (distributed.save_checkpoint)
             raise ValueError(f"{checkpoint_dir} was saved by {saved['trainer_state'].get('world_size')} ranks: resume it "
                              f"under torchrun with that many processes")
-        check_optimizer_state(saved["optimizer"], optimizer, path)
+        check_optimizer_state(saved["optimizer"], optimizer, os.path.join(checkpoint_dir, "trainer_state.pt"))
         optimizer.load_state_dict(saved["optimizer"])
     set_rng_state(saved["rng"])
     return saved["trainer_state"]

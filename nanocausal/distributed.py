@@ -25,10 +25,16 @@ One rule every caller must keep: the units' all-gathers are collectives, so ever
 the same number of forward (and backward) passes. A rank whose share cuts into fewer
 micro-batches runs zero-weight repeats (`pad_to_longest`).
 """
+import json
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
+
+from nanocausal import checkpoint, lora
+from nanocausal.model import Transformer
+from nanocausal.safe_files import load_plain, read_json, read_tensors
 
 
 def world_size():
@@ -43,6 +49,11 @@ def is_main():
     return rank() == 0
 
 
+# The process group's backend for each kind of device: nccl reduces CUDA tensors only, so a CUDA run
+# adds gloo for the CPU scalars (token counts, metric sums, flags) the helpers below reduce.
+BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
+
+
 def setup(device):
     """Join torchrun's process group when there is one (WORLD_SIZE > 1); returns this rank's device
     (cuda:LOCAL_RANK for --device cuda). A no-op in a single process."""
@@ -55,11 +66,6 @@ def setup(device):
     if not dist.is_initialized():
         dist.init_process_group(BACKENDS["cuda" if cuda else "cpu"])
     return device
-
-
-# The process group's backend for each kind of device: nccl reduces CUDA tensors only, so a CUDA run
-# adds gloo for the CPU scalars (token counts, metric sums, flags) the helpers below reduce.
-BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
 
 
 def teardown():
@@ -121,8 +127,6 @@ def gathered_copy(model, on_every_rank=False, device="cpu", dtype=None):
     checkpoint reads: on rank 0 only (None elsewhere), or on every rank. Every rank must call it
     (the gathers are collectives). Rank 0 writes it as the Hugging Face folder; on every rank, in
     the compute dtype, it is the generation copy of the RL rollouts (see rl.py)."""
-    from nanocausal import lora
-    from nanocausal.model import Transformer
     state = full_state_dict(model, device, dtype)
     if not (on_every_rank or is_main()):
         return None
@@ -169,13 +173,9 @@ def save_checkpoint(ckpt_dir, model, tokenizer_source, optimizer, trainer_state,
     plain types, read back with weights_only=True). No pickle anywhere, so a resume cannot run code
     planted in a checkpoint. Rank 0 then writes the Hugging Face folder from the gathered weights,
     moving the staged files in before its manifest, so the save stays crash-safe."""
-    import json
-    import shutil
-
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    from nanocausal import checkpoint
     staging = ckpt_dir + ".shards"
     if is_main():
         shutil.rmtree(staging, ignore_errors=True)  # left over by a save that a crash interrupted
@@ -207,8 +207,6 @@ def fill_optimizer_state(template, folder):
     optimiser: every tensor already there at its local shape), refusing with one line naming the
     file and tensor anything that does not fit: a missing or extra tensor, another local shape or
     dtype, other parameter groups. Returns the RNG state saved beside it."""
-    from nanocausal import checkpoint
-    from nanocausal.safe_files import read_json, read_tensors
     names = shard_file_names(rank())
     checkpoint.verify(folder, names)
     tensors_file, json_file, rng_file = paths = [os.path.join(folder, n) for n in names]
@@ -244,7 +242,7 @@ def fill_optimizer_state(template, folder):
             if key not in group:
                 raise ValueError(f"{json_file}: param_groups lack {key!r}")
             ours[key] = tuple(group[key]) if isinstance(value, tuple) else group[key]  # JSON has no tuples (betas)
-    return checkpoint.load_plain(rng_file, "an RNG state")
+    return load_plain(rng_file, "an RNG state")
 
 
 def load_shards(folder, saved_world_size, model, extra_modules, optimizer):
@@ -253,7 +251,6 @@ def load_shards(folder, saved_world_size, model, extra_modules, optimizer):
     none is left waiting in a collective for the one that stopped."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    from nanocausal import checkpoint
     if saved_world_size != world_size():
         raise ValueError(f"{folder} was saved by {saved_world_size} processes: resume it with as many")
     if any(n == ".metadata" or n.endswith(".distcp") for n in os.listdir(folder)):
@@ -326,9 +323,8 @@ def all_cat(t, dim=-1):
 
 def pad_to_longest(chunks, filler=None):
     """chunks + zero-weight repeats of its last one (or of `filler` when it is empty) up to the
-    longest list on any rank: [(chunk, weight)], weight 1 for the real ones and 0 for the repeats,
-    so that every rank runs as many forward/backward passes as the busiest one (FSDP's
-    all-gathers are collectives)."""
+    longest list on any rank: [(chunk, weight)], weight 1 for the real ones and 0 for the repeats
+    (the module docstring's one rule: every rank runs as many passes as the busiest one)."""
     longest = all_max(len(chunks))
     repeat = chunks[-1] if chunks else filler
     return [(c, 1.0) for c in chunks] + [(repeat, 0.0)] * (longest - len(chunks))

@@ -72,10 +72,9 @@ def set_aside_diverged(ckpt_dir, bad_step):
         if os.path.isdir(aside):
             shutil.rmtree(aside)
         os.replace(ckpt_dir, aside)
-        parent, base = os.path.split(os.path.abspath(ckpt_dir))
-        kept = sorted(d for d in os.listdir(parent) if d.startswith(base + "-") and d.rsplit("-", 1)[1].isdigit())
+        kept = checkpoint.kept_checkpoints(ckpt_dir)
         if kept:
-            os.replace(os.path.join(parent, kept[-1]), ckpt_dir)
+            os.replace(kept[-1], ckpt_dir)
 
 
 def resume_rule(config, name):
@@ -125,11 +124,7 @@ def check_resume(config, ckpt_dir):
     """Refuse, before anything loads, to resume with settings that change the run (one line naming
     each; --allow-changed-args lets them through) or that cannot change at all: LoRA's (the
     checkpoint is an adapter folder or it is not) and the algorithm (its optimiser groups)."""
-    path = os.path.join(ckpt_dir, "trainer_state.pt")
-    saved = checkpoint.load_plain(path, "a trainer state", mmap=True)  # mmap: the optimiser state stays on disk
-    if not (isinstance(saved, dict) and isinstance(saved.get("trainer_state"), dict)):
-        raise ValueError(f"{path}: not a trainer state nanocausal saved (expected a trainer_state dict)")
-    saved = saved["trainer_state"]
+    saved = checkpoint.read_trainer_state(ckpt_dir, mmap=True)["trainer_state"]
     changed = changed_settings(saved.get("config", {}), config, saved.get("fingerprints", {}))
     fixed = [k for k in changed if resume_rule(config, k) == "fixed"]
     if fixed:
@@ -143,12 +138,12 @@ def check_resume(config, ckpt_dir):
             "to resume anyway)")
 
 
-def changed_settings(saved: dict, config, fingerprints=None):
+def changed_settings(saved: dict, config, fingerprints: dict):
     """The settings of `config` that differ from the saved run's and change what it computes. A
     path setting (resume="content") is the same when it names the same content: a local path is
     compared by checkpoint.fingerprint with the one saved (none saved: by its resolved path, then
     by content while the old path exists); a hub id by its string."""
-    current, fingerprints = asdict(config), fingerprints or {}
+    current = asdict(config)
 
     def same(k):
         if resume_rule(config, k) == "content":
@@ -157,7 +152,7 @@ def changed_settings(saved: dict, config, fingerprints=None):
     return {k: (saved[k], current[k]) for k in current if k in saved and resume_rule(config, k) != "free" and not same(k)}
 
 
-def same_content(saved, now, saved_fingerprint=None):
+def same_content(saved, now, saved_fingerprint):
     if saved is None or now is None or not os.path.exists(os.path.expanduser(now)):
         return saved == now  # unset, or a hub id
     if saved_fingerprint is None:
