@@ -32,7 +32,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from tokenizers import Tokenizer as _HFTokenizer
 
-from nanocausal.checkpoint import TOKENIZER_FILES, base_of, is_adapter, resolve
+from nanocausal.checkpoint import TOKENIZER_FILES, adapter_base, is_adapter, resolve
 from nanocausal.lora import ADAPTER_CONFIG
 from nanocausal.safe_files import read_json
 
@@ -305,7 +305,7 @@ class Tokenizer:
         plus config.json for its eos ids)."""
         folder = resolve(name_or_path, TOKENIZER_FILES + ["config.json", ADAPTER_CONFIG])
         if not os.path.isfile(os.path.join(folder, "tokenizer.json")) and is_adapter(folder):
-            return cls.from_pretrained(base_of(folder))  # a bare LoRA adapter: its base's tokenizer
+            folder = adapter_base(folder)  # a bare LoRA adapter: its base's tokenizer (a cycle: one line)
         return cls(folder)
 
     # ---- text <-> ids ----------------------------------------------------------------------------

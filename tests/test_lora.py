@@ -294,8 +294,9 @@ def test_a_refused_merge_is_one_line(sft_adapter, tmp_path):
 def test_an_adapter_whose_base_is_not_a_model_is_one_line(sft_adapter, tmp_path, base):
     folder = shutil.copytree(sft_adapter[0], tmp_path / "a")
     other = shutil.copytree(sft_adapter[0], tmp_path / "b")
-    for adapter in (folder, other):  # as a peft adapter from elsewhere: no manifest to catch the edit below
+    for adapter in (folder, other):  # as a peft adapter from elsewhere: no manifest, no tokenizer of its own
         os.remove(adapter / checkpoint.MANIFEST)
+        os.remove(adapter / "tokenizer.json")
     config = json.loads((folder / lora.ADAPTER_CONFIG).read_text())
     config["base_model_name_or_path"] = {"itself": str(folder), "cycle": str(other)}.get(base, base)
     (folder / lora.ADAPTER_CONFIG).write_text(json.dumps(config))
@@ -303,7 +304,7 @@ def test_an_adapter_whose_base_is_not_a_model_is_one_line(sft_adapter, tmp_path,
     expected = {"itself": "base_model_name_or_path names this adapter itself",
                 "cycle": f"base_model_name_or_path names {other}, another LoRA adapter"}.get(
         base, f"base_model_name_or_path must name the base model \\(a folder or hub id\\), got {base}")
-    for read in (load_model, checkpoint.fingerprint):
+    for read in (load_model, checkpoint.fingerprint, Tokenizer.from_pretrained):  # the tokenizer recursed
         with pytest.raises(ValueError, match=expected) as refused:
             read(folder)
         assert "\n" not in str(refused.value)
