@@ -78,7 +78,7 @@ def run_nanocausal(folder, steps):
     config = RLConfig(algo="grpo", model=model, prompts_per_step=PROMPTS_PER_STEP, group_size=GROUP_SIZE,
                       max_new_tokens=NEW_TOKENS, micro_batch_size=PROMPTS_PER_STEP * GROUP_SIZE, lr=LR, warmup_steps=0,
                       steps=steps + 1, eval_every=0, save_every=1_000_000, device="cpu",
-                      out_dir=os.path.join(folder, "nanocausal-out"))
+                      out_dir=os.path.join(folder, "nanocausal-out"), overwrite=True)  # a repeat starts again
     prompts = data.tokenize(data.load_examples(os.path.join(folder, "prompts.jsonl"), "rl"), tokenizer, "rl", progress=False)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     from rl_worker import on_token_ids  # these prompts and text_reward, in place of the causal ones
