@@ -102,36 +102,6 @@ def sample_key(key):
     return int(hashlib.sha1(key.encode()).hexdigest()[:15], 16)
 
 
-def answer(model, tokenizer, items, num_samples, temperature, top_p, top_k, max_new_tokens, seed, keys=None,
-           slots=16, on_answered=None, compile_decode=False):
-    """Responses (num_samples per item, item-major) for `items`, decoded by continuous batching
-    (generate.generate_many) over `slots` rows: a finished reply's row takes the next waiting one.
-
-    keys: each item's item_key (its random numbers follow sample_key(key)); default its position.
-    on_answered(i, responses) is called as soon as items[i] has all its samples.
-    A reply is capped at what the model's context leaves after its prompt (the official 8192 new
-    tokens do not fit every model: SmolLM2's context is 8192 in all), as a serving engine does."""
-    keys = [str(i) for i in range(len(items))] if keys is None else keys
-    responses = [None] * len(items)
-
-    def answered(i, samples):
-        responses[i] = samples
-        if on_answered is not None:
-            on_answered(i, samples)
-    if model in PSEUDO_MODELS:
-        for i, item in enumerate(items):
-            answered(i, [pseudo_reply(model, item)] * num_samples)
-        return responses
-    prompts = [tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True) for item in items]
-    generate_many(model, prompts, max_new_tokens, slots=max(slots, num_samples), temperature=temperature,
-                  top_p=top_p, top_k=top_k, num_samples=num_samples, eos_token_ids=tokenizer.eos_token_ids,
-                  seed=seed, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
-                  prompt_keys=[sample_key(key) for key in keys], compile_decode=compile_decode,
-                  on_prompt_done=lambda i, completions: answered(
-                      i, [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]))
-    return responses
-
-
 def pseudo_reply(model, item):
     """oracle: the symbolic solver's answer (None, no answer, for a CaLM item that is no CauGym-style
     problem); gold: the gold answer, as CaLM's prompt asks for it or CauGym's answer JSON."""
@@ -158,10 +128,14 @@ def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature
     rung, style and label).
 
     model: a Transformer (with its Tokenizer) or "oracle" / "gold". temperature 0 is greedy
-    decoding (then num_samples is 1). batch_size problems decode at once (batch_size * num_samples
-    rows). Items whose key is in `done` are skipped; `on_records` is called with each problem's
-    records as soon as it is answered (run() appends them to responses.jsonl). With world_size > 1
-    only every world_size-th problem still to answer, from the rank-th, is answered here."""
+    decoding (then num_samples is 1). The replies are decoded by continuous batching
+    (generate.generate_many) over batch_size * num_samples rows: a finished reply's row takes the
+    next waiting problem; a problem's random numbers follow sample_key of its item_key. A reply is
+    capped at what the model's context leaves after its prompt (the official 8192 new tokens do
+    not fit every model: SmolLM2's context is 8192 in all), as a serving engine does. Items whose
+    key is in `done` are skipped; `on_records` is called with each problem's records as soon as it
+    is answered (run() appends them to responses.jsonl). With world_size > 1 only every
+    world_size-th problem still to answer, from the rank-th, is answered here."""
     if temperature == 0:
         num_samples = 1
     todo = [(i, item) for i, item in enumerate(items) if item_key(dataset, i, item) not in done][rank::world_size]
@@ -178,10 +152,17 @@ def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature
         if on_records is not None:
             on_records(new)
         bar.update(1)
-    if todo:
-        answer(model, tokenizer, [item for _, item in todo], num_samples, temperature, top_p, top_k, max_new_tokens,
-               seed, keys=[item_key(dataset, i, item) for i, item in todo], slots=batch_size * num_samples,
-               on_answered=answered, compile_decode=compile_decode)
+    if model in PSEUDO_MODELS:
+        for j, (_, item) in enumerate(todo):
+            answered(j, [pseudo_reply(model, item)] * num_samples)
+    elif todo:
+        prompts = [tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True) for _, item in todo]
+        generate_many(model, prompts, max_new_tokens, slots=batch_size * num_samples, temperature=temperature,
+                      top_p=top_p, top_k=top_k, num_samples=num_samples, eos_token_ids=tokenizer.eos_token_ids,
+                      seed=seed, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
+                      prompt_keys=[sample_key(item_key(dataset, i, item)) for i, item in todo],
+                      compile_decode=compile_decode, on_prompt_done=lambda j, completions: answered(
+                          j, [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]))
     bar.close()
     return [record for index in sorted(records) for record in records[index]]
 
