@@ -206,19 +206,9 @@ ECI_YES = ('is a causal relationship', '答案为“会', '答案是「是', 'is
     'explicitly states a causal relationship', 'a causal relationship can be inferred',
     'be a causal relationship between', 'the answer will be yes', 'answer should be yes', 'the answer could be yes',
     'the answer for you is yes', 'this is the causal relationship between', 'indicates a direct causal relationship',
-    'should be a relationship between', 'definitely got a causal relationship', "thus answering 'yes'",
-    'thus answering yes', 'thereby answering yes', 'answer would thus be yes', "so answering 'yes'",
-    "hence answering 'yes'", "therefore answering 'yes", 'confirming our answer yes',
-    'an answer for this question would be yes', 'answer would be: yes', 'implying a yes answer',
-    'making the answer yes', 'incident does have a causal relationship', 'the cause and effect relationship exists',
-    'there is a direct cause relationship', 'must have a causal relationship', 'answer would be yes',
-    'a causal relationship exists between', 'answer(yes', 'answer for this question is yes', 'answer (yes',
-    'answer here is `yes`', 'answer might be yes', 'answer is a yes', 'the answer yes', 'henceforth – yes',
-    'thus indicating yes', 'hence indicating yes', "it's safe to say yes", "hence it's 'yes'", "thus answering 'yes’",
-    'so it’s yes', 'thus it can be said yes', 'the correct response is yes', 'answering the question with a yes',
-    'the correct answer would be "yes', 'the answer is "yes”', 'answer "yes', 'the answer as yes',
-    'the answer to the question yes', 'the answer is causality', 'the answer is yes', 'the answer is "yes', '答案是:是',
-    '是因果关系', '有因果关系', '存在因果关', '因果关系存在')
+    'should be a relationship between', 'definitely got a causal relationship',
+    *YES[YES.index("thus answering 'yes'"):],  # CaLM's list repeats the whole end of the YES table here
+    '答案是:是', '是因果关系', '有因果关系', '存在因果关', '因果关系存在')
 ECI_NO = ('there is no causal relationship', 'answer (yes or no?): no', 'answer is no', '"no"', 'answer: no',
     'answer is: no', 'answer is:\n\nno', 'answer is:\nno', '答案为“否”', 'answer (no )', 'answering your query - no',
     'there is no direct causal', 'did not directly cause', 'not the sole or direct cause', 'not directly causally',
