@@ -330,8 +330,17 @@ def cascade(reply, inner, extra):
 # ----------------------------------------------------------------------------- yes/no families
 
 
-def cladder(reply, item, style, task):  # CORR-B, EAE-B, CR-B, BAS-B, CB-B (labeling/CLADDER.py)
-    return yes_no(reply, START_YES, START_NO, joined(CLADDER_YES, YES), joined(CLADDER_NO, NO))
+def with_own_phrases(own_yes, own_no):
+    """The rule of a family that is rules 1-3 with its own phrases put before the common tables."""
+    yes, no = joined(own_yes, YES), joined(own_no, NO)
+    return lambda reply, item, style, task: yes_no(reply, START_YES, START_NO, yes, no)
+
+
+cladder = with_own_phrases(CLADDER_YES, CLADDER_NO)  # CORR-B, EAE-B, CR-B, BAS-B, CB-B (labeling/CLADDER.py)
+identification = with_own_phrases(CEI_YES, CEI_NO)  # CEI-B
+event_causality = with_own_phrases(ECI_YES, ECI_NO)  # ECI-B
+pairwise_binary = with_own_phrases(PCD_YES, PCD_NO)  # PCD-B
+IN_STEP_YES, IN_STEP_NO = in_step(START_YES, START_NO)  # the start tables as AR-B and CA-B walk them
 
 
 def causal_judgement(reply, item, style, task):  # AC-B: a reply listing both "- yes" and "- no" has no label
@@ -341,37 +350,22 @@ def causal_judgement(reply, item, style, task):  # AC-B: a reply listing both "-
 
 
 def abstract_reasoning(reply, item, style, task):  # AR-B
-    start_yes, start_no = in_step(START_YES, START_NO)
-    return yes_no(reply, start_yes, start_no, YES, NO,
+    return yes_no(reply, IN_STEP_YES, IN_STEP_NO, YES, NO,
                   also_yes="yes" in reply and ("causes" in reply or "does cause" in reply)
                   or "是" in reply and "会导致" in reply,
                   also_no="否" in reply and "不会导致" in reply)
 
 
 def ancestor(reply, item, style, task):  # CA-B_FA
-    start_yes, start_no = in_step(START_YES, START_NO)
-    return yes_no(reply, start_yes, start_no, joined(PARENT_NODE, YES), NO,
+    return yes_no(reply, IN_STEP_YES, IN_STEP_NO, joined(PARENT_NODE, YES), NO,
                   also_yes="yes" in reply and any(p in reply for p in ANCESTOR) or "是" in reply and "祖先节点" in reply,
                   also_no="不是" in reply and "祖先节点" in reply)
 
 
 def parent(reply, item, style, task):  # CA-B_FP
-    start_yes, start_no = in_step(START_YES, START_NO)
-    return yes_no(reply, start_yes, start_no, joined(PARENT_NODE, YES), NO,
+    return yes_no(reply, IN_STEP_YES, IN_STEP_NO, joined(PARENT_NODE, YES), NO,
                   also_yes="yes" in reply and "is the parent of" in reply or "是" in reply and "父节点" in reply,
                   also_no="不是" in reply and "父节点" in reply)
-
-
-def identification(reply, item, style, task):  # CEI-B
-    return yes_no(reply, START_YES, START_NO, joined(CEI_YES, YES), joined(CEI_NO, NO))
-
-
-def event_causality(reply, item, style, task):  # ECI-B
-    return yes_no(reply, START_YES, START_NO, joined(ECI_YES, YES), joined(ECI_NO, NO))
-
-
-def pairwise_binary(reply, item, style, task):  # PCD-B
-    return yes_no(reply, START_YES, START_NO, joined(PCD_YES, YES), joined(PCD_NO, NO))
 
 # ----------------------------------------------------------------------------- choice families
 
