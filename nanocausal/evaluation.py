@@ -324,9 +324,9 @@ def open_to_append(path):
     return f
 
 
-def check_same_run(config: EvalConfig, settings, write=True):
-    """Refuse to resume into responses made with other settings (`settings`: run_settings), then
-    (write) record them in <out>/run.json."""
+def check_same_run(config: EvalConfig, settings):
+    """Refuse to resume into responses made with other settings (`settings`: run_settings, which
+    run() then records in <out>/run.json)."""
     path = os.path.join(config.out, "run.json")
     if os.path.isfile(path) and os.path.isfile(os.path.join(config.out, "responses.jsonl")):
         saved = checkpoint.read_json(path)
@@ -340,9 +340,6 @@ def check_same_run(config: EvalConfig, settings, write=True):
         if changed:
             raise ValueError(f"{config.out} holds responses of another run ({', '.join(changed)}): "
                              f"choose another --out, or delete {config.out}")
-    if write:
-        with open(path, "w") as f:
-            json.dump(settings, f, indent=2)
 
 
 def run(config: EvalConfig):
@@ -372,7 +369,7 @@ def run(config: EvalConfig):
     settings = run_settings(config) if distributed.is_main() else None
     if distributed.is_main() and os.path.isdir(config.out):
         rundir.lock(config.out)  # one eval.py writes an --out at a time, for its whole run
-        check_same_run(config, settings, write=False)  # a refusal comes before the model loads
+        check_same_run(config, settings)  # a refusal comes before the model loads
     model, tokenizer = config.model, None
     if config.model not in PSEUDO_MODELS:  # (a broken model fails before anything is written)
         dtype = getattr(torch, config.dtype or ("bfloat16" if "cuda" in config.device else "float32"))
@@ -381,6 +378,8 @@ def run(config: EvalConfig):
     if distributed.is_main():
         rundir.lock(config.out)  # (creates it; a no-op when held already)
         check_same_run(config, settings)
+        with open(os.path.join(config.out, "run.json"), "w") as f:
+            json.dump(settings, f, indent=2)
         fold_rank_files(responses_path)
     distributed.barrier()
     expected = 1 if config.temperature == 0 else config.num_samples
