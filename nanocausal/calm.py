@@ -268,7 +268,7 @@ def is_task_file(path):
     with open(path, encoding="utf-8") as f:
         try:
             first = json.loads(f.readline())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):  # not CaLM's: the CauGym reader says what is wrong
             return False
     return isinstance(first, dict) and "gt_answer" in first
 

@@ -165,3 +165,6 @@ def test_errors_name_the_file_and_the_field(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty: no CaLM task files"):
         evaluation.load_dataset(str(tmp_path / "empty"))
+    (tmp_path / "latin1.json").write_bytes(b'{"gt_answer": "caf\xe9"}\n')  # once a bare UnicodeDecodeError
+    with pytest.raises(ValueError, match=r"latin1.json: not UTF-8 text \(byte 0xe9"):
+        evaluation.load_dataset(str(tmp_path / "latin1.json"))
