@@ -211,29 +211,23 @@ def gold_label(item, task):
     return FAMILIES[_task(task)[2]][1](item)
 
 
-def predicted_label(response, item, task, style="basic"):
-    """The label CaLM gives `response`: 1 / 0 (yes / no) or -1 for the binary tasks, the option
-    number or -1 for the choice tasks (PCD-C: 0 or 1 or -1), a float or None for the -P tasks, the
-    "answer" value or None for the -B effect tasks, the reply itself for CEG-O."""
-    family = _task(task)[2]
-    if family == "open":
-        return response
-    return FAMILIES[family][0](response.strip().lower(), item, style, task)
-
-
 def scored(task):
     return _task(task)[2] != "open"
 
 
-def is_correct(response, item, task, style="basic"):
-    """CaLM's score of one reply: its label equals the gold label (-P tasks: both rounded to 4
-    decimals). None for CEG-O_E-CARE, which is not scored here (module docstring)."""
-    if not scored(task):
-        return None
-    label, gold = predicted_label(response, item, task, style), gold_label(item, task)
-    if _task(task)[2] == "probability":
-        return label is not None and round(label, 4) == round(gold, 4)
-    return label == gold
+def label_and_score(response, item, task, style="basic"):
+    """The label CaLM gives `response` and its score: 1 / 0 (yes / no) or -1 for the binary tasks,
+    the option number or -1 for the choice tasks (PCD-C: 0 or 1 or -1), a float or None for the -P
+    tasks, the "answer" value or None for the -B effect tasks; correct when the label equals the
+    gold label (-P tasks: both rounded to 4 decimals). (None, None) without a response, and for
+    CEG-O_E-CARE, which is not scored here (module docstring)."""
+    family = _task(task)[2]
+    if family == "open" or response is None:
+        return None, None
+    label, gold = FAMILIES[family][0](response.strip().lower(), item, style, task), gold_label(item, task)
+    if family == "probability":
+        return label, label is not None and round(label, 4) == round(gold, 4)
+    return label, label == gold
 
 
 def gold_reply(item, task):
@@ -339,15 +333,6 @@ def load_dataset(spec, style="basic"):
                 row["problem"] = prompt(item, task, "basic")
             out.append(row)
     return name, out
-
-
-def record_fields(item, response):
-    """The scoring fields of an evaluation record of a CaLM item: rung, style, CaLM's label of the
-    response and `correct` (None when the task is not scored or the model gave no response)."""
-    task, style, answered = item["type"], item["style"], response is not None
-    return {"rung": item["rung"], "style": style,
-            "label": predicted_label(response, item["calm"], task, style) if answered and scored(task) else None,
-            "correct": is_correct(response, item["calm"], task, style) if answered else None}
 
 # ----------------------------------------------------------------------------- the table
 

@@ -113,10 +113,11 @@ def pseudo_reply(model, item):
 
 
 def scoring(item, response):
-    """A record's scoring fields: `correct` by CauGym's official rule, or for a CaLM item CaLM's label
-    and score (calm.record_fields; correct None: not scored)."""
+    """A record's scoring fields: `correct` by CauGym's official rule, or for a CaLM item its rung,
+    style, CaLM's label and score (calm.label_and_score; correct None: not scored or no reply)."""
     if "calm" in item:
-        return calm.record_fields(item, response)
+        label, correct = calm.label_and_score(response, item["calm"], item["type"], item["style"])
+        return {"rung": item["rung"], "style": item["style"], "label": label, "correct": correct}
     return {"correct": caugym.is_correct(response, item["answer"])}
 
 
