@@ -13,23 +13,18 @@ import json
 import math
 import re
 
-from nanocausal.caugym import ANSWER_SPAN, LACK, answer_prob, is_correct, prob_matches
+from nanocausal.caugym import ANSWER_SPAN, LACK, answer_prob, answer_spans, is_correct, prob_matches
 
 
 def last_answer(response):
-    """('lack', None) | ('json', parsed) | (None, None): the answer that comes last in the response."""
+    """('lack', None) | ('json', parsed) | (None, None): the answer that comes last in the response
+    (a last answer JSON that does not parse is no answer)."""
     squeezed = re.sub(r"\s+", "", response)
     spans = list(ANSWER_SPAN.finditer(squeezed))
-    lack_at = squeezed.rfind(LACK)
-    if lack_at >= 0 and (not spans or lack_at > spans[-1].start()):
+    if squeezed.rfind(LACK) > (spans[-1].start() if spans else -1):
         return "lack", None
-    if not spans:
-        return None, None
-    try:
-        parsed = json.loads(spans[-1].group(0).lower())
-    except json.JSONDecodeError:
-        return None, None
-    return ("json", parsed) if isinstance(parsed, dict) else (None, None)
+    parsed = answer_spans(spans[-1].group(0)) if spans else []  # the official rule's parse of that span
+    return ("json", parsed[0]) if parsed else (None, None)
 
 
 def format_ok(response, answer=None):
