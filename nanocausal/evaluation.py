@@ -431,10 +431,9 @@ def run(config: EvalConfig):
         print(f"\n{name}, {expected} samples per problem:")
         print(format_table({metric: {group: table[group][metric] for group in table} for metric in table["overall"]},
                            rows=[task for task in caugym.TASKS if task in table] + ["overall"]))
-    summary = {"model": config.model, "protocol": {"num_samples": expected, "temperature": config.temperature,
-                                                   "top_p": config.top_p, "top_k": config.top_k,
-                                                   "max_new_tokens": config.max_new_tokens},
-               "accuracy": columns, "seconds": round(time.time() - started, 1)}
+    protocol = {k: settings[k] for k in ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens")}
+    summary = {"model": config.model, "protocol": protocol, "accuracy": columns,
+               "seconds": round(time.time() - started, 1)}
     if sampled:
         summary["pass_and_majority"] = sampled
     if calm_columns:
