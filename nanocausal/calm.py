@@ -42,10 +42,10 @@ _THREE = "\nOption 1: %s\nOption 2: %s\nOption 3: %s\nAnswer (Option 1 or Option
 _BACKDOOR = " satisfies the back-door criterion"
 
 
-def _styles(question, answer):
+def _styles(question, answer, basic_gap=""):
     """{style: template} of a prompt whose zero-shot-CoT form puts the step sentence between its
-    question and its answer line."""
-    return {"basic": question + answer, "zero-shot-CoT": question + _STEP + answer}
+    question and its answer line (where the basic form has basic_gap)."""
+    return {"basic": question + basic_gap + answer, "zero-shot-CoT": question + _STEP + answer}
 
 
 def _set_styles(question):
@@ -71,13 +71,9 @@ PROMPTS = {
                  _styles(_GRAPH + "Does %s serve as the ancestor node of %s?", _YES_NO)),
     "parent": (("edges", "sampled_parent", "attribution"),
                _styles(_GRAPH + "Does %s serve as the parent node of %s?", _YES_NO)),
-    "identification": (("di_edges", "bi_edges", "treatment", "outcome"), {
-        "basic": "You will be presented with a causal graph in the following form: %s.\nThere exist unobserved "
-                 "confounders between: %s.\nQuestion: Whether the causal effect of %s on %s is identified or not? "
-                 "\nAnswer (Yes or No ?):",
-        "zero-shot-CoT": "You will be presented with a causal graph in the following form: %s.\nThere exist unobserved "
-                         "confounders between: %s.\nQuestion: Whether the causal effect of %s on %s is identified or "
-                         "not?" + _STEP + _YES_NO}),
+    "identification": (("di_edges", "bi_edges", "treatment", "outcome"), _styles(
+        "You will be presented with a causal graph in the following form: %s.\nThere exist unobserved confounders "
+        "between: %s.\nQuestion: Whether the causal effect of %s on %s is identified or not?", _YES_NO, basic_gap=" ")),
     "event_causality": (("words", "events"), {
         "basic": 'Input: %s\nQuestion: is there a causal relationship between "%s" and "%s" ?' + _YES_NO,
         "zero-shot-CoT": 'Input: %s\nQuestion: is there a causal relationship between "%s" and "%s" ?' + _STEP
