@@ -365,7 +365,6 @@ def run(config: EvalConfig):
     if config.model not in PSEUDO_MODELS:  # everything checked before anything is written
         check_prompts_fit(Tokenizer.from_pretrained(config.model),
                           memory_plan.meta_model(config.model).config.max_position_embeddings, datasets)
-    datasets = [(name, items) for name, _, items in datasets]
     responses_path = os.path.join(config.out, "responses.jsonl")
     settings = run_settings(config) if distributed.is_main() else None
     if distributed.is_main() and os.path.isdir(config.out):
@@ -398,7 +397,7 @@ def run(config: EvalConfig):
         def append(records):
             f.writelines(json.dumps(r) + "\n" for r in records)
             f.flush()
-        for name, items in datasets:
+        for name, _, items in datasets:
             records = evaluate(model, tokenizer, items, dataset=name, num_samples=config.num_samples,
                                temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                                max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
