@@ -7,10 +7,9 @@ symbolic `oracle`), scores every sample and aggregates accuracy = correct sample
 per task and overall (`run` is eval.py's job).
 
 CaLM-Lite task files (or folders of them) run through the same path with CaLM's own prompts and
-labelling (nanocausal.calm): their items carry the CaLM item, and `scoring` labels them by CaLM's
-rules; their table has a row per task, per rung of the causal ladder and overall. Two pseudo-models
-check the pipeline without a network: `oracle` (the symbolic solver, for CauGym problems and CaLM's
--P tasks) and `gold` (each item's gold answer, in the form its prompt asks for).
+labelling (nanocausal.calm); their table has a row per task, per rung of the causal ladder and
+overall. Two pseudo-models check the pipeline without a network (`pseudo_reply`): `oracle` (the
+symbolic solver) and `gold` (each item's gold answer).
 """
 import glob
 import hashlib
@@ -129,14 +128,13 @@ def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature
     rung, style and label).
 
     model: a Transformer (with its Tokenizer) or "oracle" / "gold". temperature 0 is greedy
-    decoding (then num_samples is 1). The replies are decoded by continuous batching
-    (generate.generate_many) over batch_size * num_samples rows: a finished reply's row takes the
-    next waiting problem; a problem's random numbers follow sample_key of its item_key. A reply is
-    capped at what the model's context leaves after its prompt (the official 8192 new tokens do
-    not fit every model: SmolLM2's context is 8192 in all), as a serving engine does. Items whose
-    key is in `done` are skipped; `on_records` is called with each problem's records as soon as it
-    is answered (run() appends them to responses.jsonl). With world_size > 1 only every
-    world_size-th problem still to answer, from the rank-th, is answered here."""
+    decoding (then num_samples is 1). Replies are decoded by continuous batching over batch_size *
+    num_samples rows (generate.generate_many), each capped at what the model's context leaves after
+    its prompt (the official 8192 new tokens do not fit every model: SmolLM2's context is 8192 in
+    all), as a serving engine does. Items whose key is in `done` are skipped; `on_records` is
+    called with each problem's records as soon as it is answered (run() appends them to
+    responses.jsonl). With world_size > 1 only every world_size-th problem still to answer, from
+    the rank-th, is answered here."""
     if temperature == 0:
         num_samples = 1
     todo = [(i, item) for i, item in enumerate(items) if item_key(dataset, i, item) not in done][rank::world_size]
