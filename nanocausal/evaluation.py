@@ -296,10 +296,11 @@ def run_settings(config: EvalConfig):
     were replaced is another model, and a folder moved elsewhere is the same one. Hashing reads
     the weights once (about 1.4 GB/s on one core: 11 s for a 7B model in bf16)."""
     identity = config.model if config.model in PSEUDO_MODELS else checkpoint.fingerprint(config.model)
-    return {"model": config.model, "model_fingerprint": identity, "data": list(config.data), "per_task": config.per_task, "limit": config.limit,
-            "tasks": list(config.tasks), "nodes": config.nodes, "seed": config.seed,
-            "num_samples": 1 if config.temperature == 0 else config.num_samples, "temperature": config.temperature,
-            "top_p": config.top_p, "top_k": config.top_k, "max_new_tokens": config.max_new_tokens,
+    return {"model": config.model, "model_fingerprint": identity, "data": list(config.data),
+            "per_task": config.per_task, "limit": config.limit, "tasks": list(config.tasks), "nodes": config.nodes,
+            "seed": config.seed, "num_samples": 1 if config.temperature == 0 else config.num_samples,
+            "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
+            "max_new_tokens": config.max_new_tokens,
             **({"prompt_style": config.prompt_style} if config.prompt_style != "basic" else {})}
 
 
