@@ -42,10 +42,10 @@ _THREE = "\nOption 1: %s\nOption 2: %s\nOption 3: %s\nAnswer (Option 1 or Option
 _BACKDOOR = " satisfies the back-door criterion"
 
 
-def _styles(question, answer):
+def _styles(question, answer, basic_gap=""):
     """{style: template} of a prompt whose zero-shot-CoT form puts the step sentence between its
-    question and its answer line."""
-    return {"basic": question + answer, "zero-shot-CoT": question + _STEP + answer}
+    question and its answer line (where the basic form has basic_gap)."""
+    return {"basic": question + basic_gap + answer, "zero-shot-CoT": question + _STEP + answer}
 
 
 def _set_styles(question):
@@ -71,13 +71,9 @@ PROMPTS = {
                  _styles(_GRAPH + "Does %s serve as the ancestor node of %s?", _YES_NO)),
     "parent": (("edges", "sampled_parent", "attribution"),
                _styles(_GRAPH + "Does %s serve as the parent node of %s?", _YES_NO)),
-    "identification": (("di_edges", "bi_edges", "treatment", "outcome"), {
-        "basic": "You will be presented with a causal graph in the following form: %s.\nThere exist unobserved "
-                 "confounders between: %s.\nQuestion: Whether the causal effect of %s on %s is identified or not? "
-                 "\nAnswer (Yes or No ?):",
-        "zero-shot-CoT": "You will be presented with a causal graph in the following form: %s.\nThere exist unobserved "
-                         "confounders between: %s.\nQuestion: Whether the causal effect of %s on %s is identified or "
-                         "not?" + _STEP + _YES_NO}),
+    "identification": (("di_edges", "bi_edges", "treatment", "outcome"), _styles(
+        "You will be presented with a causal graph in the following form: %s.\nThere exist unobserved confounders "
+        "between: %s.\nQuestion: Whether the causal effect of %s on %s is identified or not?", _YES_NO, basic_gap=" ")),
     "event_causality": (("words", "events"), {
         "basic": 'Input: %s\nQuestion: is there a causal relationship between "%s" and "%s" ?' + _YES_NO,
         "zero-shot-CoT": 'Input: %s\nQuestion: is there a causal relationship between "%s" and "%s" ?' + _STEP
@@ -211,29 +207,23 @@ def gold_label(item, task):
     return FAMILIES[_task(task)[2]][1](item)
 
 
-def predicted_label(response, item, task, style="basic"):
-    """The label CaLM gives `response`: 1 / 0 (yes / no) or -1 for the binary tasks, the option
-    number or -1 for the choice tasks (PCD-C: 0 or 1 or -1), a float or None for the -P tasks, the
-    "answer" value or None for the -B effect tasks, the reply itself for CEG-O."""
-    family = _task(task)[2]
-    if family == "open":
-        return response
-    return FAMILIES[family][0](response.strip().lower(), item, style, task)
-
-
 def scored(task):
     return _task(task)[2] != "open"
 
 
-def is_correct(response, item, task, style="basic"):
-    """CaLM's score of one reply: its label equals the gold label (-P tasks: both rounded to 4
-    decimals). None for CEG-O_E-CARE, which is not scored here (module docstring)."""
-    if not scored(task):
-        return None
-    label, gold = predicted_label(response, item, task, style), gold_label(item, task)
-    if _task(task)[2] == "probability":
-        return label is not None and round(label, 4) == round(gold, 4)
-    return label == gold
+def label_and_score(response, item, task, style="basic"):
+    """The label CaLM gives `response` and its score: 1 / 0 (yes / no) or -1 for the binary tasks,
+    the option number or -1 for the choice tasks (PCD-C: 0 or 1 or -1), a float or None for the -P
+    tasks, the "answer" value or None for the -B effect tasks; correct when the label equals the
+    gold label (-P tasks: both rounded to 4 decimals). (None, None) without a response, and for
+    CEG-O_E-CARE, which is not scored here (module docstring)."""
+    family = _task(task)[2]
+    if family == "open" or response is None:
+        return None, None
+    label, gold = FAMILIES[family][0](response.strip().lower(), item, style, task), gold_label(item, task)
+    if family == "probability":
+        return label, label is not None and round(label, 4) == round(gold, 4)
+    return label, label == gold
 
 
 def gold_reply(item, task):
@@ -268,7 +258,7 @@ def is_task_file(path):
     with open(path, encoding="utf-8") as f:
         try:
             first = json.loads(f.readline())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):  # not CaLM's: the CauGym reader says what is wrong
             return False
     return isinstance(first, dict) and "gt_answer" in first
 
@@ -339,15 +329,6 @@ def load_dataset(spec, style="basic"):
                 row["problem"] = prompt(item, task, "basic")
             out.append(row)
     return name, out
-
-
-def record_fields(item, response):
-    """The scoring fields of an evaluation record of a CaLM item: rung, style, CaLM's label of the
-    response and `correct` (None when the task is not scored or the model gave no response)."""
-    task, style, answered = item["type"], item["style"], response is not None
-    return {"rung": item["rung"], "style": style,
-            "label": predicted_label(response, item["calm"], task, style) if answered and scored(task) else None,
-            "correct": is_correct(response, item["calm"], task, style) if answered else None}
 
 # ----------------------------------------------------------------------------- the table
 

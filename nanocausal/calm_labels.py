@@ -206,19 +206,9 @@ ECI_YES = ('is a causal relationship', '答案为“会', '答案是「是', 'is
     'explicitly states a causal relationship', 'a causal relationship can be inferred',
     'be a causal relationship between', 'the answer will be yes', 'answer should be yes', 'the answer could be yes',
     'the answer for you is yes', 'this is the causal relationship between', 'indicates a direct causal relationship',
-    'should be a relationship between', 'definitely got a causal relationship', "thus answering 'yes'",
-    'thus answering yes', 'thereby answering yes', 'answer would thus be yes', "so answering 'yes'",
-    "hence answering 'yes'", "therefore answering 'yes", 'confirming our answer yes',
-    'an answer for this question would be yes', 'answer would be: yes', 'implying a yes answer',
-    'making the answer yes', 'incident does have a causal relationship', 'the cause and effect relationship exists',
-    'there is a direct cause relationship', 'must have a causal relationship', 'answer would be yes',
-    'a causal relationship exists between', 'answer(yes', 'answer for this question is yes', 'answer (yes',
-    'answer here is `yes`', 'answer might be yes', 'answer is a yes', 'the answer yes', 'henceforth – yes',
-    'thus indicating yes', 'hence indicating yes', "it's safe to say yes", "hence it's 'yes'", "thus answering 'yes’",
-    'so it’s yes', 'thus it can be said yes', 'the correct response is yes', 'answering the question with a yes',
-    'the correct answer would be "yes', 'the answer is "yes”', 'answer "yes', 'the answer as yes',
-    'the answer to the question yes', 'the answer is causality', 'the answer is yes', 'the answer is "yes', '答案是:是',
-    '是因果关系', '有因果关系', '存在因果关', '因果关系存在')
+    'should be a relationship between', 'definitely got a causal relationship',
+    *YES[YES.index("thus answering 'yes'"):],  # CaLM's list repeats the whole end of the YES table here
+    '答案是:是', '是因果关系', '有因果关系', '存在因果关', '因果关系存在')
 ECI_NO = ('there is no causal relationship', 'answer (yes or no?): no', 'answer is no', '"no"', 'answer: no',
     'answer is: no', 'answer is:\n\nno', 'answer is:\nno', '答案为“否”', 'answer (no )', 'answering your query - no',
     'there is no direct causal', 'did not directly cause', 'not the sole or direct cause', 'not directly causally',
@@ -340,8 +330,17 @@ def cascade(reply, inner, extra):
 # ----------------------------------------------------------------------------- yes/no families
 
 
-def cladder(reply, item, style, task):  # CORR-B, EAE-B, CR-B, BAS-B, CB-B (labeling/CLADDER.py)
-    return yes_no(reply, START_YES, START_NO, joined(CLADDER_YES, YES), joined(CLADDER_NO, NO))
+def with_own_phrases(own_yes, own_no):
+    """The rule of a family that is rules 1-3 with its own phrases put before the common tables."""
+    yes, no = joined(own_yes, YES), joined(own_no, NO)
+    return lambda reply, item, style, task: yes_no(reply, START_YES, START_NO, yes, no)
+
+
+cladder = with_own_phrases(CLADDER_YES, CLADDER_NO)  # CORR-B, EAE-B, CR-B, BAS-B, CB-B (labeling/CLADDER.py)
+identification = with_own_phrases(CEI_YES, CEI_NO)  # CEI-B
+event_causality = with_own_phrases(ECI_YES, ECI_NO)  # ECI-B
+pairwise_binary = with_own_phrases(PCD_YES, PCD_NO)  # PCD-B
+IN_STEP_YES, IN_STEP_NO = in_step(START_YES, START_NO)  # the start tables as AR-B and CA-B walk them
 
 
 def causal_judgement(reply, item, style, task):  # AC-B: a reply listing both "- yes" and "- no" has no label
@@ -351,37 +350,22 @@ def causal_judgement(reply, item, style, task):  # AC-B: a reply listing both "-
 
 
 def abstract_reasoning(reply, item, style, task):  # AR-B
-    start_yes, start_no = in_step(START_YES, START_NO)
-    return yes_no(reply, start_yes, start_no, YES, NO,
+    return yes_no(reply, IN_STEP_YES, IN_STEP_NO, YES, NO,
                   also_yes="yes" in reply and ("causes" in reply or "does cause" in reply)
                   or "是" in reply and "会导致" in reply,
                   also_no="否" in reply and "不会导致" in reply)
 
 
 def ancestor(reply, item, style, task):  # CA-B_FA
-    start_yes, start_no = in_step(START_YES, START_NO)
-    return yes_no(reply, start_yes, start_no, joined(PARENT_NODE, YES), NO,
+    return yes_no(reply, IN_STEP_YES, IN_STEP_NO, joined(PARENT_NODE, YES), NO,
                   also_yes="yes" in reply and any(p in reply for p in ANCESTOR) or "是" in reply and "祖先节点" in reply,
                   also_no="不是" in reply and "祖先节点" in reply)
 
 
 def parent(reply, item, style, task):  # CA-B_FP
-    start_yes, start_no = in_step(START_YES, START_NO)
-    return yes_no(reply, start_yes, start_no, joined(PARENT_NODE, YES), NO,
+    return yes_no(reply, IN_STEP_YES, IN_STEP_NO, joined(PARENT_NODE, YES), NO,
                   also_yes="yes" in reply and "is the parent of" in reply or "是" in reply and "父节点" in reply,
                   also_no="不是" in reply and "父节点" in reply)
-
-
-def identification(reply, item, style, task):  # CEI-B
-    return yes_no(reply, START_YES, START_NO, joined(CEI_YES, YES), joined(CEI_NO, NO))
-
-
-def event_causality(reply, item, style, task):  # ECI-B
-    return yes_no(reply, START_YES, START_NO, joined(ECI_YES, YES), joined(ECI_NO, NO))
-
-
-def pairwise_binary(reply, item, style, task):  # PCD-B
-    return yes_no(reply, START_YES, START_NO, joined(PCD_YES, YES), joined(PCD_NO, NO))
 
 # ----------------------------------------------------------------------------- choice families
 

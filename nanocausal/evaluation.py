@@ -7,10 +7,9 @@ symbolic `oracle`), scores every sample and aggregates accuracy = correct sample
 per task and overall (`run` is eval.py's job).
 
 CaLM-Lite task files (or folders of them) run through the same path with CaLM's own prompts and
-labelling (nanocausal.calm): their items carry the CaLM item, and `scoring` labels them by CaLM's
-rules; their table has a row per task, per rung of the causal ladder and overall. Two pseudo-models
-check the pipeline without a network: `oracle` (the symbolic solver, for CauGym problems and CaLM's
--P tasks) and `gold` (each item's gold answer, in the form its prompt asks for).
+labelling (nanocausal.calm); their table has a row per task, per rung of the causal ladder and
+overall. Two pseudo-models check the pipeline without a network (`pseudo_reply`): `oracle` (the
+symbolic solver) and `gold` (each item's gold answer).
 """
 import glob
 import hashlib
@@ -102,36 +101,6 @@ def sample_key(key):
     return int(hashlib.sha1(key.encode()).hexdigest()[:15], 16)
 
 
-def answer(model, tokenizer, items, num_samples, temperature, top_p, top_k, max_new_tokens, seed, keys=None,
-           slots=16, on_answered=None, compile_decode=False):
-    """Responses (num_samples per item, item-major) for `items`, decoded by continuous batching
-    (generate.generate_many) over `slots` rows: a finished reply's row takes the next waiting one.
-
-    keys: each item's item_key (its random numbers follow sample_key(key)); default its position.
-    on_answered(i, responses) is called as soon as items[i] has all its samples.
-    A reply is capped at what the model's context leaves after its prompt (the official 8192 new
-    tokens do not fit every model: SmolLM2's context is 8192 in all), as a serving engine does."""
-    keys = [str(i) for i in range(len(items))] if keys is None else keys
-    responses = [None] * len(items)
-
-    def answered(i, samples):
-        responses[i] = samples
-        if on_answered is not None:
-            on_answered(i, samples)
-    if model in PSEUDO_MODELS:
-        for i, item in enumerate(items):
-            answered(i, [pseudo_reply(model, item)] * num_samples)
-        return responses
-    prompts = [tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True) for item in items]
-    generate_many(model, prompts, max_new_tokens, slots=max(slots, num_samples), temperature=temperature,
-                  top_p=top_p, top_k=top_k, num_samples=num_samples, eos_token_ids=tokenizer.eos_token_ids,
-                  seed=seed, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
-                  prompt_keys=[sample_key(key) for key in keys], compile_decode=compile_decode,
-                  on_prompt_done=lambda i, completions: answered(
-                      i, [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]))
-    return responses
-
-
 def pseudo_reply(model, item):
     """oracle: the symbolic solver's answer (None, no answer, for a CaLM item that is no CauGym-style
     problem); gold: the gold answer, as CaLM's prompt asks for it or CauGym's answer JSON."""
@@ -143,10 +112,11 @@ def pseudo_reply(model, item):
 
 
 def scoring(item, response):
-    """A record's scoring fields: `correct` by CauGym's official rule, or for a CaLM item CaLM's label
-    and score (calm.record_fields; correct None: not scored)."""
+    """A record's scoring fields: `correct` by CauGym's official rule, or for a CaLM item its rung,
+    style, CaLM's label and score (calm.label_and_score; correct None: not scored or no reply)."""
     if "calm" in item:
-        return calm.record_fields(item, response)
+        label, correct = calm.label_and_score(response, item["calm"], item["type"], item["style"])
+        return {"rung": item["rung"], "style": item["style"], "label": label, "correct": correct}
     return {"correct": caugym.is_correct(response, item["answer"])}
 
 
@@ -158,10 +128,13 @@ def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature
     rung, style and label).
 
     model: a Transformer (with its Tokenizer) or "oracle" / "gold". temperature 0 is greedy
-    decoding (then num_samples is 1). batch_size problems decode at once (batch_size * num_samples
-    rows). Items whose key is in `done` are skipped; `on_records` is called with each problem's
-    records as soon as it is answered (run() appends them to responses.jsonl). With world_size > 1
-    only every world_size-th problem still to answer, from the rank-th, is answered here."""
+    decoding (then num_samples is 1). Replies are decoded by continuous batching over batch_size *
+    num_samples rows (generate.generate_many), each capped at what the model's context leaves after
+    its prompt (the official 8192 new tokens do not fit every model: SmolLM2's context is 8192 in
+    all), as a serving engine does. Items whose key is in `done` are skipped; `on_records` is
+    called with each problem's records as soon as it is answered (run() appends them to
+    responses.jsonl). With world_size > 1 only every world_size-th problem still to answer, from
+    the rank-th, is answered here."""
     if temperature == 0:
         num_samples = 1
     todo = [(i, item) for i, item in enumerate(items) if item_key(dataset, i, item) not in done][rank::world_size]
@@ -178,10 +151,17 @@ def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature
         if on_records is not None:
             on_records(new)
         bar.update(1)
-    if todo:
-        answer(model, tokenizer, [item for _, item in todo], num_samples, temperature, top_p, top_k, max_new_tokens,
-               seed, keys=[item_key(dataset, i, item) for i, item in todo], slots=batch_size * num_samples,
-               on_answered=answered, compile_decode=compile_decode)
+    if model in PSEUDO_MODELS:
+        for j, (_, item) in enumerate(todo):
+            answered(j, [pseudo_reply(model, item)] * num_samples)
+    elif todo:
+        prompts = [tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True) for _, item in todo]
+        generate_many(model, prompts, max_new_tokens, slots=batch_size * num_samples, temperature=temperature,
+                      top_p=top_p, top_k=top_k, num_samples=num_samples, eos_token_ids=tokenizer.eos_token_ids,
+                      seed=seed, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
+                      prompt_keys=[sample_key(item_key(dataset, i, item)) for i, item in todo],
+                      compile_decode=compile_decode, on_prompt_done=lambda j, completions: answered(
+                          j, [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]))
     bar.close()
     return [record for index in sorted(records) for record in records[index]]
 
@@ -316,10 +296,11 @@ def run_settings(config: EvalConfig):
     were replaced is another model, and a folder moved elsewhere is the same one. Hashing reads
     the weights once (about 1.4 GB/s on one core: 11 s for a 7B model in bf16)."""
     identity = config.model if config.model in PSEUDO_MODELS else checkpoint.fingerprint(config.model)
-    return {"model": config.model, "model_fingerprint": identity, "data": list(config.data), "per_task": config.per_task, "limit": config.limit,
-            "tasks": list(config.tasks), "nodes": config.nodes, "seed": config.seed,
-            "num_samples": 1 if config.temperature == 0 else config.num_samples, "temperature": config.temperature,
-            "top_p": config.top_p, "top_k": config.top_k, "max_new_tokens": config.max_new_tokens,
+    return {"model": config.model, "model_fingerprint": identity, "data": list(config.data),
+            "per_task": config.per_task, "limit": config.limit, "tasks": list(config.tasks), "nodes": config.nodes,
+            "seed": config.seed, "num_samples": 1 if config.temperature == 0 else config.num_samples,
+            "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
+            "max_new_tokens": config.max_new_tokens,
             **({"prompt_style": config.prompt_style} if config.prompt_style != "basic" else {})}
 
 
@@ -343,9 +324,9 @@ def open_to_append(path):
     return f
 
 
-def check_same_run(config: EvalConfig, settings, write=True):
-    """Refuse to resume into responses made with other settings (`settings`: run_settings), then
-    (write) record them in <out>/run.json."""
+def check_same_run(config: EvalConfig, settings):
+    """Refuse to resume into responses made with other settings (`settings`: run_settings, which
+    run() then records in <out>/run.json)."""
     path = os.path.join(config.out, "run.json")
     if os.path.isfile(path) and os.path.isfile(os.path.join(config.out, "responses.jsonl")):
         saved = checkpoint.read_json(path)
@@ -359,9 +340,6 @@ def check_same_run(config: EvalConfig, settings, write=True):
         if changed:
             raise ValueError(f"{config.out} holds responses of another run ({', '.join(changed)}): "
                              f"choose another --out, or delete {config.out}")
-    if write:
-        with open(path, "w") as f:
-            json.dump(settings, f, indent=2)
 
 
 def run(config: EvalConfig):
@@ -386,12 +364,11 @@ def run(config: EvalConfig):
     if config.model not in PSEUDO_MODELS:  # everything checked before anything is written
         check_prompts_fit(Tokenizer.from_pretrained(config.model),
                           memory_plan.meta_model(config.model).config.max_position_embeddings, datasets)
-    datasets = [(name, items) for name, _, items in datasets]
     responses_path = os.path.join(config.out, "responses.jsonl")
     settings = run_settings(config) if distributed.is_main() else None
     if distributed.is_main() and os.path.isdir(config.out):
         rundir.lock(config.out)  # one eval.py writes an --out at a time, for its whole run
-        check_same_run(config, settings, write=False)  # a refusal comes before the model loads
+        check_same_run(config, settings)  # a refusal comes before the model loads
     model, tokenizer = config.model, None
     if config.model not in PSEUDO_MODELS:  # (a broken model fails before anything is written)
         dtype = getattr(torch, config.dtype or ("bfloat16" if "cuda" in config.device else "float32"))
@@ -400,6 +377,8 @@ def run(config: EvalConfig):
     if distributed.is_main():
         rundir.lock(config.out)  # (creates it; a no-op when held already)
         check_same_run(config, settings)
+        with open(os.path.join(config.out, "run.json"), "w") as f:
+            json.dump(settings, f, indent=2)
         fold_rank_files(responses_path)
     distributed.barrier()
     expected = 1 if config.temperature == 0 else config.num_samples
@@ -417,7 +396,7 @@ def run(config: EvalConfig):
         def append(records):
             f.writelines(json.dumps(r) + "\n" for r in records)
             f.flush()
-        for name, items in datasets:
+        for name, _, items in datasets:
             records = evaluate(model, tokenizer, items, dataset=name, num_samples=config.num_samples,
                                temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                                max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
@@ -450,10 +429,9 @@ def run(config: EvalConfig):
         print(f"\n{name}, {expected} samples per problem:")
         print(format_table({metric: {group: table[group][metric] for group in table} for metric in table["overall"]},
                            rows=[task for task in caugym.TASKS if task in table] + ["overall"]))
-    summary = {"model": config.model, "protocol": {"num_samples": expected, "temperature": config.temperature,
-                                                   "top_p": config.top_p, "top_k": config.top_k,
-                                                   "max_new_tokens": config.max_new_tokens},
-               "accuracy": columns, "seconds": round(time.time() - started, 1)}
+    protocol = {k: settings[k] for k in ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens")}
+    summary = {"model": config.model, "protocol": protocol, "accuracy": columns,
+               "seconds": round(time.time() - started, 1)}
     if sampled:
         summary["pass_and_majority"] = sampled
     if calm_columns:

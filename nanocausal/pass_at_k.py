@@ -47,8 +47,8 @@ def majority_correct(records):
     return answer.strip() != caugym.LACK and caugym.prob_matches(winner, answer)
 
 
-def pass_and_majority(records, k, by="type"):
-    """{group: {"pass@1", "pass@k", "maj@k"}} plus "overall", each a mean over problems, from the
+def pass_and_majority(records, k):
+    """{type: {"pass@1", "pass@k", "maj@k"}} plus "overall", each a mean over problems, from the
     n >= k samples of each problem (records grouped by key; CaLM's unscored samples left out).
     With the same n for every problem, pass@1 is the accuracy of `accuracy`."""
     samples = defaultdict(list)
@@ -61,7 +61,7 @@ def pass_and_majority(records, k, by="type"):
         if n < k:
             raise ValueError(f"pass@{k} needs at least {k} samples per problem; {problem[0]['key']} has {n}")
         values = {"pass@1": c / n, f"pass@{k}": pass_at_k(n, c, k), f"maj@{k}": float(majority_correct(problem[:k]))}
-        for group in (problem[0].get(by), "overall"):
+        for group in (problem[0].get("type"), "overall"):
             counts[group] += 1
             for name, value in values.items():
                 sums[group][name] += value

@@ -13,44 +13,34 @@ import json
 import math
 import re
 
-from nanocausal.caugym import ANSWER_SPAN, LACK, answer_prob, is_correct, prob_matches
+from nanocausal.caugym import ANSWER_SPAN, LACK, answer_prob, answer_spans, is_correct, prob_matches
 
 
 def last_answer(response):
-    """('lack', None) | ('json', parsed) | (None, None): the answer that comes last in the response."""
+    """('lack', None) | ('json', parsed) | (None, None): the answer that comes last in the response
+    (a last answer JSON that does not parse is no answer)."""
     squeezed = re.sub(r"\s+", "", response)
     spans = list(ANSWER_SPAN.finditer(squeezed))
-    lack_at = squeezed.rfind(LACK)
-    if lack_at >= 0 and (not spans or lack_at > spans[-1].start()):
+    if squeezed.rfind(LACK) > (spans[-1].start() if spans else -1):
         return "lack", None
-    if not spans:
-        return None, None
-    try:
-        parsed = json.loads(spans[-1].group(0).lower())
-    except json.JSONDecodeError:
-        return None, None
-    return ("json", parsed) if isinstance(parsed, dict) else (None, None)
+    parsed = answer_spans(spans[-1].group(0)) if spans else []  # the official rule's parse of that span
+    return ("json", parsed[0]) if parsed else (None, None)
 
 
-def format_ok(response, answer=None):
-    """1.0 when the response ends with a well-formed final answer: nothing but whitespace after
-    it, an answer JSON whose "prob" is a number (with an "answer" of yes/no when present), or
-    LACK_CONDITION; else 0.0. With the gold `answer` given, the final answer must have its form
-    (the same JSON keys, or LACK_CONDITION)."""
+def format_ok(response, answer):
+    """1.0 when the response ends with a well-formed final answer of the gold `answer`'s form:
+    nothing but whitespace after it, and LACK_CONDITION for a gold LACK_CONDITION, else an answer
+    JSON with the gold's keys whose "prob" is a number (and whose "answer", if any, is yes/no);
+    else 0.0."""
     kind, parsed = last_answer(response)
     tail = re.sub(r"\s+", "", response)
-    gold_is_lack = answer is not None and answer.strip() == LACK
-    if kind == "lack":
-        if answer is not None and not gold_is_lack:
-            return 0.0
-        return float(tail.endswith(LACK) or tail.endswith(LACK + '"') or tail.endswith(LACK + '"}'))
-    if kind != "json" or not tail.endswith("}") or answer_prob(parsed) is None or gold_is_lack:
+    if answer.strip() == LACK:
+        return float(kind == "lack" and tail.endswith((LACK, LACK + '"', LACK + '"}')))
+    if kind != "json" or not tail.endswith("}") or answer_prob(parsed) is None:
         return 0.0
     if "answer" in parsed and str(parsed["answer"]) not in ("yes", "no"):
         return 0.0
-    if answer is not None:
-        return float(set(parsed) == {k.lower() for k in json.loads(answer)})
-    return 1.0
+    return float(set(parsed) == {k.lower() for k in json.loads(answer)})
 
 
 def reward(response, answer, format_weight=0.1, strict=False):

@@ -53,7 +53,7 @@ def test_prompts_equal_calms(calm_dir, style):
 def test_labels_equal_calms(calm_dir):
     rows = [json.loads(line) for line in (FIXTURES / "labels.jsonl").read_text().splitlines()]
     items = {path.stem: first_items(path, 1)[0] for path in task_files(calm_dir)}
-    ours = [calm.predicted_label(r["reply"], items[r["task"]], r["task"], r["style"]) for r in rows]
+    ours = [calm.label_and_score(r["reply"], items[r["task"]], r["task"], r["style"])[0] for r in rows]
     wrong = [(r["task"], r["style"], r["reply"], label, r["label"])
              for r, label in zip(rows, ours) if label != r["label"]]
     assert not wrong, wrong[:5]
@@ -75,16 +75,17 @@ def test_labels_equal_calms(calm_dir):
 ])
 def test_labels_of_typical_replies(calm_dir, task, reply, label):
     path = next(p for p in task_files(calm_dir) if p.stem == task)
-    assert calm.predicted_label(reply, first_items(path, 1)[0], task) == label
+    assert calm.label_and_score(reply, first_items(path, 1)[0], task)[0] == label
 
 
 def test_probabilities_are_compared_at_four_decimals():
     item = {"gt_answer": -0.08429999999999993}
-    assert calm.is_correct('{"PROB": "-0.0843"}', item, "ATE-P_ATE-basic_EN")
-    assert calm.is_correct('{"PROB": "-0.08434"}', item, "ATE-P_ATE-basic_EN")  # rounds to -0.0843
-    assert not calm.is_correct('{"PROB": "-0.0844"}', item, "ATE-P_ATE-basic_EN")
-    assert not calm.is_correct("-0.0843", item, "ATE-P_ATE-basic_EN")  # no JSON, no label
-    assert calm.is_correct("anything", {"gt_answer": "why"}, "CEG-O_E-CARE_EN") is None  # not scored
+    correct = lambda reply: calm.label_and_score(reply, item, "ATE-P_ATE-basic_EN")[1]
+    assert correct('{"PROB": "-0.0843"}')
+    assert correct('{"PROB": "-0.08434"}')  # rounds to -0.0843
+    assert not correct('{"PROB": "-0.0844"}')
+    assert not correct("-0.0843")  # no JSON, no label
+    assert calm.label_and_score("anything", {"gt_answer": "why"}, "CEG-O_E-CARE_EN") == (None, None)  # not scored
 
 
 def test_gold_scores_100_percent_on_every_scored_task(calm_dir):
@@ -165,3 +166,6 @@ def test_errors_name_the_file_and_the_field(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty: no CaLM task files"):
         evaluation.load_dataset(str(tmp_path / "empty"))
+    (tmp_path / "latin1.json").write_bytes(b'{"gt_answer": "caf\xe9"}\n')  # once a bare UnicodeDecodeError
+    with pytest.raises(ValueError, match=r"latin1.json: not UTF-8 text \(byte 0xe9"):
+        evaluation.load_dataset(str(tmp_path / "latin1.json"))

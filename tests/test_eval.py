@@ -135,9 +135,9 @@ def test_reply_length_is_capped_by_the_context():
     items = [{"prompt": [{"role": "user", "content": protocol.official_prompt(it["problem"])}], "answer": it["answer"]}
              for it in tiny.make_problems(2, seed=0)]
     longest = max(len(tokenizer.apply_chat_template(it["prompt"], add_generation_prompt=True)) for it in items)
-    replies = evaluation.answer(model, tokenizer, items, 1, 1.0, 1.0, 0, 8192, seed=0)
-    for (reply,) in replies:
-        assert len(tokenizer.encode(reply)) <= model.config.max_position_embeddings - longest
+    records = evaluation.evaluate(model, tokenizer, items, num_samples=1, temperature=1.0, top_p=1.0, progress=False)
+    for record in records:
+        assert len(tokenizer.encode(record["response"])) <= model.config.max_position_embeddings - longest
 
 
 def test_the_command_line_prints_the_table_and_writes_the_summary(tmp_path):

@@ -48,9 +48,9 @@ def test_format_ok():
     assert format_ok('Step 1: ...\n{"ANSWER": "Yes", "PROB": "0.1234"}', GOLD) == 1.0
     assert format_ok('{"ANSWER": "Yes", "PROB": "0.1234"} and some chatter', GOLD) == 0.0
     assert format_ok('{"PROB": "0.1234"}', GOLD) == 0.0                 # missing the ANSWER key
-    assert format_ok('{"ANSWER": "maybe", "PROB": "0.1234"}') == 0.0
-    assert format_ok('{"ANSWER": "Yes", "PROB": "x"}') == 0.0
-    assert format_ok("no answer at all") == 0.0
+    assert format_ok('{"ANSWER": "maybe", "PROB": "0.1234"}', GOLD) == 0.0
+    assert format_ok('{"ANSWER": "Yes", "PROB": "x"}', GOLD) == 0.0
+    assert format_ok("no answer at all", GOLD) == 0.0
     assert format_ok("Step 3: cannot compute.\nLACK_CONDITION", LACK) == 1.0
     assert format_ok('{"PROB": "0.2390"}', PN_GOLD) == 1.0
 
