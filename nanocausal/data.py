@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanocausal import caugym, problems
+from nanocausal import caugym, problems, safe_files
 
 FIELDS = {
     "sft": ("prompt", "completion"),
@@ -46,36 +46,11 @@ FIELDS = {
 
 def read_records(path):
     """The raw JSON objects of a .jsonl file (one per line) or a .json file (a list of objects),
-    each with "_where": "file:line N" (or "file: item N") for error messages."""
+    each with "_where": "file:LINE" (or "file: item N") for error messages."""
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
-    located = []  # (JSON value, where)
-    try:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".json"):
-                try:
-                    items = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-                except RecursionError:
-                    raise ValueError(f"{path}: JSON nested too deeply to read") from None
-                if not isinstance(items, list):
-                    raise ValueError(f"{path}: expected a JSON list of examples, got a {type(items).__name__}")
-                located = [(item, f"{path}: item {i}") for i, item in enumerate(items)]
-            else:
-                for line_number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue  # a trailing blank line is not an example
-                    try:
-                        located.append((json.loads(line), f"{path}:{line_number}"))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg} at column "
-                                         f"{e.colno})") from None
-                    except RecursionError:
-                        raise ValueError(f"{path}:{line_number}: JSON nested too deeply to read") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    located = safe_files.read_records(path, json_list=path.endswith(".json"))
     for record, where in located:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")

@@ -1,4 +1,4 @@
-"""Reading files that someone else may have written: JSON, safetensors and torch.save files of
+"""Reading files that someone else may have written: JSON, JSON Lines, safetensors and torch.save files of
 tensors and plain types, with no code path.
 
 Everything nanocausal reads from a checkpoint folder goes through here, every length and offset
@@ -28,6 +28,42 @@ def read_json(path):
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def read_records(path, json_list=False, partial_last_line=False):
+    """[(value, where)] of a file of JSON values a user wrote: JSON Lines (one value a line, blank
+    lines skipped, where = "file:LINE"), or, json_list=True, one JSON list (where = "file: item N");
+    json_list=None picks the list when the text starts with "[". Every failure is one ValueError
+    naming the file and line. partial_last_line: a last line with no newline that does not parse
+    is dropped, not refused (a live run's metrics.jsonl, caught half-written)."""
+    try:
+        with open(path, encoding="utf-8") as f:  # universal newlines: \r\n and \r end a line too
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    if json_list or json_list is None and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path}: JSON nested too deeply to read") from None
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: expected a JSON list of examples, got a {type(items).__name__}")
+        return [(item, f"{path}: item {i}") for i, item in enumerate(items)]
+    located, lines = [], text.split("\n")
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue  # a trailing blank line holds no value
+        try:
+            located.append((json.loads(line), f"{path}:{line_number}"))
+        except json.JSONDecodeError as e:
+            if partial_last_line and line_number == len(lines):  # split's last piece: no newline after it
+                break
+            raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{line_number}: JSON nested too deeply to read") from None
+    return located
 
 
 def safetensors_files(path) -> list[str]:
