@@ -26,7 +26,7 @@ import json
 import os
 import re
 
-from nanocausal import calm_labels as labels
+from nanocausal import calm_labels as labels, safe_files
 
 STYLES = ("basic", "zero-shot-CoT")
 RUNGS = ("association", "intervention", "counterfactual", "causal_discovery")
@@ -258,7 +258,7 @@ def is_task_file(path):
     with open(path, encoding="utf-8") as f:
         try:
             first = json.loads(f.readline())
-        except (json.JSONDecodeError, UnicodeDecodeError):  # not CaLM's: the CauGym reader says what is wrong
+        except (ValueError, RecursionError):  # not CaLM's JSON (or UTF-8): the CauGym reader says what is wrong
             return False
     return isinstance(first, dict) and "gt_answer" in first
 
@@ -274,28 +274,20 @@ def load_task(path):
         raise ValueError(f"{path}: {error}") from None
     needed = PROMPTS[group][0] + ("gt_answer",)
     items = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
-                item = None
-            if not isinstance(item, dict):
-                raise ValueError(f"{where}: not a JSON object; a CaLM task file has one item per line")
-            for field in needed + (("Background.data_info",) if group in ("effect", "pn_ps") else ()):
-                head, _, sub = field.partition(".")
-                if head not in item or sub and not (isinstance(item[head], dict) and sub in item[head]):
-                    raise ValueError(f"{where}: field '{field}' missing: not an item of CaLM task {task} "
-                                     f"(its items have {', '.join(needed)})")
-            try:
-                prompt(item, task), gold_label(item, task)
-            except (KeyError, TypeError, IndexError, ValueError) as error:
-                raise ValueError(f"{where}: an item of CaLM task {task} whose fields do not fit its prompt or "
-                                 f"label ({type(error).__name__}: {error})") from None
-            items.append(item)
+    for item, where in safe_files.read_records(path):
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: not a JSON object; a CaLM task file has one item per line")
+        for field in needed + (("Background.data_info",) if group in ("effect", "pn_ps") else ()):
+            head, _, sub = field.partition(".")
+            if head not in item or sub and not (isinstance(item[head], dict) and sub in item[head]):
+                raise ValueError(f"{where}: field '{field}' missing: not an item of CaLM task {task} "
+                                 f"(its items have {', '.join(needed)})")
+        try:
+            prompt(item, task), gold_label(item, task)
+        except (KeyError, TypeError, IndexError, ValueError) as error:
+            raise ValueError(f"{where}: an item of CaLM task {task} whose fields do not fit its prompt or "
+                             f"label ({type(error).__name__}: {error})") from None
+        items.append(item)
     if not items:
         raise ValueError(f"{path}: empty file, expected one CaLM item (a JSON object) per line")
     return task, items
