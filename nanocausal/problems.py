@@ -225,7 +225,7 @@ def dataset_rows(items, fmt, seed=0, lack_hint=None):
 
 def main(argv=None):
     """The command line (module docstring); argv=None reads sys.argv."""
-    from nanocausal import cli  # (cli is a script helper; the generator itself needs none of it)
+    from nanocausal import cli, safe_files  # (script helpers: the generator itself needs neither)
     ap = cli.ArgumentParser(prog="python -m nanocausal.problems", description=(
         "Write CauGym-style causal problems as JSONL (sft: prompt/completion, dpo: prompt/chosen/rejected, "
         "kto: prompt/completion/label, rl: prompt/answer/type/variant), or solve problems from a file."))
@@ -246,26 +246,19 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.solve:
         try:
-            with open(args.solve, encoding="utf-8") as f:
-                text = f.read()
-            data = json.loads(text) if text.lstrip().startswith("[") else \
-                [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+            rows = safe_files.read_records(args.solve, json_list=None)  # a JSON list, or JSON Lines
         except OSError as e:
             ap.error(f"cannot read {args.solve}: {e.strerror}")
-        except UnicodeDecodeError as e:
-            ap.error(f"{args.solve}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})")
-        except json.JSONDecodeError as e:
-            ap.error(f"{args.solve}: not JSON or JSONL ({e.msg}, line {e.lineno})")
-        except RecursionError:
-            ap.error(f"{args.solve}: JSON nested too deeply to read")
-        for i, row in enumerate(data):
+        except ValueError as e:
+            ap.error(str(e))
+        for row, where in rows:
             text = row.get("problem", row.get("prompt")) if isinstance(row, dict) else row
             if not isinstance(text, str):
-                ap.error(f"{args.solve}: item {i}: expected a problem text (a string, or an object with key problem or prompt)")
+                ap.error(f"{where}: expected a problem text (a string, or an object with key problem or prompt)")
             try:
                 print(solve(text))
             except ValueError as e:
-                ap.error(f"{args.solve}: item {i}: {e}")
+                ap.error(f"{where}: {e}")
         return
     try:
         items = problems(args.n, args.tasks, args.variant, args.nodes, args.seed, args.split, args.style,

@@ -108,7 +108,7 @@ def test_cli(tmp_path, capsys):
     problems_file.write_text(json.dumps({"problem": "not a problem"}) + "\n")
     with pytest.raises(SystemExit):
         main(["--solve", str(problems_file)])
-    assert "item 0" in capsys.readouterr().err
+    assert f"{problems_file}:1: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kwargs, named", [(dict(n=-1), "number of problems"), (dict(n=3, questions_per_model=0), "questions_per_model"),
