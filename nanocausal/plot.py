@@ -18,7 +18,7 @@ import math
 import numbers
 import os
 
-from nanocausal import cli
+from nanocausal import cli, safe_files
 
 # (title, keys): the keys are those of metrics.jsonl rows (training.py's loop, rl.py, losses.py).
 PANELS = (
@@ -37,27 +37,16 @@ LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
 
 def read_metrics(path):
     """The rows of a metrics.jsonl (a list of dicts, each with a "step"); ValueError naming the
-    file and line for anything else."""
-    with open(path) as f:
-        lines = f.readlines()
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if number == len(lines) and not line.endswith("\n"):
-                break  # the last line of a live run, caught half-written: the next plot will have it
-            raise ValueError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+    file and line for anything else. A half-written last line (a live run) is left for the next plot."""
+    located = safe_files.read_records(path, partial_last_line=True)
+    for row, where in located:
         if not isinstance(row, dict):
-            raise ValueError(f"{path} line {number}: expected a JSON object per line, got {type(row).__name__}")
+            raise ValueError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
         if not isinstance(row.get("step"), numbers.Real):
-            raise ValueError(f"{path} line {number}: no numeric \"step\" (each row of metrics.jsonl has one)")
-        rows.append(row)
-    if not rows:
+            raise ValueError(f"{where}: no numeric \"step\" (each row of metrics.jsonl has one)")
+    if not located:
         raise ValueError(f"{path}: no rows (an empty metrics.jsonl: has the run finished its first step?)")
-    return rows
+    return [row for row, _ in located]
 
 
 def metrics_path(run_dir):

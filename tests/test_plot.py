@@ -90,11 +90,11 @@ def test_malformed_metrics_is_one_line_naming_file_and_line(tmp_path):
     path = run / "metrics.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text(lines[0] + '{"step": 1, "loss": oops}\n' + "".join(lines[2:]))
-    assert f"{path} line 2: not valid JSON" in one_line_error(run_plot(run), path)
+    assert f"{path}:2: not valid JSON" in one_line_error(run_plot(run), path)
     path.write_text('{"step": 1}\n[1, 2]\n')
-    assert f"{path} line 2: expected a JSON object" in one_line_error(run_plot(run), path)
+    assert f"{path}:2: expected a JSON object" in one_line_error(run_plot(run), path)
     path.write_text('{"loss": 1.0}\n')
-    assert f"{path} line 1: no numeric \"step\"" in one_line_error(run_plot(run), path)
+    assert f"{path}:1: no numeric \"step\"" in one_line_error(run_plot(run), path)
 
 
 def test_missing_run_and_nothing_to_plot(tmp_path):
