@@ -160,6 +160,8 @@ def test_errors_name_the_file_and_the_field(tmp_path):
         evaluation.load_dataset(str(write(tmp_path / "EAE-B_exp-away_EN.json", [])))
     with pytest.raises(ValueError, match=r"CB-B_collider-bias_EN.json:1: not a JSON object"):
         evaluation.load_dataset(str(write(tmp_path / "CB-B_collider-bias_EN.json", ["[1, 2]"])))
+    with pytest.raises(ValueError, match=r"CB-B_collider-bias_EN.json:2: not valid JSON"):
+        calm.load_task(write(tmp_path / "CB-B_collider-bias_EN.json", [json.dumps(item), '{"gt_answer": ']))
     with pytest.raises(ValueError, match=r"ATE-B_ATE-natural_EN.json:1: field 'Background.data_info' missing"):
         calm.load_task(write(tmp_path / "ATE-B_ATE-natural_EN.json", [json.dumps(
             {"given_info": "", "Background": {}, "Instruction": "", "Question": "", "gt_answer": "No"})]))

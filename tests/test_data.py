@@ -4,11 +4,29 @@ import json
 import pytest
 
 from conftest import tiny_examples, write_jsonl
-from nanocausal import data
+from nanocausal import data, safe_files
 from nanocausal.tokenizer import Tokenizer
 
 
 # -----------------------------------------------------------------------------
+
+
+def test_read_records_locates_every_value(tmp_path):
+    """safe_files.read_records, the one reader of JSON Lines / JSON lists: where names line or item."""
+    lines = tmp_path / "a.jsonl"
+    lines.write_bytes(b'{"a": 1}\r\n\n"two"\n[3]\n{"step": 4, "lo')  # CRLF, a blank line, a half-written last line
+    assert safe_files.read_records(lines, partial_last_line=True) == [({"a": 1}, f"{lines}:1"), ("two", f"{lines}:3"),
+                                                                      ([3], f"{lines}:4")]
+    with pytest.raises(ValueError, match=rf"^{lines}:5: not valid JSON \(Unterminated string"):
+        safe_files.read_records(lines)
+    listed = tmp_path / "a.json"
+    listed.write_text(' [{"a": 1}, "two"]')
+    expected = [({"a": 1}, f"{listed}: item 0"), ("two", f"{listed}: item 1")]
+    assert safe_files.read_records(listed, json_list=True) == safe_files.read_records(listed, json_list=None) == expected
+    listed.write_text('{"a": 1}')
+    with pytest.raises(ValueError, match=rf"^{listed}: expected a JSON list of examples, got a dict$"):
+        safe_files.read_records(listed, json_list=True)
+    assert safe_files.read_records(listed, json_list=None) == [({"a": 1}, f"{listed}:1")]
 
 
 def test_errors_name_file_and_line(tmp_path, tiny_chat_model):
