@@ -13,7 +13,6 @@ flushes whole lines, and a last line still being written is left for the next pl
 One panel per group of PANELS that some run logged. The x axis is the optimiser step; a run is
 one colour in every panel, a key one line style. From Python: plot_runs, plot_results (pipeline.py).
 """
-import json
 import math
 import numbers
 import os
@@ -147,8 +146,7 @@ def plot_results(pipeline_out, out_png=None):
     rollout reward per step of the RL methods (from their metrics.jsonl, EMA-smoothed 0.8 over the
     raw values drawn faint), on the right every model's overall accuracy per test set, greedy
     (hatched) and sampled, with the constant answer as a black line. Returns the PNG's path."""
-    with open(os.path.join(pipeline_out, "results.json")) as f:
-        results = json.load(f)
+    results = safe_files.read_json(os.path.join(pipeline_out, "results.json"))
     out_png = out_png or os.path.join(pipeline_out, "results.png")
     figure = new_figure(15, 4.6)
     rewards, bars = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)

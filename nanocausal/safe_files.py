@@ -12,19 +12,29 @@ import os
 import torch
 
 
-def read_json(path):
-    """A JSON file's object; every failure is one ValueError naming the file (nesting too deep
-    for Python's parser raises RecursionError, not JSONDecodeError)."""
-    with open(path, "rb") as f:
-        raw = f.read()
+def _text(path):
+    """A file's text (universal newlines: \r\n and \r end a line too); not UTF-8: one ValueError."""
     try:
-        value = json.loads(raw.decode("utf-8"))
+        with open(path, encoding="utf-8") as f:
+            return f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+
+
+def _loads(text, path, line_number=None):
+    """json.loads, every failure one ValueError naming the file and line (nesting too deep for
+    Python's parser raises RecursionError, not JSONDecodeError)."""
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        raise ValueError(f"{path}:{line_number or e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
-        raise ValueError(f"{path}: JSON nested too deeply to read") from None
+        raise ValueError(f"{path}{f':{line_number}' if line_number else ''}: JSON nested too deeply to read") from None
+
+
+def read_json(path):
+    """A JSON file's object; every failure is one ValueError naming the file."""
+    value = _loads(_text(path), path)
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -36,33 +46,20 @@ def read_records(path, json_list=False, partial_last_line=False):
     json_list=None picks the list when the text starts with "[". Every failure is one ValueError
     naming the file and line. partial_last_line: a last line with no newline that does not parse
     is dropped, not refused (a live run's metrics.jsonl, caught half-written)."""
-    try:
-        with open(path, encoding="utf-8") as f:  # universal newlines: \r\n and \r end a line too
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    text = _text(path)
     if json_list or json_list is None and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise ValueError(f"{path}: JSON nested too deeply to read") from None
+        items = _loads(text, path)
         if not isinstance(items, list):
             raise ValueError(f"{path}: expected a JSON list of examples, got a {type(items).__name__}")
         return [(item, f"{path}: item {i}") for i, item in enumerate(items)]
     located, lines = [], text.split("\n")
     for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue  # a trailing blank line holds no value
-        try:
-            located.append((json.loads(line), f"{path}:{line_number}"))
-        except json.JSONDecodeError as e:
-            if partial_last_line and line_number == len(lines):  # split's last piece: no newline after it
-                break
-            raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
-        except RecursionError:
-            raise ValueError(f"{path}:{line_number}: JSON nested too deeply to read") from None
+        if line.strip():  # a blank line holds no value
+            try:
+                located.append((_loads(line, path, line_number), f"{path}:{line_number}"))
+            except ValueError:
+                if not (partial_last_line and line_number == len(lines)):  # split's last piece: no newline after it
+                    raise
     return located
 
 
