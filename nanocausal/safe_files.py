@@ -1,5 +1,5 @@
-"""Reading files that someone else may have written: JSON, JSON Lines, safetensors and torch.save files of
-tensors and plain types, with no code path.
+"""Reading files that someone else may have written: JSON, JSON Lines, safetensors and torch.save
+files of tensors and plain types, with no code path.
 
 Everything nanocausal reads from a checkpoint folder goes through here, every length and offset
 checked. Errors are one line naming the file (and the tensor or key) and never quote the file's
