@@ -214,12 +214,13 @@ def rescore(path):
     records = read_responses(path)
     if not records:
         raise ValueError(f"{path}: no responses")
-    for line, r in enumerate(records, start=1):
+    for r in records:  # named by key and sample: duplicates and damaged lines were dropped, so no line number
+        where = f"{path}: the response to problem {r['key']!r}, sample {r['sample']!r}"
         if "rung" in r:
-            raise ValueError(f"{path}:{line}: a CaLM response; --rescore scores CauGym responses only")
+            raise ValueError(f"{where} is a CaLM response; --rescore scores CauGym responses only")
         for field in ("response", "answer"):
             if not isinstance(r.get(field), str):
-                raise ValueError(f"{path}:{line}: field '{field}' must be a string")
+                raise ValueError(f"{where}: field '{field}' must be a string")
         r["correct"] = caugym.is_correct(r["response"], r["answer"])
     columns = {name: accuracy([r for r in records if r.get("dataset", "data") == name])
                for name in dict.fromkeys(r.get("dataset", "data") for r in records)}

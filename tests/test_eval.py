@@ -117,6 +117,16 @@ def test_a_damaged_line_is_skipped_and_the_lines_after_it_kept(tmp_path, capsys)
     assert len(path.read_text().splitlines()) == 15
 
 
+def test_rescore_names_the_bad_record_by_problem_and_sample_not_by_a_shifted_line(tmp_path, capsys):
+    rows = [{"key": "a", "sample": 0, "response": "x", "answer": "y"}] * 2  # a resumed run answered "a" twice
+    rows.append({"key": "b", "sample": 1, "response": None, "answer": "y"})
+    path = tmp_path / "responses.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError) as refused:
+        evaluation.rescore(path)
+    assert str(refused.value) == f"{path}: the response to problem 'b', sample 1: field 'response' must be a string"
+
+
 @pytest.mark.parametrize("change, named", [(dict(temperature=0.0), "temperature 0.6 -> 0.0"),
                                            (dict(max_new_tokens=64), "max_new_tokens 8192 -> 64"),
                                            (dict(model="gold"), "model 'oracle' -> 'gold'")])
