@@ -61,6 +61,8 @@ VARIANTS = ("base", "rephrased", "omitted", "redundant", "insufficient", "varied
 TRAIN_WORDINGS, HELDOUT_WORDING = (0, 1), 2  # indices into the engine's templates (problem_text.PREAMBLES, ...)
 
 # ----------------------------------------------------------------------------- problems
+
+
 def make_problem(rng, no_path_share=0.375, variant="base", easy_order=True, query="ATE"):
     """One tiny-curriculum item: dict(problem, answer, type, kind, variant, numbers), where numbers
     = (a, b) are the two shown probabilities the answer is a - b of (None without a path).
