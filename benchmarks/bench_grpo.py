@@ -21,11 +21,11 @@ backward, optimiser. Each side runs in its own subprocess (`--side`), one warm-u
 which is what a user's machine sees). The sides alternate `--repeats` times: the machine is
 shared, so read the best (min) time of each side, and the ratio of those.
 
-Measured on the team's shared 2-core Xeon (AVX-512, no GPU; other jobs running), torch 2.13,
-trl 1.16, transformers 5.24, `--steps 1 --repeats 2`: nanocausal 17.8 and 76.9 s/step, peak
-3.3 GiB; TRL 290 and 217 s/step, peak 7.5 GiB. Best against best that run read 12x, but a
-re-measurement gave 6.5x and run by run the ratio went from 2.8x to 16x with the machine's load:
-read it as about 6x faster (the README's figure), at 0.44x the memory.
+Measured on the team's 2-core Xeon (AVX-512, no GPU), torch 2.13, trl 1.16, transformers 5.25,
+`--steps 2 --repeats 2` on 2026-12-07 with the machine quiet: nanocausal 20.0 and 16.1 s/step, peak
+3.2 GiB; TRL 127.1 and 111.7 s/step, peak 7.3 GiB: 7.0x best against best (6.3x and 7.0x run by
+run), at 0.43x the memory. Beside other jobs the ratio spreads widely (3.0x and 4.0x the same day;
+2.8x to 16x before): read it as about 6x.
 """
 import argparse
 import json
