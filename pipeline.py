@@ -35,8 +35,8 @@ on the tiny curriculum of nanocausal/tiny.py (3-node ATE questions, with and wit
   control  offline.train_offline continuing SFT on the same worked solutions: the same compute
            spent on more SFT.
 Each method's budget is a fixed number of steps, a multiple of --grpo-steps calibrated once so that
-each took about GRPO's time (STEPS_PER_GRPO_STEP, docs/tiny_results.md): with the same seed a rerun
-prints the same table (on the same machine and thread count).
+each took about GRPO's time (comparison.STEPS_PER_GRPO_STEP, docs/tiny_results.md): with the same
+seed a rerun prints the same table (on the same machine and thread count).
 
 evaluation.evaluate then scores every checkpoint on --test-problems held-out problems and on
 --variant-problems of each held-out --variants (by default "omitted", no Instruction line:
@@ -48,7 +48,6 @@ matplotlib). What it showed is in docs/tiny_results.md and the README. On a mach
 trainers use it automatically (not measured: no GPU was available); the real-model recipe is in
 the README.
 """
-import argparse
 import contextlib
 import importlib.util
 import multiprocessing
@@ -65,45 +64,19 @@ from nanocausal.offline import PreferenceConfig, SFTConfig, train_offline
 from nanocausal.rl import RLConfig, train_rl
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("sft", "dpo", "kto", "ppo", "grpo")
-# GRPO variants from the same SFT start (issue 30), named only, never part of --methods all:
-# {name: (reward, curriculum)} (the plain grpo and ppo stages follow --reward and --curriculum)
-GRPO_VARIANTS = {"grpo_step": ("step", "fixed"), "grpo_adaptive": ("outcome", "adaptive")}
-RL_METHODS = ("ppo", "grpo", *GRPO_VARIANTS)
-NAMES = {"sft": "SFT", "dpo": "SFT + DPO", "kto": "SFT + KTO", "ppo": "SFT + PPO", "grpo": "SFT + GRPO",
-         "control": "SFT + more SFT (control)", "grpo_step": "SFT + GRPO, step reward",
-         "grpo_adaptive": "SFT + GRPO, adaptive curriculum"}
-# The fixed step budgets: steps of each method that took as long as one GRPO step on the 2-core
-# machine, calibrated once at the defaults (docs/tiny_results.md); DPO's and KTO's include their
-# share of sampling the preference data. A count that followed this run's timings would make the
-# table depend on the machine's load.
-STEPS_PER_GRPO_STEP = {"control": 12, "ppo": 0.65, "dpo": 3.9, "kto": 2.6}
-
-
-def name_list(allowed, extra=()):
-    """argparse type: comma-separated names from `allowed` (+ `extra`), or "all" for every one of
-    `allowed`, in allowed's order."""
-    def parse(text):
-        names = allowed if text == "all" else tuple(n.strip() for n in text.split(",") if n.strip())
-        allowed_here = allowed + tuple(extra)
-        bad = [n for n in names if n not in allowed_here]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(f"unknown {bad[0] if bad else text!r}: expected all or some of "
-                                             f"{', '.join(allowed_here)}")
-        return tuple(n for n in allowed_here if n in names)
-    return parse
 
 
 def parse_args(argv):
     p = cli.parser_for(__doc__)
-    p.add_argument("--methods", type=name_list(METHODS, GRPO_VARIANTS), default="sft,grpo",
+    p.add_argument("--methods", type=comparison.name_list(comparison.METHODS, comparison.GRPO_VARIANTS),
+                   default="sft,grpo",
                    help="post-training methods to compare from the shared SFT start, comma-separated from "
                         "sft, dpo, kto, ppo, grpo, or all (SFT always runs: it is every method's start; the "
                         "same-compute SFT control always runs too); also grpo_step (GRPO with the step reward) "
                         "and grpo_adaptive (GRPO on the adaptive curriculum), not part of all")
     p.add_argument("--base", default=os.path.join(ROOT, "data", "tiny-base"), help="the pretrained tiny base folder")
     p.add_argument("--out", default="runs/pipeline", help="output folder (data, checkpoints, results)")
-    p.add_argument("--queries", type=name_list(tiny.QUERIES), default="ATE",
+    p.add_argument("--queries", type=comparison.name_list(tiny.QUERIES), default="ATE",
                    help="query types of the curriculum, comma-separated: ATE, ETT (docs/tiny_results.md: what ATE,ETT gave)")
     p.add_argument("--sft-examples", type=cli.positive_int, default=800, help="worked solutions for SFT (a few hundred, reused each epoch)")
     p.add_argument("--teacher-slip-rate", type=cli.probability, default=0.3,
@@ -122,7 +95,7 @@ def parse_args(argv):
                    help="GRPO and PPO learning rate (constant after warmup, no KL; 1e-4 did not help, 2e-4 collapsed, docs/tiny_results.md)")
     p.add_argument("--grpo-warmup", type=cli.non_negative_int, default=3,
                    help="GRPO and PPO warmup steps (Adam's first updates move every weight by ~lr: unwarmed, they can wreck the SFT model)")
-    p.add_argument("--rl-kinds", type=name_list(tiny.KINDS), default="effect",
+    p.add_argument("--rl-kinds", type=comparison.name_list(tiny.KINDS), default="effect",
                    help="comma-separated question kinds the RL and preference methods see (effect, no path); the "
                         "no-path replies are all correct from the start, so they teach nothing and only cost time")
     p.add_argument("--rollout-temperature", type=cli.positive_float, default=0.6,
@@ -149,13 +122,13 @@ def parse_args(argv):
                         "compare a GRPO option without training SFT again")
     p.add_argument("--no-control", action="store_true", help="skip the same-compute SFT control")
     p.add_argument("--ppo-steps", type=cli.positive_int, default=None,
-                   help=f"PPO steps (unset: {STEPS_PER_GRPO_STEP['ppo']} per GRPO step, the calibrated same compute)")
+                   help=f"PPO steps (unset: {comparison.STEPS_PER_GRPO_STEP['ppo']} per GRPO step, the calibrated same compute)")
     p.add_argument("--dpo-steps", type=cli.positive_int, default=None,
-                   help=f"DPO steps of --pref-batch-size pairs (unset: {STEPS_PER_GRPO_STEP['dpo']} per GRPO step)")
+                   help=f"DPO steps of --pref-batch-size pairs (unset: {comparison.STEPS_PER_GRPO_STEP['dpo']} per GRPO step)")
     p.add_argument("--kto-steps", type=cli.positive_int, default=None,
-                   help=f"KTO steps of 2 x --pref-batch-size replies (unset: {STEPS_PER_GRPO_STEP['kto']} per GRPO step)")
+                   help=f"KTO steps of 2 x --pref-batch-size replies (unset: {comparison.STEPS_PER_GRPO_STEP['kto']} per GRPO step)")
     p.add_argument("--control-steps", type=cli.positive_int, default=None,
-                   help=f"SFT steps of the same-compute control (unset: {STEPS_PER_GRPO_STEP['control']} per GRPO step)")
+                   help=f"SFT steps of the same-compute control (unset: {comparison.STEPS_PER_GRPO_STEP['control']} per GRPO step)")
     p.add_argument("--pref-prompts", type=cli.positive_int, default=1024,
                    help="prompts the SFT model answers to make DPO's pairs and KTO's labels")
     p.add_argument("--pref-samples", type=cli.positive_int, default=4, help="replies sampled per preference prompt")
@@ -166,7 +139,7 @@ def parse_args(argv):
     p.add_argument("--kto-lr", type=cli.non_negative_float, default=1e-5, help="KTO peak learning rate (cosine)")
     p.add_argument("--pref-beta", type=cli.non_negative_float, default=0.1, help="DPO and KTO beta (the implicit KL strength)")
     p.add_argument("--test-problems", type=cli.positive_int, default=200, help="held-out problems of the base test set")
-    p.add_argument("--variants", type=name_list(tiny.VARIANTS[1:5], ("heldout",)), default="omitted,redundant",
+    p.add_argument("--variants", type=comparison.name_list(tiny.VARIANTS[1:5], ("heldout",)), default="omitted,redundant",
                    help="held-out test variants beside the base set, comma-separated from rephrased, omitted, "
                         "redundant, insufficient (nanocausal/tiny.py; no method trains on any)")
     p.add_argument("--variant-problems", type=cli.positive_int, default=100, help="held-out problems per variant")
@@ -177,16 +150,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads per job")
     p.add_argument("--seed", type=cli.seed, default=0, help="seed of the data, training and sampling")
     args = p.parse_args(argv)
-    args.methods = ("sft",) + tuple(m for m in args.methods if m != "sft")  # SFT is every method's start
-    if args.varied and "heldout" not in args.variants:
-        args.variants = ("heldout",) + args.variants
+    args.methods, args.variants = comparison.stages(args.methods, args.variants, args.varied)
     return args
-
-
-def budgets(args):
-    """{method: fixed steps}: the flag, or the calibrated multiple of --grpo-steps."""
-    given = {"ppo": args.ppo_steps, "dpo": args.dpo_steps, "kto": args.kto_steps, "control": args.control_steps}
-    return {"grpo": args.grpo_steps, **dict.fromkeys(GRPO_VARIANTS, args.grpo_steps), **{m: given[m] or round(STEPS_PER_GRPO_STEP[m] * args.grpo_steps) for m in given}}
 
 
 def curve_settings(args, data_dir, steps):
@@ -203,12 +168,12 @@ def train_method(method, args, steps, data_dir, run_dir):
     """Train one method from the SFT checkpoint; returns the TrainResult."""
     sft_checkpoint = os.path.join(args.out, "sft", "checkpoint")
     curve = curve_settings(args, data_dir, steps)
-    if method in RL_METHODS:
+    if method in comparison.RL_METHODS:
         # GRPO: the group's mean is the baseline; PPO: a value head learns it (GAE with gamma = lam = 1,
         # veRL's defaults: the one reward at the end reaches every token undiscounted, the borrow
         # columns far from it included). The same prompts, samples and updates per step; no KL for
         # either (no reference model).
-        reward, curriculum = GRPO_VARIANTS.get(method, (args.reward, args.curriculum))
+        reward, curriculum = comparison.GRPO_VARIANTS.get(method, (args.reward, args.curriculum))
         return train_rl(RLConfig(
             algo="ppo" if method == "ppo" else "grpo", model=sft_checkpoint, steps=steps, reward=reward,
             curriculum=curriculum,
@@ -264,7 +229,7 @@ def job(kind, method, args, *rest):
         if kind == "train":
             steps, data_dir = rest
             result = train_method(method, args, steps, data_dir, folder)
-            out = result.history if method in RL_METHODS else None
+            out = result.history if method in comparison.RL_METHODS else None
         elif kind == "preference":
             data_dir, seen = rest
             out = comparison.preference_data(os.path.join(args.out, "sft", "checkpoint"), data_dir,
@@ -311,7 +276,8 @@ def main(argv=None):
     started = time.time()
     if not os.path.isfile(os.path.join(args.base, "model.safetensors")):
         sys.exit(f"{args.base}: no model.safetensors (rebuild it with: python build_tiny_base.py --out {args.base})")
-    steps = budgets(args)
+    steps = comparison.budgets(args.grpo_steps, ppo=args.ppo_steps, dpo=args.dpo_steps, kto=args.kto_steps,
+                               control=args.control_steps)
     data_dir = os.path.join(args.out, "data")
     tests, seen = comparison.make_data(
         data_dir, args.seed, args.sft_examples, rl_prompts=4 * args.grpo_steps * args.prompts_per_step + 100,
@@ -333,7 +299,7 @@ def main(argv=None):
 
     methods = [m for m in args.methods if m != "sft"] + ([] if args.no_control else ["control"])
     print(f"[2/3] from the SFT checkpoint, {args.jobs} at a time (logs: {args.out}/<method>/log.txt): "
-          + ", ".join(f"{NAMES[m]} {steps[m]} steps" for m in methods))
+          + ", ".join(f"{comparison.NAMES[m]} {steps[m]} steps" for m in methods))
     jobs = {m: ("train", m, steps[m], data_dir) for m in methods if m not in ("dpo", "kto")}
     if "dpo" in methods or "kto" in methods:
         # One batch of the SFT model's own replies, scored by the rule, for both (each budget counts
@@ -349,11 +315,11 @@ def main(argv=None):
     print(f"[3/3] evaluation of {len(methods) + 1} checkpoints on {', '.join(tests)}")
     clock = time.time()
     scored = run_jobs(args, {m: ("score", m, tests) for m in ["sft"] + methods})
-    scores = {NAMES[m]: scored[m][1] for m in ["sft"] + methods}
+    scores = {comparison.NAMES[m]: scored[m][1] for m in ["sft"] + methods}
     seconds["eval"] = time.time() - clock
     seconds["total"] = time.time() - started
     constant = comparison.constant_scores(tests)
-    curves = {NAMES[m]: comparison.reward_curve(histories[m]) for m in RL_METHODS if m in histories}
+    curves = {comparison.NAMES[m]: comparison.reward_curve(histories[m]) for m in comparison.RL_METHODS if m in histories}
     timing = ("wall time: " + ", ".join(f"{m} {s:.0f}s" + (f" ({steps[m]} steps)" if m in steps else "")
                                         for m, s in seconds.items())
               + f" ({args.jobs} jobs of {args.threads} torch thread{'s' if args.threads > 1 else ''})")
@@ -361,7 +327,7 @@ def main(argv=None):
                        + [comparison.curve_text(name, c) for name, c in curves.items()] + [timing, ""])
     print(report)
     results = {"args": vars(args), "steps": {"sft": args.sft_steps, **{m: steps[m] for m in methods}},
-               "run_dirs": {NAMES[m]: m for m in ["sft"] + methods},
+               "run_dirs": {comparison.NAMES[m]: m for m in ["sft"] + methods},
                "scores": scores, "constant_answer": constant, "reward_curves": curves,
                "preference_data": preference, "seconds": seconds}
     comparison.write_results(args.out, report, results)

@@ -25,6 +25,7 @@ training distribution; "omitted" (generalisation: no Instruction line) and "redu
 official temperature 0.6, top_p 0.95) per question kind (and query type when there are several)
 and overall, beside the constant answer {"ANSWER": "No", "PROB": "0.0000"} scored by the same rule.
 """
+import argparse
 import json
 import os
 import random
@@ -35,6 +36,48 @@ from nanocausal.tokenizer import Tokenizer
 CONSTANT_ANSWER = '{"ANSWER": "No", "PROB": "0.0000"}'  # right on every no-path item, wrong on every effect
 SAMPLED = dict(temperature=0.6, top_p=0.95)  # the official protocol's sampling
 MAX_NEW_TOKENS = 120  # a worked solution is under 100 tokens
+
+METHODS = ("sft", "dpo", "kto", "ppo", "grpo")
+# GRPO variants from the same SFT start (issue 30), named only, never part of --methods all:
+# {name: (reward, curriculum)} (the plain grpo and ppo stages follow --reward and --curriculum)
+GRPO_VARIANTS = {"grpo_step": ("step", "fixed"), "grpo_adaptive": ("outcome", "adaptive")}
+RL_METHODS = ("ppo", "grpo", *GRPO_VARIANTS)
+NAMES = {"sft": "SFT", "dpo": "SFT + DPO", "kto": "SFT + KTO", "ppo": "SFT + PPO", "grpo": "SFT + GRPO",
+         "control": "SFT + more SFT (control)", "grpo_step": "SFT + GRPO, step reward",
+         "grpo_adaptive": "SFT + GRPO, adaptive curriculum"}
+# The fixed step budgets: steps of each method that took as long as one GRPO step on the 2-core
+# machine, calibrated once at the defaults (docs/tiny_results.md); DPO's and KTO's include their
+# share of sampling the preference data. A count that followed this run's timings would make the
+# table depend on the machine's load.
+STEPS_PER_GRPO_STEP = {"control": 12, "ppo": 0.65, "dpo": 3.9, "kto": 2.6}
+
+
+def name_list(allowed, extra=()):
+    """argparse type: comma-separated names from `allowed` (+ `extra`), or "all" for every one of
+    `allowed`, in allowed's order."""
+    def parse(text):
+        names = allowed if text == "all" else tuple(n.strip() for n in text.split(",") if n.strip())
+        allowed_here = allowed + tuple(extra)
+        bad = [n for n in names if n not in allowed_here]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown {bad[0] if bad else text!r}: expected all or some of "
+                                             f"{', '.join(allowed_here)}")
+        return tuple(n for n in allowed_here if n in names)
+    return parse
+
+
+def stages(methods, variants, varied):
+    """(methods, test variants) as the run takes them: SFT is every method's start, and --varied
+    also tests on the held-out wording."""
+    methods = ("sft",) + tuple(m for m in methods if m != "sft")
+    return methods, ("heldout",) + variants if varied and "heldout" not in variants else variants
+
+
+def budgets(grpo_steps, **given):
+    """{method: fixed steps}: the one given (ppo=, dpo=, kto=, control=; None: unset), or the
+    calibrated multiple of grpo_steps."""
+    return {"grpo": grpo_steps, **dict.fromkeys(GRPO_VARIANTS, grpo_steps),
+            **{m: given[m] or round(STEPS_PER_GRPO_STEP[m] * grpo_steps) for m in given}}
 
 
 def with_chat_prompt(items):

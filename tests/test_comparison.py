@@ -4,9 +4,7 @@ whole pipeline end to end on the shipped tiny base."""
 import json
 import os
 
-import pytest
-
-import pipeline
+from conftest import run_script
 from nanocausal import caugym, comparison, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,23 +45,23 @@ def test_the_table_has_a_row_per_model_and_decoding_and_a_column_per_set_and_gro
 
 
 def test_methods_flag():
-    assert pipeline.parse_args(["--methods", "all"]).methods == pipeline.METHODS
-    assert pipeline.parse_args(["--methods", "grpo,dpo"]).methods == ("sft", "dpo", "grpo")  # SFT is the start
-    assert pipeline.parse_args([]).methods == ("sft", "grpo")
-    with pytest.raises(SystemExit):
-        pipeline.parse_args(["--methods", "sft,rlhf"])
-    with pytest.raises(SystemExit):
-        pipeline.parse_args(["--variants", "deconfounding"])
-    steps = pipeline.budgets(pipeline.parse_args(["--grpo-steps", "10", "--dpo-steps", "7"]))
+    methods = comparison.name_list(comparison.METHODS, comparison.GRPO_VARIANTS)
+    variants = comparison.name_list(tiny.VARIANTS[1:5], ("heldout",))
+    assert methods("all") == comparison.METHODS
+    assert comparison.stages(methods("grpo,dpo"), (), False)[0] == ("sft", "dpo", "grpo")  # SFT is the start
+    assert comparison.stages(methods("sft,grpo"), (), False)[0] == ("sft", "grpo")
+    for flag, value, named in (("--methods", "sft,rlhf", "unknown 'rlhf'"), ("--variants", "deconfounding",
+                                                                             "unknown 'deconfounding'")):
+        out = run_script("pipeline.py", flag, value, check=False)  # refused by argparse, before any work
+        assert out.returncode == 2 and named in out.stderr and out.stderr.count("\n") == 1
+    steps = comparison.budgets(10, ppo=None, dpo=7, kto=None, control=None)
     assert steps == {"grpo": 10, "grpo_step": 10, "grpo_adaptive": 10, "dpo": 7,
-                     **{m: round(pipeline.STEPS_PER_GRPO_STEP[m] * 10) for m in ("ppo", "kto", "control")}}
+                     **{m: round(comparison.STEPS_PER_GRPO_STEP[m] * 10) for m in ("ppo", "kto", "control")}}
     # issue 30's GRPO variants and the held-out wording are named, never part of "all"
-    assert pipeline.parse_args(["--methods", "grpo_adaptive,grpo,grpo_step"]).methods == \
+    assert comparison.stages(methods("grpo_adaptive,grpo,grpo_step"), (), False)[0] == \
         ("sft", "grpo", "grpo_step", "grpo_adaptive")
-    assert pipeline.parse_args(["--variants", "all"]).variants == tiny.VARIANTS[1:5]
-    assert pipeline.parse_args(["--varied"]).variants == ("heldout", "omitted", "redundant")
-    defaults = pipeline.parse_args([])
-    assert (defaults.reward, defaults.curriculum, defaults.varied, defaults.curve_every) == ("outcome", "fixed", False, 0)
+    assert variants("all") == tiny.VARIANTS[1:5]
+    assert comparison.stages(("sft",), variants("omitted,redundant"), True)[1] == ("heldout", "omitted", "redundant")
 
 
 def table_numbers(markdown):
@@ -77,20 +75,20 @@ SMOKE = ["--sft-steps", "100", "--grpo-steps", "2", "--prompts-per-step", "4", "
          "--pref-batch-size", "2", "--eval-samples", "1"]
 
 
-def test_the_pipeline_runs_all_methods_on_two_jobs_as_on_one_and_writes_what_it_prints(tmp_path, capsys):
+def test_the_pipeline_runs_all_methods_on_two_jobs_as_on_one_and_writes_what_it_prints(tmp_path):
     """--methods all, a few steps each from the shipped tiny base: every method's row with every
     column, results.json holding the printed numbers, results.png; then the default methods on one
-    job in this process: the rows they share are the same numbers (the jobs are independent)."""
-    results = pipeline.main(["--methods", "all", "--out", str(tmp_path / "all"), "--jobs", "2"] + SMOKE)
-    printed = capsys.readouterr().out
+    job: the rows they share are the same numbers (the jobs are independent)."""
+    printed = run_script("pipeline.py", "--methods", "all", "--out", tmp_path / "all", "--jobs", "2", *SMOKE).stdout
     markdown = (tmp_path / "all" / "results.md").read_text()
     assert markdown in printed
-    assert json.loads((tmp_path / "all" / "results.json").read_text()) == json.loads(json.dumps(results))
+    results = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert results["args"]["methods"] == list(comparison.METHODS)
     assert results["preference_data"]["pairs"] >= 2
     cells = table_numbers(markdown)
     columns = [(name, group) for name in ("base", "omitted", "redundant") for group in ("effect", "no path", "overall")]
-    trained = pipeline.METHODS + ("control",)
-    assert set(cells) == {("constant answer", "-")} | {(pipeline.NAMES[m], mode) for m in trained
+    trained = comparison.METHODS + ("control",)
+    assert set(cells) == {("constant answer", "-")} | {(comparison.NAMES[m], mode) for m in trained
                                                       for mode in ("greedy", "sampled")}
     for (model, mode), row in cells.items():
         assert len(row) == len(columns)
@@ -101,7 +99,11 @@ def test_the_pipeline_runs_all_methods_on_two_jobs_as_on_one_and_writes_what_it_
     assert (tmp_path / "all" / "results.png").stat().st_size > 10_000
     assert all((tmp_path / "all" / m / "checkpoint" / "model.safetensors").is_file() for m in trained)
 
-    pipeline.main(["--out", str(tmp_path / "default"), "--jobs", "1"] + SMOKE)
+    run_script("pipeline.py", "--out", tmp_path / "default", "--jobs", "1", *SMOKE)
+    defaults = json.loads((tmp_path / "default" / "results.json").read_text())["args"]
+    assert defaults["methods"] == ["sft", "grpo"] and defaults["variants"] == ["omitted", "redundant"]
+    assert (defaults["reward"], defaults["curriculum"], defaults["varied"], defaults["curve_every"]) == \
+        ("outcome", "fixed", False, 0)
     again = table_numbers((tmp_path / "default" / "results.md").read_text())
     assert set(again) == {k for k in cells if k[0] in ("constant answer", "SFT", "SFT + GRPO", "SFT + more SFT (control)")}
     assert all(again[k] == cells[k] for k in again)
