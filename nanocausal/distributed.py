@@ -25,6 +25,7 @@ One rule every caller must keep: the units' all-gathers are collectives, so ever
 the same number of forward (and backward) passes. A rank whose share cuts into fewer
 micro-batches runs zero-weight repeats (`pad_to_longest`).
 """
+import gc
 import json
 import os
 import shutil
@@ -70,6 +71,12 @@ def setup(device):
 
 def teardown():
     if dist.is_initialized():
+        # Sharded modules left in a reference cycle (a refused resume's model, kept alive by the
+        # error's traceback) hold FSDP state that refers to the process group. Freed only at
+        # interpreter exit, after the group is gone, they can abort the process ("terminate called
+        # without an active exception"; half the runs of tests/test_hostile_checkpoints.py's 2-rank
+        # worker did): free them while the group still exists.
+        gc.collect()
         dist.destroy_process_group()
 
 
