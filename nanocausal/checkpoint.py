@@ -336,7 +336,6 @@ def recover(out_dir):
     out_dir -> out_dir.old and out_dir.tmp -> out_dir, then removes out_dir.old. A crash can leave:
     a partial .tmp (removed); a whole .tmp newer than out_dir, or out_dir missing (the swap is
     finished); a .old beside a whole out_dir (removed) or instead of it (put back)."""
-    out_dir = out_dir.rstrip("/")
     tmp, old = out_dir + ".tmp", out_dir + ".old"
     if not (os.path.isdir(tmp) or os.path.isdir(old)):
         return  # nothing left over (every run and every save start here: the common case costs two stats)
@@ -473,8 +472,6 @@ def load_trainer_state(checkpoint_dir, optimizer=None):
 
 def load_module(module: nn.Module, checkpoint_dir, name):
     """Load <checkpoint_dir>/<name>.safetensors (save_checkpoint's extra_modules) into module."""
-    device = next(module.parameters()).device
     verify(checkpoint_dir, [f"{name}.safetensors"])
-    tensors = read_tensors(os.path.join(checkpoint_dir, f"{name}.safetensors"))
-    module.load_state_dict({k: v.to(device) for k, v in tensors.items()})
-    return module
+    # load_state_dict copies each tensor into its parameter, on the parameter's device and dtype
+    module.load_state_dict(read_tensors(os.path.join(checkpoint_dir, f"{name}.safetensors")))
