@@ -47,11 +47,10 @@ def start(report_to="none", run_name=None, project="nanocausal", out_dir="out/ru
     if not names or int(os.environ.get("RANK", "0")) != 0:
         return Tracker([])
     run_name = run_name or os.path.basename(os.path.normpath(out_dir))
-    config = config or {}
     opened = []
     for name in names:
         try:
-            opened.append(BACKENDS[name](name, run_name, project, out_dir, config))
+            opened.append(BACKENDS[name](name, run_name, project, out_dir, config or {}))
         except Exception as e:
             for backend in opened:  # leave no half-started run behind
                 backend.finish()
@@ -177,11 +176,10 @@ def wandb_api_key_found():
 class TensorBoardBackend:
     def __init__(self, name, run_name, project, out_dir, config):
         self.name = name
-        summary_writer = import_backend("tensorboard").SummaryWriter
         # One folder per run name, so `tensorboard --logdir` over several out_dirs (or runs that
         # share one out_dir under different --run-name) shows them side by side.
         self.log_dir = os.path.join(out_dir, "tensorboard", run_name)
-        self.writer = summary_writer(log_dir=self.log_dir, flush_secs=30)
+        self.writer = import_backend("tensorboard").SummaryWriter(log_dir=self.log_dir, flush_secs=30)
         self.writer.add_text("config", code_block(json.dumps(config, indent=2, default=str)), 0)
 
     def log(self, values, step):
