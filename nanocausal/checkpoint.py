@@ -275,11 +275,11 @@ def _fsync(path):  # a file's bytes, or a folder's entries, on disk before we go
 
 
 def read_manifest(folder):
-    """manifest.json as {"step", "files": {name: bytes}, "sha256": {name: hex}} (sha256 may be
+    """manifest.json as {"step", "files": {name: bytes}, "sha256": {name: hex}} (sha256 {} when
     absent); one-line ValueError for anything else."""
     path = os.path.join(folder, MANIFEST)
     manifest = read_json(path)
-    files, hashes = manifest.get("files"), manifest.get("sha256", {})
+    files, hashes = manifest.get("files"), manifest.setdefault("sha256", {})
     if not (isinstance(files, dict) and all(type(n) is int for n in files.values()) and isinstance(hashes, dict)
             and all(isinstance(h, str) for h in hashes.values())):
         raise ValueError(f"{path}: expected 'files' (name -> size in bytes) and 'sha256' (name -> hex digest)")

@@ -221,6 +221,14 @@ def test_the_manifest_records_every_files_sha256(saved):
     assert sorted(manifest["files"]) == sorted(n for n in os.listdir(saved) if n != checkpoint.MANIFEST)
 
 
+def test_a_manifest_without_sha256_is_checked_by_size(saved):
+    """read_manifest accepts a manifest with no 'sha256' (sizes only): verify checks the sizes."""
+    manifest = json.loads((saved / checkpoint.MANIFEST).read_text())
+    del manifest["sha256"]
+    (saved / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    checkpoint.verify(saved, ["model.safetensors", "trainer_state.pt"])
+
+
 # --- crafted safetensors and JSON -------------------------------------------------------------------
 
 
