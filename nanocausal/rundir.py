@@ -53,8 +53,6 @@ def release(out_dir):
 def refuse_symlinks(out_dir):
     """One line if anything a run writes in out_dir (metrics.jsonl, the lock file, checkpoint and
     checkpoint-*, .tmp, .old) is a symlink: writing through it would change a file elsewhere."""
-    if not os.path.isdir(out_dir):
-        return
     for name in sorted(os.listdir(out_dir)):
         if name in ("metrics.jsonl", LOCK_FILE) or name.startswith("checkpoint"):
             path = os.path.join(out_dir, name)
