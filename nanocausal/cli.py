@@ -115,20 +115,19 @@ def report_backends(text):
     return text
 
 
-def task_list(text):
-    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in tasks if t not in caugym.TASKS]
-    if not tasks or unknown:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {','.join(caugym.TASKS)}, got {text}")
-    return tasks
-
-
 def name_list(text):
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def task_list(text):
+    tasks = name_list(text)
+    if not tasks or any(t not in caugym.TASKS for t in tasks):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {','.join(caugym.TASKS)}, got {text}")
+    return tasks
+
+
 def variant_list(text):
-    variants = [v.strip() for v in text.split(",") if v.strip()]
+    variants = name_list(text)
     if not variants or any(v not in caugym.VARIANTS for v in variants):
         raise argparse.ArgumentTypeError(f"expected one or a comma-separated mix of {','.join(caugym.VARIANTS)}, got {text}")
     return text
@@ -179,8 +178,6 @@ def add_config_args(parser, config_class):
     groups, group = {}, parser
     for field in sorted(dataclasses.fields(config_class), key=declared_by):
         meta = about(config_class, field.name)
-        if "help" not in meta:
-            continue
         if "group" in meta and meta["group"] not in groups:
             groups[meta["group"]] = parser.add_argument_group(meta["group"])
         group = groups[meta["group"]] if "group" in meta else group
@@ -199,7 +196,7 @@ def check_config(config):
     for field in dataclasses.fields(config):
         meta, value = about(type(config), field.name), getattr(config, field.name)
         flag = "--" + field.name.replace("_", "-")
-        if value is None or "help" not in meta:
+        if value is None:
             continue
         if meta.get("choices") and value not in meta["choices"]:
             raise ValueError(f"{flag} must be one of {', '.join(meta['choices'])}, got {value!r}")
