@@ -57,7 +57,7 @@ def metrics_path(run_dir):
 
 
 def run_name(run_dir):
-    path = os.path.normpath(os.path.abspath(run_dir))
+    path = os.path.abspath(run_dir)  # (normalised: no trailing slash)
     return os.path.basename(os.path.dirname(path) if os.path.isfile(path) else path)
 
 
