@@ -179,7 +179,7 @@ class TensorBoardBackend:
         # One folder per run name, so `tensorboard --logdir` over several out_dirs (or runs that
         # share one out_dir under different --run-name) shows them side by side.
         self.log_dir = os.path.join(out_dir, "tensorboard", run_name)
-        self.writer = import_backend("tensorboard").SummaryWriter(log_dir=self.log_dir, flush_secs=30)
+        self.writer = import_backend("tensorboard").SummaryWriter(self.log_dir, flush_secs=30)
         self.writer.add_text("config", code_block(json.dumps(config, indent=2, default=str)), 0)
 
     def log(self, values, step):
