@@ -381,7 +381,6 @@ def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every,
     CPU tensors per output row."""
     waiting, free = deque(range(len(prompts))), list(range(state.rows.numel()))
     done = [None] * (len(prompts) * n)
-    samples_left = [n] * len(prompts)
     busy = {}  # slot -> (output row, prompt length, limit, step count when admitted)
     steps = 0
     while True:
@@ -406,9 +405,9 @@ def serve(state: Slots, prompts, n, limits, streams, prefill_chunk, check_every,
                 row = busy.pop(s)[0]
                 done[row] = (tokens[j, :lengths[j]], logprobs[j, :lengths[j]])
                 i = row // n
-                samples_left[i] -= 1
-                if on_prompt_done is not None and samples_left[i] == 0:
-                    on_prompt_done(i, [done[i * n + k][0].tolist() for k in range(n)])
+                group = done[i * n:(i + 1) * n]
+                if on_prompt_done is not None and None not in group:  # its last sample just ended
+                    on_prompt_done(i, [ids.tolist() for ids, _ in group])
             state.position[index] = 0  # a free row's position stays within any width
             free = sorted(free + ended)
         if not busy and not waiting:

@@ -246,6 +246,9 @@ def test_bad_folders_give_one_clear_line(tmp_path, shared_dir):
     folder = make_folder(tmp_path, shared_dir / "tokenizers" / "qwen2.5", {"chat_template": None})
     with pytest.raises(ValueError, match="no chat template"):
         Tokenizer.from_pretrained(str(folder)).apply_chat_template(CONVERSATIONS["single_turn"])
+    (folder / "chat_template.jinja").write_bytes(b"{{ 'caf\xe9' }}")
+    with pytest.raises(ValueError, match=r"chat_template\.jinja: not UTF-8 text \(byte 0xe9 at offset 7\)"):
+        Tokenizer.from_pretrained(str(folder))
 
 
 HOSTILE_TEMPLATES = {  # template -> what the one-line refusal says
