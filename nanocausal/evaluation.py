@@ -43,11 +43,7 @@ def load_dataset(spec, seed=0, tasks=caugym.TASKS, nodes=None, prompt_style="bas
     (the tiny curriculum, tiny.VARIANTS), or a CaLM task file or folder of them (calm.load_dataset, prompted in
     CaLM's `prompt_style`)."""
     if os.path.isdir(spec) or calm.is_task_file(spec):
-        try:
-            return calm.load_dataset(spec, prompt_style)
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--data {spec}: a file that is not UTF-8 text (byte {e.object[e.start]:#04x} "
-                             f"at offset {e.start})") from None
+        return calm.load_dataset(spec, prompt_style)
     if spec.startswith("tiny"):
         name, _, n = spec.partition(":")
         variant = name[len("tiny-"):] if name.startswith("tiny-") else "base"
