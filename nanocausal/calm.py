@@ -27,13 +27,12 @@ import os
 import re
 
 from nanocausal import calm_labels as labels, safe_files
+from nanocausal.problem_text import PROVIDE, PROVIDE_PROB
 
 STYLES = ("basic", "zero-shot-CoT")
 RUNGS = ("association", "intervention", "counterfactual", "causal_discovery")
 _STEP = " Let's think step by step."
-_JSON_YES_NO = ('\nProvide the calculation result to four decimal places and a final "yes" or "no" answer in JSON '
-                'format, like {"ANSWER": "Yes", "PROB": "0.1234"}:')
-_JSON_PROB = '\nProvide the calculation result to four decimal places in JSON format, like {"PROB": "0.1234"}:'
+_JSON_YES_NO, _JSON_PROB = "\n" + PROVIDE, "\n" + PROVIDE_PROB  # as a CauGym problem ends
 _GRAPH = "You will be presented with a causal graph in the following form: %s.\nQuestion: "
 _YES_NO = "\nAnswer (Yes or No ?):"
 _SET_FIELDS = ("edges", "treatment", "outcome", "option1", "option2", "option3")
