@@ -37,9 +37,9 @@ class Problem:
     store: Statements       # the statements the text shows
     variant: str
     style: str              # text style, "base" or "generated"
-    problem: str = ""
-    answer: str = ""
-    missing: list = None    # insufficient: the leaves whose statements were removed
+    problem: str            # the text (problem_text.render)
+    answer: str             # the label: an answer JSON or LACK_CONDITION
+    missing: list           # insufficient: the leaves whose statements were removed, else None
 
 
 def _coin(rng):
@@ -128,10 +128,9 @@ def make_problem(rng, scm, task, variant, style, zero):
     answer, _ = first_answer(q, scm.graph, store)
     if (answer == LACK) != (variant == "insufficient"):
         return None
-    p = Problem(scm, q, z, m, store, variant, style, answer=answer, missing=missing)
-    p.problem = render(scm, q, store, style, instruction=variant != "omitted",
-                       rng=rng if variant == "rephrased" else None)
-    return p
+    text = render(scm, q, store, style, instruction=variant != "omitted",
+                  rng=rng if variant == "rephrased" else None)
+    return Problem(scm, q, z, m, store, variant, style, text, answer, missing)
 
 
 def _as_list(value, allowed, what):
