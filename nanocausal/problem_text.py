@@ -275,17 +275,17 @@ def parse(problem):
     # A sentence that is no probability statement we can read is skipped, not fatal: the official
     # redundant set has an item with a truncated one ("lightning) being necessary (D=1) is 0.4064.")
     # whose question needs none of it. solve() says so if the answer needed it after all.
-    unreadable = []
+    store = Statements()  # (store.unreadable lists those sentences; the statements come below)
     for m in re.finditer(_STATEMENT_SENTENCE, body):
         s = next((s for r in _STMT_RE if (s := r.fullmatch(m.group(1)))), None)
         if not s:
-            unreadable.append(m.group(1))
+            store.unreadable.append(m.group(1))
             continue
         cond = _split_pairs(s["c"], pair_re) if "c" in s.groupdict() else []
         raw.append((_split_pairs(s["t"], pair_re), cond, float(s["p"])))
     leftover = re.sub(_STATEMENT_SENTENCE, "", body).strip()
     if leftover:
-        unreadable.append(leftover)
+        store.unreadable.append(leftover)
     task, qm = next(((t, m) for t, r in question_res if (m := r.fullmatch(question))), (None, None))
     if qm is None:
         raise ValueError(f"cannot read the question {question!r}")
@@ -321,8 +321,6 @@ def parse(problem):
                 raise ValueError(f"variable {nm!r} has more than two values")
             seen[nm][value] = free[0]
     code = lambda nm, value: (index[nm], seen[nm][value])
-    store = Statements()
-    store.unreadable = unreadable
     for t, c, p in raw:
         store.add([code(n, v) for n, v, _ in t], [code(n, v) for n, v, _ in c], p)
     parents = [[u for u, v in edges if v == i] for i in range(len(names))]
