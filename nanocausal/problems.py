@@ -107,10 +107,10 @@ def make_problem(rng, scm, task, variant, style, zero):
     missing = None
     if variant == "redundant":       # two true statements no formula of this question reads
         busy = {q.y_var, *z, *m, *(v for v, _ in q.w)}
-        pool = [v for v in range(scm.graph.n) if v not in busy]
+        pool = [v for v in range(scm.graph.n) if v not in busy]   # never empty: X is not busy
         added = 0
         for _ in range(40):
-            if added == 2 or not pool:
+            if added == 2:
                 break
             v = rng.choice(pool)
             pa = scm.graph.parents[v]
