@@ -290,14 +290,13 @@ def parse(problem):
     if qm is None:
         raise ValueError(f"cannot read the question {question!r}")
     slots = qm.groupdict()
-    raw_x, raw_y = slots["X"], slots["Y"]
-    slots["X"], slots["Y"] = _name_key(raw_x), _name_key(raw_y)
-    for role in ("X", "Y"):
-        if slots[role] not in index:
-            raise ValueError(f"the question names an unknown variable {slots[role]!r}")
+    X, Y = _name_key(slots["X"]), _name_key(slots["Y"])
+    for name in (X, Y):
+        if name not in index:
+            raise ValueError(f"the question names an unknown variable {name!r}")
     if instr is not None:
         said = [t for t in TASKS for form in INSTRUCTIONS if _name_key(instr) == _name_key(
-            form.format(long=LONG_NAME[t], abbr=t, X=raw_x, Y=raw_y).lower())]
+            form.format(long=LONG_NAME[t], abbr=t, X=slots["X"], Y=slots["Y"]).lower())]
         if not said or said[0] != task and {task, said[0]} != {"PN", "PS"}:
             raise ValueError(f"the instruction {instr!r} does not match the question")
         task = said[0]
@@ -305,7 +304,6 @@ def parse(problem):
     seen = {}
     pairs = [p for t, c, _ in raw for p in t + c]
     wpairs = _split_pairs(slots["W"], pair_re) if slots.get("W") else []
-    X, Y = slots["X"], slots["Y"]
     pairs += wpairs + [(X, slots[k], None) for k in ("x", "xf") if slots.get(k)] + \
         [(Y, slots[k], None) for k in ("y", "yf") if slots.get(k)]
     for nm, value, code in pairs:
