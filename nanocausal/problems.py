@@ -121,9 +121,7 @@ def make_problem(rng, scm, task, variant, style, zero):
             store.add(target, cond, round(scm.prob(target, cond), 4), at=rng.randint(0, len(store.groups)))
             added += 1
     elif variant == "insufficient":  # two needed facts removed (a value and its complement are one)
-        if len(store.groups) < 2:
-            return None
-        store = store.without(set(rng.sample(range(len(store.groups)), 2)))
+        store = store.without(set(rng.sample(range(len(store.groups)), 2)))  # any formula reads 2+
         missing = list(dict.fromkeys(leaf for leaf in leaves(formula(q, z, m)) if not store.shows(leaf[1], leaf[2])))
     answer, _ = first_answer(q, scm.graph, store)
     if (answer == LACK) != (variant == "insufficient"):
