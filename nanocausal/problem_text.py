@@ -301,13 +301,12 @@ def parse(problem):
             raise ValueError(f"the instruction {instr!r} does not match the question")
         task = said[0]
     # value names -> codes 0/1: letter codes when shown, else order of first appearance
-    seen = {}
     pairs = [p for t, c, _ in raw for p in t + c]
     wpairs = _split_pairs(slots["W"], pair_re) if slots.get("W") else []
     pairs += wpairs + [(X, slots[k], None) for k in ("x", "xf") if slots.get(k)] + \
         [(Y, slots[k], None) for k in ("y", "yf") if slots.get(k)]
+    seen = {nm: {} for nm, _, _ in pairs}   # name -> {value: code}
     for nm, value, code in pairs:
-        seen.setdefault(nm, {})
         if code is not None:
             if seen[nm].get(value) not in (None, code) or any(v != value and c == code for v, c in seen[nm].items()):
                 raise ValueError(f"inconsistent value codes for {nm!r}")
