@@ -165,14 +165,12 @@ def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature
 def accuracy(records, by="type"):
     """{group: accuracy} over samples, plus "overall"; group is the record's `by` field. Samples with
     `correct` None (not scored) are left out."""
-    correct, total = defaultdict(int), defaultdict(int)
+    scores = defaultdict(list)  # group -> the correctness of each of its scored samples
     for r in records:
-        if r["correct"] is None:
-            continue
-        for group in (r.get(by), "overall"):
-            correct[group] += bool(r["correct"])
-            total[group] += 1
-    return {group: correct[group] / total[group] for group in total}
+        if r["correct"] is not None:
+            for group in (r.get(by), "overall"):
+                scores[group].append(bool(r["correct"]))
+    return {group: sum(values) / len(values) for group, values in scores.items()}
 
 
 # ----------------------------------------------------------------------------- files and the table
