@@ -27,13 +27,12 @@ import os
 import re
 
 from nanocausal import calm_labels as labels, safe_files
+from nanocausal.problem_text import PROVIDE, PROVIDE_PROB
 
 STYLES = ("basic", "zero-shot-CoT")
 RUNGS = ("association", "intervention", "counterfactual", "causal_discovery")
 _STEP = " Let's think step by step."
-_JSON_YES_NO = ('\nProvide the calculation result to four decimal places and a final "yes" or "no" answer in JSON '
-                'format, like {"ANSWER": "Yes", "PROB": "0.1234"}:')
-_JSON_PROB = '\nProvide the calculation result to four decimal places in JSON format, like {"PROB": "0.1234"}:'
+_JSON_YES_NO, _JSON_PROB = "\n" + PROVIDE, "\n" + PROVIDE_PROB  # as a CauGym problem ends
 _GRAPH = "You will be presented with a causal graph in the following form: %s.\nQuestion: "
 _YES_NO = "\nAnswer (Yes or No ?):"
 _SET_FIELDS = ("edges", "treatment", "outcome", "option1", "option2", "option3")
@@ -293,25 +292,20 @@ def load_task(path):
     return task, items
 
 
-def task_files(spec):
-    """The task files of a --data entry: the file itself, or every .json file under a folder."""
-    if not os.path.isdir(spec):
-        return [spec]
-    files = sorted(os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
-                   if name.endswith(".json"))
-    if not files:
-        raise ValueError(f"{spec}: no CaLM task files (*.json) in this folder")
-    return files
-
-
 def load_dataset(spec, style="basic"):
     """A CaLM --data entry (a task file or a folder of them) -> (name, evaluation items). An item is
     {prompt (messages), type (the task), rung, style, answer (gold label), calm (the CaLM item)}, plus
     `problem` (the basic prompt, a CauGym problem text) for the -P tasks, which the oracle solves."""
-    name = os.path.basename(os.path.normpath(spec))
-    name = os.path.splitext(name)[0] if os.path.isfile(spec) else name
+    if os.path.isdir(spec):  # every .json file under it
+        name = os.path.basename(os.path.normpath(spec))
+        paths = sorted(os.path.join(root, file) for root, _, files in os.walk(spec)
+                       for file in files if file.endswith(".json"))
+        if not paths:
+            raise ValueError(f"{spec}: no CaLM task files (*.json) in this folder")
+    else:
+        name, paths = os.path.splitext(os.path.basename(spec))[0], [spec]
     out = []
-    for path in task_files(spec):
+    for path in paths:
         task, items = load_task(path)
         rung, _, family, _ = TASKS[task]
         for item in items:

@@ -43,11 +43,9 @@ def answer_spans(response):
     out = []
     for span in ANSWER_SPAN.findall(re.sub(r"\s+", "", response)):
         try:
-            parsed = json.loads(span.lower())
+            out.append(json.loads(span.lower()))  # a span is "{...}": whatever parses is an object
         except json.JSONDecodeError:
-            continue
-        if isinstance(parsed, dict):
-            out.append(parsed)
+            pass
     return out
 
 

@@ -43,11 +43,7 @@ def load_dataset(spec, seed=0, tasks=caugym.TASKS, nodes=None, prompt_style="bas
     (the tiny curriculum, tiny.VARIANTS), or a CaLM task file or folder of them (calm.load_dataset, prompted in
     CaLM's `prompt_style`)."""
     if os.path.isdir(spec) or calm.is_task_file(spec):
-        try:
-            return calm.load_dataset(spec, prompt_style)
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--data {spec}: a file that is not UTF-8 text (byte {e.object[e.start]:#04x} "
-                             f"at offset {e.start})") from None
+        return calm.load_dataset(spec, prompt_style)
     if spec.startswith("tiny"):
         name, _, n = spec.partition(":")
         variant = name[len("tiny-"):] if name.startswith("tiny-") else "base"
@@ -169,14 +165,12 @@ def evaluate(model, tokenizer, items, dataset="data", num_samples=5, temperature
 def accuracy(records, by="type"):
     """{group: accuracy} over samples, plus "overall"; group is the record's `by` field. Samples with
     `correct` None (not scored) are left out."""
-    correct, total = defaultdict(int), defaultdict(int)
+    scores = defaultdict(list)  # group -> the correctness of each of its scored samples
     for r in records:
-        if r["correct"] is None:
-            continue
-        for group in (r.get(by), "overall"):
-            correct[group] += bool(r["correct"])
-            total[group] += 1
-    return {group: correct[group] / total[group] for group in total}
+        if r["correct"] is not None:
+            for group in (r.get(by), "overall"):
+                scores[group].append(bool(r["correct"]))
+    return {group: sum(values) / len(values) for group, values in scores.items()}
 
 
 # ----------------------------------------------------------------------------- files and the table

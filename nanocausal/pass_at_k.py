@@ -2,6 +2,7 @@
 it (maj@k), beside the accuracy (= pass@1). A run's curve of both shows whether RL sharpens the
 distribution (pass@1 rises to meet pass@k) or widens what it can find (pass@k rises too). Used by
 eval.py (--num-samples > 1) and the trainers' periodic evaluation (--eval-samples > 1)."""
+import math
 from collections import defaultdict
 
 from nanocausal import caugym
@@ -18,10 +19,7 @@ def pass_at_k(n, c, k):
     Source: Chen et al. 2021 (Codex), arXiv 2107.03374, Sec. 2.1."""
     if n - c < k:
         return 1.0
-    product = 1.0
-    for i in range(n - c + 1, n + 1):
-        product *= 1.0 - k / i
-    return 1.0 - product
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def voted_answer(response):
@@ -55,14 +53,13 @@ def pass_and_majority(records, k):
     for r in records:
         if r["correct"] is not None:
             samples[r["key"]].append(r)
-    sums, counts = defaultdict(lambda: defaultdict(float)), defaultdict(int)
+    per_group = defaultdict(list)  # group -> the values of each of its problems
     for problem in samples.values():
         n, c = len(problem), sum(bool(r["correct"]) for r in problem)
         if n < k:
             raise ValueError(f"pass@{k} needs at least {k} samples per problem; {problem[0]['key']} has {n}")
         values = {"pass@1": c / n, f"pass@{k}": pass_at_k(n, c, k), f"maj@{k}": float(majority_correct(problem[:k]))}
         for group in (problem[0].get("type"), "overall"):
-            counts[group] += 1
-            for name, value in values.items():
-                sums[group][name] += value
-    return {group: {name: total / counts[group] for name, total in sums[group].items()} for group in counts}
+            per_group[group].append(values)
+    return {group: {name: sum(v[name] for v in rows) / len(rows) for name in rows[0]}
+            for group, rows in per_group.items()}

@@ -275,41 +275,38 @@ def parse(problem):
     # A sentence that is no probability statement we can read is skipped, not fatal: the official
     # redundant set has an item with a truncated one ("lightning) being necessary (D=1) is 0.4064.")
     # whose question needs none of it. solve() says so if the answer needed it after all.
-    unreadable = []
+    store = Statements()  # (store.unreadable lists those sentences; the statements come below)
     for m in re.finditer(_STATEMENT_SENTENCE, body):
         s = next((s for r in _STMT_RE if (s := r.fullmatch(m.group(1)))), None)
         if not s:
-            unreadable.append(m.group(1))
+            store.unreadable.append(m.group(1))
             continue
         cond = _split_pairs(s["c"], pair_re) if "c" in s.groupdict() else []
         raw.append((_split_pairs(s["t"], pair_re), cond, float(s["p"])))
     leftover = re.sub(_STATEMENT_SENTENCE, "", body).strip()
     if leftover:
-        unreadable.append(leftover)
+        store.unreadable.append(leftover)
     task, qm = next(((t, m) for t, r in question_res if (m := r.fullmatch(question))), (None, None))
     if qm is None:
         raise ValueError(f"cannot read the question {question!r}")
     slots = qm.groupdict()
-    raw_x, raw_y = slots["X"], slots["Y"]
-    slots["X"], slots["Y"] = _name_key(raw_x), _name_key(raw_y)
-    for role in ("X", "Y"):
-        if slots[role] not in index:
-            raise ValueError(f"the question names an unknown variable {slots[role]!r}")
+    X, Y = _name_key(slots["X"]), _name_key(slots["Y"])
+    for name in (X, Y):
+        if name not in index:
+            raise ValueError(f"the question names an unknown variable {name!r}")
     if instr is not None:
         said = [t for t in TASKS for form in INSTRUCTIONS if _name_key(instr) == _name_key(
-            form.format(long=LONG_NAME[t], abbr=t, X=raw_x, Y=raw_y).lower())]
+            form.format(long=LONG_NAME[t], abbr=t, X=slots["X"], Y=slots["Y"]).lower())]
         if not said or said[0] != task and {task, said[0]} != {"PN", "PS"}:
             raise ValueError(f"the instruction {instr!r} does not match the question")
         task = said[0]
     # value names -> codes 0/1: letter codes when shown, else order of first appearance
-    seen = {}
     pairs = [p for t, c, _ in raw for p in t + c]
     wpairs = _split_pairs(slots["W"], pair_re) if slots.get("W") else []
-    X, Y = slots["X"], slots["Y"]
     pairs += wpairs + [(X, slots[k], None) for k in ("x", "xf") if slots.get(k)] + \
         [(Y, slots[k], None) for k in ("y", "yf") if slots.get(k)]
+    seen = {nm: {} for nm, _, _ in pairs}   # name -> {value: code}
     for nm, value, code in pairs:
-        seen.setdefault(nm, {})
         if code is not None:
             if seen[nm].get(value) not in (None, code) or any(v != value and c == code for v, c in seen[nm].items()):
                 raise ValueError(f"inconsistent value codes for {nm!r}")
@@ -321,8 +318,6 @@ def parse(problem):
                 raise ValueError(f"variable {nm!r} has more than two values")
             seen[nm][value] = free[0]
     code = lambda nm, value: (index[nm], seen[nm][value])
-    store = Statements()
-    store.unreadable = unreadable
     for t, c, p in raw:
         store.add([code(n, v) for n, v, _ in t], [code(n, v) for n, v, _ in c], p)
     parents = [[u for u, v in edges if v == i] for i in range(len(names))]

@@ -37,9 +37,9 @@ class Problem:
     store: Statements       # the statements the text shows
     variant: str
     style: str              # text style, "base" or "generated"
-    problem: str = ""
-    answer: str = ""
-    missing: list = None    # insufficient: the leaves whose statements were removed
+    problem: str            # the text (problem_text.render)
+    answer: str             # the label: an answer JSON or LACK_CONDITION
+    missing: list           # insufficient: the leaves whose statements were removed, else None
 
 
 def _coin(rng):
@@ -107,10 +107,10 @@ def make_problem(rng, scm, task, variant, style, zero):
     missing = None
     if variant == "redundant":       # two true statements no formula of this question reads
         busy = {q.y_var, *z, *m, *(v for v, _ in q.w)}
-        pool = [v for v in range(scm.graph.n) if v not in busy]
+        pool = [v for v in range(scm.graph.n) if v not in busy]   # never empty: X is not busy
         added = 0
         for _ in range(40):
-            if added == 2 or not pool:
+            if added == 2:
                 break
             v = rng.choice(pool)
             pa = scm.graph.parents[v]
@@ -121,17 +121,14 @@ def make_problem(rng, scm, task, variant, style, zero):
             store.add(target, cond, round(scm.prob(target, cond), 4), at=rng.randint(0, len(store.groups)))
             added += 1
     elif variant == "insufficient":  # two needed facts removed (a value and its complement are one)
-        if len(store.groups) < 2:
-            return None
-        store = store.without(set(rng.sample(range(len(store.groups)), 2)))
+        store = store.without(set(rng.sample(range(len(store.groups)), 2)))  # any formula reads 2+
         missing = list(dict.fromkeys(leaf for leaf in leaves(formula(q, z, m)) if not store.shows(leaf[1], leaf[2])))
     answer, _ = first_answer(q, scm.graph, store)
     if (answer == LACK) != (variant == "insufficient"):
         return None
-    p = Problem(scm, q, z, m, store, variant, style, answer=answer, missing=missing)
-    p.problem = render(scm, q, store, style, instruction=variant != "omitted",
-                       rng=rng if variant == "rephrased" else None)
-    return p
+    text = render(scm, q, store, style, instruction=variant != "omitted",
+                  rng=rng if variant == "rephrased" else None)
+    return Problem(scm, q, z, m, store, variant, style, text, answer, missing)
 
 
 def _as_list(value, allowed, what):

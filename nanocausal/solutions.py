@@ -89,9 +89,8 @@ def solution(p, tree=None, lookup=None, value=None, missing=None):
         return _numbered(steps) + "\n" + LACK
     values = []
     for leaf in dict.fromkeys(leaves(tree)):
-        v, cond = lookup(leaf[1], leaf[2]), frozenset(leaf[2])
-        shown_as_complement = (frozenset(leaf[1]), cond) not in p.store.table and len(leaf[1]) == 1 and \
-            (frozenset({(leaf[1][0][0], 1 - leaf[1][0][1])}), cond) in p.store.table
+        v, key = lookup(leaf[1], leaf[2]), (frozenset(leaf[1]), frozenset(leaf[2]))
+        shown_as_complement = key not in p.store.table and p.store.shows(leaf[1], leaf[2])
         values.append(f"{_symbol(leaf)} = 1 - {1 - v:.4f} = {v:.4f}" if shown_as_complement
                       else f"{_symbol(leaf)} = {v:.4f}")
     steps.append("From the statements: " + "; ".join(values) + ".")
