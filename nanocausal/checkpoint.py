@@ -53,10 +53,10 @@ def resolve(name_or_path, patterns) -> str:
     return snapshot_download(path, allow_patterns=patterns)
 
 
-def resolve_model(name_or_path) -> str:
-    """The folder of a model checkpoint (weights and tokenizer), checked to hold a config.json (or,
-    for a LoRA adapter, an adapter_config.json)."""
-    path = resolve(name_or_path, MODEL_FILES + TOKENIZER_FILES)
+def resolve_model(name_or_path, files=MODEL_FILES + TOKENIZER_FILES) -> str:
+    """The folder of a model checkpoint (a hub id downloads `files`: weights and tokenizer), checked
+    to hold a config.json (or, for a LoRA adapter, an adapter_config.json)."""
+    path = resolve(name_or_path, files)
     if not any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", lora.ADAPTER_CONFIG)):
         raise ValueError(f"{path} is not a Hugging Face checkpoint: it has no config.json")
     return path
@@ -71,11 +71,11 @@ def base_of(folder):
     return lora.read_adapter_config(folder)["base_model_name_or_path"]
 
 
-def adapter_base(folder) -> str:
+def adapter_base(folder, files=MODEL_FILES + TOKENIZER_FILES) -> str:
     """The folder of an adapter's base model, checked to be a full model. An adapter on an adapter
     is refused: nanocausal holds one adapter per layer, and a cycle ends in one line, not a
-    RecursionError."""
-    base = resolve_model(base_of(folder))
+    RecursionError. `files`: what a hub base downloads (resolve_model)."""
+    base = resolve_model(base_of(folder), files)
     if is_adapter(base):
         same = os.path.realpath(base) == os.path.realpath(folder)
         raise ValueError(f"{os.path.join(folder, lora.ADAPTER_CONFIG)}: base_model_name_or_path names "

@@ -68,7 +68,7 @@ def meta_model(name_or_path):
     else:
         folder = checkpoint.resolve(name_or_path, ["config.json", lora.ADAPTER_CONFIG])
         if checkpoint.is_adapter(folder):
-            return meta_model(checkpoint.base_of(folder))
+            return meta_model(checkpoint.adapter_base(folder, ["config.json"]))  # (no weights)
         config = checkpoint.read_config(os.path.join(folder, "config.json"))
     with torch.device("meta"):
         return Transformer(config)

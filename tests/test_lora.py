@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_hf_checkpoint, run_module, run_script, tiny_examples, write_jsonl
-from nanocausal import checkpoint, lora
+from nanocausal import checkpoint, lora, memory_plan
 from nanocausal.checkpoint import load_model
 from nanocausal.offline import PreferenceConfig, SFTConfig, train_offline
 from nanocausal.rl import RLConfig, train_rl
@@ -304,7 +304,8 @@ def test_an_adapter_whose_base_is_not_a_model_is_one_line(sft_adapter, tmp_path,
     expected = {"itself": "base_model_name_or_path names this adapter itself",
                 "cycle": f"base_model_name_or_path names {other}, another LoRA adapter"}.get(
         base, f"base_model_name_or_path must name the base model \\(a folder or hub id\\), got {base}")
-    for read in (load_model, checkpoint.fingerprint, Tokenizer.from_pretrained):  # the tokenizer recursed
+    # the tokenizer and the memory plan (--plan, and every run's check before loading) recursed
+    for read in (load_model, checkpoint.fingerprint, Tokenizer.from_pretrained, memory_plan.meta_model):
         with pytest.raises(ValueError, match=expected) as refused:
             read(folder)
         assert "\n" not in str(refused.value)
