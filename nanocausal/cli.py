@@ -11,7 +11,7 @@ import sys
 
 import jinja2
 
-from nanocausal import caugym, tracking
+from nanocausal import caugym, scm, tracking
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -81,8 +81,8 @@ below_one = number_in(0, 1, high_open=True)  # dropout: 1 drops everything
 
 
 def device(text):
-    """--device: cpu, cuda, cuda:N or mps; whether this machine has it is device_problem's check
-    when a run starts, so that --plan may plan a GPU run on a laptop."""
+    """--device: cpu, cuda, cuda:N or mps; whether this machine has it is checked when a run starts
+    (memory_plan.device_problem), so that --plan may plan a GPU run on a laptop."""
     import torch
     try:
         kind = torch.device(text).type
@@ -91,19 +91,6 @@ def device(text):
     if kind not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
     return text
-
-
-def device_problem(text):
-    """None when this machine has the device `text`, else why not (one line naming --device)."""
-    import torch
-    dev = torch.device(text)  # (already checked by the config: cli.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        return f"--device {text}: this machine has no CUDA GPU (use --device cpu)"
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        return f"--device {text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        return f"--device {text}: MPS is not available on this machine"
-    return None
 
 
 def report_backends(text):
@@ -135,9 +122,8 @@ def variant_list(text):
 
 def graph_sizes(text):
     """--nodes: N or LO-HI, graph sizes the generator can draw (2..16)."""
-    from nanocausal import problems
     try:
-        problems.node_range(text, "base")
+        scm.size_range(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text

@@ -54,7 +54,7 @@ import os
 
 import torch
 
-from nanocausal import checkpoint, cli, lora, optimizer
+from nanocausal import checkpoint, lora, optimizer
 from nanocausal.model import Transformer
 
 GIB = 2**30
@@ -233,13 +233,26 @@ def available_bytes(device):
         return None
 
 
+def device_problem(text):
+    """None when this machine has the device `text`, else why not (one line naming --device)."""
+    import torch
+    dev = torch.device(text)  # (already checked by the config: cli.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {text}: this machine has no CUDA GPU (use --device cpu)"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"--device {text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {text}: MPS is not available on this machine"
+    return None
+
+
 def check_fits(config, algo):
     """Refuse, before anything is allocated or written, a run this machine cannot hold: a --device
     it lacks, or one whose certain bytes (all but the activations and logits chunk, which follow the
     real sequence lengths) exceed the memory available now (instead of the OOM killer mid-way). A
     ValueError of one line naming the flags of the largest components; on the CPU, torchrun's ranks
     share one machine's RAM."""
-    problem = cli.device_problem(config.device)
+    problem = device_problem(config.device)
     if problem:
         raise ValueError(problem)
     available = available_bytes(config.device)

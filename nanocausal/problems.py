@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from nanocausal.caugym import LACK, TASKS, VARIANTS, official_prompt
 from nanocausal.problem_text import Statements, first_answer, render, solve
-from nanocausal.scm import SCM, Query, candidates, formula, is_zero, leaves, sample_scm
+from nanocausal.scm import SCM, Query, candidates, formula, is_zero, leaves, sample_scm, size_range
 from nanocausal.solutions import rejected_solution, solution
 
 # ----------------------------------------------------------------------------- generator
@@ -142,18 +142,11 @@ def _as_list(value, allowed, what):
 
 
 def node_range(nodes, variant):
-    """The (lo, hi) graph size of `variant`: the default by variant, or nodes as int, (lo, hi) or "lo-hi"."""
+    """The (lo, hi) graph size of `variant`: nodes as int, (lo, hi) or "lo-hi" (scm.size_range), or
+    the default by variant."""
     if nodes is None:
         return (3, 5) if variant in BASE_STYLE else (8, 8)
-    if isinstance(nodes, str):
-        lo, _, hi = nodes.partition("-")
-        if not (lo.strip().isdigit() and (hi or lo).strip().isdigit()):
-            raise ValueError(f"nodes must be N or LO-HI (graph sizes in 2..16), got {nodes!r}")
-        nodes = (int(lo), int(hi or lo))
-    lo, hi = (nodes, nodes) if isinstance(nodes, int) else tuple(nodes)
-    if not 2 <= lo <= hi <= 16:
-        raise ValueError(f"nodes must lie in 2..16, got {nodes!r}")
-    return lo, hi
+    return size_range(nodes)
 
 
 def problems(n, tasks=TASKS, variant="base", nodes=None, seed=0, split="train", style=None,

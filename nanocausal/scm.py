@@ -205,6 +205,19 @@ class SCM:
         return self._memo[key]
 
 
+def size_range(nodes):
+    """(lo, hi) graph sizes from an int, a (lo, hi) pair or the text "N" / "LO-HI"; sizes lie in 2..16."""
+    if isinstance(nodes, str):
+        lo, _, hi = nodes.partition("-")
+        if not (lo.strip().isdigit() and (hi or lo).strip().isdigit()):
+            raise ValueError(f"nodes must be N or LO-HI (graph sizes in 2..16), got {nodes!r}")
+        nodes = (int(lo), int(hi or lo))
+    lo, hi = (nodes, nodes) if isinstance(nodes, int) else tuple(nodes)
+    if not 2 <= lo <= hi <= 16:
+        raise ValueError(f"nodes must lie in 2..16, got {nodes!r}")
+    return lo, hi
+
+
 def sample_scm(rng, n, edge_prob, name_kind):
     """Random DAG on n nodes in topological order (no isolated node) with random CPTs: roots
     P(V=1) in [0.1, 0.9]; other entries u**0.8, u ~ U(0.02, 0.98), skewed towards 1 so that PN and

@@ -86,7 +86,7 @@ def test_ipo_with_beta_zero_is_one_line(tmp_path):
 
 
 def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(tiny_chat_model, tmp_path):
-    if cli.device_problem("cuda") is None:
+    if memory_plan.device_problem("cuda") is None:
         pytest.skip("this machine has a GPU")
     out = run_script("train_sft.py", "--model", tiny_chat_model, "--device", "cuda", "--out-dir", tmp_path / "out",
                      check=False)
