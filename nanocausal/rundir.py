@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import asdict
 
 from nanocausal import checkpoint, cli
@@ -175,19 +176,24 @@ def _plain(value):
 
 
 def keep_metrics_until(path, step):
-    """On resume, drop the log lines of steps after the checkpoint (they will be run again)."""
+    """On resume, drop the log lines of steps after the checkpoint (they will be run again). The
+    kept lines go to a new file that then replaces the log, so a kill here loses no line."""
     if not os.path.isfile(path):
         return
     kept = []
     with open(path) as f:
         for line in f:
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
+                row = json.loads(line)
             except json.JSONDecodeError:
-                pass  # the last line of a killed run, cut mid-write
-    with open(path, "w") as f:
+                continue  # the last line of a killed run, cut mid-write
+            if not isinstance(row, dict) or row.get("step", 0) <= step:  # (not ours to judge: kept)
+                kept.append(line)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".metrics-")  # O_EXCL: no symlink
+    os.chmod(tmp, os.stat(path).st_mode & 0o777)
+    with os.fdopen(fd, "w") as f:
         f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def good_checkpoint(ckpt_dir):

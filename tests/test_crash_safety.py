@@ -197,6 +197,25 @@ def test_an_out_dir_holding_a_run_needs_resume_or_overwrite(tiny_chat_model, sft
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
+def test_trimming_the_log_on_resume_is_all_or_nothing(tmp_path, monkeypatch):
+    """A resume drops the log lines after its checkpoint's step by writing a new file and swapping it
+    in: killed before the swap, the log is whole. A line that is JSON but not an object is kept."""
+    path = tmp_path / "metrics.jsonl"
+    lines = ['{"step": 1, "loss": 2.0}\n', "[1]\n", '{"step": 3, "loss": 1.0}\n', '{"step": 4, "lo']
+    path.write_text("".join(lines))
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # a kill between writing the kept lines and the swap
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rundir.os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            rundir.keep_metrics_until(str(path), 2)
+    assert path.read_text() == "".join(lines)
+    rundir.keep_metrics_until(str(path), 2)
+    assert path.read_text() == lines[0] + lines[1]
+
+
 def sft_config(model, data, out_dir, **fields):
     return SFTConfig(**{"model": str(model), "data": str(data), "out_dir": str(out_dir), "device": "cpu", "steps": 2,
                         "batch_size": 2, "eval_every": 0, "log_every": 1000, **fields})
