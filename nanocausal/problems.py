@@ -66,7 +66,7 @@ def _pick_query(rng, scm, task, zero, deconfounding):
             w = sorted(g.desc[X] & set(g.parents[Y]))
             if not w or rng.random() < 0.2:
                 w = sorted(g.desc[X] & g.anc[Y])          # all intermediate nodes
-            if not w and zero:
+            if not w and zero and g.n > 2:  # (a 2-node graph has no third node to hold fixed)
                 w = rng.sample([v for v in range(g.n) if v not in (X, Y)], 1)
             if not w:
                 continue

@@ -117,3 +117,11 @@ def test_cli(tmp_path, capsys):
 def test_generator_arguments_are_checked_before_any_work(kwargs, named):
     with pytest.raises(ValueError, match=named):
         problems(**kwargs)
+
+
+@pytest.mark.parametrize("zero_share", [0.0, 1.0])
+def test_a_cde_on_two_nodes_is_refused_by_name(zero_share):
+    """A zero CDE may hold a third node fixed; a 2-node graph has none (it was refused with random's
+    'Sample larger than population')."""
+    with pytest.raises(ValueError, match=r"cannot make a CDE base item on \(2, 2\) nodes"):
+        problems(20, tasks="CDE", nodes=2, zero_share=zero_share)
