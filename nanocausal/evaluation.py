@@ -204,7 +204,7 @@ def format_table(columns, rows=caugym.TASKS + ("overall",)):
 
 
 def rescore(path):
-    """Re-score saved responses with the official rule; prints and returns the table's columns."""
+    """Re-score saved responses with the official rule; prints the table, returns (records, columns)."""
     records = read_responses(path)
     if not records:
         raise ValueError(f"{path}: no responses")
