@@ -95,18 +95,15 @@ def caugym_claims(response, p):
 # ----------------------------------------------------------------------------- per-token credit
 
 
-def token_credit(claims, token_ends, outcome, right, wrong=0.0):
-    """The per-token rewards r_it of the module docstring, one per token; token_ends[t] is where
-    token t's characters end in the response."""
+def token_credit(claims, token_ends, outcome, right):
+    """The per-token rewards r_it of the module docstring (R_wrong = 0), one per token;
+    token_ends[t] is where token t's characters end in the response."""
     first_wrong = next(((s, e) for s, e, ok in claims if not ok), None)
     if first_wrong is None:
         return [float(outcome)] * len(token_ends)
     s, e = first_wrong
-    credit, start = [], 0
-    for end in token_ends:
-        credit.append(right if end <= s else wrong if start < e else float(outcome))
-        start = end
-    return credit
+    return [right if end <= s else 0.0 if start < e else float(outcome)
+            for start, end in zip([0] + token_ends[:-1], token_ends)]
 
 
 def problem_of(prompt_ids, tokenizer, cache={}):  # noqa: B006 (a cache: a prompt is decoded once per run)
