@@ -106,13 +106,11 @@ def token_credit(claims, token_ends, outcome, right):
             for start, end in zip([0] + token_ends[:-1], token_ends)]
 
 
-def problem_of(prompt_ids, tokenizer, cache={}):  # noqa: B006 (a cache: a prompt is decoded once per run)
+@lru_cache(maxsize=None)  # a prompt is decoded once per run
+def problem_of(prompt_ids: tuple, tokenizer):
     """The problem text of a tokenised chat prompt (from its "Input Info:" on), or None."""
-    key = tuple(prompt_ids)
-    if key not in cache:
-        text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-        cache[key] = text[text.index("Input Info:"):] if "Input Info:" in text else None
-    return cache[key]
+    text = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+    return text[text.index("Input Info:"):] if "Input Info:" in text else None
 
 
 def token_rewards(examples, completions, tokenizer, outcomes, width, right):
@@ -123,7 +121,7 @@ def token_rewards(examples, completions, tokenizer, outcomes, width, right):
     for r, (example, ids) in enumerate(zip(examples, completions)):
         pieces = [tokenizer.decode([i], skip_special_tokens=True) for i in ids]
         ends = torch.tensor([len(p) for p in pieces]).cumsum(0).tolist()
-        problem = problem_of(example["prompt_ids"], tokenizer)
+        problem = problem_of(tuple(example["prompt_ids"]), tokenizer)
         try:
             claims = toy_claims("".join(pieces), problem) if problem else []
         except (ValueError, KeyError):  # not a problem the toy solution format covers
