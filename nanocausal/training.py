@@ -262,10 +262,8 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
                                      + rundir.good_checkpoint(ckpt_dir))
         state = {"step": step, "data": data_stream.state_dict(), "config": asdict(config), "world_size": ranks,
                  "fingerprints": fingerprints or {}}
-        if ranks == 1:
-            checkpoint.save_checkpoint(ckpt_dir, model, config.model, optimizer, state, extra_modules, keep=config.keep)
-        else:
-            distributed.save_checkpoint(ckpt_dir, model, config.model, optimizer, state, extra_modules, config.keep)
+        write = checkpoint.save_checkpoint if ranks == 1 else distributed.save_checkpoint  # (same arguments)
+        write(ckpt_dir, model, config.model, optimizer, state, extra_modules, keep=config.keep)
 
     if problems and step == 0:
         evaluate_and_log()  # the starting point of the learning curve
