@@ -116,8 +116,7 @@ class Reference:
     def __init__(self, model, device):
         self.model, self.device, self.table = model, device, None
         if not lora.is_lora_model(model):  # a separate frozen copy
-            model.requires_grad_(False)
-            model.eval()
+            model.requires_grad_(False).eval()
 
     @torch.no_grad()
     def logps(self, batch, kl=False):
