@@ -130,7 +130,7 @@ def pretrain(folder, out_dir, steps, batch_size=32, lr=3e-3, seed=0, warmup_step
     for step in tqdm(range(steps), desc="pretrain"):
         docs = [tokenizer.encode(pretraining_text(rng)) + [tokenizer.eos_token_ids[0]] for _ in range(batch_size)]
         batch = data.pad_batch(docs, tokenizer.pad_token_id, [[1] * len(d) for d in docs])
-        ids, mask = batch["input_ids"], batch["completion_mask"][:, 1:]  # targets: every real token but the first
+        ids, mask = batch["input_ids"], batch["completion_mask"][:, 1:]  # real tokens are targets
         logits = model(ids[:, :-1])
         losses = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
         loss = (losses * mask.flatten()).sum() / mask.sum()

@@ -118,7 +118,7 @@ def start_run(config: TrainConfig):
         distributed.barrier()
         config.resume = config.resume and os.path.isdir(ckpt_dir)
         source = ckpt_dir if config.resume else config.model
-        model = checkpoint.load_model(source, dtype=getattr(torch, config.dtype), device=config.device)
+        model = checkpoint.load_model(source, getattr(torch, config.dtype), config.device)
     except BaseException:
         rundir.release(config.out_dir)  # refused or unloadable: the out-dir is free again at once
         raise
@@ -262,7 +262,7 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
                                      + rundir.good_checkpoint(ckpt_dir))
         state = {"step": step, "data": data_stream.state_dict(), "config": asdict(config), "world_size": ranks,
                  "fingerprints": fingerprints or {}}
-        write = checkpoint.save_checkpoint if ranks == 1 else distributed.save_checkpoint  # (same arguments)
+        write = checkpoint.save_checkpoint if ranks == 1 else distributed.save_checkpoint
         write(ckpt_dir, model, config.model, optimizer, state, extra_modules, keep=config.keep)
 
     if problems and step == 0:
