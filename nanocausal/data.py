@@ -219,16 +219,15 @@ def _mismatched(examples, i):
 
 
 def pad_batch(sequences, pad_id, masks):
-    """Lists of token ids and their masks -> (B, T) ids, attention mask and masks, right-padded."""
+    """Lists of token ids and their masks -> {input_ids, attention_mask, completion_mask}, each
+    (B, T), right-padded."""
     T = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    attention = torch.zeros(len(sequences), T, dtype=torch.long)
-    padded_masks = torch.zeros(len(sequences), T, dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention[i, :len(seq)] = 1
-        padded_masks[i, :len(seq)] = torch.tensor(masks[i], dtype=torch.long)
-    return ids, attention, padded_masks
+
+    def padded(lists, fill):
+        return torch.tensor([list(x) + [fill] * (T - len(x)) for x in lists], dtype=torch.long)
+    attention = [[1] * len(s) for s in sequences]
+    return {"input_ids": padded(sequences, pad_id), "attention_mask": padded(attention, 0),
+            "completion_mask": padded(masks, 0)}
 
 
 class Batches:
@@ -259,26 +258,21 @@ class Batches:
 
 def collate_sft(rows, pad_id):
     """{input_ids, attention_mask, completion_mask}, each (B, T), right-padded."""
-    ids, attention, completion = pad_batch([r["ids"] for r in rows], pad_id, [r["completion_mask"] for r in rows])
-    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
+    return pad_batch([r["ids"] for r in rows], pad_id, [r["completion_mask"] for r in rows])
 
 
 def collate_dpo(rows, pad_id):
     """Chosen rows then rejected rows in one (2B, T) batch, so one forward pass scores both halves
     (rows i and B + i are the two completions of pair i)."""
-    sequences = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
-    masks = [r["chosen_mask"] for r in rows] + [r["rejected_mask"] for r in rows]
-    ids, attention, completion = pad_batch(sequences, pad_id, masks)
-    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
+    return pad_batch([r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], pad_id,
+                     [r["chosen_mask"] for r in rows] + [r["rejected_mask"] for r in rows])
 
 
 def collate_kto(rows, pad_id):
     """The examples (B, T) with their labels (B,), and their mismatched KL pairs (B, T')."""
-    batch = collate_sft(rows, pad_id)
-    kl_ids, kl_attention, kl_completion = pad_batch([r["kl_ids"] for r in rows], pad_id, [r["kl_mask"] for r in rows])
-    batch.update(desirable=torch.tensor([r["label"] for r in rows]), kl_input_ids=kl_ids,
-                 kl_attention_mask=kl_attention, kl_completion_mask=kl_completion)
-    return batch
+    kl_pairs = pad_batch([r["kl_ids"] for r in rows], pad_id, [r["kl_mask"] for r in rows])
+    return {**collate_sft(rows, pad_id), "desirable": torch.tensor([r["label"] for r in rows]),
+            **{"kl_" + key: value for key, value in kl_pairs.items()}}
 
 
 COLLATE = {"sft": collate_sft, "dpo": collate_dpo, "kto": collate_kto}

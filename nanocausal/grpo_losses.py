@@ -207,22 +207,20 @@ def grpo_loss(logps, old_logps, advantages, completion_mask, ref_logps=None, bet
     num_tokens = mask.sum().float()
     token_normaliser = (num_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)).float()
 
-    def aggregate(values):
-        if aggregation == "token_mean":
-            return _masked_sum(values, mask) / token_normaliser.clamp(min=1.0)
-        sequences = logps.shape[0] if num_sequences is None else num_sequences
-        if aggregation == "sequence_mean":
-            lengths = mask.sum(dim=1).float().clamp(min=1.0)
-            return (_masked_sum(values, mask, dim=1) / lengths).sum() / sequences
-        if aggregation == "constant":
-            if max_completion_length is None:
-                raise ValueError("grpo_loss(aggregation='constant') needs max_completion_length "
-                                 "(the generation budget)")
-            return _masked_sum(values, mask) / (sequences * max_completion_length)
+    sequences = logps.shape[0] if num_sequences is None else num_sequences
+    if aggregation == "token_mean":
+        loss = _masked_sum(per_token, mask) / token_normaliser.clamp(min=1.0)
+    elif aggregation == "sequence_mean":
+        lengths = mask.sum(dim=1).float().clamp(min=1.0)
+        loss = (_masked_sum(per_token, mask, dim=1) / lengths).sum() / sequences
+    elif aggregation == "constant":
+        if max_completion_length is None:
+            raise ValueError("grpo_loss(aggregation='constant') needs max_completion_length "
+                             "(the generation budget)")
+        loss = _masked_sum(per_token, mask) / (sequences * max_completion_length)
+    else:
         raise ValueError(f"grpo_loss: unknown aggregation {aggregation!r}, "
                          "expected 'token_mean', 'sequence_mean' or 'constant'")
-
-    loss = aggregate(per_token)
     if entropy_coef != 0.0:
         loss = loss - entropy_coef * _masked_sum(entropies.float(), policy_mask) / token_normaliser.clamp(min=1.0)
 

@@ -231,8 +231,7 @@ def ppo_rewards(scores, logps, ref_logps, completion_mask, kl_coef):
     _check_shapes("logps", logps, ref_logps=ref_logps, completion_mask=completion_mask)
     kl = logps.detach().float() - ref_logps.detach().float()
     rewards = torch.where(mask, -kl_coef * kl, torch.zeros_like(kl))
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    last = torch.where(mask, positions, torch.zeros_like(positions)).argmax(dim=1)  # (B,) last true entry
+    last = mask.cumsum(1).argmax(1)  # (B,) last true entry (where the count first peaks)
     return rewards.scatter_add(1, last.unsqueeze(1), scores.detach().float().unsqueeze(1))
 
 

@@ -116,8 +116,7 @@ class Reference:
     def __init__(self, model, device):
         self.model, self.device, self.table = model, device, None
         if not lora.is_lora_model(model):  # a separate frozen copy
-            model.requires_grad_(False)
-            model.eval()
+            model.requires_grad_(False).eval()
 
     @torch.no_grad()
     def logps(self, batch, kl=False):
@@ -131,8 +130,8 @@ class Reference:
     @torch.no_grad()
     def precompute(self, rows, collate, pad_id, batch_size):
         table = torch.zeros(len(rows), 2)
-        for start in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", leave=False):
-            indices = list(range(start, min(start + batch_size, len(rows))))
+        batches = data.cut(range(len(rows)), batch_size)
+        for indices in tqdm(batches, desc="reference log-probs", leave=False):
             batch = data.to_device(collate([rows[i] for i in indices], pad_id), self.device)
             first = self.logps(batch).float().cpu()
             if "desirable" in batch:  # KTO: the example and its KL pair
@@ -156,8 +155,8 @@ def train_offline(config: SFTConfig) -> training.TrainResult:
     if algo != "sft" and lora.is_lora_model(policy) and config.ref_model is None:
         reference = Reference(policy, config.device)
     elif algo != "sft":
-        ref_model = checkpoint.load_model(config.ref_model or config.model, dtype=training.torch_dtype(config.dtype),
-                                          device=config.device)
+        ref_model = checkpoint.load_model(config.ref_model or config.model,
+                                          dtype=getattr(torch, config.dtype), device=config.device)
         if distributed.world_size() > 1:
             distributed.shard(ref_model, config.device, config.cpu_offload)
         reference = Reference(ref_model, config.device)

@@ -147,13 +147,13 @@ def rollout(model, prompts, group_size, max_new_tokens, temperature, top_p, top_
 def assemble(row_prompts, completions, sampled_logprobs, truncated, pad_token_id, device):
     """The `Rollouts` of these rows from each row's prompt and completion ids, the sampler's log-prob
     of each completion token, and whether it hit max_new_tokens."""
-    input_ids, _, completion_mask = data.pad_batch([p + c for p, c in zip(row_prompts, completions)], pad_token_id,
-                                                   [[0] * len(p) + [1] * len(c) for p, c in zip(row_prompts, completions)])
-    sampler_logprobs = torch.zeros(input_ids.shape)
+    batch = data.pad_batch([p + c for p, c in zip(row_prompts, completions)], pad_token_id,
+                           [[0] * len(p) + [1] * len(c) for p, c in zip(row_prompts, completions)])
+    sampler_logprobs = torch.zeros(batch["input_ids"].shape)
     for row, (prompt, logprobs) in enumerate(zip(row_prompts, sampled_logprobs)):
         sampler_logprobs[row, len(prompt):len(prompt) + len(logprobs)] = torch.tensor(logprobs)
-    return Rollouts(input_ids.to(device), completion_mask.to(device), sampler_logprobs.to(device), completions,
-                    truncated)
+    return Rollouts(batch["input_ids"].to(device), batch["completion_mask"].to(device),
+                    sampler_logprobs.to(device), completions, truncated)
 
 
 def score(examples, completions, tokenizer, format_weight=0.1, strict=False, reward_terms=None):

@@ -95,27 +95,22 @@ def caugym_claims(response, p):
 # ----------------------------------------------------------------------------- per-token credit
 
 
-def token_credit(claims, token_ends, outcome, right, wrong=0.0):
-    """The per-token rewards r_it of the module docstring, one per token; token_ends[t] is where
-    token t's characters end in the response."""
+def token_credit(claims, token_ends, outcome, right):
+    """The per-token rewards r_it of the module docstring (R_wrong = 0), one per token;
+    token_ends[t] is where token t's characters end in the response."""
     first_wrong = next(((s, e) for s, e, ok in claims if not ok), None)
     if first_wrong is None:
         return [float(outcome)] * len(token_ends)
     s, e = first_wrong
-    credit, start = [], 0
-    for end in token_ends:
-        credit.append(right if end <= s else wrong if start < e else float(outcome))
-        start = end
-    return credit
+    return [right if end <= s else 0.0 if start < e else float(outcome)
+            for start, end in zip([0] + token_ends[:-1], token_ends)]
 
 
-def problem_of(prompt_ids, tokenizer, cache={}):  # noqa: B006 (a cache: a prompt is decoded once per run)
+@lru_cache(maxsize=None)  # a prompt is decoded once per run
+def problem_of(prompt_ids: tuple, tokenizer):
     """The problem text of a tokenised chat prompt (from its "Input Info:" on), or None."""
-    key = tuple(prompt_ids)
-    if key not in cache:
-        text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-        cache[key] = text[text.index("Input Info:"):] if "Input Info:" in text else None
-    return cache[key]
+    text = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+    return text[text.index("Input Info:"):] if "Input Info:" in text else None
 
 
 def token_rewards(examples, completions, tokenizer, outcomes, width, right):
@@ -126,7 +121,7 @@ def token_rewards(examples, completions, tokenizer, outcomes, width, right):
     for r, (example, ids) in enumerate(zip(examples, completions)):
         pieces = [tokenizer.decode([i], skip_special_tokens=True) for i in ids]
         ends = torch.tensor([len(p) for p in pieces]).cumsum(0).tolist()
-        problem = problem_of(example["prompt_ids"], tokenizer)
+        problem = problem_of(tuple(example["prompt_ids"]), tokenizer)
         try:
             claims = toy_claims("".join(pieces), problem) if problem else []
         except (ValueError, KeyError):  # not a problem the toy solution format covers

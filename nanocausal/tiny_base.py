@@ -30,7 +30,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, tra
 from tokenizers import Tokenizer as BPETokenizer
 from tqdm import tqdm
 
-from nanocausal import checkpoint, training
+from nanocausal import checkpoint, data, training
 from nanocausal.caugym import official_prompt
 from nanocausal.model import ModelConfig, Transformer
 from nanocausal.tiny import difference, make_problem, make_problems, solution, subtraction_columns
@@ -129,9 +129,8 @@ def pretrain(folder, out_dir, steps, batch_size=32, lr=3e-3, seed=0, warmup_step
     model.train()
     for step in tqdm(range(steps), desc="pretrain"):
         docs = [tokenizer.encode(pretraining_text(rng)) + [tokenizer.eos_token_ids[0]] for _ in range(batch_size)]
-        length = max(map(len, docs))
-        ids = torch.tensor([d + [tokenizer.pad_token_id] * (length - len(d)) for d in docs])
-        mask = torch.tensor([[1] * len(d) + [0] * (length - len(d)) for d in docs])[:, 1:]
+        batch = data.pad_batch(docs, tokenizer.pad_token_id, [[1] * len(d) for d in docs])
+        ids, mask = batch["input_ids"], batch["completion_mask"][:, 1:]  # real tokens are targets
         logits = model(ids[:, :-1])
         losses = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
         loss = (losses * mask.flatten()).sum() / mask.sum()

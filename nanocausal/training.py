@@ -104,10 +104,6 @@ def seconds_since(started, device):
     return time.time() - started
 
 
-def torch_dtype(name):
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
 def start_run(config: TrainConfig):
     """Check the run can start (rundir.check: nothing created or cleared), then load the model it
     starts from (out_dir/checkpoint when resuming, else config.model) and add LoRA's adapters.
@@ -122,7 +118,7 @@ def start_run(config: TrainConfig):
         distributed.barrier()
         config.resume = config.resume and os.path.isdir(ckpt_dir)
         source = ckpt_dir if config.resume else config.model
-        model = checkpoint.load_model(source, dtype=torch_dtype(config.dtype), device=config.device)
+        model = checkpoint.load_model(source, getattr(torch, config.dtype), config.device)
     except BaseException:
         rundir.release(config.out_dir)  # refused or unloadable: the out-dir is free again at once
         raise
@@ -266,10 +262,8 @@ def train(config: TrainConfig, model, optimizer, step_fn, data_stream, tokenizer
                                      + rundir.good_checkpoint(ckpt_dir))
         state = {"step": step, "data": data_stream.state_dict(), "config": asdict(config), "world_size": ranks,
                  "fingerprints": fingerprints or {}}
-        if ranks == 1:
-            checkpoint.save_checkpoint(ckpt_dir, model, config.model, optimizer, state, extra_modules, keep=config.keep)
-        else:
-            distributed.save_checkpoint(ckpt_dir, model, config.model, optimizer, state, extra_modules, config.keep)
+        write = checkpoint.save_checkpoint if ranks == 1 else distributed.save_checkpoint
+        write(ckpt_dir, model, config.model, optimizer, state, extra_modules, keep=config.keep)
 
     if problems and step == 0:
         evaluate_and_log()  # the starting point of the learning curve

@@ -90,7 +90,8 @@ def teacher_forced_logprobs(model, prompts, out, temperature):
     index = out.prompt_index.tolist()
     sequences = [prompts[p] + c for p, c in zip(index, out.completions())]
     masks = [[0] * len(prompts[p]) + [1] * len(c) for p, c in zip(index, out.completions())]
-    ids, attention, completion_mask = pad_batch(sequences, pad_id=0, masks=masks)
+    batch = pad_batch(sequences, pad_id=0, masks=masks)
+    ids, attention, completion_mask = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
     with torch.no_grad():
         logprobs = token_logprobs(model, ids, attention, completion_mask, temperature=temperature)
     return [logprobs[r][completion_mask[r].bool()] for r in range(len(sequences))]
