@@ -62,7 +62,8 @@ class AdaptiveStream:
         first, self.state["drawn"] = self.state["drawn"], self.state["drawn"] + n
         items = [draw(self.seed, i, self.state["borrows"], self.variant) for i in range(first, first + n)]
         return [{"prompt_ids": self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": caugym.official_prompt(it["problem"])}], add_generation_prompt=True),
+                    [{"role": "user", "content": caugym.official_prompt(it["problem"], it["variant"])}],
+                    add_generation_prompt=True),
                  "answer": it["answer"], "type": it["type"], "variant": it["variant"]} for it in items]
 
     def observe(self, correct):

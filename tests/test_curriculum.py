@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from nanocausal import curriculum
+from nanocausal import caugym, curriculum
 from nanocausal.rl import RLConfig, train_rl
 from nanocausal.tokenizer import Tokenizer
 
@@ -54,3 +54,15 @@ def test_resume_restores_the_knob_and_the_problems_exactly(tmp_path):
     again = curriculum.AdaptiveStream(3, tokenizer)
     again.load_state_dict(state("whole"))
     assert stream.next(4) == again.next(4)
+
+
+def test_each_prompt_is_the_official_message_of_its_variant():
+    """The stream's prompts are what evaluation scores: insufficient items carry the LACK_CONDITION hint."""
+    tokenizer = Tokenizer.from_pretrained(TINY_BASE)
+    for variant in ("base", "insufficient"):
+        stream = curriculum.AdaptiveStream(0, tokenizer, variant=variant)
+        items = [curriculum.draw(0, i, 1.0, variant) for i in range(3)]
+        expected = [tokenizer.apply_chat_template([{"role": "user", "content": caugym.official_prompt(
+            it["problem"], variant)}], add_generation_prompt=True) for it in items]
+        assert [row["prompt_ids"] for row in stream.next(3)] == expected
+        assert (caugym.LACK_HINT in tokenizer.decode(expected[0])) == (variant == "insufficient")
