@@ -12,7 +12,7 @@ import os
 import torch
 
 
-def _text(path):
+def read_text(path):
     """A file's text (universal newlines: \r\n and \r end a line too); not UTF-8: one ValueError."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -34,7 +34,7 @@ def _loads(text, path, line_number=None):
 
 def read_json(path):
     """A JSON file's object; every failure is one ValueError naming the file."""
-    value = _loads(_text(path), path)
+    value = _loads(read_text(path), path)
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -46,7 +46,7 @@ def read_records(path, json_list=False, partial_last_line=False):
     json_list=None picks the list when the text starts with "[". Every failure is one ValueError
     naming the file and line. partial_last_line: a last line with no newline that does not parse
     is dropped, not refused (a live run's metrics.jsonl, caught half-written)."""
-    text = _text(path)
+    text = read_text(path)
     if json_list or json_list is None and text.lstrip().startswith("["):
         items = _loads(text, path)
         if not isinstance(items, list):

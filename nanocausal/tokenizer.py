@@ -34,7 +34,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from nanocausal.checkpoint import TOKENIZER_FILES, adapter_base, is_adapter, resolve
 from nanocausal.lora import ADAPTER_CONFIG
-from nanocausal.safe_files import _text, read_json
+from nanocausal.safe_files import read_text, read_json
 
 # Names under which a message's reasoning may be passed; templates read `reasoning_content`
 # (Qwen3) or `thinking` (gpt-oss). transformers fills both from whichever is given.
@@ -256,7 +256,7 @@ class Tokenizer:
         self.template_file = template_file if os.path.exists(template_file) else config_file  # for error messages
         named = config.get("chat_template")
         if os.path.exists(template_file):
-            self.chat_templates = {"default": _text(template_file)}
+            self.chat_templates = {"default": read_text(template_file)}
         elif isinstance(named, list):  # named templates: [{"name", "template"}]
             if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
                        for t in named):
