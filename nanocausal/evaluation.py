@@ -44,7 +44,7 @@ def load_dataset(spec, seed=0, tasks=caugym.TASKS, nodes=None, prompt_style="bas
     CaLM's `prompt_style`)."""
     if os.path.isdir(spec) or calm.is_task_file(spec):
         return calm.load_dataset(spec, prompt_style)
-    if spec.startswith("tiny"):
+    if spec.startswith("tiny") and not os.path.exists(spec):  # (a file named tiny... is a file)
         name, _, n = spec.partition(":")
         variant = name[len("tiny-"):] if name.startswith("tiny-") else "base"
         if name not in ("tiny", "tiny-" + variant) or variant not in tiny.VARIANTS or not _count_ok(n):

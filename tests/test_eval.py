@@ -3,6 +3,7 @@ scoring follows the official rule item by item, and an interrupted run resumes w
 anything twice."""
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,11 @@ def test_periodic_evaluation_logs_pass_and_majority(monkeypatch):
 def test_generated_sets_of_absurd_size_are_refused_by_their_data_entry(spec):
     with pytest.raises(ValueError, match=f"--data {spec}: expected"):
         evaluation.load_dataset(spec)
+
+
+def test_a_file_whose_name_starts_with_tiny_is_read_as_a_file(tmp_path, monkeypatch):
+    shutil.copy(caugym("base.json"), tmp_path / "tiny_set.json")
+    monkeypatch.chdir(tmp_path)  # the spec as a user types it: a relative path
+    _, items = evaluation.load_dataset("tiny_set.json")
+    official = evaluation.load_dataset(caugym("base.json"))[1]
+    assert [(it["problem"], it["answer"]) for it in items] == [(it["problem"], it["answer"]) for it in official]
