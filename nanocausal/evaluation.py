@@ -345,8 +345,9 @@ def run(config: EvalConfig):
     (its replies do not depend on which rank answers: sample_key); it appends them to its own
     responses-rankR.jsonl, which rank 0 folds into responses.jsonl at the end (and at the start
     of a resumed run, after a kill). Rank 0 alone prints and writes summary.json."""
-    if config.device is not None and config.model not in PSEUDO_MODELS and memory_plan.device_problem(config.device):
-        raise ValueError(memory_plan.device_problem(config.device))
+    if config.device is not None and config.model not in PSEUDO_MODELS:
+        if problem := memory_plan.device_problem(config.device):
+            raise ValueError(problem)
     config.device = distributed.setup(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, ranks = distributed.rank(), distributed.world_size()
     datasets = []

@@ -235,7 +235,6 @@ def available_bytes(device):
 
 def device_problem(text):
     """None when this machine has the device `text`, else why not (one line naming --device)."""
-    import torch
     dev = torch.device(text)  # (already checked by the config: cli.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         return f"--device {text}: this machine has no CUDA GPU (use --device cpu)"
@@ -252,8 +251,7 @@ def check_fits(config, algo):
     real sequence lengths) exceed the memory available now (instead of the OOM killer mid-way). A
     ValueError of one line naming the flags of the largest components; on the CPU, torchrun's ranks
     share one machine's RAM."""
-    problem = device_problem(config.device)
-    if problem:
+    if problem := device_problem(config.device):
         raise ValueError(problem)
     available = available_bytes(config.device)
     if available is None:

@@ -34,7 +34,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from nanocausal.checkpoint import TOKENIZER_FILES, adapter_base, is_adapter, resolve
 from nanocausal.lora import ADAPTER_CONFIG
-from nanocausal.safe_files import read_text, read_json
+from nanocausal.safe_files import read_json, read_text
 
 # Names under which a message's reasoning may be passed; templates read `reasoning_content`
 # (Qwen3) or `thinking` (gpt-oss). transformers fills both from whichever is given.
